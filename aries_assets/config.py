@@ -1,0 +1,208 @@
+"""The Aries configuration file (`aries.yaml`): typed, validated, one clear message per mistake.
+
+Values may reference environment variables as `${NAME}`. The unexpanded text is
+what Dagster resources receive, so secrets are read from the environment at
+the moment of use and never shown in the UI, logs or errors.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import yaml
+from bson import json_util
+
+DEFAULT_CONFIG = "aries.yaml"
+DEFAULT_BUCKET_SIZE = 50_000
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+_NAME = re.compile(r"[^A-Za-z0-9_]+")
+
+_TOP_KEYS = {"mongo", "lake", "warehouse", "collections"}
+_MONGO_KEYS = {"uri"}
+_LAKE_KEYS = {"url", "endpoint_url", "region"}
+_WAREHOUSE_KEYS = {"url"}
+_COLLECTION_KEYS = {"database", "collection", "bucket_size", "query", "owners"}
+_WAREHOUSE_SCHEMES = ("duckdb", "postgresql", "postgres", "redshift")
+
+
+class ConfigError(ValueError):
+    """A mistake in the configuration, worded for the person who made it."""
+
+
+def expand_env(text: str, where: str = "value") -> str:
+    """Replace `${NAME}` with the environment variable NAME; a missing one is an error."""
+
+    def substitute(match: re.Match) -> str:
+        name = match.group(1)
+        if name not in os.environ:
+            raise ConfigError(f"{where} refers to ${{{name}}}, but the environment variable {name} is not set")
+        return os.environ[name]
+
+    return _ENV_REF.sub(substitute, text)
+
+
+def redact_uri(uri: str) -> str:
+    """A URI safe to print: any password replaced by ***."""
+    parts = urlsplit(uri)
+    if parts.password is None:
+        return uri
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return parts._replace(netloc=netloc).geturl()
+
+
+def dagster_name(text: str) -> str:
+    """A name Dagster accepts for asset key parts, jobs and partition sets."""
+    return _NAME.sub("_", text).strip("_") or "x"
+
+
+@dataclass(frozen=True)
+class CollectionConfig:
+    database: str
+    collection: str
+    bucket_size: int = DEFAULT_BUCKET_SIZE
+    query: dict[str, Any] = field(default_factory=dict)
+    owners: tuple[str, ...] = ()
+
+    @property
+    def label(self) -> str:
+        return f"{self.database}.{self.collection}"
+
+    @property
+    def name(self) -> str:
+        """The collection's Dagster name: `<db>__<coll>`."""
+        return f"{dagster_name(self.database)}__{dagster_name(self.collection)}"
+
+
+@dataclass(frozen=True)
+class AriesConfig:
+    mongo_uri: str  # unexpanded: may hold ${VAR} references
+    lake_url: str
+    lake_endpoint_url: str | None
+    lake_region: str | None
+    warehouse_url: str | None
+    collections: tuple[CollectionConfig, ...]
+    path: str
+
+    @property
+    def lake_on_s3(self) -> bool:
+        return expand_env(self.lake_url).startswith("s3://")
+
+
+def config_path(explicit: str | None = None) -> str:
+    return explicit or os.environ.get("ARIES_CONFIG") or DEFAULT_CONFIG
+
+
+def load_config(path: str | None = None) -> AriesConfig:
+    """Read and validate the config file; raise ConfigError naming the file and the key."""
+    path = config_path(path)
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"{path}: no such config file (pass --config or set ARIES_CONFIG)")
+    try:
+        raw = yaml.safe_load(file.read_text(encoding="utf-8"))
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        at = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}: not valid YAML{at}") from None
+    try:
+        return _parse(raw, path)
+    except ConfigError as error:
+        raise ConfigError(f"{path}: {error}") from None
+
+
+def _mapping(value: Any, where: str, allowed: set[str], required: set[str]) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where} must be a mapping with keys {sorted(allowed)}")
+    unknown = sorted(set(value) - allowed)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key {unknown[0]!r} (allowed: {', '.join(sorted(allowed))})")
+    missing = sorted(required - set(value))
+    if missing:
+        raise ConfigError(f"{where}: missing key {missing[0]!r}")
+    return value
+
+
+def _string(value: Any, where: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(f"{where} must be a non-empty string")
+    return value
+
+
+def _parse(raw: Any, path: str) -> AriesConfig:
+    top = _mapping(raw, "the top level", _TOP_KEYS, {"mongo", "lake", "collections"})
+
+    mongo = _mapping(top["mongo"], "mongo", _MONGO_KEYS, {"uri"})
+    mongo_uri = _string(mongo["uri"], "mongo.uri")
+    if not expand_env(mongo_uri, "mongo.uri").startswith(("mongodb://", "mongodb+srv://")):
+        raise ConfigError("mongo.uri must start with mongodb:// or mongodb+srv://")
+
+    lake = _mapping(top["lake"], "lake", _LAKE_KEYS, {"url"})
+    lake_url = _string(lake["url"], "lake.url")
+    expanded = expand_env(lake_url, "lake.url")
+    scheme = urlsplit(expanded).scheme
+    if scheme == "s3":
+        if not urlsplit(expanded).netloc:
+            raise ConfigError(f"lake.url {expanded!r} names no S3 bucket (use s3://bucket/prefix)")
+    elif scheme not in ("", "file"):
+        raise ConfigError(f"lake.url {expanded!r}: use a directory path or s3://bucket/prefix")
+
+    warehouse_url = None
+    if top.get("warehouse") is not None:
+        warehouse = _mapping(top["warehouse"], "warehouse", _WAREHOUSE_KEYS, {"url"})
+        warehouse_url = _string(warehouse["url"], "warehouse.url")
+        scheme = urlsplit(expand_env(warehouse_url, "warehouse.url")).scheme
+        if scheme not in _WAREHOUSE_SCHEMES:
+            raise ConfigError(
+                f"warehouse.url must start with one of {', '.join(s + '://' for s in _WAREHOUSE_SCHEMES)}"
+            )
+
+    entries = top["collections"]
+    if not isinstance(entries, list) or not entries:
+        raise ConfigError("collections must be a non-empty list of {database, collection} entries")
+    collections = tuple(_collection(entry, i) for i, entry in enumerate(entries))
+    seen: dict[str, str] = {}
+    for coll in collections:
+        if coll.name in seen:
+            raise ConfigError(
+                f"collections: {coll.label} and {seen[coll.name]} map to the same asset name {coll.name!r}"
+            )
+        seen[coll.name] = coll.label
+
+    return AriesConfig(
+        mongo_uri=mongo_uri,
+        lake_url=lake_url,
+        lake_endpoint_url=lake.get("endpoint_url"),
+        lake_region=lake.get("region"),
+        warehouse_url=warehouse_url,
+        collections=collections,
+        path=path,
+    )
+
+
+def _collection(entry: Any, index: int) -> CollectionConfig:
+    where = f"collections[{index}]"
+    entry = _mapping(entry, where, _COLLECTION_KEYS, {"database", "collection"})
+    database = _string(entry["database"], f"{where}.database")
+    collection = _string(entry["collection"], f"{where}.collection")
+    where = f"{where} ({database}.{collection})"
+    if any(c in database for c in '/\\. "$\0'):
+        raise ConfigError(f"{where}: database name may not contain / \\ . space \" $ or NUL")
+    if "\0" in collection or collection.startswith("system."):
+        raise ConfigError(f"{where}: collection name may not contain NUL or start with 'system.'")
+    bucket_size = entry.get("bucket_size", DEFAULT_BUCKET_SIZE)
+    if not isinstance(bucket_size, int) or isinstance(bucket_size, bool) or bucket_size < 1:
+        raise ConfigError(f"{where}: bucket_size must be a positive whole number, got {bucket_size!r}")
+    query = entry.get("query") or {}
+    if not isinstance(query, dict):
+        raise ConfigError(f"{where}: query must be a mapping (a MongoDB filter), got {type(query).__name__}")
+    # Extended JSON in the filter ({"$oid": ...}, {"$date": ...}) becomes BSON types.
+    query = json_util.loads(json_util.dumps(query))
+    owners = entry.get("owners") or []
+    if not isinstance(owners, list) or not all(isinstance(o, str) for o in owners):
+        raise ConfigError(f"{where}: owners must be a list of emails or team:name strings")
+    return CollectionConfig(database, collection, bucket_size, query, tuple(owners))

@@ -1,0 +1,183 @@
+"""Buckets: contiguous `_id` ranges of a collection, one Parquet file each.
+
+After the Scale AI design (seed 002): documents are grouped by `_id` in BSON
+order; a new bucket opens when the newest one is full, so the young documents
+that change most land in few files. A bucket is identified by its lower bound
+and covers every `_id` up to the next bucket's lower bound; the first bucket
+starts at MinKey and the last runs to MaxKey, so every `_id` has a bucket.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import bson
+from bson import Int64, ObjectId, json_util
+from bson.max_key import MaxKey
+from bson.min_key import MinKey
+
+from aries_assets.core.ordering import sort_key
+
+_CANONICAL = json_util.CANONICAL_JSON_OPTIONS
+_UNSAFE = re.compile(r"[^A-Za-z0-9_.]+")
+
+# A middle bucket (one that no longer receives the newest `_id`s) is split once
+# it holds this many times its size: ids that are not monotonic (strings, UUIDs)
+# keep landing in old buckets, and a file must not grow without bound.
+SPLIT_FACTOR = 2
+
+
+def bucket_key(lower: Any) -> str:
+    """A stable, path- and partition-safe name for the bucket starting at `lower`."""
+    if isinstance(lower, MinKey):
+        return "first"
+    if isinstance(lower, ObjectId):
+        return f"oid-{lower}"
+    if isinstance(lower, (int, Int64)) and not isinstance(lower, bool):
+        return f"int-{lower}" if lower >= 0 else f"int-neg{-lower}"
+    # Lossy readable prefix plus a digest of the exact value keeps keys unique.
+    digest = hashlib.sha1(bson.encode({"": lower})).hexdigest()[:10]
+    if isinstance(lower, str):
+        readable = _UNSAFE.sub("_", lower)[:24].strip("_.") or "x"
+        return f"str-{readable}-{digest}"
+    return f"{type(lower).__name__.lower()}-{digest}"
+
+
+@dataclass(frozen=True)
+class Bucket:
+    """One `_id` range: lower bound inclusive, upper bound exclusive."""
+
+    key: str
+    lower: Any
+    upper: Any
+
+    @property
+    def is_last(self) -> bool:
+        return isinstance(self.upper, MaxKey)
+
+    def describe(self) -> str:
+        def show(value: Any) -> str:
+            if isinstance(value, (MinKey, MaxKey)):
+                return type(value).__name__
+            return json_util.dumps(value, json_options=json_util.RELAXED_JSON_OPTIONS)
+
+        return f"[{show(self.lower)}, {show(self.upper)})"
+
+
+@dataclass
+class BucketMap:
+    """The ordered bucket boundaries of one collection (the seed's `Buckets` index)."""
+
+    bucket_size: int
+    lowers: list[Any] = field(default_factory=lambda: [MinKey()])
+
+    def __post_init__(self) -> None:
+        self._keys = [sort_key(v) for v in self.lowers]
+
+    @property
+    def buckets(self) -> list[Bucket]:
+        uppers = self.lowers[1:] + [MaxKey()]
+        return [Bucket(bucket_key(lo), lo, up) for lo, up in zip(self.lowers, uppers)]
+
+    @property
+    def keys(self) -> list[str]:
+        return [bucket_key(lo) for lo in self.lowers]
+
+    def index_of(self, _id: Any) -> int:
+        """Index of the bucket holding `_id` (rightmost lower bound <= _id)."""
+        return bisect.bisect_right(self._keys, sort_key(_id)) - 1
+
+    def find(self, _id: Any) -> Bucket:
+        return self.buckets[self.index_of(_id)]
+
+    def get(self, key: str) -> Bucket:
+        for bucket in self.buckets:
+            if bucket.key == key:
+                return bucket
+        raise KeyError(key)
+
+    def add_lower(self, lower: Any) -> None:
+        key = sort_key(lower)
+        i = bisect.bisect_left(self._keys, key)
+        if i < len(self._keys) and self._keys[i] == key:
+            return
+        self._keys.insert(i, key)
+        self.lowers.insert(i, lower)
+
+    def to_json(self) -> str:
+        body = {"version": 1, "bucket_size": self.bucket_size, "lowers": self.lowers}
+        return json_util.dumps(body, json_options=_CANONICAL, indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> BucketMap:
+        body = json_util.loads(text, json_options=_CANONICAL)
+        return cls(bucket_size=int(body["bucket_size"]), lowers=list(body["lowers"]))
+
+
+@dataclass
+class BucketPlan:
+    """What one ordered pass over a collection's `_id`s found."""
+
+    bucket_map: BucketMap
+    counts: dict[str, int]  # documents per bucket
+    new_keys: list[str]  # buckets opened or split off by this pass
+    digests: dict[str, str]  # content hash per bucket, when the pass read whole documents
+
+
+def plan_buckets(
+    documents: Iterable[tuple[Any, bytes]],
+    previous: BucketMap | None,
+    bucket_size: int,
+    with_digests: bool = False,
+) -> BucketPlan:
+    """Assign documents, given as (`_id`, raw BSON) in BSON `_id` order, to buckets.
+
+    Existing boundaries never move, so files of untouched buckets stay valid.
+    The newest bucket is closed once it holds `bucket_size` documents; an older
+    bucket is cut in `bucket_size` pieces once it holds SPLIT_FACTOR times that.
+    With `with_digests`, each unsplit bucket gets a SHA-256 of its documents' raw BSON.
+    """
+    lowers = list(previous.lowers) if previous else [MinKey()]
+    old_keys = {bucket_key(v) for v in lowers}
+    bounds = [sort_key(v) for v in lowers[1:]]  # exclusive upper bound of bucket i
+    counts = [0] * len(lowers)
+    hashes = [hashlib.sha256() for _ in lowers]
+    cuts: dict[int, list[Any]] = {}
+    i = 0
+    for _id, raw in documents:
+        key = sort_key(_id)
+        while i < len(bounds) and key >= bounds[i]:
+            i += 1
+        if counts[i] and counts[i] % bucket_size == 0:
+            if i == len(lowers) - 1:  # the newest bucket is full: open one at this id
+                lowers.append(_id)
+                counts.append(0)
+                hashes.append(hashlib.sha256())
+                i += 1
+            else:
+                cuts.setdefault(i, []).append(_id)
+        counts[i] += 1
+        if with_digests:
+            hashes[i].update(raw)
+
+    bucket_map = BucketMap(bucket_size, [])
+    result_counts: dict[str, int] = {}
+    digests: dict[str, str] = {}
+    for i, lower in enumerate(lowers):
+        pieces = cuts.get(i, []) if counts[i] >= SPLIT_FACTOR * bucket_size else []
+        bucket_map.add_lower(lower)
+        if not pieces:
+            result_counts[bucket_key(lower)] = counts[i]
+            digests[bucket_key(lower)] = hashes[i].hexdigest()
+            continue
+        result_counts[bucket_key(lower)] = bucket_size
+        for j, cut in enumerate(pieces):
+            bucket_map.add_lower(cut)
+            result_counts[bucket_key(cut)] = min(bucket_size, counts[i] - bucket_size * (j + 1))
+    new_keys = [k for k in bucket_map.keys if k not in old_keys]
+    return BucketPlan(bucket_map, result_counts, new_keys, digests if with_digests else {})

@@ -1,0 +1,109 @@
+"""Streaming reads from MongoDB: `_id`-ordered raw BSON, bounded by bytes.
+
+Range reads use the `_id` index bounds (`min`/`max` with a hint) rather than
+`$gte`/`$lt` filters: MongoDB's query operators only match values of the same
+type class, while a bucket of a mixed-type collection spans several classes.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from bson import ObjectId
+from bson.max_key import MaxKey
+from bson.min_key import MinKey
+from bson.raw_bson import RawBSONDocument
+from pymongo.collection import Collection
+from pymongo.read_concern import ReadConcern
+
+from aries_assets.core.buckets import Bucket
+
+_ID_INDEX = [("_id", 1)]
+_LENGTH = struct.Struct("<i")
+_OID_PREFIX = b"\x07_id\x00"  # element type 0x07 (ObjectId) named "_id"
+
+DEFAULT_BATCH_BYTES = 32 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class SourceCollection:
+    """A MongoDB collection as Aries reads it: names and the optional filter."""
+
+    database: str
+    collection: str
+    query: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        return f"{self.database}.{self.collection}"
+
+    def open(self, client: Any) -> Collection:
+        # Majority reads: a bucket file never holds a write that could roll back.
+        return client[self.database].get_collection(
+            self.collection, read_concern=ReadConcern("majority")
+        )
+
+
+def split_raw_batch(batch: bytes) -> Iterator[memoryview]:
+    """The documents of a server batch (concatenated BSON documents)."""
+    view = memoryview(batch)
+    offset, end = 0, len(batch)
+    while offset < end:
+        (length,) = _LENGTH.unpack_from(batch, offset)
+        yield view[offset : offset + length]
+        offset += length
+
+
+def raw_id(raw: memoryview | bytes) -> Any:
+    """The `_id` of a raw document, without decoding the rest when it leads as an ObjectId."""
+    if raw[4:9] == _OID_PREFIX:
+        return ObjectId(bytes(raw[9:21]))
+    return RawBSONDocument(bytes(raw))["_id"]
+
+
+def _range_cursor(collection: Collection, query: dict[str, Any], lower: Any, upper: Any, **kwargs: Any):
+    cursor = collection.find_raw_batches(query, batch_size=100_000, **kwargs)
+    cursor = cursor.sort(_ID_INDEX).hint(_ID_INDEX)
+    if not isinstance(lower, MinKey):
+        cursor = cursor.min([("_id", lower)])
+    if not isinstance(upper, MaxKey):
+        cursor = cursor.max([("_id", upper)])
+    return cursor
+
+
+def scan_ids(source: SourceCollection, collection: Collection) -> Iterator[tuple[Any, bytes]]:
+    """Every `_id` matching the source filter, in BSON order (covered by the `_id` index)."""
+    cursor = _range_cursor(collection, source.query, MinKey(), MaxKey(), projection={"_id": 1})
+    for batch in cursor:
+        for raw in split_raw_batch(batch):
+            yield raw_id(raw), b""
+
+
+def scan_documents(source: SourceCollection, collection: Collection) -> Iterator[tuple[Any, bytes]]:
+    """Every matching document as (`_id`, raw BSON), in BSON `_id` order."""
+    for batch in _range_cursor(collection, source.query, MinKey(), MaxKey()):
+        for raw in split_raw_batch(batch):
+            yield raw_id(raw), raw
+
+
+def read_bucket(
+    source: SourceCollection,
+    collection: Collection,
+    bucket: Bucket,
+    batch_bytes: int = DEFAULT_BATCH_BYTES,
+) -> Iterator[list[bytes]]:
+    """The bucket's documents as raw BSON, in `_id` order, in lists of at most ~batch_bytes."""
+    pending: list[bytes] = []
+    size = 0
+    for batch in _range_cursor(collection, source.query, bucket.lower, bucket.upper):
+        for raw in split_raw_batch(batch):
+            pending.append(bytes(raw))
+            size += len(raw)
+            if size >= batch_bytes:
+                yield pending
+                pending, size = [], 0
+    if pending:
+        yield pending

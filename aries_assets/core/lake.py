@@ -1,0 +1,209 @@
+"""The lake: Parquet bucket files and Aries' small state files, on a local disk or S3.
+
+Writes are all-or-nothing: locally a temporary file in the same directory is
+renamed over the target; on S3 the object is created by a single PUT. Readers
+never see a half-written bucket, and a crash leaves the previous file in place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import re
+import tempfile
+import unicodedata
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Protocol
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from aries_assets.core.buckets import BucketMap
+
+_SAFE_SEGMENT = re.compile(r"[^A-Za-z0-9_.=-]+")
+STATE_DIR = "_aries"  # Athena and Hive skip paths starting with "_"
+
+
+def safe_segment(name: str) -> str:
+    """A path segment safe on every filesystem and in S3/Athena: ASCII, no separators.
+
+    Names that had to change get a short digest of the original so two names
+    never map to one directory.
+    """
+    ascii_name = unicodedata.normalize("NFKD", name).encode("ascii", "ignore").decode()
+    cleaned = _SAFE_SEGMENT.sub("_", ascii_name).strip("._") or "x"
+    cleaned = cleaned[:80]
+    if cleaned == name:
+        return name
+    return f"{cleaned}-{hashlib.sha1(name.encode()).hexdigest()[:8]}"
+
+
+def collection_prefix(database: str, collection: str) -> str:
+    return f"{safe_segment(database)}/{safe_segment(collection)}"
+
+
+def bucket_file(database: str, collection: str, key: str) -> str:
+    return f"{collection_prefix(database, collection)}/{key}.parquet"
+
+
+def bucket_map_file(database: str, collection: str) -> str:
+    return f"{collection_prefix(database, collection)}/{STATE_DIR}/buckets.json"
+
+
+class Lake(Protocol):
+    """Where bucket files live. Paths are relative, '/'-separated, and already sanitised."""
+
+    url: str
+
+    def uri(self, path: str) -> str: ...
+
+    def atomic_local_file(self, path: str) -> contextlib.AbstractContextManager[str]:
+        """A local path to write; published at `path` only if the block succeeds."""
+        ...
+
+    def read_text(self, path: str) -> str | None: ...
+
+    def write_text(self, path: str, text: str) -> None: ...
+
+    def parquet_metadata(self, path: str) -> dict[str, str] | None:
+        """The key-value footer metadata of a Parquet file, or None if there is no file."""
+        ...
+
+    def read_table(self, path: str) -> pa.Table: ...
+
+    def list(self, prefix: str) -> list[str]: ...
+
+
+class LocalLake:
+    def __init__(self, root: str | os.PathLike) -> None:
+        self.root = Path(root).expanduser().resolve()
+        self.url = str(self.root)
+
+    def _path(self, path: str) -> Path:
+        return self.root / path
+
+    def uri(self, path: str) -> str:
+        return str(self._path(path))
+
+    @contextlib.contextmanager
+    def atomic_local_file(self, path: str) -> Iterator[str]:
+        target = self._path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+        os.close(fd)
+        try:
+            yield tmp
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, target)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+
+    def read_text(self, path: str) -> str | None:
+        try:
+            return self._path(path).read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return None
+
+    def write_text(self, path: str, text: str) -> None:
+        with self.atomic_local_file(path) as tmp:
+            Path(tmp).write_text(text, encoding="utf-8")
+
+    def parquet_metadata(self, path: str) -> dict[str, str] | None:
+        try:
+            metadata = pq.read_metadata(self._path(path)).metadata or {}
+        except (FileNotFoundError, pa.ArrowInvalid):
+            return None  # a missing or unreadable file is rewritten
+        return {k.decode(): v.decode() for k, v in metadata.items()}
+
+    def read_table(self, path: str) -> pa.Table:
+        return pq.read_table(self._path(path))
+
+    def list(self, prefix: str) -> list[str]:
+        base = self._path(prefix)
+        if not base.exists():
+            return []
+        return sorted(str(p.relative_to(self.root)) for p in base.rglob("*") if p.is_file())
+
+
+class S3Lake:
+    """A lake under s3://bucket/prefix, through a boto3 client (from dagster-aws's S3Resource)."""
+
+    def __init__(self, client: Any, bucket: str, prefix: str) -> None:
+        self.client = client
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+        self.url = f"s3://{bucket}/{self.prefix}" if self.prefix else f"s3://{bucket}"
+
+    def _key(self, path: str) -> str:
+        return f"{self.prefix}/{path}" if self.prefix else path
+
+    def uri(self, path: str) -> str:
+        return f"s3://{self.bucket}/{self._key(path)}"
+
+    @contextlib.contextmanager
+    def atomic_local_file(self, path: str) -> Iterator[str]:
+        fd, tmp = tempfile.mkstemp(prefix="aries-", suffix=".tmp")
+        os.close(fd)
+        try:
+            yield tmp
+            with open(tmp, "rb") as body:  # one PUT: the object appears whole or not at all
+                self.client.put_object(Bucket=self.bucket, Key=self._key(path), Body=body)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+
+    def read_text(self, path: str) -> str | None:
+        try:
+            response = self.client.get_object(Bucket=self.bucket, Key=self._key(path))
+        except self.client.exceptions.NoSuchKey:
+            return None
+        return response["Body"].read().decode("utf-8")
+
+    def write_text(self, path: str, text: str) -> None:
+        self.client.put_object(Bucket=self.bucket, Key=self._key(path), Body=text.encode("utf-8"))
+
+    def _read_range(self, path: str, byte_range: str) -> bytes:
+        response = self.client.get_object(Bucket=self.bucket, Key=self._key(path), Range=byte_range)
+        return response["Body"].read()
+
+    def parquet_metadata(self, path: str) -> dict[str, str] | None:
+        # The footer is the last 8 + N bytes; read the tail rather than the whole file.
+        try:
+            tail = self._read_range(path, "bytes=-65536")
+        except (self.client.exceptions.NoSuchKey, self.client.exceptions.ClientError):
+            return None
+        if len(tail) < 8 or tail[-4:] != b"PAR1":
+            return None
+        footer_length = int.from_bytes(tail[-8:-4], "little")
+        if footer_length + 8 > len(tail):
+            tail = self._read_range(path, f"bytes=-{footer_length + 8}")
+        try:
+            metadata = pq.read_metadata(pa.BufferReader(b"PAR1" + tail)).metadata or {}
+        except pa.ArrowInvalid:
+            return None
+        return {k.decode(): v.decode() for k, v in metadata.items()}
+
+    def read_table(self, path: str) -> pa.Table:
+        response = self.client.get_object(Bucket=self.bucket, Key=self._key(path))
+        return pq.read_table(pa.BufferReader(response["Body"].read()))
+
+    def list(self, prefix: str) -> list[str]:
+        paginator = self.client.get_paginator("list_objects_v2")
+        keys = []
+        strip = len(self.prefix) + 1 if self.prefix else 0
+        for page in paginator.paginate(Bucket=self.bucket, Prefix=self._key(prefix)):
+            keys += [obj["Key"][strip:] for obj in page.get("Contents", [])]
+        return sorted(keys)
+
+
+def load_bucket_map(lake: Lake, database: str, collection: str) -> BucketMap | None:
+    text = lake.read_text(bucket_map_file(database, collection))
+    return BucketMap.from_json(text) if text else None
+
+
+def save_bucket_map(lake: Lake, database: str, collection: str, bucket_map: BucketMap) -> None:
+    lake.write_text(bucket_map_file(database, collection), bucket_map.to_json())

@@ -1,0 +1,77 @@
+"""An embedded MongoDB for the demo, tests and benchmarks: SecantusDB in a child process.
+
+SecantusDB speaks the MongoDB wire protocol on WiredTiger and supports change
+streams. It is GPL and installed only with the `dev` extra; Aries never needs it
+at run time against a real deployment.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from pymongo import MongoClient
+from pymongo.errors import PyMongoError
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def embedded_mongo(storage: str | Path = ":memory:", port: int | None = None, log: Path | None = None) -> Iterator[str]:
+    """Start SecantusDB, wait until it answers, yield its URI, stop it on exit."""
+    executable = shutil.which("secantusd-py") or str(Path(sys.executable).with_name("secantusd-py"))
+    if not Path(executable).exists():
+        raise RuntimeError("secantusd-py not found: install the dev extra (make install)")
+    port = port or free_port()
+    if storage != ":memory:":
+        Path(storage).mkdir(parents=True, exist_ok=True)
+    output = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115
+    process = subprocess.Popen(
+        [
+            executable,
+            "--host", "127.0.0.1",
+            "--port", str(port),
+            "--storage-path", str(storage),
+            "--log-level", "WARNING",
+            "--noop-heartbeat-seconds", "10",
+        ],  # fmt: skip
+        stdout=output,
+        stderr=subprocess.STDOUT,
+    )
+    uri = f"mongodb://127.0.0.1:{port}/?directConnection=true"
+    try:
+        _wait_until_up(uri, process)
+        yield uri
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        if log:
+            output.close()
+
+
+def _wait_until_up(uri: str, process: subprocess.Popen, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"SecantusDB exited with code {process.returncode} before accepting connections")
+        try:
+            with MongoClient(uri, serverSelectionTimeoutMS=500) as client:
+                client.admin.command("ping")
+                return
+        except PyMongoError:
+            time.sleep(0.2)
+    raise RuntimeError(f"SecantusDB did not answer within {timeout:.0f}s")

@@ -1,0 +1,65 @@
+"""Dagster resources: MongoDB and the lake. Secrets stay in the environment.
+
+Each resource holds the configured text with its `${VAR}` references intact and
+expands them only when it connects, so the Dagster UI never shows a password.
+"""
+
+
+from urllib.parse import urlsplit
+
+import dagster as dg
+from pydantic import Field as PydanticField
+from dagster_aws.s3 import S3Resource
+from pymongo import MongoClient
+from pymongo.errors import PyMongoError
+
+from aries_assets.config import expand_env, redact_uri
+from aries_assets.core.lake import Lake, LocalLake, S3Lake
+
+SERVER_SELECTION_TIMEOUT_MS = 10_000
+
+
+class MongoUnreachable(RuntimeError):
+    """MongoDB did not answer; the message names the server, never the password."""
+
+
+class MongoResource(dg.ConfigurableResource):
+    """The MongoDB deployment Aries reads from."""
+
+    uri: str = PydanticField(description="mongodb:// URI; ${VAR} references are read from the environment")
+
+    def client(self) -> MongoClient:
+        uri = expand_env(self.uri, "mongo.uri")
+        client = MongoClient(
+            uri,
+            appname="aries",
+            serverSelectionTimeoutMS=SERVER_SELECTION_TIMEOUT_MS,
+            tz_aware=True,
+        )
+        try:
+            client.admin.command("ping")
+        except PyMongoError as error:
+            client.close()
+            raise MongoUnreachable(
+                f"cannot reach MongoDB at {redact_uri(uri)}: {type(error).__name__}; "
+                "check mongo.uri and that the server is running"
+            ) from None
+        return client
+
+
+class LakeResource(dg.ConfigurableResource):
+    """Where bucket files go: a directory, or s3://bucket/prefix through dagster-aws's S3Resource."""
+
+    url: str = PydanticField(description="directory path or s3://bucket/prefix")
+    s3: S3Resource
+
+    def open(self) -> Lake:
+        url = expand_env(self.url, "lake.url")
+        parts = urlsplit(url)
+        if parts.scheme == "s3":
+            return S3Lake(self.s3.get_client(), parts.netloc, parts.path)
+        return LocalLake(parts.path if parts.scheme == "file" else url)
+
+    @property
+    def kind(self) -> str:
+        return "s3" if expand_env(self.url, "lake.url").startswith("s3://") else "file"

@@ -1,0 +1,142 @@
+"""`aries sync`: plan every collection's buckets, then materialize the missing or stale ones.
+
+Each bucket is one Dagster run of the collection's job, recorded in the instance
+at DAGSTER_HOME, so the UI shows exactly what a one-shot sync did.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, field
+
+import dagster as dg
+
+from aries_assets.config import AriesConfig, CollectionConfig, load_config
+from aries_assets.core import snapshot
+from aries_assets.definitions import build_definitions
+from aries_assets.factory import job_name, mongo_key, source_of
+
+
+@dataclass
+class CollectionReport:
+    label: str
+    documents: int = 0
+    buckets: int = 0
+    written: int = 0
+    bytes_out: int = 0
+    seconds: float = 0.0
+    failures: list[str] = field(default_factory=list)
+
+    def line(self) -> str:
+        status = "FAILED" if self.failures else "ok"
+        return (
+            f"{self.label:<32} {self.documents:>10,} docs {self.buckets:>5} buckets "
+            f"{self.written:>5} written {self.bytes_out / 1e6:>9.1f} MB {self.seconds:>7.1f}s  {status}"
+        )
+
+
+@dataclass(frozen=True)
+class BucketRun:
+    key: str
+    success: bool
+    documents: int
+    bytes_out: int
+    error: str | None
+
+
+def run_bucket(config_path: str, coll_name: str, key: str) -> BucketRun:
+    """Materialize one bucket as a Dagster run in the instance at DAGSTER_HOME."""
+    config = load_config(config_path)
+    defs = build_definitions(config)
+    coll = next(c for c in config.collections if c.name == coll_name)
+    job = defs.resolve_job_def(job_name(coll))
+    with dg.DagsterInstance.get() as instance:
+        result = job.execute_in_process(
+            partition_key=key,
+            instance=instance,
+            raise_on_error=False,
+            tags={"aries/trigger": "aries sync"},
+            # The run's full log is in the instance; the terminal gets sync's own progress lines.
+            run_config={"loggers": {"console": {"config": {"log_level": "ERROR"}}}},
+        )
+    if result.success:
+        metadata = result.asset_materializations_for_node(job.nodes[0].name)[0].metadata
+        return BucketRun(key, True, metadata["dagster/row_count"].value, metadata["file_bytes"].value, None)
+    failures = [e for e in result.all_events if e.is_step_failure]
+    error = failures[0].step_failure_data.error if failures else None
+    message = error.cause.message if error is not None and error.cause else (error.message if error else "run failed")
+    return BucketRun(key, False, 0, 0, message.strip().splitlines()[-1])
+
+
+def sync(config: AriesConfig, workers: int, progress=print) -> list[CollectionReport]:
+    """Sync every configured collection; MongoDB is reached before anything is written."""
+    defs = build_definitions(config)
+    client = defs.resources["mongo"].client()
+    lake = defs.resources["lake"].open()
+    reports = []
+    try:
+        with dg.DagsterInstance.get() as instance:
+            for coll in config.collections:
+                reports.append(_sync_collection(config, coll, client, lake, instance, workers, progress))
+    finally:
+        client.close()
+    return reports
+
+
+def _sync_collection(config, coll: CollectionConfig, client, lake, instance, workers, progress) -> CollectionReport:
+    started = time.monotonic()
+    report = CollectionReport(coll.label)
+    source = source_of(coll)
+    progress(f"[{coll.label}] planning buckets")
+    plan = snapshot.plan(source, source.open(client), lake, coll.bucket_size)
+    keys = plan.bucket_map.keys
+    known = set(instance.get_dynamic_partitions(coll.name))
+    if missing := [k for k in keys if k not in known]:
+        instance.add_dynamic_partitions(coll.name, missing)
+    report.buckets = len(keys)
+    report.documents = sum(plan.counts.values())
+    for key in keys:
+        instance.report_runless_asset_event(
+            dg.AssetObservation(mongo_key(coll), partition=key, metadata={"documents": plan.counts[key]})
+        )
+    stale = snapshot.stale_buckets(source, lake, plan)
+    progress(f"[{coll.label}] {report.documents:,} documents in {len(keys)} buckets; {len(stale)} to write")
+    for done, run in enumerate(_run_buckets(config.path, coll, stale, workers), start=1):
+        if run.success:
+            report.written += 1
+            report.bytes_out += run.bytes_out
+            progress(f"[{coll.label}] {done}/{len(stale)} bucket {run.key}: {run.documents:,} docs")
+        else:
+            report.failures.append(f"bucket {run.key}: {run.error}")
+            progress(f"[{coll.label}] {done}/{len(stale)} bucket {run.key} FAILED: {run.error}")
+    report.seconds = time.monotonic() - started
+    return report
+
+
+def _run_buckets(config_path: str, coll: CollectionConfig, keys: list[str], workers: int):
+    if workers <= 1 or len(keys) <= 1:
+        for key in keys:
+            yield run_bucket(config_path, coll.name, key)
+        return
+    # Separate processes: conversion is CPU-bound Python, and each run is its own Dagster run.
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=min(workers, len(keys)), mp_context=context) as pool:
+        futures = [pool.submit(run_bucket, config_path, coll.name, key) for key in keys]
+        for future in as_completed(futures):
+            yield future.result()
+
+
+def default_workers() -> int:
+    return max(1, min(4, os.cpu_count() or 1))
+
+
+def print_summary(reports: list[CollectionReport], out=None) -> None:
+    out = out or sys.stdout
+    for report in reports:
+        print(report.line(), file=out)
+        for failure in report.failures:
+            print(f"  {report.label}: {failure}", file=out)

@@ -1,0 +1,44 @@
+"""Fixtures that start real servers: MongoDB (SecantusDB, or MONGODB_URI when set)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from pymongo import MongoClient
+
+from aries_assets.demo.mongo_server import embedded_mongo
+from aries_assets_tests.support import unique_name
+
+
+@pytest.fixture(scope="session")
+def mongo_uri() -> str:
+    if os.environ.get("MONGODB_URI"):
+        yield os.environ["MONGODB_URI"]
+        return
+    with embedded_mongo(":memory:") as uri:
+        yield uri
+
+
+@pytest.fixture(scope="session")
+def client(mongo_uri: str) -> MongoClient:
+    with MongoClient(mongo_uri, tz_aware=True) as client:
+        yield client
+
+
+@pytest.fixture
+def database(client: MongoClient) -> str:
+    """A fresh database name, dropped after the test."""
+    name = unique_name("aries_t")
+    yield name
+    client.drop_database(name)
+
+
+@pytest.fixture
+def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An isolated project directory with its own DAGSTER_HOME."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster_home"))
+    monkeypatch.delenv("ARIES_CONFIG", raising=False)
+    return tmp_path

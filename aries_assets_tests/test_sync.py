@@ -1,0 +1,118 @@
+"""`aries sync` end to end against a real MongoDB: the lake holds exactly the documents."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from bson import ObjectId
+from dagster import AssetKey, DagsterInstance
+
+from aries_assets.demo.data import SAMPLE_NAMESPACES, load_samples
+from aries_assets_tests.support import (
+    assert_same_documents,
+    lake_tables,
+    mongo_documents,
+    run_cli,
+    table_documents,
+    write_config,
+)
+
+BUCKET_SIZE = 300
+
+
+@pytest.fixture
+def samples(client, mongo_uri, database, workdir):
+    """The sample datasets loaded under a fresh database prefix, and a config for all of them."""
+    load_samples(client, database_prefix=f"{database}_")
+    collections = []
+    for namespace in SAMPLE_NAMESPACES:
+        db, coll = namespace.split(".", 1)
+        collections.append({"database": f"{database}_{db}", "collection": coll, "bucket_size": BUCKET_SIZE})
+    write_config(workdir / "aries.yaml", mongo_uri, "./lake", collections)
+    yield collections
+    for entry in collections:
+        client.drop_database(entry["database"])
+
+
+def lake_dir(workdir, entry):
+    return workdir / "lake" / entry["database"] / entry["collection"]
+
+
+def test_sync_writes_every_sample_document_exactly(client, samples, workdir):
+    code, out, err = run_cli("sync", "--workers", "2")
+    assert code == 0, err
+
+    for entry in samples:
+        tables = lake_tables(lake_dir(workdir, entry))
+        expected = mongo_documents(client, entry["database"], entry["collection"])
+        assert len(tables) == -(-len(expected) // BUCKET_SIZE), "one file per bucket of at most bucket_size"
+        actual = {}
+        for table in tables.values():
+            assert table.num_rows <= BUCKET_SIZE
+            ids = table.column("_id").to_pylist()
+            assert len(set(ids)) == len(ids)
+            actual.update(table_documents(table))
+        assert_same_documents(expected, actual)
+        assert f"{entry['database']}.{entry['collection']}" in out
+
+    # Flattened columns carry typed values, nested paths included.
+    theaters = next(e for e in samples if e["collection"] == "theaters")
+    table = pq.read_table(lake_dir(workdir, theaters) / "first.parquet")
+    assert table.schema.field("location.address.city").type == "string"
+    assert table.schema.field("theaterId").type == "int64"
+    coordinates = table.schema.field("location.geo.coordinates").type
+    assert pa.types.is_list(coordinates) and coordinates.value_type == pa.float64()
+
+
+def test_sync_records_partitions_and_materializations(client, samples, workdir):
+    code, _, err = run_cli("sync", "--workers", "1")
+    assert code == 0, err
+    entry = samples[0]
+    name = f"{entry['database']}__{entry['collection']}"
+    with DagsterInstance.get() as instance:
+        keys = instance.get_dynamic_partitions(name)
+        assert keys[0] == "first" and len(keys) == len(lake_tables(lake_dir(workdir, entry)))
+        lake_key = AssetKey(["lake", entry["database"], entry["collection"]])
+        materialized = instance.get_materialized_partitions(lake_key)
+        assert materialized == set(keys)
+        event = instance.get_latest_materialization_event(lake_key)
+        metadata = event.asset_materialization.metadata
+        assert metadata["dagster/row_count"].value <= BUCKET_SIZE
+        column_names = [c.name for c in metadata["dagster/column_schema"].schema.columns]
+        assert column_names[:2] == ["_id", "_doc"]
+
+
+def test_second_sync_rewrites_nothing_and_changes_rewrite_only_their_bucket(client, mongo_uri, database, workdir):
+    coll = client[database].events
+    coll.insert_many([{"_id": ObjectId(), "n": i} for i in range(350)])
+    config = [{"database": database, "collection": "events", "bucket_size": 100}]
+    write_config(workdir / "aries.yaml", mongo_uri, "./lake", config)
+    folder = workdir / "lake" / database / "events"
+    assert run_cli("sync", "--workers", "1")[0] == 0
+    files = sorted(folder.glob("*.parquet"), key=lambda f: f.stat().st_mtime_ns)
+    assert len(files) == 4
+    before = {f.name: f.stat().st_mtime_ns for f in files}
+
+    code, out, _ = run_cli("sync", "--workers", "1")
+    assert code == 0
+    assert " 0 written" in out
+    assert {f.name: f.stat().st_mtime_ns for f in folder.glob("*.parquet")} == before
+
+    # A delete in bucket 1, an update in bucket 2, nothing in bucket 3, inserts past the end.
+    ids = [d["_id"] for d in coll.find({}, {"_id": 1}).sort("_id", 1)]
+    coll.delete_one({"_id": ids[5]})
+    coll.update_one({"_id": ids[150]}, {"$set": {"n": -1, "note": "changed"}})
+    coll.insert_many([{"_id": ObjectId(), "n": 1000 + i} for i in range(120)])
+    by_bucket = [pq.read_metadata(f).metadata[b"aries.bucket"].decode() for f in files]
+    code, out, _ = run_cli("sync", "--workers", "1")
+    assert code == 0
+    after = {f.name: f.stat().st_mtime_ns for f in folder.glob("*.parquet")}
+    untouched = {name for name in before if after[name] == before[name]}
+    third = next(f.name for f in files if pq.read_metadata(f).metadata[b"aries.bucket"].decode() == by_bucket[2])
+    assert untouched == {third}
+    assert len(after) == 5, "120 new documents fill the last bucket and open one more"
+    actual = {}
+    for table in lake_tables(folder).values():
+        actual.update(table_documents(table))
+    assert_same_documents(mongo_documents(client, database, "events"), actual)
