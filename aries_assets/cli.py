@@ -57,7 +57,9 @@ def main(argv: list[str] | None = None) -> int:
     sync_parser.add_argument("--config", help="config file (default: $ARIES_CONFIG or ./aries.yaml)")
     sync_parser.add_argument("--workers", type=int, default=0, help="parallel bucket runs (default: up to 4)")
     sync_parser.set_defaults(func=cmd_sync)
-    demo_parser = sub.add_parser("demo", help="embedded MongoDB with sample data, a trickle of changes, dagster dev")
+    demo_parser = sub.add_parser(
+        "demo", help="embedded MongoDB with sample data, a trickle of changes, dagster dev"
+    )
     demo_parser.add_argument("--port", type=int, default=3000, help="Dagster UI port")
     demo_parser.add_argument("--trickle-seconds", type=float, default=2.0, help="seconds between demo writes")
     demo_parser.set_defaults(func=cmd_demo)

@@ -40,7 +40,9 @@ def expand_env(text: str, where: str = "value") -> str:
     def substitute(match: re.Match) -> str:
         name = match.group(1)
         if name not in os.environ:
-            raise ConfigError(f"{where} refers to ${{{name}}}, but the environment variable {name} is not set")
+            raise ConfigError(
+                f"{where} refers to ${{{name}}}, but the environment variable {name} is not set"
+            )
         return os.environ[name]
 
     return _ENV_REF.sub(substitute, text)
@@ -186,12 +188,17 @@ def _parse(raw: Any, path: str) -> AriesConfig:
 
 def _collection(entry: Any, index: int) -> CollectionConfig:
     where = f"collections[{index}]"
+    if (
+        isinstance(entry, dict)
+        and isinstance(entry.get("database"), str)
+        and isinstance(entry.get("collection"), str)
+    ):
+        where = f"{where} ({entry['database']}.{entry['collection']})"
     entry = _mapping(entry, where, _COLLECTION_KEYS, {"database", "collection"})
     database = _string(entry["database"], f"{where}.database")
     collection = _string(entry["collection"], f"{where}.collection")
-    where = f"{where} ({database}.{collection})"
     if any(c in database for c in '/\\. "$\0'):
-        raise ConfigError(f"{where}: database name may not contain / \\ . space \" $ or NUL")
+        raise ConfigError(f'{where}: database name may not contain / \\ . space " $ or NUL')
     if "\0" in collection or collection.startswith("system."):
         raise ConfigError(f"{where}: collection name may not contain NUL or start with 'system.'")
     bucket_size = entry.get("bucket_size", DEFAULT_BUCKET_SIZE)

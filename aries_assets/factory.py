@@ -1,6 +1,5 @@
 """Per collection: its bucket partitions, the `mongo/...` and `lake/...` assets, and its sync job."""
 
-
 from dataclasses import dataclass
 from typing import Any
 
@@ -98,8 +97,15 @@ def build_collection(coll: CollectionConfig, lake_kind: str) -> CollectionDefini
                 "dagster/uri": written.uri,
                 "dagster/column_schema": dg.TableSchema(
                     columns=[
-                        dg.TableColumn("_id", "string", description="`_id` as text", constraints=dg.TableColumnConstraints(nullable=False, unique=True)),
-                        dg.TableColumn("_doc", "string", description="whole document, canonical Extended JSON"),
+                        dg.TableColumn(
+                            "_id",
+                            "string",
+                            description="`_id` as text",
+                            constraints=dg.TableColumnConstraints(nullable=False, unique=True),
+                        ),
+                        dg.TableColumn(
+                            "_doc", "string", description="whole document, canonical Extended JSON"
+                        ),
                     ]
                     + [dg.TableColumn(c.name, str(c.arrow_type)) for c in written.columns]
                 ),

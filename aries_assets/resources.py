@@ -4,12 +4,11 @@ Each resource holds the configured text with its `${VAR}` references intact and
 expands them only when it connects, so the Dagster UI never shows a password.
 """
 
-
 from urllib.parse import urlsplit
 
 import dagster as dg
-from pydantic import Field as PydanticField
 from dagster_aws.s3 import S3Resource
+from pydantic import Field as PydanticField
 from pymongo import MongoClient
 from pymongo.errors import PyMongoError
 

@@ -68,7 +68,11 @@ def run_bucket(config_path: str, coll_name: str, key: str) -> BucketRun:
         return BucketRun(key, True, metadata["dagster/row_count"].value, metadata["file_bytes"].value, None)
     failures = [e for e in result.all_events if e.is_step_failure]
     error = failures[0].step_failure_data.error if failures else None
-    message = error.cause.message if error is not None and error.cause else (error.message if error else "run failed")
+    message = (
+        error.cause.message
+        if error is not None and error.cause
+        else (error.message if error else "run failed")
+    )
     return BucketRun(key, False, 0, 0, message.strip().splitlines()[-1])
 
 
@@ -87,7 +91,9 @@ def sync(config: AriesConfig, workers: int, progress=print) -> list[CollectionRe
     return reports
 
 
-def _sync_collection(config, coll: CollectionConfig, client, lake, instance, workers, progress) -> CollectionReport:
+def _sync_collection(
+    config, coll: CollectionConfig, client, lake, instance, workers, progress
+) -> CollectionReport:
     started = time.monotonic()
     report = CollectionReport(coll.label)
     source = source_of(coll)

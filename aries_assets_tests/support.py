@@ -29,7 +29,9 @@ def unique_name(prefix: str = "t") -> str:
     return f"{prefix}_{uuid.uuid4().hex[:10]}"
 
 
-def write_config(path: Path, mongo_uri: str, lake_url: str, collections: list[dict[str, Any]], **extra: Any) -> Path:
+def write_config(
+    path: Path, mongo_uri: str, lake_url: str, collections: list[dict[str, Any]], **extra: Any
+) -> Path:
     body = {"mongo": {"uri": mongo_uri}, "lake": {"url": lake_url}, "collections": collections, **extra}
     path.write_text(yaml.safe_dump(body, sort_keys=False))
     return path
@@ -42,7 +44,9 @@ def run_cli(*args: str) -> tuple[int, str, str]:
     return code, out.getvalue(), err.getvalue()
 
 
-def mongo_documents(client: MongoClient, database: str, collection: str, query: dict | None = None) -> dict[Any, bytes]:
+def mongo_documents(
+    client: MongoClient, database: str, collection: str, query: dict | None = None
+) -> dict[Any, bytes]:
     """Raw BSON of every matching document, keyed by `_id` rendered as canonical JSON."""
     coll = client[database].get_collection(
         collection, codec_options=bson.CodecOptions(document_class=RawBSONDocument)

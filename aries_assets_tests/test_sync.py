@@ -83,7 +83,9 @@ def test_sync_records_partitions_and_materializations(client, samples, workdir):
         assert column_names[:2] == ["_id", "_doc"]
 
 
-def test_second_sync_rewrites_nothing_and_changes_rewrite_only_their_bucket(client, mongo_uri, database, workdir):
+def test_second_sync_rewrites_nothing_and_changes_rewrite_only_their_bucket(
+    client, mongo_uri, database, workdir
+):
     coll = client[database].events
     coll.insert_many([{"_id": ObjectId(), "n": i} for i in range(350)])
     config = [{"database": database, "collection": "events", "bucket_size": 100}]
@@ -109,7 +111,9 @@ def test_second_sync_rewrites_nothing_and_changes_rewrite_only_their_bucket(clie
     assert code == 0
     after = {f.name: f.stat().st_mtime_ns for f in folder.glob("*.parquet")}
     untouched = {name for name in before if after[name] == before[name]}
-    third = next(f.name for f in files if pq.read_metadata(f).metadata[b"aries.bucket"].decode() == by_bucket[2])
+    third = next(
+        f.name for f in files if pq.read_metadata(f).metadata[b"aries.bucket"].decode() == by_bucket[2]
+    )
     assert untouched == {third}
     assert len(after) == 5, "120 new documents fill the last bucket and open one more"
     actual = {}

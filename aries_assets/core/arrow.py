@@ -19,7 +19,7 @@ from typing import Any
 import bson
 import bsonjs
 import pyarrow as pa
-from bson import Binary, Decimal128, Int64, ObjectId
+from bson import Binary, Decimal128, Int64, ObjectId, json_util
 from bson.codec_options import CodecOptions, DatetimeConversion
 
 from aries_assets.core.ordering import _millis
@@ -103,20 +103,12 @@ def id_string(value: Any) -> str:
         return value
     if isinstance(value, (int, Int64)) and not isinstance(value, bool):
         return str(int(value))
-    return canonical_json_value(value)
-
-
-def canonical_json_value(value: Any) -> str:
-    return _json_value(value, bsonjs.CANONICAL)
+    return json_util.dumps(value, json_options=json_util.CANONICAL_JSON_OPTIONS)
 
 
 def relaxed_json_value(value: Any) -> str:
-    return _json_value(value, bsonjs.RELAXED)
-
-
-def _json_value(value: Any, mode: int) -> str:
-    # bsonjs (libbson) is much faster than json_util; wrap the value in a document.
-    text = bsonjs.dumps(bson.encode({"v": value}), mode=mode)
+    """A value as relaxed Extended JSON; bsonjs (libbson) is much faster than json_util."""
+    text = bsonjs.dumps(bson.encode({"v": value}), mode=bsonjs.RELAXED)
     return text[text.index(":") + 1 : text.rindex("}")].strip()
 
 
@@ -228,7 +220,10 @@ class DocumentConverter:
         return result
 
     def schema(self, columns: list[Column]) -> pa.Schema:
-        fields = [pa.field(ID_COLUMN, pa.string(), nullable=False), pa.field(DOC_COLUMN, pa.string(), nullable=False)]
+        fields = [
+            pa.field(ID_COLUMN, pa.string(), nullable=False),
+            pa.field(DOC_COLUMN, pa.string(), nullable=False),
+        ]
         fields += [pa.field(c.name, c.arrow_type) for c in columns]
         return pa.schema(fields)
 

@@ -82,7 +82,7 @@ class BucketMap:
     @property
     def buckets(self) -> list[Bucket]:
         uppers = self.lowers[1:] + [MaxKey()]
-        return [Bucket(bucket_key(lo), lo, up) for lo, up in zip(self.lowers, uppers)]
+        return [Bucket(bucket_key(lo), lo, up) for lo, up in zip(self.lowers, uppers, strict=True)]
 
     @property
     def keys(self) -> list[str]:

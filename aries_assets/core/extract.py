@@ -12,16 +12,22 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import bson
 from bson import ObjectId
+from bson.codec_options import CodecOptions, DatetimeConversion
 from bson.max_key import MaxKey
 from bson.min_key import MinKey
 from bson.raw_bson import RawBSONDocument
 from pymongo.collection import Collection
 from pymongo.read_concern import ReadConcern
 
+from aries_assets.core.arrow import CODEC_OPTIONS
 from aries_assets.core.buckets import Bucket
 
 _ID_INDEX = [("_id", 1)]
+_RAW_OPTIONS = CodecOptions(
+    document_class=RawBSONDocument, tz_aware=True, datetime_conversion=DatetimeConversion.DATETIME_AUTO
+)
 _LENGTH = struct.Struct("<i")
 _OID_PREFIX = b"\x07_id\x00"  # element type 0x07 (ObjectId) named "_id"
 
@@ -42,9 +48,7 @@ class SourceCollection:
 
     def open(self, client: Any) -> Collection:
         # Majority reads: a bucket file never holds a write that could roll back.
-        return client[self.database].get_collection(
-            self.collection, read_concern=ReadConcern("majority")
-        )
+        return client[self.database].get_collection(self.collection, read_concern=ReadConcern("majority"))
 
 
 def split_raw_batch(batch: bytes) -> Iterator[memoryview]:
@@ -61,7 +65,10 @@ def raw_id(raw: memoryview | bytes) -> Any:
     """The `_id` of a raw document, without decoding the rest when it leads as an ObjectId."""
     if raw[4:9] == _OID_PREFIX:
         return ObjectId(bytes(raw[9:21]))
-    return RawBSONDocument(bytes(raw))["_id"]
+    value = RawBSONDocument(bytes(raw), _RAW_OPTIONS)["_id"]
+    if isinstance(value, RawBSONDocument):  # a compound _id: decode just that sub-document
+        return bson.decode(value.raw, CODEC_OPTIONS)
+    return value
 
 
 def _range_cursor(collection: Collection, query: dict[str, Any], lower: Any, upper: Any, **kwargs: Any):

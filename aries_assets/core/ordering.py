@@ -25,7 +25,7 @@ from bson.min_key import MinKey
 _MINKEY, _NULL, _NUMBER, _STRING, _OBJECT, _ARRAY, _BINARY = 0, 1, 2, 3, 4, 5, 6
 _OBJECTID, _BOOL, _DATE, _TIMESTAMP, _REGEX, _CODE, _MAXKEY = 7, 8, 9, 10, 11, 12, 13
 
-_EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
+_EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC)
 
 
 def _number_key(value: int | float | Decimal128) -> tuple:
@@ -49,7 +49,7 @@ def _millis(value: datetime.datetime | DatetimeMS) -> int:
     if isinstance(value, DatetimeMS):
         return int(value)
     if value.tzinfo is None:
-        value = value.replace(tzinfo=datetime.timezone.utc)
+        value = value.replace(tzinfo=datetime.UTC)
     delta = value - _EPOCH
     return (delta.days * 86_400 + delta.seconds) * 1000 + delta.microseconds // 1000
 

@@ -10,13 +10,20 @@ import hashlib
 import os
 import time
 from dataclasses import dataclass
+
 import pyarrow.parquet as pq
 from bson import json_util
 from pymongo.collection import Collection
 
 from aries_assets.core.arrow import Column, DocumentConverter
 from aries_assets.core.buckets import Bucket, BucketPlan, plan_buckets
-from aries_assets.core.extract import DEFAULT_BATCH_BYTES, SourceCollection, read_bucket, scan_documents, scan_ids
+from aries_assets.core.extract import (
+    DEFAULT_BATCH_BYTES,
+    SourceCollection,
+    read_bucket,
+    scan_documents,
+    scan_ids,
+)
 from aries_assets.core.lake import Lake, bucket_file, load_bucket_map, save_bucket_map
 
 # Bumped when the file layout changes, so existing bucket files are rewritten.

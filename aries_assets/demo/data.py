@@ -46,7 +46,10 @@ def make_app(rng: random.Random, created: datetime.datetime) -> dict[str, Any]:
         "name": f"{adjective} {noun} {rng.randint(1, 999)}",
         "plan": rng.choice(["free", "team", "enterprise"]),
         "created_at": created,
-        "owner": {"email": f"owner{rng.randint(1, 500)}@example.com", "country": rng.choice(["US", "DE", "IN", "BR"])},
+        "owner": {
+            "email": f"owner{rng.randint(1, 500)}@example.com",
+            "country": rng.choice(["US", "DE", "IN", "BR"]),
+        },
         "integrations": rng.sample(INTEGRATIONS, rng.randint(0, 3)),
         "monthly_price": Decimal128(f"{rng.choice([0, 49, 199, 999])}.00"),
     }
@@ -62,14 +65,17 @@ def make_event(rng: random.Random, app_ids: list[ObjectId], at: datetime.datetim
         "bytes": rng.randint(100, 5_000_000),
     }
     if event_type == "error":
-        event["error"] = {"code": rng.choice([400, 401, 429, 500, 503]), "message": "upstream rejected the batch"}
+        event["error"] = {
+            "code": rng.choice([400, 401, 429, 500, 503]),
+            "message": "upstream rejected the batch",
+        }
     return event
 
 
 def load_apps_and_events(client: MongoClient, apps: int = 40, events: int = 20_000, seed: int = 7) -> None:
     """`app.apps` and `app.events`: events reference apps by id only."""
     rng = random.Random(seed)
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     app_docs = [make_app(rng, now - datetime.timedelta(days=rng.randint(1, 400))) for _ in range(apps)]
     client.app.apps.insert_many(app_docs)
     app_ids = [a["_id"] for a in app_docs]

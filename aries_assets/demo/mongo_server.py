@@ -27,7 +27,9 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def embedded_mongo(storage: str | Path = ":memory:", port: int | None = None, log: Path | None = None) -> Iterator[str]:
+def embedded_mongo(
+    storage: str | Path = ":memory:", port: int | None = None, log: Path | None = None
+) -> Iterator[str]:
     """Start SecantusDB, wait until it answers, yield its URI, stop it on exit."""
     executable = shutil.which("secantusd-py") or str(Path(sys.executable).with_name("secantusd-py"))
     if not Path(executable).exists():
@@ -39,11 +41,16 @@ def embedded_mongo(storage: str | Path = ":memory:", port: int | None = None, lo
     process = subprocess.Popen(
         [
             executable,
-            "--host", "127.0.0.1",
-            "--port", str(port),
-            "--storage-path", str(storage),
-            "--log-level", "WARNING",
-            "--noop-heartbeat-seconds", "10",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--storage-path",
+            str(storage),
+            "--log-level",
+            "WARNING",
+            "--noop-heartbeat-seconds",
+            "10",
         ],  # fmt: skip
         stdout=output,
         stderr=subprocess.STDOUT,
@@ -67,7 +74,9 @@ def _wait_until_up(uri: str, process: subprocess.Popen, timeout: float = 60.0) -
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"SecantusDB exited with code {process.returncode} before accepting connections")
+            raise RuntimeError(
+                f"SecantusDB exited with code {process.returncode} before accepting connections"
+            )
         try:
             with MongoClient(uri, serverSelectionTimeoutMS=500) as client:
                 client.admin.command("ping")

@@ -50,11 +50,13 @@ def trickle(client: MongoClient, every: float, stop: threading.Event) -> None:
     while not stop.wait(every):
         app_ids = [a["_id"] for a in client.app.apps.find({}, {"_id": 1})]
         roll = rng.random()
-        now = datetime.datetime.now(datetime.timezone.utc)
+        now = datetime.datetime.now(datetime.UTC)
         if roll < 0.75:
             client.app.events.insert_one(make_event(rng, app_ids, now))
         elif roll < 0.85:
-            client.app.apps.update_one({"_id": rng.choice(app_ids)}, {"$set": {"plan": rng.choice(["free", "team"])}})
+            client.app.apps.update_one(
+                {"_id": rng.choice(app_ids)}, {"$set": {"plan": rng.choice(["free", "team"])}}
+            )
         elif roll < 0.92:
             client.app.apps.insert_one(make_app(rng, now))
         else:
@@ -71,19 +73,40 @@ def run_demo(port: int = 3000, trickle_seconds: float = 2.0) -> int:
     with embedded_mongo(DEMO_DIR / "mongo", port=MONGO_PORT, log=DEMO_DIR / "mongo.log") as uri:
         config = DEMO_DIR / "aries.yaml"
         config.write_text(
-            DEMO_CONFIG.format(uri=uri, lake=(DEMO_DIR / "lake").resolve(), warehouse=(DEMO_DIR / "warehouse.duckdb").resolve())
+            DEMO_CONFIG.format(
+                uri=uri,
+                lake=(DEMO_DIR / "lake").resolve(),
+                warehouse=(DEMO_DIR / "warehouse.duckdb").resolve(),
+            )
         )
         env = {**os.environ, "ARIES_CONFIG": str(config.resolve()), "DAGSTER_HOME": home}
         with MongoClient(uri) as client:
             seed(client)
-            print("aries demo: first sync (later changes are picked up by `aries sync` or the UI)", file=sys.stderr)
+            print(
+                "aries demo: first sync (later changes are picked up by `aries sync` or the UI)",
+                file=sys.stderr,
+            )
             subprocess.run([sys.executable, "-m", "aries_assets.cli", "sync"], env=env, check=False)
             stop = threading.Event()
             writer = threading.Thread(target=trickle, args=(client, trickle_seconds, stop), daemon=True)
             writer.start()
-            print(f"aries demo: Dagster UI on http://127.0.0.1:{port} (Ctrl-C stops everything)", file=sys.stderr)
+            print(
+                f"aries demo: Dagster UI on http://127.0.0.1:{port} (Ctrl-C stops everything)",
+                file=sys.stderr,
+            )
             dagster = subprocess.Popen(
-                [sys.executable, "-m", "dagster", "dev", "-w", "workspace.yaml", "-p", str(port), "-h", "127.0.0.1"],
+                [
+                    sys.executable,
+                    "-m",
+                    "dagster",
+                    "dev",
+                    "-w",
+                    "workspace.yaml",
+                    "-p",
+                    str(port),
+                    "-h",
+                    "127.0.0.1",
+                ],
                 env=env,
             )
             try:

@@ -1,0 +1,86 @@
+"""Bucket planning: boundaries never move, the newest bucket fills, old buckets split when they swell."""
+
+from __future__ import annotations
+
+from bson import ObjectId
+from bson.max_key import MaxKey
+from bson.min_key import MinKey
+
+from aries_assets.core.buckets import BucketMap, bucket_key, plan_buckets
+from aries_assets.core.extract import SourceCollection, read_bucket, scan_ids
+
+
+def ids(values):
+    return [(v, b"") for v in values]
+
+
+def test_first_plan_cuts_every_bucket_size():
+    plan = plan_buckets(ids(range(10)), None, 4)
+    assert plan.bucket_map.lowers[1:] == [4, 8]
+    assert list(plan.counts.values()) == [4, 4, 2]
+    assert plan.new_keys == ["int-4", "int-8"]
+
+
+def test_existing_boundaries_stay_and_the_newest_bucket_fills():
+    first = plan_buckets(ids(range(10)), None, 4).bucket_map
+    # Documents 0-3 deleted, 10-13 inserted: bucket "first" empties, the last one fills and a new one opens.
+    plan = plan_buckets(ids(range(4, 14)), first, 4)
+    assert plan.bucket_map.lowers[1:] == [4, 8, 12]
+    assert plan.counts == {"first": 0, "int-4": 4, "int-8": 4, "int-12": 2}
+    assert plan.new_keys == ["int-12"]
+
+
+def test_a_swollen_middle_bucket_is_split_in_bucket_size_pieces():
+    bucket_map = BucketMap(4, [MinKey(), "m", "zz"])
+    names = ["a", "b"] + [f"m{i:02d}" for i in range(9)] + ["zz1"]
+    plan = plan_buckets(ids(sorted(names)), bucket_map, 4)
+    # "m" holds m00..m08 (9 > 2 x 4): cut into m00-m03, m04-m07, m08.
+    assert plan.bucket_map.lowers == [MinKey(), "m", "m04", "m08", "zz"]
+    assert plan.counts[bucket_key("m")] == 4
+    assert plan.counts[bucket_key("m04")] == 4
+    assert plan.counts[bucket_key("m08")] == 1
+    assert plan.counts[bucket_key("zz")] == 1
+    assert sum(plan.counts.values()) == len(names)
+
+
+def test_digests_change_with_content_only():
+    docs = [(i, f"doc{i}".encode()) for i in range(6)]
+    a = plan_buckets(docs, None, 3, with_digests=True)
+    b = plan_buckets(docs, a.bucket_map, 3, with_digests=True)
+    assert a.digests == b.digests
+    changed = [*docs[:4], (4, b"changed"), docs[5]]
+    c = plan_buckets(changed, a.bucket_map, 3, with_digests=True)
+    assert c.digests["first"] == a.digests["first"] and c.digests["int-3"] != a.digests["int-3"]
+
+
+def test_bucket_map_round_trips_and_finds_buckets():
+    oid = ObjectId()
+    bucket_map = BucketMap(10, [MinKey(), 5, "k", oid])
+    restored = BucketMap.from_json(bucket_map.to_json())
+    assert restored.lowers == bucket_map.lowers and restored.bucket_size == 10
+    assert restored.find(-100).key == "first"
+    assert restored.find(7).key == "int-5"
+    assert restored.find("zzz").key == restored.find("k").key
+    assert restored.find(True).key == f"oid-{oid}"  # booleans sort after ObjectIds
+    assert isinstance(restored.buckets[-1].upper, MaxKey)
+
+
+def test_keys_are_safe_and_distinct():
+    keys = {bucket_key(v) for v in ["a/b", "a\\b", "a b", "../etc", "ÄÖ", -3, 3, 2.5, ObjectId("0" * 24)]}
+    assert len(keys) == 9
+    assert all(k.replace("-", "").replace("_", "").replace(".", "").isalnum() for k in keys)
+    assert bucket_key(-3) == "int-neg3"
+
+
+def test_bucket_reads_cross_type_ranges(client, database):
+    """Index bounds, not $gte/$lt, so a bucket spanning numbers and strings returns both."""
+    coll = client[database].mixed
+    coll.insert_many([{"_id": v} for v in [1, 2.5, "a", "b", ObjectId()]])
+    source = SourceCollection(database, "mixed")
+    plan = plan_buckets(scan_ids(source, coll), None, 2)
+    assert plan.bucket_map.lowers[1:] == ["a", plan.bucket_map.lowers[2]]
+    bucket = plan.bucket_map.buckets[0]
+    (batch,) = list(read_bucket(source, coll, bucket))
+    assert len(batch) == 2
+    second = plan.bucket_map.buckets[1]
+    assert [len(b) for b in read_bucket(source, coll, second, batch_bytes=1)] == [1, 1]
