@@ -179,20 +179,25 @@ def resolve_column(path: tuple[str, ...], stats: PathStats) -> Column:
     return Column(path, name, pa.string(), kinds != {STRING})
 
 
-def _scalar(value: Any, arrow_type: pa.DataType) -> Any:
-    if value is None:
-        return None
+def _value_converter(arrow_type: pa.DataType):
+    """A per-value conversion to what pyarrow ingests natively, or None when it needs none."""
     if pa.types.is_timestamp(arrow_type):
-        return _millis(value)
+        return _millis
     if pa.types.is_floating(arrow_type):
-        return float(value)
-    if pa.types.is_integer(arrow_type):
-        return int(value)
-    if pa.types.is_boolean(arrow_type) or pa.types.is_binary(arrow_type):
-        return bytes(value) if isinstance(value, Binary) else value
-    if isinstance(value, Binary):  # UUID
+        return float  # integers that were widened
+    if pa.types.is_binary(arrow_type):
+        return bytes
+    if arrow_type == pa.string():
+        return _text
+    return None  # bool, int64: pyarrow takes them as they are
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, Binary):  # UUID, subtype 4
         return str(uuid.UUID(bytes=bytes(value)))
-    return str(value)
+    return str(value)  # ObjectId hex, Decimal128 digits
 
 
 class DocumentConverter:
@@ -250,15 +255,13 @@ def _decode(raw_documents: list[bytes]) -> list[dict[str, Any]]:
 def _column_array(values: list[Any], column: Column) -> pa.Array:
     arrow_type = column.arrow_type
     if column.as_json:
-        return pa.array(
-            [None if v is None else (v if isinstance(v, str) else relaxed_json_value(v)) for v in values],
-            pa.string(),
-        )
+        return pa.array([v if v is None or isinstance(v, str) else relaxed_json_value(v) for v in values], pa.string())
     if pa.types.is_list(arrow_type):
-        element_type = arrow_type.value_type
-        return pa.array(
-            [None if v is None else [_scalar(e, element_type) for e in v] for v in values], arrow_type
-        )
-    if pa.types.is_floating(arrow_type):
-        return pa.array([None if v is None else float(v) for v in values], arrow_type)
-    return pa.array([_scalar(v, arrow_type) for v in values], arrow_type)
+        convert = _value_converter(arrow_type.value_type)
+        if convert is not None:
+            values = [None if v is None else [None if e is None else convert(e) for e in v] for v in values]
+        return pa.array(values, arrow_type)
+    convert = _value_converter(arrow_type)
+    if convert is not None:
+        values = [None if v is None else convert(v) for v in values]
+    return pa.array(values, arrow_type)
