@@ -255,7 +255,9 @@ def _decode(raw_documents: list[bytes]) -> list[dict[str, Any]]:
 def _column_array(values: list[Any], column: Column) -> pa.Array:
     arrow_type = column.arrow_type
     if column.as_json:
-        return pa.array([v if v is None or isinstance(v, str) else relaxed_json_value(v) for v in values], pa.string())
+        return pa.array(
+            [v if v is None or isinstance(v, str) else relaxed_json_value(v) for v in values], pa.string()
+        )
     if pa.types.is_list(arrow_type):
         convert = _value_converter(arrow_type.value_type)
         if convert is not None:
