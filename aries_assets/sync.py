@@ -14,9 +14,12 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 
 import dagster as dg
+from botocore.exceptions import ClientError
+from pymongo.errors import PyMongoError
 
 from aries_assets.config import AriesConfig, CollectionConfig, load_config
 from aries_assets.core import snapshot
+from aries_assets.core.snapshot import BucketWriteError
 from aries_assets.definitions import build_definitions
 from aries_assets.factory import job_name, mongo_key, source_of
 
@@ -85,7 +88,14 @@ def sync(config: AriesConfig, workers: int, progress=print) -> list[CollectionRe
     try:
         with dg.DagsterInstance.get() as instance:
             for coll in config.collections:
-                reports.append(_sync_collection(config, coll, client, lake, instance, workers, progress))
+                try:
+                    reports.append(_sync_collection(config, coll, client, lake, instance, workers, progress))
+                except (PyMongoError, OSError, BucketWriteError, ClientError) as error:
+                    # One collection failing must not stop the others; the exit code says it failed.
+                    progress(f"[{coll.label}] FAILED: {error}")
+                    reports.append(
+                        CollectionReport(coll.label, failures=[f"{type(error).__name__}: {error}"])
+                    )
     finally:
         client.close()
     return reports

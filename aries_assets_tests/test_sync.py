@@ -120,3 +120,34 @@ def test_second_sync_rewrites_nothing_and_changes_rewrite_only_their_bucket(
     for table in lake_tables(folder).values():
         actual.update(table_documents(table))
     assert_same_documents(mongo_documents(client, database, "events"), actual)
+
+
+def test_query_filter_limits_the_documents(client, mongo_uri, database, workdir):
+    client[database].events.insert_many(
+        [{"_id": i, "n": i, "kind": "a" if i % 2 else "b"} for i in range(40)]
+    )
+    config = [{"database": database, "collection": "events", "bucket_size": 7, "query": {"kind": "a"}}]
+    write_config(workdir / "aries.yaml", mongo_uri, "./lake", config)
+    code, _, err = run_cli("sync", "--workers", "1")
+    assert code == 0, err
+    actual = {}
+    for table in lake_tables(workdir / "lake" / database / "events").values():
+        actual.update(table_documents(table))
+    assert_same_documents(mongo_documents(client, database, "events", {"kind": "a"}), actual)
+
+
+def test_a_failing_collection_is_reported_and_the_others_still_sync(client, mongo_uri, database, workdir):
+    client[database].good.insert_many([{"n": i} for i in range(5)])
+    (workdir / "lake").mkdir()
+    (workdir / "lake" / database).write_text("a file where the database directory should be")
+    other = f"{database}_other"
+    client[other].good.insert_many([{"n": i} for i in range(5)])
+    try:
+        config = [{"database": database, "collection": "good"}, {"database": other, "collection": "good"}]
+        write_config(workdir / "aries.yaml", mongo_uri, "./lake", config)
+        code, out, err = run_cli("sync", "--workers", "1")
+        assert code == 1
+        assert f"{database}.good" in out and "FAILED" in out
+        assert len(list((workdir / "lake" / other / "good").glob("*.parquet"))) == 1
+    finally:
+        client.drop_database(other)

@@ -73,6 +73,7 @@ def drain_seconds(client: MongoClient, name: str) -> float:
 
 def run_sync(uri: str, name: str, workdir: Path, workers: int) -> tuple[float, int, int]:
     """Seconds, peak RSS of the whole process tree, and of its largest single process."""
+    workdir.mkdir(parents=True, exist_ok=True)
     config = workdir / f"{name}.yaml"
     config.write_text(
         f'mongo: {{uri: "{uri}"}}\nlake: {{url: "{workdir / "lake"}"}}\n'
