@@ -18,7 +18,9 @@ def ensure_dagster_home() -> str:
     instance_yaml = home / "dagster.yaml"
     if not instance_yaml.exists():
         template = Path("dagster.yaml")
-        instance_yaml.write_text(template.read_text() if template.is_file() else "")
+        instance_yaml.write_text(
+            template.read_text() if template.is_file() else "telemetry:\n  enabled: false\n"
+        )
     os.environ["DAGSTER_HOME"] = str(home)
     return str(home)
 

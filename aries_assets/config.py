@@ -17,6 +17,8 @@ from urllib.parse import urlsplit
 import yaml
 from bson import json_util
 
+from aries_assets.core.schema import OVERRIDE_TYPES, SchemaOptions, parse_decimal
+
 DEFAULT_CONFIG = "aries.yaml"
 DEFAULT_BUCKET_SIZE = 50_000
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -26,7 +28,10 @@ _TOP_KEYS = {"mongo", "lake", "warehouse", "collections"}
 _MONGO_KEYS = {"uri"}
 _LAKE_KEYS = {"url", "endpoint_url", "region"}
 _WAREHOUSE_KEYS = {"url"}
-_COLLECTION_KEYS = {"database", "collection", "bucket_size", "query", "owners"}
+_COLLECTION_KEYS = {
+    "database", "collection", "bucket_size", "query", "owners",
+    "schema", "evolution", "max_depth", "max_columns", "infer_schema",
+}  # fmt: skip
 _WAREHOUSE_SCHEMES = ("duckdb", "postgresql", "postgres", "redshift")
 
 
@@ -69,6 +74,7 @@ class CollectionConfig:
     bucket_size: int = DEFAULT_BUCKET_SIZE
     query: dict[str, Any] = field(default_factory=dict)
     owners: tuple[str, ...] = ()
+    schema: SchemaOptions = field(default_factory=SchemaOptions)
 
     @property
     def label(self) -> str:
@@ -212,4 +218,47 @@ def _collection(entry: Any, index: int) -> CollectionConfig:
     owners = entry.get("owners") or []
     if not isinstance(owners, list) or not all(isinstance(o, str) for o in owners):
         raise ConfigError(f"{where}: owners must be a list of emails or team:name strings")
-    return CollectionConfig(database, collection, bucket_size, query, tuple(owners))
+    return CollectionConfig(
+        database, collection, bucket_size, query, tuple(owners), _schema_options(entry, where)
+    )
+
+
+def _schema_options(entry: dict[str, Any], where: str) -> SchemaOptions:
+    block = entry.get("schema") or {}
+    if not isinstance(block, dict):
+        raise ConfigError(f"{where}: schema must be a mapping of field: type, plus exclude: [fields]")
+    block = dict(block)
+    exclude = block.pop("exclude", []) or []
+    if not isinstance(exclude, list) or not all(isinstance(f, str) and f for f in exclude):
+        raise ConfigError(
+            f"{where}: schema.exclude must be a list of field paths such as password or profile.ssn"
+        )
+    overrides = {}
+    for name, type_name in block.items():
+        type_text = str(type_name).strip().lower().replace(" ", "")
+        if type_text not in OVERRIDE_TYPES and not (
+            type_text.startswith("list<") or parse_decimal(type_text)
+        ):
+            raise ConfigError(
+                f"{where}: schema.{name}: unknown type {type_name!r} "
+                f"(use one of {', '.join(sorted(OVERRIDE_TYPES))}, decimal(p,s))"
+            )
+        decimal = parse_decimal(type_text)
+        if decimal and not (1 <= decimal[0] <= 38 and 0 <= decimal[1] <= decimal[0]):
+            raise ConfigError(f"{where}: schema.{name}: decimal precision must be 1-38 and scale 0-precision")
+        overrides[str(name)] = type_text
+    evolution = entry.get("evolution", "rebuild")
+    if evolution not in ("rebuild", "append"):
+        raise ConfigError(f"{where}: evolution must be rebuild or append, got {evolution!r}")
+    numbers = {}
+    for key, default in (("max_depth", 5), ("max_columns", 500)):
+        value = entry.get(key, default)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ConfigError(f"{where}: {key} must be a positive whole number, got {value!r}")
+        numbers[key] = value
+    infer = entry.get("infer_schema", True)
+    if not isinstance(infer, bool):
+        raise ConfigError(f"{where}: infer_schema must be true or false")
+    return SchemaOptions(
+        overrides=overrides, exclude=tuple(exclude), evolution=evolution, infer=infer, **numbers
+    )

@@ -33,12 +33,14 @@ class CollectionReport:
     bytes_out: int = 0
     seconds: float = 0.0
     failures: list[str] = field(default_factory=list)
+    schema_version: int = 0
 
     def line(self) -> str:
         status = "FAILED" if self.failures else "ok"
         return (
             f"{self.label:<32} {self.documents:>10,} docs {self.buckets:>5} buckets "
-            f"{self.written:>5} written {self.bytes_out / 1e6:>9.1f} MB {self.seconds:>7.1f}s  {status}"
+            f"{self.written:>5} written {self.bytes_out / 1e6:>9.1f} MB {self.seconds:>7.1f}s "
+            f"schema v{self.schema_version:<3} {status}"
         )
 
 
@@ -101,6 +103,9 @@ def sync(config: AriesConfig, workers: int, progress=print) -> list[CollectionRe
     return reports
 
 
+MAX_SCHEMA_ROUNDS = 3
+
+
 def _sync_collection(
     config, coll: CollectionConfig, client, lake, instance, workers, progress
 ) -> CollectionReport:
@@ -119,16 +124,36 @@ def _sync_collection(
         instance.report_runless_asset_event(
             dg.AssetObservation(mongo_key(coll), partition=key, metadata={"documents": plan.counts[key]})
         )
-    stale = snapshot.stale_buckets(source, lake, plan)
-    progress(f"[{coll.label}] {report.documents:,} documents in {len(keys)} buckets; {len(stale)} to write")
-    for done, run in enumerate(_run_buckets(config.path, coll, stale, workers), start=1):
-        if run.success:
-            report.written += 1
-            report.bytes_out += run.bytes_out
-            progress(f"[{coll.label}] {done}/{len(stale)} bucket {run.key}: {run.documents:,} docs")
-        else:
-            report.failures.append(f"bucket {run.key}: {run.error}")
-            progress(f"[{coll.label}] {done}/{len(stale)} bucket {run.key} FAILED: {run.error}")
+    files = snapshot.inspect_files(source, lake, keys)
+    state = snapshot.reconcile_schema(source, lake, files, coll.schema)
+    todo = sorted(set(snapshot.content_stale(plan, files)) | set(state.mismatched), key=keys.index)
+    progress(f"[{coll.label}] {report.documents:,} documents in {len(keys)} buckets; {len(todo)} to write")
+    for round_number in range(1, MAX_SCHEMA_ROUNDS + 1):
+        if not todo:
+            break
+        written = []
+        for done, run in enumerate(_run_buckets(config.path, coll, todo, workers), start=1):
+            if run.success:
+                written.append(run.key)
+                report.written += 1
+                report.bytes_out += run.bytes_out
+                progress(f"[{coll.label}] {done}/{len(todo)} bucket {run.key}: {run.documents:,} docs")
+            else:
+                report.failures.append(f"bucket {run.key}: {run.error}")
+                progress(f"[{coll.label}] {done}/{len(todo)} bucket {run.key} FAILED: {run.error}")
+        # New statistics may widen the collection schema; files written before then are redone.
+        files.update(snapshot.inspect_files(source, lake, written))
+        state = snapshot.reconcile_schema(source, lake, files, coll.schema)
+        if state.changed:
+            progress(f"[{coll.label}] schema v{state.schema.version}: {'; '.join(state.schema.actions)}")
+        todo = state.mismatched
+        if todo and round_number < MAX_SCHEMA_ROUNDS:
+            progress(f"[{coll.label}] rewriting {len(todo)} buckets to follow schema v{state.schema.version}")
+    if todo:
+        report.failures.append(
+            f"buckets {', '.join(todo)} still disagree with schema v{state.schema.version}"
+        )
+    report.schema_version = state.schema.version
     report.seconds = time.monotonic() - started
     return report
 

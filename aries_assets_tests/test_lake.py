@@ -6,7 +6,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from aries_assets.core import snapshot
-from aries_assets.core.arrow import DocumentConverter
+from aries_assets.core.arrow import BucketConverter
 from aries_assets.core.buckets import BucketMap
 from aries_assets.core.extract import SourceCollection
 from aries_assets.core.lake import LocalLake, bucket_file, safe_segment
@@ -23,24 +23,23 @@ def test_crash_mid_write_keeps_the_previous_file(client, database, tmp_path, mon
     before = path.read_bytes()
 
     coll.update_many({}, {"$set": {"v": "new"}})
-    calls = []
-    original = DocumentConverter.to_table
+    original = BucketConverter.tables
 
-    def crash_on_second_batch(self, batch, columns):
-        calls.append(1)
-        if len(calls) == 2:
-            raise MemoryError("simulated crash")
-        return original(self, batch, columns)
+    def crash_after_first_batch(self, schema, outliers):
+        tables = original(self, schema, outliers)
+        yield next(tables)
+        raise MemoryError("simulated crash")
 
-    monkeypatch.setattr(DocumentConverter, "to_table", crash_on_second_batch)
+    monkeypatch.setattr(BucketConverter, "tables", crash_after_first_batch)
     with pytest.raises(snapshot.BucketWriteError, match=rf"{database}\.docs: could not write bucket first"):
         snapshot.write_bucket(source, source.open(client), lake, bucket, batch_bytes=500)
     assert path.read_bytes() == before
     assert [p.name for p in path.parent.iterdir()] == [path.name], "no temporary file left behind"
 
-    monkeypatch.setattr(DocumentConverter, "to_table", original)
+    monkeypatch.setattr(BucketConverter, "tables", original)
     plan = snapshot.plan(source, source.open(client), lake, 1000)
-    assert snapshot.stale_buckets(source, lake, plan) == ["first"]
+    files = snapshot.inspect_files(source, lake, plan.bucket_map.keys)
+    assert snapshot.content_stale(plan, files) == ["first"]
     snapshot.write_bucket(source, source.open(client), lake, bucket)
     assert set(pq.read_table(path).column("v").to_pylist()) == {"new"}
 

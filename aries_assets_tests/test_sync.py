@@ -59,9 +59,9 @@ def test_sync_writes_every_sample_document_exactly(client, samples, workdir):
     # Flattened columns carry typed values, nested paths included.
     theaters = next(e for e in samples if e["collection"] == "theaters")
     table = pq.read_table(lake_dir(workdir, theaters) / "first.parquet")
-    assert table.schema.field("location.address.city").type == "string"
-    assert table.schema.field("theaterId").type == "int64"
-    coordinates = table.schema.field("location.geo.coordinates").type
+    assert table.schema.field("location__address__city").type == "string"
+    assert table.schema.field("theaterid").type == "int32"
+    coordinates = table.schema.field("location__geo__coordinates").type
     assert pa.types.is_list(coordinates) and coordinates.value_type == pa.float64()
 
 

@@ -1,98 +1,64 @@
-"""BSON documents to Arrow: a lossless `_doc` plus flattened, typed columns.
+"""BSON documents to Arrow: a lossless `_doc` plus typed columns that follow the collection schema.
 
-Every row carries `_id` (string form) and `_doc` (canonical Extended JSON, so
-`bson.json_util.loads` gives back the exact document, types included). Nested
-scalar fields become dotted columns (`customer.address.city`) so warehouses can
-query them without JSON functions. A value that does not fit its column is
-rendered as JSON in a string column rather than dropped; `_doc` always has it.
+One pass over a bucket decodes each document once: it renders `_doc`, counts
+the type statistics and keeps each field's values. Once the schema is settled
+(which needs the statistics of the whole bucket), the kept values become
+Arrow arrays. A value its column cannot hold is a counted outlier: null in
+the column, intact in `_doc`.
 """
 
 from __future__ import annotations
 
 import datetime
 import uuid
-from collections import Counter, defaultdict
-from collections.abc import Iterable
+from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
 from typing import Any
 
 import bson
 import bsonjs
 import pyarrow as pa
-from bson import Binary, Decimal128, Int64, ObjectId, json_util
+from bson import Binary, Decimal128, Int64, ObjectId, Timestamp, json_util
 from bson.codec_options import CodecOptions, DatetimeConversion
+from bson.datetime_ms import DatetimeMS
 
+from aries_assets.core import schema as s
 from aries_assets.core.ordering import _millis
 
 # Decode dates beyond Python's datetime range as DatetimeMS instead of failing.
 CODEC_OPTIONS = CodecOptions(tz_aware=True, datetime_conversion=DatetimeConversion.DATETIME_AUTO)
+ID_COLUMN, DOC_COLUMN = s.RESERVED_COLUMNS
 
-ID_COLUMN, DOC_COLUMN = "_id", "_doc"
-RESERVED = {ID_COLUMN, DOC_COLUMN}
-MAX_DEPTH = 6
-_MAX_EXACT_INT_IN_DOUBLE = 2**53
-
-# Kinds of leaf values, the unit of the type statistics.
-BOOL, INT, DOUBLE, DECIMAL, STRING, DATE, OBJECTID, UUID_, BINARY = (
-    "bool", "int", "double", "decimal", "string", "date", "objectId", "uuid", "binary",
-)  # fmt: skip
-ARRAY, DOCUMENT, OTHER = "array", "document", "other"
-
-_SCALAR_TYPES = {
-    BOOL: pa.bool_(),
-    INT: pa.int64(),
-    DOUBLE: pa.float64(),
-    DECIMAL: pa.string(),  # exact digits; Arrow decimals cannot hold every Decimal128
-    STRING: pa.string(),
-    DATE: pa.timestamp("ms", tz="UTC"),
-    OBJECTID: pa.string(),
-    UUID_: pa.string(),
-    BINARY: pa.binary(),
+_KIND_BY_TYPE: dict[type, str] = {
+    bool: s.BOOL,
+    int: s.INT32,  # BSON int32 decodes as int, int64 as Int64
+    Int64: s.INT64,
+    float: s.DOUBLE,
+    Decimal128: s.DECIMAL,
+    str: s.STRING,
+    ObjectId: s.OBJECTID,
+    bytes: s.BINARY,
+    datetime.datetime: s.DATE,
+    DatetimeMS: s.DATE,
+    Timestamp: s.TIMESTAMP,
+    list: s.ARRAY,
+    dict: s.DOCUMENT,
 }
+_OUTLIER = object()
+_NOT_DECIMAL = s.MAX_DECIMAL_PRECISION + 1  # NaN and infinities have no decimal form
 
 
 def kind_of(value: Any) -> str | None:
-    """The statistics kind of a decoded BSON value; None for null."""
+    kind = _KIND_BY_TYPE.get(type(value))
+    if kind is not None:
+        return kind
     if value is None:
         return None
-    if isinstance(value, bool):
-        return BOOL
-    if isinstance(value, (int, Int64)):
-        return INT
-    if isinstance(value, float):
-        return DOUBLE
-    if isinstance(value, str):
-        return STRING
-    if isinstance(value, (datetime.datetime, bson.DatetimeMS)):
-        return DATE
-    if isinstance(value, ObjectId):
-        return OBJECTID
-    if isinstance(value, Decimal128):
-        return DECIMAL
     if isinstance(value, Binary):
-        return UUID_ if value.subtype == 4 and len(value) == 16 else BINARY
-    if isinstance(value, (bytes, uuid.UUID)):
-        return UUID_ if isinstance(value, uuid.UUID) else BINARY
-    if isinstance(value, list):
-        return ARRAY
-    if isinstance(value, dict):
-        return DOCUMENT
-    return OTHER
-
-
-def flatten(document: dict[str, Any], max_depth: int = MAX_DEPTH) -> Iterable[tuple[tuple[str, ...], Any]]:
-    """(field path, value) for every leaf; documents below max_depth are leaves."""
-    stack: list[tuple[tuple[str, ...], dict[str, Any]]] = [((), document)]
-    while stack:
-        prefix, doc = stack.pop()
-        for name, value in doc.items():
-            path = (*prefix, name)
-            if not prefix and name in RESERVED:
-                continue  # `_id` has its own column; a field named `_doc` stays in `_doc`
-            if isinstance(value, dict) and value and len(path) < max_depth:
-                stack.append((path, value))
-            else:
-                yield path, value
+        return s.UUID if value.subtype == 4 and len(value) == 16 else s.BINARY
+    return s.OTHER
 
 
 def id_string(value: Any) -> str:
@@ -112,158 +78,240 @@ def relaxed_json_value(value: Any) -> str:
     return text[text.index(":") + 1 : text.rindex("}")].strip()
 
 
+def _update_stats(stats: s.FieldStats, kind: str, value: Any) -> None:
+    if kind is s.INT32 or kind is s.INT64:
+        v = int(value)
+        if stats.int_min is None or v < stats.int_min:
+            stats.int_min = v
+        if stats.int_max is None or v > stats.int_max:
+            stats.int_max = v
+    elif kind is s.STRING:
+        if len(value) * 4 > stats.max_bytes:
+            stats.max_bytes = max(stats.max_bytes, len(value.encode("utf-8")))
+    elif kind is s.DOUBLE or kind is s.DECIMAL:
+        _update_digits(stats, value)
+
+
+def _update_digits(stats: s.FieldStats, value: Any) -> None:
+    number = value.to_decimal() if isinstance(value, Decimal128) else Decimal(repr(value))
+    if not number.is_finite():
+        stats.scale = _NOT_DECIMAL
+        return
+    int_digits, scale = s.decimal_digits(number)
+    stats.int_digits = max(stats.int_digits, int_digits)
+    stats.scale = max(stats.scale, scale)
+
+
 @dataclass
-class PathStats:
-    """Counts of value kinds seen at one field path, and what decides widening."""
+class _Batch:
+    ids: list[str]
+    docs: list[str]
+    values: dict[s.Path, tuple[list[int], list[Any]]]  # sparse: rows and values per field path
 
-    kinds: Counter = field(default_factory=Counter)
-    element_kinds: Counter = field(default_factory=Counter)  # for arrays
-    max_abs_int: int = 0
-    max_abs_element_int: int = 0
 
-    def add(self, value: Any) -> None:
-        kind = kind_of(value)
-        if kind is None:
+@dataclass
+class BucketConverter:
+    """Collects one bucket's documents in a single decoding pass, then yields Arrow tables."""
+
+    options: s.SchemaOptions = field(default_factory=s.SchemaOptions)
+    known_maps: set[s.Path] = field(default_factory=set)
+    stats: s.TypeStats = field(default_factory=s.TypeStats)
+    _batches: list[_Batch] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self._exclude = [tuple(p.split(".")) for p in self.options.exclude]
+
+    def add(self, raw_documents: list[bytes]) -> None:
+        documents = bson.decode_all(b"".join(raw_documents), CODEC_OPTIONS)
+        if self._exclude:
+            for document in documents:
+                for path in self._exclude:
+                    _remove(document, path)
+            raw_documents = [bson.encode(d, codec_options=CODEC_OPTIONS) for d in documents]
+        batch = _Batch(
+            ids=[id_string(d["_id"]) for d in documents],
+            docs=[bsonjs.dumps(raw, mode=bsonjs.CANONICAL) for raw in raw_documents],
+            values={},
+        )
+        if self.options.infer:
+            for row, document in enumerate(documents):
+                self._flatten(document, batch.values, row)
+        self.stats.documents += len(documents)
+        self._batches.append(batch)
+
+    def _flatten(self, document: dict[str, Any], values: dict, row: int) -> None:
+        fields = self.stats.fields
+        max_depth = self.options.max_depth
+        stack: list[tuple[s.Path, dict[str, Any]]] = [((), document)]
+        while stack:
+            prefix, doc = stack.pop()
+            for name, value in doc.items():
+                if not prefix and name == ID_COLUMN:
+                    continue  # `_id` has its own column
+                path = (*prefix, name)
+                kind = _KIND_BY_TYPE.get(type(value)) or kind_of(value)
+                if kind is s.DOCUMENT and value and len(path) < max_depth:
+                    if path in self.known_maps or s.looks_like_map(list(value)):
+                        self.stats.maps.add(path)
+                    else:
+                        stack.append((path, value))
+                        continue
+                stats = fields.get(path)
+                if stats is None:
+                    stats = fields[path] = s.FieldStats()
+                if kind is None:
+                    stats.nulls += 1
+                    continue
+                stats.kinds[kind] += 1
+                if kind is s.ARRAY:
+                    for element in value:
+                        element_kind = kind_of(element) or "null"
+                        stats.element_kinds[element_kind] += 1
+                        _update_stats(stats, element_kind, element)
+                else:
+                    _update_stats(stats, kind, value)
+                slot = values.get(path)
+                if slot is None:
+                    slot = values[path] = ([], [])
+                slot[0].append(row)
+                slot[1].append(value)
+
+    def tables(self, schema: s.InferredSchema, outliers: Counter) -> Iterator[pa.Table]:
+        """One Arrow table per collected batch, in the schema's columns; counts outliers by column."""
+        arrow_schema = arrow_schema_of(schema)
+        by_path: dict[s.Path, list[s.ColumnSpec]] = {}
+        for column in schema.columns:
+            by_path.setdefault(column.path, []).append(column)
+        converters = {c.name: _converter(c.type) for c in schema.columns}
+        while self._batches:
+            batch = self._batches.pop(0)  # release each batch's values as it is written
+            rows = len(batch.ids)
+            columns: dict[str, list[Any]] = {c.name: [None] * rows for c in schema.columns}
+            for path, (row_numbers, values) in batch.values.items():
+                candidates = by_path.get(path)
+                if not candidates:
+                    continue
+                for row, value in zip(row_numbers, values, strict=True):
+                    kind = kind_of(value)
+                    for column in candidates:
+                        if kind in column.accepts:
+                            converted = converters[column.name](value)
+                            if converted is not _OUTLIER:
+                                columns[column.name][row] = converted
+                                break
+                    else:
+                        outliers[candidates[0].name] += 1
+            arrays = [pa.array(batch.ids, pa.string()), pa.array(batch.docs, pa.string())]
+            arrays += [pa.array(columns[f.name], f.type) for f in list(arrow_schema)[2:]]
+            yield pa.Table.from_arrays(arrays, schema=arrow_schema)
+
+
+def _remove(document: dict[str, Any], path: tuple[str, ...]) -> None:
+    for name in path[:-1]:
+        document = document.get(name)
+        if not isinstance(document, dict):
             return
-        self.kinds[kind] += 1
-        if kind == INT:
-            self.max_abs_int = max(self.max_abs_int, abs(int(value)))
-        elif kind == ARRAY:
-            for element in value:
-                element_kind = kind_of(element) or "null"
-                self.element_kinds[element_kind] += 1
-                if element_kind == INT:
-                    self.max_abs_element_int = max(self.max_abs_element_int, abs(int(element)))
+    document.pop(path[-1], None)
 
 
-@dataclass(frozen=True)
-class Column:
-    """A flattened column: the field path it comes from, its name, its Arrow type."""
-
-    path: tuple[str, ...]
-    name: str
-    arrow_type: pa.DataType
-    as_json: bool  # values rendered as relaxed Extended JSON text
+# --- column types -------------------------------------------------------------------------------
 
 
-def _numeric_type(kinds: set[str], max_abs_int: int) -> pa.DataType | None:
-    if kinds == {INT}:
-        return pa.int64()
-    if kinds == {DOUBLE}:
-        return pa.float64()
-    if kinds == {INT, DOUBLE} and max_abs_int <= _MAX_EXACT_INT_IN_DOUBLE:
-        return pa.float64()  # every integer seen is exact as a double
-    return None
+def arrow_type(type_name: str) -> pa.DataType:
+    if type_name.startswith("list<"):
+        return pa.list_(arrow_type(type_name[5:-1]))
+    decimal = s.parse_decimal(type_name)
+    if decimal:
+        return pa.decimal128(*decimal)
+    return {
+        s.T_BOOL: pa.bool_(),
+        s.T_INT32: pa.int32(),
+        s.T_INT64: pa.int64(),
+        s.T_DOUBLE: pa.float64(),
+        s.T_STRING: pa.string(),
+        s.T_JSON: pa.string(),
+        s.T_TIMESTAMP: pa.timestamp("ms", tz="UTC"),
+        s.T_BINARY: pa.binary(),
+    }[type_name]
 
 
-def resolve_column(path: tuple[str, ...], stats: PathStats) -> Column:
-    """A first, simple type choice: one kind keeps its type; anything mixed becomes JSON text."""
-    name = ".".join(path)
-    kinds = set(stats.kinds)
-    numeric = _numeric_type(kinds, stats.max_abs_int)
-    if numeric is not None:
-        return Column(path, name, numeric, False)
-    if len(kinds) == 1:
-        (kind,) = kinds
-        if kind in _SCALAR_TYPES:
-            return Column(path, name, _SCALAR_TYPES[kind], False)
-        if kind == ARRAY:
-            elements = set(stats.element_kinds) - {"null"}
-            element_type = _numeric_type(elements, stats.max_abs_element_int)
-            if element_type is None and len(elements) == 1:
-                element_type = _SCALAR_TYPES.get(next(iter(elements)))
-            if element_type is None and not elements:
-                element_type = pa.string()
-            if element_type is not None and element_type != pa.binary():
-                return Column(path, name, pa.list_(element_type), False)
-    return Column(path, name, pa.string(), kinds != {STRING})
+def arrow_schema_of(schema: s.InferredSchema) -> pa.Schema:
+    fields = [
+        pa.field(ID_COLUMN, pa.string(), nullable=False, metadata={"aries.type": "string"}),
+        pa.field(DOC_COLUMN, pa.string(), nullable=False, metadata={"aries.type": "json"}),
+    ]
+    for column in schema.columns:
+        metadata = {"aries.path": column.dotted, "aries.type": column.type}
+        fields.append(pa.field(column.name, arrow_type(column.type), metadata=metadata))
+    return pa.schema(fields)
 
 
-def _value_converter(arrow_type: pa.DataType):
-    """A per-value conversion to what pyarrow ingests natively, or None when it needs none."""
-    if pa.types.is_timestamp(arrow_type):
-        return _millis
-    if pa.types.is_floating(arrow_type):
-        return float  # integers that were widened
-    if pa.types.is_binary(arrow_type):
-        return bytes
-    if arrow_type == pa.string():
-        return _text
-    return None  # bool, int64: pyarrow takes them as they are
+def _to_bool(value: Any) -> Any:
+    if isinstance(value, bool):
+        return value
+    return bool(value) if value in (0, 1) else _OUTLIER
+
+
+def _to_decimal(precision: int, scale: int):
+    quantum = Decimal(1).scaleb(-scale)
+
+    def convert(value: Any) -> Any:
+        try:
+            number = (
+                value.to_decimal()
+                if isinstance(value, Decimal128)
+                else Decimal(repr(value) if isinstance(value, float) else int(value))
+            )
+            if not number.is_finite():
+                return _OUTLIER
+            exact = number.quantize(quantum)
+        except InvalidOperation:
+            return _OUTLIER
+        if exact != number or len(exact.as_tuple().digits) > precision:
+            return _OUTLIER
+        return exact
+
+    return convert
 
 
 def _text(value: Any) -> str:
-    if isinstance(value, str):
+    """Strings as they are; ObjectIds and UUIDs in their usual form; other values as JSON text."""
+    kind = kind_of(value)
+    if kind is s.STRING:
         return value
-    if isinstance(value, Binary):  # UUID, subtype 4
+    if kind is s.OBJECTID or kind is s.DECIMAL:
+        return str(value)
+    if kind is s.UUID:
         return str(uuid.UUID(bytes=bytes(value)))
-    return str(value)  # ObjectId hex, Decimal128 digits
+    if kind is s.BOOL:
+        return "true" if value else "false"
+    if kind is s.INT32 or kind is s.INT64:
+        return str(int(value))
+    if kind is s.DATE and isinstance(value, datetime.datetime):
+        return value.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return relaxed_json_value(value)
 
 
-class DocumentConverter:
-    """Two passes over one bucket's raw documents: statistics, then typed columns."""
+def _converter(type_name: str):
+    """value -> what pyarrow ingests for this column type, or _OUTLIER."""
+    if type_name.startswith("list<"):
+        element = _converter(type_name[5:-1])
 
-    def __init__(self, max_depth: int = MAX_DEPTH) -> None:
-        self.max_depth = max_depth
-        self.stats: dict[tuple[str, ...], PathStats] = defaultdict(PathStats)
+        def convert_list(values: list[Any]) -> Any:
+            out = [None if e is None else element(e) for e in values]
+            return _OUTLIER if any(e is _OUTLIER for e in out) else out
 
-    def observe(self, raw_documents: list[bytes]) -> None:
-        for document in _decode(raw_documents):
-            for path, value in flatten(document, self.max_depth):
-                self.stats[path].add(value)
-
-    def columns(self) -> list[Column]:
-        """Resolved columns; a name another path already took keeps only the first, by path order."""
-        taken = {name.lower() for name in RESERVED}
-        result = []
-        for path in sorted(self.stats):
-            column = resolve_column(path, self.stats[path])
-            if column.name.lower() in taken or not self.stats[path].kinds:
-                continue
-            taken.add(column.name.lower())
-            result.append(column)
-        return result
-
-    def schema(self, columns: list[Column]) -> pa.Schema:
-        fields = [
-            pa.field(ID_COLUMN, pa.string(), nullable=False),
-            pa.field(DOC_COLUMN, pa.string(), nullable=False),
-        ]
-        fields += [pa.field(c.name, c.arrow_type) for c in columns]
-        return pa.schema(fields)
-
-    def to_table(self, raw_documents: list[bytes], columns: list[Column]) -> pa.Table:
-        documents = _decode(raw_documents)
-        ids = [id_string(d["_id"]) for d in documents]
-        docs = [bsonjs.dumps(raw, mode=bsonjs.CANONICAL) for raw in raw_documents]
-        values: dict[tuple[str, ...], list[Any]] = {c.path: [None] * len(documents) for c in columns}
-        for row, document in enumerate(documents):
-            for path, value in flatten(document, self.max_depth):
-                column_values = values.get(path)
-                if column_values is not None:
-                    column_values[row] = value
-        arrays = [pa.array(ids, pa.string()), pa.array(docs, pa.string())]
-        for column in columns:
-            arrays.append(_column_array(values[column.path], column))
-        return pa.Table.from_arrays(arrays, schema=self.schema(columns))
-
-
-def _decode(raw_documents: list[bytes]) -> list[dict[str, Any]]:
-    return bson.decode_all(b"".join(raw_documents), CODEC_OPTIONS)
-
-
-def _column_array(values: list[Any], column: Column) -> pa.Array:
-    arrow_type = column.arrow_type
-    if column.as_json:
-        return pa.array(
-            [v if v is None or isinstance(v, str) else relaxed_json_value(v) for v in values], pa.string()
-        )
-    if pa.types.is_list(arrow_type):
-        convert = _value_converter(arrow_type.value_type)
-        if convert is not None:
-            values = [None if v is None else [None if e is None else convert(e) for e in v] for v in values]
-        return pa.array(values, arrow_type)
-    convert = _value_converter(arrow_type)
-    if convert is not None:
-        values = [None if v is None else convert(v) for v in values]
-    return pa.array(values, arrow_type)
+        return convert_list
+    decimal = s.parse_decimal(type_name)
+    if decimal:
+        return _to_decimal(*decimal)
+    return {
+        s.T_BOOL: _to_bool,
+        s.T_INT32: int,
+        s.T_INT64: int,
+        s.T_DOUBLE: float,
+        s.T_STRING: _text,
+        s.T_JSON: relaxed_json_value,
+        s.T_TIMESTAMP: lambda v: v.time * 1000 if isinstance(v, Timestamp) else _millis(v),
+        s.T_BINARY: bytes,
+    }[type_name]

@@ -71,7 +71,7 @@ class Lake(Protocol):
         """The key-value footer metadata of a Parquet file, or None if there is no file."""
         ...
 
-    def read_table(self, path: str) -> pa.Table: ...
+    def read_table(self, path: str, columns: list[str] | None = None) -> pa.Table: ...
 
     def list(self, prefix: str) -> list[str]: ...
 
@@ -119,8 +119,8 @@ class LocalLake:
             return None  # a missing or unreadable file is rewritten
         return {k.decode(): v.decode() for k, v in metadata.items()}
 
-    def read_table(self, path: str) -> pa.Table:
-        return pq.read_table(self._path(path))
+    def read_table(self, path: str, columns: list[str] | None = None) -> pa.Table:
+        return pq.read_table(self._path(path), columns=columns)
 
     def list(self, prefix: str) -> list[str]:
         base = self._path(prefix)
@@ -187,9 +187,9 @@ class S3Lake:
             return None
         return {k.decode(): v.decode() for k, v in metadata.items()}
 
-    def read_table(self, path: str) -> pa.Table:
+    def read_table(self, path: str, columns: list[str] | None = None) -> pa.Table:
         response = self.client.get_object(Bucket=self.bucket, Key=self._key(path))
-        return pq.read_table(pa.BufferReader(response["Body"].read()))
+        return pq.read_table(pa.BufferReader(response["Body"].read()), columns=columns)
 
     def list(self, prefix: str) -> list[str]:
         paginator = self.client.get_paginator("list_objects_v2")
@@ -198,6 +198,10 @@ class S3Lake:
         for page in paginator.paginate(Bucket=self.bucket, Prefix=self._key(prefix)):
             keys += [obj["Key"][strip:] for obj in page.get("Contents", [])]
         return sorted(keys)
+
+
+def schema_file(database: str, collection: str) -> str:
+    return f"{collection_prefix(database, collection)}/{STATE_DIR}/schema.json"
 
 
 def load_bucket_map(lake: Lake, database: str, collection: str) -> BucketMap | None:
