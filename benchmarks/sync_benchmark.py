@@ -71,13 +71,14 @@ def drain_seconds(client: MongoClient, name: str) -> float:
     return time.monotonic() - started
 
 
-def run_sync(uri: str, name: str, workdir: Path, workers: int) -> tuple[float, int, int]:
+def run_sync(uri: str, name: str, workdir: Path, workers: int, infer: bool = True) -> tuple[float, int, int]:
     """Seconds, peak RSS of the whole process tree, and of its largest single process."""
     workdir.mkdir(parents=True, exist_ok=True)
     config = workdir / f"{name}.yaml"
     config.write_text(
         f'mongo: {{uri: "{uri}"}}\nlake: {{url: "{workdir / "lake"}"}}\n'
-        f"collections:\n  - {{database: bench, collection: {name}, bucket_size: {BUCKET_SIZE}}}\n"
+        f"collections:\n  - {{database: bench, collection: {name}, bucket_size: {BUCKET_SIZE}, "
+        f"infer_schema: {str(infer).lower()}}}\n"
     )
     env = {**os.environ, "DAGSTER_HOME": str(workdir / "dagster_home")}
     started = time.monotonic()
@@ -121,27 +122,48 @@ def main() -> None:
         client = stack.enter_context(MongoClient(uri))
         mb = 1024 * 1024
         rows = []
-        for name, count in [("events", args.documents), ("events_large", args.documents * args.factor)]:
+        runs = [
+            ("events", args.documents, False),  # the baseline: `_id` and `_doc` only
+            ("events", args.documents, True),
+            ("events_large", args.documents * args.factor, True),
+        ]
+        for name, count, infer in runs:
             print(f"loading {count:,} documents into bench.{name} ...", file=sys.stderr, flush=True)
             fill(client, name, count)
             drain = drain_seconds(client, name)
-            seconds, peak_tree, peak_single = run_sync(uri, name, workdir / name, args.workers)
-            rows.append((name, count, drain, seconds, peak_tree, peak_single))
-            print(f"  drain {drain:.1f}s, sync {seconds:.1f}s", file=sys.stderr, flush=True)
+            label = f"{name}{'' if infer else ' (no inference)'}"
+            seconds, peak_tree, peak_single = run_sync(
+                uri, name, workdir / label.replace(" ", "_"), args.workers, infer
+            )
+            rows.append((label, count, drain, seconds, peak_tree, peak_single))
+            print(f"  {label}: drain {drain:.1f}s, sync {seconds:.1f}s", file=sys.stderr, flush=True)
 
-    print(
-        f"\nbucket_size {BUCKET_SIZE:,}, {args.workers} workers, server: {'given' if args.mongodb_uri else 'SecantusDB'}"
+    server = "given" if args.mongodb_uri else "SecantusDB"
+    print(f"\nbucket_size {BUCKET_SIZE:,}, {args.workers} workers, server: {server}")
+    header = (
+        "collection",
+        "documents",
+        "raw drain s",
+        "aries sync s",
+        "ratio",
+        "docs/s",
+        "peak RSS tree MB",
+        "largest proc MB",
     )
     print(
-        f"{'collection':<14}{'documents':>12}{'raw drain s':>13}{'aries sync s':>14}{'ratio':>7}{'docs/s':>10}{'peak RSS tree MB':>18}{'largest proc MB':>17}"
+        f"{header[0]:<28}{header[1]:>11}{header[2]:>13}{header[3]:>14}{header[4]:>7}{header[5]:>9}{header[6]:>18}{header[7]:>17}"
     )
-    for name, count, drain, seconds, tree, single in rows:
+    for label, count, drain, seconds, tree, single in rows:
         print(
-            f"{name:<14}{count:>12,}{drain:>13.1f}{seconds:>14.1f}{seconds / drain:>7.2f}{count / seconds:>10,.0f}{tree / mb:>18.0f}{single / mb:>17.0f}"
+            f"{label:<28}{count:>11,}{drain:>13.1f}{seconds:>14.1f}{seconds / drain:>7.2f}"
+            f"{count / seconds:>9,.0f}{tree / mb:>18.0f}{single / mb:>17.0f}"
         )
-    (small, large) = rows
+    baseline, inferred, large = rows
     print(
-        f"\n{large[1] // small[1]}x the documents -> {large[5] / small[5]:.2f}x the largest process's peak RSS"
+        f"\ntype inference adds {inferred[3] / baseline[3] - 1:+.1%} to the sync time ({baseline[3]:.1f}s -> {inferred[3]:.1f}s)"
+    )
+    print(
+        f"{large[1] // inferred[1]}x the documents -> {large[5] / inferred[5]:.2f}x the largest process's peak RSS"
     )
 
 

@@ -78,28 +78,51 @@ def relaxed_json_value(value: Any) -> str:
     return text[text.index(":") + 1 : text.rindex("}")].strip()
 
 
-def _update_stats(stats: s.FieldStats, kind: str, value: Any) -> None:
-    if kind is s.INT32 or kind is s.INT64:
-        v = int(value)
-        if stats.int_min is None or v < stats.int_min:
-            stats.int_min = v
-        if stats.int_max is None or v > stats.int_max:
-            stats.int_max = v
-    elif kind is s.STRING:
-        if len(value) * 4 > stats.max_bytes:
-            stats.max_bytes = max(stats.max_bytes, len(value.encode("utf-8")))
-    elif kind is s.DOUBLE or kind is s.DECIMAL:
-        _update_digits(stats, value)
+def _field_stats(values: list[Any]) -> s.FieldStats:
+    """Statistics of one field path's values, counted by type at C speed where possible."""
+    stats = s.FieldStats()
+    by_type = Counter(map(type, values))
+    typed: dict[str, list[Any]] = {}
+    for value_type, count in by_type.items():
+        if value_type is type(None):
+            stats.nulls += count
+            continue
+        kind = _KIND_BY_TYPE.get(value_type)
+        if kind is not None:
+            stats.kinds[kind] += count
+            typed.setdefault(kind, []).extend(v for v in values if type(v) is value_type)
+            continue
+        for value in values:  # Binary subtypes, regexes, code, min/max keys: rare
+            if type(value) is value_type:
+                stats.kinds[kind_of(value)] += 1
+    _measure(stats, typed)
+    if s.ARRAY in typed:
+        elements = [e for array in typed[s.ARRAY] for e in array]
+        element_stats = _field_stats(elements)
+        stats.element_kinds = Counter(element_stats.kinds)
+        if element_stats.nulls:
+            stats.element_kinds["null"] = element_stats.nulls
+        stats.merge(s.FieldStats(int_min=element_stats.int_min, int_max=element_stats.int_max,
+                                 int_digits=element_stats.int_digits, scale=element_stats.scale,
+                                 max_bytes=element_stats.max_bytes))  # fmt: skip
+    return stats
 
 
-def _update_digits(stats: s.FieldStats, value: Any) -> None:
-    number = value.to_decimal() if isinstance(value, Decimal128) else Decimal(repr(value))
-    if not number.is_finite():
-        stats.scale = _NOT_DECIMAL
-        return
-    int_digits, scale = s.decimal_digits(number)
-    stats.int_digits = max(stats.int_digits, int_digits)
-    stats.scale = max(stats.scale, scale)
+def _measure(stats: s.FieldStats, typed: dict[str, list[Any]]) -> None:
+    ints = typed.get(s.INT32, []) + typed.get(s.INT64, [])
+    if ints:
+        stats.int_min, stats.int_max = int(min(ints)), int(max(ints))
+    if s.STRING in typed:
+        stats.max_bytes = max(map(len, map(str.encode, typed[s.STRING])))
+    for kind in (s.DOUBLE, s.DECIMAL):
+        for value in typed.get(kind, ()):
+            number = value.to_decimal() if kind is s.DECIMAL else Decimal(repr(value))
+            if not number.is_finite():
+                stats.scale = _NOT_DECIMAL
+                continue
+            int_digits, scale = s.decimal_digits(number)
+            stats.int_digits = max(stats.int_digits, int_digits)
+            stats.scale = max(stats.scale, scale)
 
 
 @dataclass
@@ -115,8 +138,9 @@ class BucketConverter:
 
     options: s.SchemaOptions = field(default_factory=s.SchemaOptions)
     known_maps: set[s.Path] = field(default_factory=set)
-    stats: s.TypeStats = field(default_factory=s.TypeStats)
     _batches: list[_Batch] = field(default_factory=list)
+    _maps: set[s.Path] = field(default_factory=set)
+    _stats: s.TypeStats | None = None
 
     def __post_init__(self) -> None:
         self._exclude = [tuple(p.split(".")) for p in self.options.exclude]
@@ -136,11 +160,26 @@ class BucketConverter:
         if self.options.infer:
             for row, document in enumerate(documents):
                 self._flatten(document, batch.values, row)
-        self.stats.documents += len(documents)
         self._batches.append(batch)
+        self._stats = None
+
+    @property
+    def stats(self) -> s.TypeStats:
+        """This bucket's type statistics, counted over everything added so far."""
+        if self._stats is None:
+            paths: dict[s.Path, list[Any]] = {}
+            for batch in self._batches:
+                for path, (_, values) in batch.values.items():
+                    paths.setdefault(path, []).extend(values)
+            self._stats = s.TypeStats(
+                documents=sum(len(b.ids) for b in self._batches),
+                fields={path: _field_stats(values) for path, values in paths.items()},
+                maps=set(self._maps),
+            )
+        return self._stats
 
     def _flatten(self, document: dict[str, Any], values: dict, row: int) -> None:
-        fields = self.stats.fields
+        """Keep every leaf value by field path; descend into documents that are records, not maps."""
         max_depth = self.options.max_depth
         stack: list[tuple[s.Path, dict[str, Any]]] = [((), document)]
         while stack:
@@ -149,27 +188,12 @@ class BucketConverter:
                 if not prefix and name == ID_COLUMN:
                     continue  # `_id` has its own column
                 path = (*prefix, name)
-                kind = _KIND_BY_TYPE.get(type(value)) or kind_of(value)
-                if kind is s.DOCUMENT and value and len(path) < max_depth:
+                if type(value) is dict and value and len(path) < max_depth:
                     if path in self.known_maps or s.looks_like_map(list(value)):
-                        self.stats.maps.add(path)
+                        self._maps.add(path)
                     else:
                         stack.append((path, value))
                         continue
-                stats = fields.get(path)
-                if stats is None:
-                    stats = fields[path] = s.FieldStats()
-                if kind is None:
-                    stats.nulls += 1
-                    continue
-                stats.kinds[kind] += 1
-                if kind is s.ARRAY:
-                    for element in value:
-                        element_kind = kind_of(element) or "null"
-                        stats.element_kinds[element_kind] += 1
-                        _update_stats(stats, element_kind, element)
-                else:
-                    _update_stats(stats, kind, value)
                 slot = values.get(path)
                 if slot is None:
                     slot = values[path] = ([], [])
@@ -182,28 +206,67 @@ class BucketConverter:
         by_path: dict[s.Path, list[s.ColumnSpec]] = {}
         for column in schema.columns:
             by_path.setdefault(column.path, []).append(column)
-        converters = {c.name: _converter(c.type) for c in schema.columns}
         while self._batches:
             batch = self._batches.pop(0)  # release each batch's values as it is written
             rows = len(batch.ids)
-            columns: dict[str, list[Any]] = {c.name: [None] * rows for c in schema.columns}
-            for path, (row_numbers, values) in batch.values.items():
-                candidates = by_path.get(path)
-                if not candidates:
-                    continue
-                for row, value in zip(row_numbers, values, strict=True):
-                    kind = kind_of(value)
-                    for column in candidates:
-                        if kind in column.accepts:
-                            converted = converters[column.name](value)
-                            if converted is not _OUTLIER:
-                                columns[column.name][row] = converted
-                                break
+            columns: dict[str, list[Any]] = {}
+            for path, candidates in by_path.items():
+                row_numbers, values = batch.values.get(path, ((), ()))
+                for column, column_values in _route(candidates, values, outliers).items():
+                    if len(row_numbers) == rows:
+                        columns[column] = column_values  # every row has the field: already aligned
                     else:
-                        outliers[candidates[0].name] += 1
+                        full = [None] * rows
+                        for row, value in zip(row_numbers, column_values, strict=True):
+                            full[row] = value
+                        columns[column] = full
             arrays = [pa.array(batch.ids, pa.string()), pa.array(batch.docs, pa.string())]
             arrays += [pa.array(columns[f.name], f.type) for f in list(arrow_schema)[2:]]
             yield pa.Table.from_arrays(arrays, schema=arrow_schema)
+
+
+_NONE = type(None)
+# Python types pyarrow ingests unchanged for a column type (besides None).
+_NATIVE: dict[str, set[type]] = {
+    s.T_BOOL: {bool},
+    s.T_INT32: {int},
+    s.T_INT64: {int, Int64},
+    s.T_DOUBLE: {float, int, Int64},
+    s.T_STRING: {str},
+    s.T_TIMESTAMP: {datetime.datetime},
+    s.T_BINARY: {bytes},
+}
+
+
+def _native(type_name: str, values: list[Any]) -> bool:
+    types = set(map(type, values)) - {_NONE}
+    if type_name.startswith("list<"):
+        if types - {list}:
+            return False
+        element_types = {type(e) for v in values if v for e in v} - {_NONE}
+        return element_types <= _NATIVE.get(type_name[5:-1], set())
+    return types <= _NATIVE.get(type_name, set())
+
+
+def _route(candidates: list[s.ColumnSpec], values: list[Any], outliers: Counter) -> dict[str, list[Any]]:
+    """Values per column: converted where needed; outliers become None and are counted."""
+    if len(candidates) == 1 and _native(candidates[0].type, values):
+        return {candidates[0].name: values}
+    converters = [(c, _converter(c.type)) for c in candidates]
+    routed: dict[str, list[Any]] = {c.name: [None] * len(values) for c in candidates}
+    for i, value in enumerate(values):
+        if value is None:
+            continue
+        kind = kind_of(value)
+        for column, convert in converters:
+            if kind in column.accepts:
+                converted = convert(value)
+                if converted is not _OUTLIER:
+                    routed[column.name][i] = converted
+                    break
+        else:
+            outliers[candidates[0].name] += 1
+    return routed
 
 
 def _remove(document: dict[str, Any], path: tuple[str, ...]) -> None:

@@ -162,8 +162,11 @@ def reconcile_schema(
         wrong_type = any(
             name not in expected or expected[name].type != t for name, t in found.columns.items()
         )
-        has = set(found.stats.fields)
-        missing = any(c.path in has and c.name not in found.columns for c in schema.columns)
+        fields = found.stats.fields
+        missing = any(
+            c.name not in found.columns and c.path in fields and c.accepts & set(fields[c.path].kinds)
+            for c in schema.columns
+        )
         if wrong_type or missing:
             mismatched.append(key)
     return SchemaState(schema, changed, mismatched)

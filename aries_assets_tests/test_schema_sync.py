@@ -1,0 +1,142 @@
+"""Schema inference end to end: stable across bucket sizes, recorded in Dagster, evolving with the data."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow.parquet as pq
+import pytest
+from bson import ObjectId
+from dagster import AssetCheckKey, AssetKey, DagsterInstance
+
+from aries_assets.demo.data import load_samples
+from aries_assets_tests.support import (
+    assert_same_documents,
+    lake_tables,
+    mongo_documents,
+    run_cli,
+    table_documents,
+    write_config,
+)
+
+
+def schema_columns(folder) -> list[tuple[str, str, str]]:
+    body = json.loads((folder / "_aries" / "schema.json").read_text())
+    return [(".".join(c["path"]), c["name"], c["type"]) for c in body["columns"]]
+
+
+@pytest.fixture
+def customers(client, database):
+    load_samples(client, database_prefix=f"{database}_")
+    yield f"{database}_sample_analytics", f"{database}_sample_mflix"
+    for name in ("sample_analytics", "sample_mflix"):
+        client.drop_database(f"{database}_{name}")
+
+
+def test_schema_is_stable_across_bucket_sizes(client, mongo_uri, customers, workdir):
+    analytics, _ = customers
+    results = []
+    for size in (7, 120, 5000):
+        write_config(
+            workdir / f"{size}.yaml",
+            mongo_uri,
+            f"./lake{size}",
+            [{"database": analytics, "collection": "customers", "bucket_size": size}],
+        )
+        code, out, err = run_cli("sync", "--config", f"{size}.yaml", "--workers", "2")
+        assert code == 0, err + out
+        folder = workdir / f"lake{size}" / analytics / "customers"
+        results.append(schema_columns(folder))
+        # Every file follows the one schema: same names, same types.
+        types = {(f.name, str(f.type)) for t in lake_tables(folder).values() for f in t.schema}
+        assert len({name for name, _ in types}) == len(types)
+        actual = {}
+        for table in lake_tables(folder).values():
+            actual.update(table_documents(table))
+        assert_same_documents(mongo_documents(client, analytics, "customers"), actual)
+    assert results[0] == results[1] == results[2]
+    columns = {name: type_ for _, name, type_ in results[0]}
+    assert columns["tier_and_details"] == "json"  # a map keyed by ids: one column, not hundreds
+    assert columns["birthdate"] == "timestamp"
+    assert columns["accounts"] == "list<int32>"
+    assert len(columns) < 15
+
+
+def test_metadata_and_checks_are_recorded(client, mongo_uri, customers, workdir):
+    _, mflix = customers
+    config = [
+        {"database": mflix, "collection": "users", "bucket_size": 100, "schema": {"exclude": ["password"]}}
+    ]
+    write_config(workdir / "aries.yaml", mongo_uri, "./lake", config)
+    code, out, err = run_cli("sync", "--workers", "1")
+    assert code == 0, err
+    folder = workdir / "lake" / mflix / "users"
+    for table in lake_tables(folder).values():
+        assert "password" not in table.column_names
+        assert not any("password" in doc for doc in table.column("_doc").to_pylist())
+    key = AssetKey(["lake", mflix, "users"])
+    with DagsterInstance.get() as instance:
+        event = instance.get_latest_materialization_event(key)
+        metadata = event.asset_materialization.metadata
+        schema = metadata["dagster/column_schema"].schema
+        by_name = {c.name: c for c in schema.columns}
+        assert by_name["email"].type == "string" and "string 100.0%" in by_name["email"].description
+        assert metadata["schema_version"].value >= 1
+        assert metadata["column_mapping"].value["email"] == "email"
+        checks = {}
+        for check in ("type_conformance", "schema_drift", "id_coverage"):
+            record = instance.event_log_storage.get_latest_asset_check_execution_by_key(
+                [AssetCheckKey(key, check)]
+            )
+            checks[check] = next(iter(record.values()))
+        assert all(r.status.value == "SUCCEEDED" for r in checks.values()), {
+            k: r.status for k, r in checks.items()
+        }
+
+
+def test_type_widening_rebuilds_the_affected_buckets(client, mongo_uri, database, workdir):
+    coll = client[database].events
+    coll.insert_many([{"_id": ObjectId(), "n": i, "k": "x"} for i in range(30)])
+    config = [{"database": database, "collection": "events", "bucket_size": 10}]
+    write_config(workdir / "aries.yaml", mongo_uri, "./lake", config)
+    assert run_cli("sync", "--workers", "1")[0] == 0
+    folder = workdir / "lake" / database / "events"
+    assert ("n", "n", "int32") in schema_columns(folder)
+
+    # A third of the newest bucket's values turn into strings: the column must widen everywhere.
+    newest = [d["_id"] for d in coll.find().sort("_id", -1).limit(4)]
+    coll.update_many({"_id": {"$in": newest}}, {"$set": {"n": "many"}})
+    code, out, err = run_cli("sync", "--workers", "1")
+    assert code == 0, err
+    assert "changed n: int32 -> string" in err
+    assert ("n", "n", "string") in schema_columns(folder)
+    for table in lake_tables(folder).values():
+        assert str(table.schema.field("n").type) == "string"
+    actual = {}
+    for table in lake_tables(folder).values():
+        actual.update(table_documents(table))
+    assert_same_documents(mongo_documents(client, database, "events"), actual)
+    values = sorted(v for t in lake_tables(folder).values() for v in t.column("n").to_pylist())
+    assert values.count("many") == 4 and "0" in values
+
+    # Nothing changed since: nothing is rewritten, the schema stays.
+    code, out, _ = run_cli("sync", "--workers", "1")
+    assert code == 0 and " 0 written" in out
+
+
+def test_append_evolution_adds_a_column_and_leaves_the_old_one(client, mongo_uri, database, workdir):
+    coll = client[database].events
+    coll.insert_many([{"_id": i, "n": i} for i in range(20)])
+    config = [{"database": database, "collection": "events", "bucket_size": 10, "evolution": "append"}]
+    write_config(workdir / "aries.yaml", mongo_uri, "./lake", config)
+    assert run_cli("sync", "--workers", "1")[0] == 0
+    folder = workdir / "lake" / database / "events"
+    first = folder / "first.parquet"
+    untouched = first.stat().st_mtime_ns
+    coll.insert_many([{"_id": 100 + i, "n": f"s{i}"} for i in range(10)])
+    code, _, err = run_cli("sync", "--workers", "1")
+    assert code == 0, err
+    assert schema_columns(folder) == [("n", "n", "int32"), ("n", "n__string", "string")]
+    assert first.stat().st_mtime_ns == untouched, "append never rewrites a bucket for a new column"
+    newest = pq.read_table(sorted(folder.glob("int-*.parquet"))[-1])
+    assert newest.column("n__string").to_pylist()[-1] == "s9"
