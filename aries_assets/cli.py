@@ -41,7 +41,7 @@ def cmd_sync(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     check_mongo(config)  # before anything is written, DAGSTER_HOME included
     ensure_dagster_home()
-    reports = sync(config, workers=args.workers or default_workers(), progress=_progress)
+    reports = sync(config, workers=args.workers or default_workers(), progress=_progress, full=args.full)
     print_summary(reports)
     return 1 if any(r.failures for r in reports) else 0
 
@@ -58,6 +58,11 @@ def main(argv: list[str] | None = None) -> int:
     sync_parser = sub.add_parser("sync", help="plan buckets and write every missing or stale bucket")
     sync_parser.add_argument("--config", help="config file (default: $ARIES_CONFIG or ./aries.yaml)")
     sync_parser.add_argument("--workers", type=int, default=0, help="parallel bucket runs (default: up to 4)")
+    sync_parser.add_argument(
+        "--full",
+        action="store_true",
+        help="re-read every collection and rewrite buckets whose content changed",
+    )
     sync_parser.set_defaults(func=cmd_sync)
     demo_parser = sub.add_parser(
         "demo", help="embedded MongoDB with sample data, a trickle of changes, dagster dev"

@@ -8,6 +8,7 @@ from dagster_aws.s3 import S3Resource
 from aries_assets.config import AriesConfig, load_config
 from aries_assets.factory import build_collection
 from aries_assets.resources import LakeResource, MongoResource
+from aries_assets.sensors import build_change_sensor
 
 
 def build_definitions(config: AriesConfig) -> dg.Definitions:
@@ -17,6 +18,7 @@ def build_definitions(config: AriesConfig) -> dg.Definitions:
     return dg.Definitions(
         assets=[c.mongo for c in collections] + [c.lake for c in collections],
         jobs=[c.job for c in collections],
+        sensors=[build_change_sensor(coll) for coll in config.collections],
         resources={
             "mongo": MongoResource(uri=config.mongo_uri),
             "lake": LakeResource(url=config.lake_url, s3=s3),

@@ -1,5 +1,6 @@
 """Per collection: its bucket partitions, the `mongo/...` and `lake/...` assets, and its sync job."""
 
+import datetime
 from dataclasses import dataclass
 from typing import Any
 
@@ -85,6 +86,11 @@ def build_collection(coll: CollectionConfig, lake_kind: str) -> CollectionDefini
         owners=list(coll.owners) or None,
         code_version=snapshot.FORMAT_VERSION,
         check_specs=checks,
+        # Buckets are rewritten only when their documents change, so a quiet collection's lake
+        # ages without being behind: warn after an hour, fail after a day without any write.
+        freshness_policy=dg.FreshnessPolicy.time_window(
+            fail_window=datetime.timedelta(hours=24), warn_window=datetime.timedelta(hours=1)
+        ),
         description=(
             f"Parquet bucket files of `{coll.label}` under `{collection_prefix(coll.database, coll.collection)}/` "
             "in the lake, one per partition, rewritten whole when any document in the bucket changes. "
@@ -179,6 +185,7 @@ def materialization_metadata(written: snapshot.WrittenBucket, id_range: str) -> 
         "file_bytes": written.bytes_out,
         "content_sha256": written.digest,
         "seconds": round(written.seconds, 3),
+        "rewritten": written.rewritten,
     }
 
 

@@ -18,7 +18,8 @@ from botocore.exceptions import ClientError
 from pymongo.errors import PyMongoError
 
 from aries_assets.config import AriesConfig, CollectionConfig, load_config
-from aries_assets.core import snapshot
+from aries_assets.core import changes, snapshot
+from aries_assets.core.lake import load_bucket_map
 from aries_assets.core.snapshot import BucketWriteError
 from aries_assets.definitions import build_definitions
 from aries_assets.factory import job_name, mongo_key, source_of
@@ -34,13 +35,14 @@ class CollectionReport:
     seconds: float = 0.0
     failures: list[str] = field(default_factory=list)
     schema_version: int = 0
+    mode: str = ""
 
     def line(self) -> str:
         status = "FAILED" if self.failures else "ok"
         return (
             f"{self.label:<32} {self.documents:>10,} docs {self.buckets:>5} buckets "
             f"{self.written:>5} written {self.bytes_out / 1e6:>9.1f} MB {self.seconds:>7.1f}s "
-            f"schema v{self.schema_version:<3} {status}"
+            f"schema v{self.schema_version:<3} {status:<6} ({self.mode})"
         )
 
 
@@ -53,7 +55,7 @@ class BucketRun:
     error: str | None
 
 
-def run_bucket(config_path: str, coll_name: str, key: str) -> BucketRun:
+def run_bucket(config_path: str, coll_name: str, key: str, mode: str = "") -> BucketRun:
     """Materialize one bucket as a Dagster run in the instance at DAGSTER_HOME."""
     config = load_config(config_path)
     defs = build_definitions(config)
@@ -64,7 +66,7 @@ def run_bucket(config_path: str, coll_name: str, key: str) -> BucketRun:
             partition_key=key,
             instance=instance,
             raise_on_error=False,
-            tags={"aries/trigger": "aries sync"},
+            tags={"aries/trigger": "aries sync", "aries/mode": mode},
             # The run's full log is in the instance; the terminal gets sync's own progress lines.
             run_config={"loggers": {"console": {"config": {"log_level": "ERROR"}}}},
         )
@@ -81,7 +83,7 @@ def run_bucket(config_path: str, coll_name: str, key: str) -> BucketRun:
     return BucketRun(key, False, 0, 0, message.strip().splitlines()[-1])
 
 
-def sync(config: AriesConfig, workers: int, progress=print) -> list[CollectionReport]:
+def sync(config: AriesConfig, workers: int, progress=print, full: bool = False) -> list[CollectionReport]:
     """Sync every configured collection; MongoDB is reached before anything is written."""
     defs = build_definitions(config)
     client = defs.resources["mongo"].client()
@@ -91,7 +93,9 @@ def sync(config: AriesConfig, workers: int, progress=print) -> list[CollectionRe
         with dg.DagsterInstance.get() as instance:
             for coll in config.collections:
                 try:
-                    reports.append(_sync_collection(config, coll, client, lake, instance, workers, progress))
+                    reports.append(
+                        _sync_collection(config, coll, client, lake, instance, workers, progress, full)
+                    )
                 except (PyMongoError, OSError, BucketWriteError, ClientError) as error:
                     # One collection failing must not stop the others; the exit code says it failed.
                     progress(f"[{coll.label}] FAILED: {error}")
@@ -104,35 +108,45 @@ def sync(config: AriesConfig, workers: int, progress=print) -> list[CollectionRe
 
 
 MAX_SCHEMA_ROUNDS = 3
+MAX_STREAM_PASSES = 100
 
 
 def _sync_collection(
-    config, coll: CollectionConfig, client, lake, instance, workers, progress
+    config, coll: CollectionConfig, client, lake, instance, workers, progress, full
 ) -> CollectionReport:
     started = time.monotonic()
     report = CollectionReport(coll.label)
     source = source_of(coll)
-    progress(f"[{coll.label}] planning buckets")
-    plan = snapshot.plan(source, source.open(client), lake, coll.bucket_size)
-    keys = plan.bucket_map.keys
+    collection = source.open(client)
+    token = changes.load_token(lake, source)
+    progress(f"[{coll.label}] {'reading changes' if token and not full else 'planning buckets'}")
+    plan = changes.plan_sync(source, collection, lake, coll.bucket_size, token, full, 100_000, 60.0)
+    todo, new_keys = list(plan.buckets), list(plan.new_buckets)
+    for _ in range(MAX_STREAM_PASSES):  # a long backlog: keep reading until caught up
+        if plan.caught_up:
+            break
+        plan = changes.plan_sync(source, collection, lake, coll.bucket_size, plan.token, False, 100_000, 60.0)
+        todo += [k for k in plan.buckets if k not in todo]
+        new_keys += plan.new_buckets
+    report.mode = plan.mode
+    keys = load_bucket_map(lake, coll.database, coll.collection).keys
     known = set(instance.get_dynamic_partitions(coll.name))
     if missing := [k for k in keys if k not in known]:
         instance.add_dynamic_partitions(coll.name, missing)
-    report.buckets = len(keys)
-    report.documents = sum(plan.counts.values())
-    for key in keys:
-        instance.report_runless_asset_event(
-            dg.AssetObservation(mongo_key(coll), partition=key, metadata={"documents": plan.counts[key]})
-        )
+    if plan.counts is not None:
+        for key in keys:
+            instance.report_runless_asset_event(
+                dg.AssetObservation(mongo_key(coll), partition=key, metadata={"documents": plan.counts[key]})
+            )
     files = snapshot.inspect_files(source, lake, keys)
     state = snapshot.reconcile_schema(source, lake, files, coll.schema)
-    todo = sorted(set(snapshot.content_stale(plan, files)) | set(state.mismatched), key=keys.index)
-    progress(f"[{coll.label}] {report.documents:,} documents in {len(keys)} buckets; {len(todo)} to write")
+    todo = sorted(set(todo) | set(state.mismatched), key=keys.index)
+    progress(f"[{coll.label}] {plan.mode}: {len(keys)} buckets, {len(todo)} to write")
     for round_number in range(1, MAX_SCHEMA_ROUNDS + 1):
         if not todo:
             break
         written = []
-        for done, run in enumerate(_run_buckets(config.path, coll, todo, workers), start=1):
+        for done, run in enumerate(_run_buckets(config.path, coll, todo, workers, plan.mode), start=1):
             if run.success:
                 written.append(run.key)
                 report.written += 1
@@ -153,20 +167,35 @@ def _sync_collection(
         report.failures.append(
             f"buckets {', '.join(todo)} still disagree with schema v{state.schema.version}"
         )
+    if not report.failures and plan.token is not None:
+        # Only now: the token never moves past a change whose bucket was not written.
+        changes.save_token(lake, source, plan.token)
+    instance.report_runless_asset_event(
+        dg.AssetObservation(
+            mongo_key(coll),
+            metadata={
+                "sync_mode": plan.mode,
+                "change_events": plan.events,
+                "replication_lag_seconds": plan.lag_seconds,
+            },
+        )
+    )
+    report.buckets = len(keys)
+    report.documents = sum(f.stats.documents for f in files.values() if f is not None)
     report.schema_version = state.schema.version
     report.seconds = time.monotonic() - started
     return report
 
 
-def _run_buckets(config_path: str, coll: CollectionConfig, keys: list[str], workers: int):
+def _run_buckets(config_path: str, coll: CollectionConfig, keys: list[str], workers: int, mode: str):
     if workers <= 1 or len(keys) <= 1:
         for key in keys:
-            yield run_bucket(config_path, coll.name, key)
+            yield run_bucket(config_path, coll.name, key, mode)
         return
     # Separate processes: conversion is CPU-bound Python, and each run is its own Dagster run.
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=min(workers, len(keys)), mp_context=context) as pool:
-        futures = [pool.submit(run_bucket, config_path, coll.name, key) for key in keys]
+        futures = [pool.submit(run_bucket, config_path, coll.name, key, mode) for key in keys]
         for future in as_completed(futures):
             yield future.result()
 

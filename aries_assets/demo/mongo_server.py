@@ -28,7 +28,10 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def embedded_mongo(
-    storage: str | Path = ":memory:", port: int | None = None, log: Path | None = None
+    storage: str | Path = ":memory:",
+    port: int | None = None,
+    log: Path | None = None,
+    extra_args: tuple[str, ...] = (),
 ) -> Iterator[str]:
     """Start SecantusDB, wait until it answers, yield its URI, stop it on exit."""
     executable = shutil.which("secantusd-py") or str(Path(sys.executable).with_name("secantusd-py"))
@@ -51,7 +54,8 @@ def embedded_mongo(
             "WARNING",
             "--noop-heartbeat-seconds",
             "10",
-        ],  # fmt: skip
+            *extra_args,
+        ],
         stdout=output,
         stderr=subprocess.STDOUT,
     )
