@@ -24,13 +24,16 @@ from aries_assets.resources import LakeResource, MongoResource
 MAX_SECONDS = 20.0
 MAX_EVENTS = 20_000
 RECONCILE_WINDOW_SECONDS = 300  # after requesting runs, check the schema for this long
+SENSOR_INTERVAL = 2  # seconds between ticks; a quiet tick is one short change-stream read
 
 
 def sensor_name(coll: CollectionConfig) -> str:
     return f"changes__{coll.name}"
 
 
-def build_change_sensor(coll: CollectionConfig, interval_seconds: int = 5) -> dg.SensorDefinition:
+def build_change_sensor(
+    coll: CollectionConfig, interval_seconds: int = SENSOR_INTERVAL
+) -> dg.SensorDefinition:
     source = source_of(coll)
 
     @dg.sensor(
