@@ -77,6 +77,14 @@ def evaluate(
         client.close()
     if plan.mode != "stream":
         context.log.warning(f"{coll.label}: {plan.mode}; {len(requested)} buckets differ from the lake")
+    # A run that has not started yet reads its bucket after these changes: it covers them.
+    waiting = context.instance.get_runs(
+        filters=dg.RunsFilter(
+            job_name=job_name(coll), statuses=[dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED]
+        )
+    )
+    coalesced = requested & {run.tags.get("dagster/partition") for run in waiting}
+    requested -= coalesced
     known = set(context.instance.get_dynamic_partitions(coll.name))
     new_partitions = [k for k in keys if k not in known]
     tick = hashlib.sha1((changes.token_to_text(plan.token) or str(now)).encode()).hexdigest()[:12]
@@ -100,6 +108,7 @@ def evaluate(
             "replication_lag_seconds": plan.lag_seconds,
             "change_events": plan.events,
             "buckets_requested": len(run_requests),
+            "buckets_already_queued": len(coalesced),
             "sync_mode": plan.mode,
             "observed_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         },
