@@ -144,3 +144,23 @@ def test_lost_history_is_recovered_without_a_gap(workdir):
             assert_same_documents(mongo_documents(client, "app", "events"), lake_documents(folder))
             after = tick(defs, instance, "changes__app__events", result.cursor)
             assert after.run_requests == []
+
+
+def test_a_bucket_with_a_run_still_waiting_is_not_requested_again(client, database, synced):
+    coll, defs, folder, sensor, job = synced
+    with dg.DagsterInstance.get() as instance:
+        cursor = tick(defs, instance, sensor, None).cursor
+        newest = coll.find_one(sort=[("_id", -1)])["_id"]
+        coll.update_one({"_id": newest}, {"$set": {"n": -1}})
+        first = tick(defs, instance, sensor, cursor)
+        (request,) = first.run_requests
+        # The daemon queued that run; it has not started when the next change arrives.
+        instance.create_run_for_job(
+            defs.resolve_job_def(job),
+            tags={"dagster/partition": request.partition_key},
+            status=dg.DagsterRunStatus.NOT_STARTED,
+        )
+        coll.update_one({"_id": newest}, {"$set": {"n": -2}})
+        second = tick(defs, instance, sensor, first.cursor)
+        assert second.run_requests == []
+        assert second.asset_events[0].metadata["buckets_already_queued"].value == 1
