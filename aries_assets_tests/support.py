@@ -74,6 +74,16 @@ def lake_tables(lake_dir: Path) -> dict[str, pa.Table]:
     return {p.stem: pq.read_table(p) for p in sorted(lake_dir.glob("*.parquet"))}
 
 
+def lake_documents(lake_dir: Path) -> dict[str, bytes]:
+    """Every document of every bucket file in a collection's lake folder, as BSON."""
+    documents: dict[str, bytes] = {}
+    for table in lake_tables(lake_dir).values():
+        found = table_documents(table)
+        assert not set(found) & set(documents), "a document is in two buckets"
+        documents.update(found)
+    return documents
+
+
 def assert_same_documents(expected: dict[str, bytes], actual: dict[str, bytes]) -> None:
     missing = sorted(set(expected) - set(actual))
     extra = sorted(set(actual) - set(expected))

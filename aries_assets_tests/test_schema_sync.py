@@ -12,10 +12,10 @@ from dagster import AssetCheckKey, AssetKey, DagsterInstance
 from aries_assets.demo.data import load_samples
 from aries_assets_tests.support import (
     assert_same_documents,
+    lake_documents,
     lake_tables,
     mongo_documents,
     run_cli,
-    table_documents,
     write_config,
 )
 
@@ -50,9 +50,7 @@ def test_schema_is_stable_across_bucket_sizes(client, mongo_uri, customers, work
         # Every file follows the one schema: same names, same types.
         types = {(f.name, str(f.type)) for t in lake_tables(folder).values() for f in t.schema}
         assert len({name for name, _ in types}) == len(types)
-        actual = {}
-        for table in lake_tables(folder).values():
-            actual.update(table_documents(table))
+        actual = lake_documents(folder)
         assert_same_documents(mongo_documents(client, analytics, "customers"), actual)
     assert results[0] == results[1] == results[2]
     columns = {name: type_ for _, name, type_ in results[0]}
@@ -112,9 +110,7 @@ def test_type_widening_rebuilds_the_affected_buckets(client, mongo_uri, database
     assert ("n", "n", "string") in schema_columns(folder)
     for table in lake_tables(folder).values():
         assert str(table.schema.field("n").type) == "string"
-    actual = {}
-    for table in lake_tables(folder).values():
-        actual.update(table_documents(table))
+    actual = lake_documents(folder)
     assert_same_documents(mongo_documents(client, database, "events"), actual)
     values = sorted(v for t in lake_tables(folder).values() for v in t.column("n").to_pylist())
     assert values.count("many") == 4 and "0" in values

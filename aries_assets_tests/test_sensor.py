@@ -14,10 +14,9 @@ from aries_assets.definitions import build_definitions
 from aries_assets.demo.mongo_server import embedded_mongo
 from aries_assets_tests.support import (
     assert_same_documents,
-    lake_tables,
+    lake_documents,
     mongo_documents,
     run_cli,
-    table_documents,
     write_config,
 )
 
@@ -39,13 +38,6 @@ def apply(defs: dg.Definitions, instance: dg.DagsterInstance, result: dg.SensorR
             partition_key=run_request.partition_key, instance=instance
         )
         assert outcome.success
-
-
-def lake_documents(folder) -> dict:
-    actual = {}
-    for table in lake_tables(folder).values():
-        actual.update(table_documents(table))
-    return actual
 
 
 @pytest.fixture

@@ -11,6 +11,7 @@ from dagster import AssetKey, DagsterInstance
 from aries_assets.demo.data import SAMPLE_NAMESPACES, load_samples
 from aries_assets_tests.support import (
     assert_same_documents,
+    lake_documents,
     lake_tables,
     mongo_documents,
     run_cli,
@@ -116,9 +117,7 @@ def test_second_sync_rewrites_nothing_and_changes_rewrite_only_their_bucket(
     )
     assert untouched == {third}
     assert len(after) == 5, "120 new documents fill the last bucket and open one more"
-    actual = {}
-    for table in lake_tables(folder).values():
-        actual.update(table_documents(table))
+    actual = lake_documents(folder)
     assert_same_documents(mongo_documents(client, database, "events"), actual)
 
 
@@ -130,9 +129,7 @@ def test_query_filter_limits_the_documents(client, mongo_uri, database, workdir)
     write_config(workdir / "aries.yaml", mongo_uri, "./lake", config)
     code, _, err = run_cli("sync", "--workers", "1")
     assert code == 0, err
-    actual = {}
-    for table in lake_tables(workdir / "lake" / database / "events").values():
-        actual.update(table_documents(table))
+    actual = lake_documents(workdir / "lake" / database / "events")
     assert_same_documents(mongo_documents(client, database, "events", {"kind": "a"}), actual)
 
 

@@ -25,7 +25,7 @@ from bson.codec_options import CodecOptions, DatetimeConversion
 from bson.datetime_ms import DatetimeMS
 
 from aries_assets.core import schema as s
-from aries_assets.core.ordering import _millis
+from aries_assets.core.ordering import epoch_millis
 
 # Decode dates beyond Python's datetime range as DatetimeMS instead of failing.
 CODEC_OPTIONS = CodecOptions(tz_aware=True, datetime_conversion=DatetimeConversion.DATETIME_AUTO)
@@ -375,6 +375,6 @@ def _converter(type_name: str):
         s.T_DOUBLE: float,
         s.T_STRING: _text,
         s.T_JSON: relaxed_json_value,
-        s.T_TIMESTAMP: lambda v: v.time * 1000 if isinstance(v, Timestamp) else _millis(v),
+        s.T_TIMESTAMP: lambda v: v.time * 1000 if isinstance(v, Timestamp) else epoch_millis(v),
         s.T_BINARY: bytes,
     }[type_name]

@@ -45,7 +45,7 @@ def _number_key(value: int | float | Decimal128) -> tuple:
     return (_NUMBER, 2, Decimal(int(value)))
 
 
-def _millis(value: datetime.datetime | DatetimeMS) -> int:
+def epoch_millis(value: datetime.datetime | DatetimeMS) -> int:
     if isinstance(value, DatetimeMS):
         return int(value)
     if value.tzinfo is None:
@@ -72,7 +72,7 @@ def sort_key(value: Any) -> tuple:
     if isinstance(value, ObjectId):
         return (_OBJECTID, value.binary)
     if isinstance(value, (datetime.datetime, DatetimeMS)):
-        return (_DATE, _millis(value))
+        return (_DATE, epoch_millis(value))
     if isinstance(value, (Binary, bytes, uuid.UUID)):
         if isinstance(value, uuid.UUID):
             data, subtype = value.bytes, 4
