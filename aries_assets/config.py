@@ -27,10 +27,10 @@ _NAME = re.compile(r"[^A-Za-z0-9_]+")
 _TOP_KEYS = {"mongo", "lake", "warehouse", "collections"}
 _MONGO_KEYS = {"uri"}
 _LAKE_KEYS = {"url", "endpoint_url", "region"}
-_WAREHOUSE_KEYS = {"url"}
+_WAREHOUSE_KEYS = {"url", "iam_role"}
 _COLLECTION_KEYS = {
     "database", "collection", "bucket_size", "query", "owners",
-    "schema", "evolution", "max_depth", "max_columns", "infer_schema",
+    "schema", "evolution", "max_depth", "max_columns", "infer_schema", "warehouse_schema", "warehouse_table",
 }  # fmt: skip
 _WAREHOUSE_SCHEMES = ("duckdb", "postgresql", "postgres", "redshift")
 
@@ -75,6 +75,13 @@ class CollectionConfig:
     query: dict[str, Any] = field(default_factory=dict)
     owners: tuple[str, ...] = ()
     schema: SchemaOptions = field(default_factory=SchemaOptions)
+    warehouse_schema: str | None = None
+    warehouse_table: str | None = None
+
+    @property
+    def table(self) -> tuple[str, str]:
+        """The warehouse table: `"<db>"."<collection>"` unless overridden."""
+        return self.warehouse_schema or self.database, self.warehouse_table or self.collection
 
     @property
     def label(self) -> str:
@@ -93,6 +100,7 @@ class AriesConfig:
     lake_endpoint_url: str | None
     lake_region: str | None
     warehouse_url: str | None
+    warehouse_iam_role: str | None
     collections: tuple[CollectionConfig, ...]
     path: str
 
@@ -159,7 +167,7 @@ def _parse(raw: Any, path: str) -> AriesConfig:
     elif scheme not in ("", "file"):
         raise ConfigError(f"lake.url {expanded!r}: use a directory path or s3://bucket/prefix")
 
-    warehouse_url = None
+    warehouse_url = warehouse_iam_role = None
     if top.get("warehouse") is not None:
         warehouse = _mapping(top["warehouse"], "warehouse", _WAREHOUSE_KEYS, {"url"})
         warehouse_url = _string(warehouse["url"], "warehouse.url")
@@ -167,6 +175,11 @@ def _parse(raw: Any, path: str) -> AriesConfig:
         if scheme not in _WAREHOUSE_SCHEMES:
             raise ConfigError(
                 f"warehouse.url must start with one of {', '.join(s + '://' for s in _WAREHOUSE_SCHEMES)}"
+            )
+        warehouse_iam_role = warehouse.get("iam_role")
+        if scheme == "redshift" and not expand_env(lake_url, "lake.url").startswith("s3://"):
+            raise ConfigError(
+                "a redshift:// warehouse loads with COPY from S3: lake.url must be s3://bucket/prefix"
             )
 
     entries = top["collections"]
@@ -187,6 +200,7 @@ def _parse(raw: Any, path: str) -> AriesConfig:
         lake_endpoint_url=lake.get("endpoint_url"),
         lake_region=lake.get("region"),
         warehouse_url=warehouse_url,
+        warehouse_iam_role=warehouse_iam_role,
         collections=collections,
         path=path,
     )

@@ -1,4 +1,4 @@
-"""Per collection: its bucket partitions, the `mongo/...` and `lake/...` assets, and its sync job."""
+"""Per collection: its bucket partitions, the `mongo/`, `lake/` and `warehouse/` assets, and its jobs."""
 
 import datetime
 from dataclasses import dataclass
@@ -9,9 +9,10 @@ import dagster as dg
 from aries_assets.config import CollectionConfig, dagster_name
 from aries_assets.core import snapshot
 from aries_assets.core.extract import SourceCollection
-from aries_assets.core.lake import collection_prefix, load_bucket_map
+from aries_assets.core.lake import bucket_file, collection_prefix, load_bucket_map
 from aries_assets.core.schema import InferredSchema
-from aries_assets.resources import LakeResource, MongoResource
+from aries_assets.core.warehouse import TableRef
+from aries_assets.resources import LakeResource, MongoResource, WarehouseResource
 
 
 @dataclass(frozen=True)
@@ -19,7 +20,9 @@ class CollectionDefinitions:
     partitions: dg.DynamicPartitionsDefinition
     mongo: dg.AssetSpec
     lake: dg.AssetsDefinition
-    job: Any  # an unresolved asset job; resolved by Definitions
+    job: Any  # unresolved asset jobs, resolved by Definitions
+    warehouse: dg.AssetsDefinition | None = None
+    load_job: Any = None
 
 
 def mongo_key(coll: CollectionConfig) -> dg.AssetKey:
@@ -30,15 +33,29 @@ def lake_key(coll: CollectionConfig) -> dg.AssetKey:
     return dg.AssetKey(["lake", dagster_name(coll.database), dagster_name(coll.collection)])
 
 
+def warehouse_key(coll: CollectionConfig) -> dg.AssetKey:
+    return dg.AssetKey(["warehouse", dagster_name(coll.database), dagster_name(coll.collection)])
+
+
 def job_name(coll: CollectionConfig) -> str:
     return f"sync__{coll.name}"
+
+
+def load_job_name(coll: CollectionConfig) -> str:
+    return f"load__{coll.name}"
+
+
+def table_of(coll: CollectionConfig) -> TableRef:
+    return TableRef(*coll.table)
 
 
 def source_of(coll: CollectionConfig) -> SourceCollection:
     return SourceCollection(coll.database, coll.collection, coll.query)
 
 
-def build_collection(coll: CollectionConfig, lake_kind: str) -> CollectionDefinitions:
+def build_collection(
+    coll: CollectionConfig, lake_kind: str, warehouse_kind: str | None = None
+) -> CollectionDefinitions:
     partitions = dg.DynamicPartitionsDefinition(name=coll.name)
     group = dagster_name(coll.database)
     filter_note = f" matching `{coll.query}`" if coll.query else ""
@@ -136,12 +153,100 @@ def build_collection(coll: CollectionConfig, lake_kind: str) -> CollectionDefini
             },
         )
 
+    if warehouse_kind is None:
+        job = dg.define_asset_job(
+            job_name(coll),
+            selection=[lake_key(coll)],
+            description=f"Write one bucket of {coll.label} to the lake.",
+        )
+        return CollectionDefinitions(partitions, mongo, lake_asset, job)
+    warehouse_asset = build_warehouse_asset(coll, lake_asset, partitions, group, warehouse_kind)
     job = dg.define_asset_job(
         job_name(coll),
-        selection=[lake_key(coll)],
-        description=f"Write the Parquet file of one bucket of {coll.label}.",
+        selection=[lake_key(coll), warehouse_key(coll)],
+        description=f"Write one bucket of {coll.label} to the lake, then replace it in the warehouse.",
     )
-    return CollectionDefinitions(partitions, mongo, lake_asset, job)
+    load_job = dg.define_asset_job(
+        load_job_name(coll),
+        selection=[warehouse_key(coll)],
+        description=f"Load one bucket of {coll.label} from the lake into the warehouse.",
+    )
+    return CollectionDefinitions(partitions, mongo, lake_asset, job, warehouse_asset, load_job)
+
+
+def build_warehouse_asset(coll, lake_asset, partitions, group, warehouse_kind) -> dg.AssetsDefinition:
+    source = source_of(coll)
+    table = table_of(coll)
+    checks = [
+        dg.AssetCheckSpec(
+            "row_count_parity",
+            asset=warehouse_key(coll),
+            description="Rows of the bucket in the table = rows in its lake file.",
+        ),
+        dg.AssetCheckSpec(
+            "id_parity",
+            asset=warehouse_key(coll),
+            description="The bucket's `_id`s in the table = those in its lake file.",
+        ),
+    ]
+
+    @dg.asset(
+        key=warehouse_key(coll),
+        deps=[lake_asset],
+        partitions_def=partitions,
+        group_name=group,
+        kinds={warehouse_kind, "table"},
+        owners=list(coll.owners) or None,
+        check_specs=checks,
+        description=(
+            f"Table `{table.label}` in the warehouse: `_id`, `_doc` (the whole document as JSON), `_bucket` and "
+            f"the inferred columns of `{coll.label}`. Each partition replaces its bucket's rows in one transaction."
+        ),
+        metadata={"dagster/table_name": table.label},
+    )
+    def warehouse_asset(context: dg.AssetExecutionContext, lake: LakeResource, warehouse: WarehouseResource):
+        store = lake.open()
+        key = context.partition_key
+        path = bucket_file(coll.database, coll.collection, key)
+        metadata = store.parquet_metadata(path)
+        found = snapshot.BucketFile.from_metadata(key, metadata) if metadata else None
+        collection_schema = snapshot.load_schema(store, source)
+        if found is None or collection_schema is None:
+            raise dg.Failure(
+                f"{coll.label}: bucket {key} has no lake file at {store.uri(path)}; run `aries sync`"
+            )
+        # A file written just now may have widened a column the collection schema has not caught up with.
+        schema = snapshot.file_schema(collection_schema, found)
+        data = store.read_table(path)
+        loader = warehouse.loader()
+        loaded = loader.replace_bucket(
+            table, schema, coll.schema.evolution, key, found.digest, data, store.uri(path)
+        )
+        in_table = loader.bucket_ids(table, key)
+        in_file = data.column("_id").to_pylist()
+        context.log.info(f"{table.label} bucket {key}: {loaded.rows} rows in {loaded.seconds:.1f}s")
+        yield dg.MaterializeResult(
+            metadata={
+                "dagster/row_count": loaded.rows,
+                "dagster/table_name": table.label,
+                "schema_version": schema.version,
+                "table_changes": "; ".join(loaded.actions) or "none",
+                "seconds": round(loaded.seconds, 3),
+            }
+        )
+        yield dg.AssetCheckResult(
+            check_name="row_count_parity",
+            passed=len(in_table) == len(in_file),
+            metadata={"rows_in_table": len(in_table), "rows_in_file": len(in_file)},
+        )
+        missing, extra = set(in_file) - set(in_table), set(in_table) - set(in_file)
+        yield dg.AssetCheckResult(
+            check_name="id_parity",
+            passed=not missing and not extra,
+            metadata={"missing_from_table": len(missing), "extra_in_table": len(extra)},
+        )
+
+    return warehouse_asset
 
 
 CONFORMANCE_ERROR_SHARE = 0.01

@@ -14,6 +14,7 @@ from pymongo.errors import PyMongoError
 
 from aries_assets.config import expand_env, redact_uri
 from aries_assets.core.lake import Lake, LocalLake, S3Lake
+from aries_assets.core.warehouse import Loader, open_loader
 
 SERVER_SELECTION_TIMEOUT_MS = 10_000
 
@@ -62,3 +63,17 @@ class LakeResource(dg.ConfigurableResource):
     @property
     def kind(self) -> str:
         return "s3" if expand_env(self.url, "lake.url").startswith("s3://") else "file"
+
+
+class WarehouseResource(dg.ConfigurableResource):
+    """The SQL warehouse: duckdb:///path, postgresql://... or redshift://... (credentials via ${VAR})."""
+
+    url: str = PydanticField(description="warehouse URL; ${VAR} references are read from the environment")
+    iam_role: str | None = PydanticField(default=None, description="Redshift: IAM role for COPY from S3")
+
+    def loader(self) -> Loader:
+        return open_loader(expand_env(self.url, "warehouse.url"), self.iam_role)
+
+    @property
+    def kind(self) -> str:
+        return expand_env(self.url, "warehouse.url").split(":", 1)[0].replace("postgresql", "postgres")

@@ -18,8 +18,15 @@ import dagster as dg
 from aries_assets.config import CollectionConfig
 from aries_assets.core import changes, snapshot
 from aries_assets.core.lake import load_bucket_map
-from aries_assets.factory import job_name, mongo_key, source_of
-from aries_assets.resources import LakeResource, MongoResource
+from aries_assets.factory import (
+    CollectionDefinitions,
+    job_name,
+    load_job_name,
+    mongo_key,
+    source_of,
+    table_of,
+)
+from aries_assets.resources import LakeResource, MongoResource, WarehouseResource
 
 MAX_SECONDS = 20.0
 MAX_EVENTS = 20_000
@@ -32,28 +39,41 @@ def sensor_name(coll: CollectionConfig) -> str:
 
 
 def build_change_sensor(
-    coll: CollectionConfig, interval_seconds: int = SENSOR_INTERVAL
+    coll: CollectionConfig, definitions: CollectionDefinitions, interval_seconds: int = SENSOR_INTERVAL
 ) -> dg.SensorDefinition:
     source = source_of(coll)
-
-    @dg.sensor(
-        name=sensor_name(coll),
-        job_name=job_name(coll),
-        minimum_interval_seconds=interval_seconds,
-        default_status=dg.DefaultSensorStatus.RUNNING,
-        description=(
+    settings = {
+        "name": sensor_name(coll),
+        "jobs": [j for j in (definitions.job, definitions.load_job) if j is not None],
+        "minimum_interval_seconds": interval_seconds,
+        "default_status": dg.DefaultSensorStatus.RUNNING,
+        "description": (
             f"Watches the change stream of `{coll.label}` and requests a rewrite of every bucket with a "
             "changed document. Cursor: the MongoDB resume token."
         ),
-    )
-    def change_sensor(context: dg.SensorEvaluationContext, mongo: MongoResource, lake: LakeResource):
-        return evaluate(context, coll, source, mongo, lake)
+    }
+    if definitions.load_job is None:
 
-    return change_sensor
+        @dg.sensor(**settings)
+        def change_sensor(context: dg.SensorEvaluationContext, mongo: MongoResource, lake: LakeResource):
+            return evaluate(context, coll, source, mongo, lake, None)
+
+        return change_sensor
+
+    @dg.sensor(**settings)
+    def change_sensor_with_warehouse(
+        context: dg.SensorEvaluationContext,
+        mongo: MongoResource,
+        lake: LakeResource,
+        warehouse: WarehouseResource,
+    ):
+        return evaluate(context, coll, source, mongo, lake, warehouse)
+
+    return change_sensor_with_warehouse
 
 
 def evaluate(
-    context, coll: CollectionConfig, source, mongo: MongoResource, lake: LakeResource
+    context, coll: CollectionConfig, source, mongo: MongoResource, lake: LakeResource, warehouse
 ) -> dg.SensorResult:
     cursor = json.loads(context.cursor) if context.cursor else {}
     store = lake.open()
@@ -69,10 +89,17 @@ def evaluate(
         keys = bucket_map.keys if bucket_map else []
         now = time.time()
         requested = set(plan.buckets)
+        loads: set[str] = set()
         if cursor.get("reconcile_until", 0) > now:
-            # Runs requested lately may have widened the schema: rewrite files that disagree.
+            # Runs requested lately may have widened the schema: rewrite files that disagree,
+            # and load buckets the warehouse does not hold as they are in the lake.
             files = snapshot.inspect_files(source, store, keys)
             requested |= set(snapshot.reconcile_schema(source, store, files, coll.schema).mismatched)
+            if warehouse is not None:
+                loaded = warehouse.loader().loaded(table_of(coll))
+                loads = {
+                    k for k, f in files.items() if f is not None and loaded.get(k) != f.digest
+                } - requested
     finally:
         client.close()
     if plan.mode != "stream":
@@ -88,13 +115,15 @@ def evaluate(
     known = set(context.instance.get_dynamic_partitions(coll.name))
     new_partitions = [k for k in keys if k not in known]
     tick = hashlib.sha1((changes.token_to_text(plan.token) or str(now)).encode()).hexdigest()[:12]
+    tags = {"aries/trigger": "change stream", "aries/mode": plan.mode}
     run_requests = [
-        dg.RunRequest(
-            run_key=f"{key}:{tick}",
-            partition_key=key,
-            tags={"aries/trigger": "change stream", "aries/mode": plan.mode},
-        )
+        dg.RunRequest(run_key=f"{key}:{tick}", partition_key=key, job_name=job_name(coll), tags=tags)
         for key in sorted(requested, key=keys.index)
+    ] + [
+        dg.RunRequest(
+            run_key=f"load:{key}:{tick}", partition_key=key, job_name=load_job_name(coll), tags=tags
+        )
+        for key in sorted(loads, key=keys.index)
     ]
     next_cursor = {
         "token": changes.token_to_text(plan.token),
@@ -107,7 +136,7 @@ def evaluate(
         metadata={
             "replication_lag_seconds": plan.lag_seconds,
             "change_events": plan.events,
-            "buckets_requested": len(run_requests),
+            "buckets_requested": len(requested),
             "buckets_already_queued": len(coalesced),
             "sync_mode": plan.mode,
             "observed_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),

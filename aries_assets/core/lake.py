@@ -75,6 +75,8 @@ class Lake(Protocol):
 
     def list(self, prefix: str) -> list[str]: ...
 
+    def delete(self, path: str) -> None: ...
+
 
 class LocalLake:
     def __init__(self, root: str | os.PathLike) -> None:
@@ -127,6 +129,9 @@ class LocalLake:
         if not base.exists():
             return []
         return sorted(str(p.relative_to(self.root)) for p in base.rglob("*") if p.is_file())
+
+    def delete(self, path: str) -> None:
+        self._path(path).unlink(missing_ok=True)
 
 
 class S3Lake:
@@ -198,6 +203,9 @@ class S3Lake:
         for page in paginator.paginate(Bucket=self.bucket, Prefix=self._key(prefix)):
             keys += [obj["Key"][strip:] for obj in page.get("Contents", [])]
         return sorted(keys)
+
+    def delete(self, path: str) -> None:
+        self.client.delete_object(Bucket=self.bucket, Key=self._key(path))
 
 
 def schema_file(database: str, collection: str) -> str:

