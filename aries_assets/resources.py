@@ -1,12 +1,14 @@
-"""Dagster resources: MongoDB and the lake. Secrets stay in the environment.
+"""Dagster resources: MongoDB, the lake and the warehouse. Secrets stay in the environment.
 
 Each resource holds the configured text with its `${VAR}` references intact and
 expands them only when it connects, so the Dagster UI never shows a password.
 """
 
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import dagster as dg
+import psycopg2
+from dagster_aws.redshift import RedshiftClientResource
 from dagster_aws.s3 import S3Resource
 from pydantic import Field as PydanticField
 from pymongo import MongoClient
@@ -72,8 +74,39 @@ class WarehouseResource(dg.ConfigurableResource):
     iam_role: str | None = PydanticField(default=None, description="Redshift: IAM role for COPY from S3")
 
     def loader(self) -> Loader:
-        return open_loader(expand_env(self.url, "warehouse.url"), self.iam_role)
+        url = expand_env(self.url, "warehouse.url")
+        if url.startswith("redshift://"):
+            redshift = redshift_resource(url)
+            return open_loader(
+                url, self.iam_role, connect=lambda: psycopg2.connect(**redshift_conn_args(redshift))
+            )
+        return open_loader(url, self.iam_role)
 
     @property
     def kind(self) -> str:
         return expand_env(self.url, "warehouse.url").split(":", 1)[0].replace("postgresql", "postgres")
+
+
+def redshift_resource(url: str) -> RedshiftClientResource:
+    """dagster-aws's Redshift resource for a redshift://user:password@host:port/database URL."""
+    parts = urlsplit(url)
+    return RedshiftClientResource(
+        host=parts.hostname or "",
+        port=parts.port or 5439,
+        user=unquote(parts.username or ""),
+        password=unquote(parts.password or ""),
+        database=parts.path.lstrip("/") or "dev",
+    )
+
+
+def redshift_conn_args(resource: RedshiftClientResource) -> dict:
+    """The connection RedshiftClientResource's client opens, for a transaction spanning several statements."""
+    return {
+        "host": resource.host,
+        "port": resource.port,
+        "user": resource.user,
+        "password": resource.password,
+        "database": resource.database,
+        "connect_timeout": resource.connect_timeout,
+        "sslmode": resource.sslmode,
+    }

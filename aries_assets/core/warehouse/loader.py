@@ -423,8 +423,8 @@ def _csv_ready(data: pa.Table) -> pa.Table:
     return pa.table(arrays, names=data.column_names)
 
 
-def open_loader(url: str, iam_role: str | None = None) -> Loader:
-    """A loader for `duckdb:///path`, `postgresql://...` or `redshift://...` (secrets from the URL's env refs)."""
+def open_loader(url: str, iam_role: str | None = None, connect=None) -> Loader:
+    """A loader for `duckdb:///path`, `postgresql://...` or `redshift://...`; `connect` overrides how to connect."""
     scheme = urlsplit(url).scheme
     if scheme == "duckdb":
         path = (
@@ -438,9 +438,8 @@ def open_loader(url: str, iam_role: str | None = None) -> Loader:
     if scheme == "redshift":
         import psycopg2
 
-        parts = urlsplit(url)
-        dsn = parts._replace(scheme="postgresql").geturl()
-        return RedshiftLoader(RedshiftDialect(), lambda: psycopg2.connect(dsn), iam_role)
+        dsn = urlsplit(url)._replace(scheme="postgresql").geturl()
+        return RedshiftLoader(RedshiftDialect(), connect or (lambda: psycopg2.connect(dsn)), iam_role)
     raise WarehouseError(f"unsupported warehouse URL scheme {scheme!r}")
 
 

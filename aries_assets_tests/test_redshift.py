@@ -1,0 +1,98 @@
+"""Redshift: the generated SQL, and every statement PostgreSQL can also run, run against PostgreSQL."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import psycopg2
+import pyarrow as pa
+import pytest
+
+from aries_assets.core import schema as s
+from aries_assets.core.warehouse.loader import (
+    PostgresDialect,
+    PostgresLoader,
+    RedshiftDialect,
+    RedshiftLoader,
+    TableRef,
+    WarehouseError,
+    canonical_type,
+)
+from aries_assets.resources import redshift_conn_args, redshift_resource
+
+TABLE = TableRef("app", 'we"ird; DROP TABLE x')
+
+
+def inferred() -> s.InferredSchema:
+    name = s.FieldStats(kinds=Counter(string=3), max_bytes=40)
+    stats = s.TypeStats(3, {("name",): name, ("n",): s.FieldStats(kinds=Counter(int64=3))})
+    return s.resolve_schema(stats, None, s.SchemaOptions())
+
+
+def loader() -> RedshiftLoader:
+    return RedshiftLoader(RedshiftDialect(), lambda: None, "arn:aws:iam::123456789012:role/aries")
+
+
+def test_create_table_uses_redshift_types_and_keys():
+    create = loader().create_table_sql(TABLE, inferred())[1]
+    assert create.startswith('CREATE TABLE "app"."we""ird; DROP TABLE x" (')
+    assert '"_id" VARCHAR(2048) NOT NULL' in create and '"_doc" SUPER' in create
+    assert '"name" VARCHAR(256)' in create and '"n" BIGINT' in create
+    assert create.endswith("DISTKEY(_id) SORTKEY(_id)")
+
+
+def test_copy_reads_parquet_from_s3_with_a_role_and_no_keys():
+    stage, copy = loader().stage_sql('"stg"', TABLE, inferred(), "s3://lake/app/events/first.parquet")
+    assert stage.startswith('CREATE TEMP TABLE "stg" (') and '"_doc" VARCHAR(65535)' in stage
+    assert copy == (
+        "COPY \"stg\" FROM 's3://lake/app/events/first.parquet' "
+        "IAM_ROLE 'arn:aws:iam::123456789012:role/aries' FORMAT AS PARQUET SERIALIZETOJSON"
+    )
+    with pytest.raises(WarehouseError, match="Redshift loads from S3"):
+        loader().stage_sql('"stg"', TABLE, inferred(), "/local/first.parquet")
+
+
+def test_replace_inserts_json_parse_of_doc():
+    statements = loader().replace_sql(TABLE, inferred(), '"stg"', "first", "abc")
+    assert 'JSON_PARSE("_doc")' in statements[1]
+
+
+def test_redshift_url_goes_through_dagster_aws_resource():
+    resource = redshift_resource("redshift://aries:p%40ss@cluster.example:5439/analytics")
+    args = redshift_conn_args(resource)
+    assert (args["host"], args["port"], args["user"], args["password"], args["database"]) == (
+        "cluster.example",
+        5439,
+        "aries",
+        "p@ss",
+        "analytics",
+    )
+
+
+def test_the_postgres_runnable_statements_run_on_postgres(postgres_url):
+    """Replace and evolution SQL is standard; run Redshift's replace and loads bookkeeping on PostgreSQL."""
+    schema = inferred()
+    redshift = loader()
+    postgres = PostgresLoader(PostgresDialect(), lambda: psycopg2.connect(postgres_url))
+    data = pa.table({"_id": ["1", "2"], "_doc": ['{"a": 1}', '{"a": 2}'], "n": [1, 2], "name": ["x", "y"]})
+    postgres.replace_bucket(TABLE, schema, "rebuild", "first", "h1", data, "")
+    with postgres.transaction() as cursor:
+        cursor.execute(
+            'CREATE TEMP TABLE "stg" AS SELECT "_id", "_doc", "n", "name" FROM "app"."we""ird; DROP TABLE x" LIMIT 0'
+        )
+        cursor.execute("""INSERT INTO "stg" VALUES ('2', '{"a": 3}', 20, 'z'), ('3', '{"a": 4}', 30, 'w')""")
+        for statement in redshift.replace_sql(TABLE, schema, '"stg"', "first", "h2"):
+            cursor.execute(
+                statement.replace('JSON_PARSE("_doc")', '"_doc"')
+            )  # the one Redshift-only function
+        cursor.execute('SELECT "_id", "n", "_bucket" FROM "app"."we""ird; DROP TABLE x" ORDER BY 1')
+        assert cursor.fetchall() == [("2", 20, "first"), ("3", 30, "first")]
+        cursor.execute(redshift.loads_table_sql())
+    assert postgres.loaded(TABLE) == {"first": "h2"}
+
+
+def test_type_spellings_compare_equal():
+    assert canonical_type("character varying") == canonical_type("VARCHAR(256)") == "text"
+    assert canonical_type("numeric(38,2)") == canonical_type("DECIMAL(38, 2)")
+    assert canonical_type("timestamp with time zone") == canonical_type("TIMESTAMPTZ")
+    assert canonical_type("INTEGER[]") == "list"
