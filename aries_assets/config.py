@@ -232,8 +232,18 @@ def _collection(entry: Any, index: int) -> CollectionConfig:
     owners = entry.get("owners") or []
     if not isinstance(owners, list) or not all(isinstance(o, str) for o in owners):
         raise ConfigError(f"{where}: owners must be a list of emails or team:name strings")
+    table_names = {}
+    for key, default in (("warehouse_schema", database), ("warehouse_table", collection)):
+        value = entry.get(key)
+        if value is not None and (not isinstance(value, str) or not value or len(value.encode()) > 63):
+            raise ConfigError(f"{where}: {key} must be a name of 1 to 63 bytes")
+        if value is None and len(default.encode()) > 63:
+            raise ConfigError(
+                f"{where}: {default!r} is longer than 63 bytes, too long for a table name; set {key}"
+            )
+        table_names[key] = value
     return CollectionConfig(
-        database, collection, bucket_size, query, tuple(owners), _schema_options(entry, where)
+        database, collection, bucket_size, query, tuple(owners), _schema_options(entry, where), **table_names
     )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dagster as dg
+from dagster_aws.athena import AthenaClientResource
 from dagster_aws.s3 import S3Resource
 
 from aries_assets.config import AriesConfig, load_config
@@ -20,6 +21,9 @@ def build_definitions(config: AriesConfig) -> dg.Definitions:
             s3=S3Resource(endpoint_url=config.lake_endpoint_url, region_name=config.lake_region),
         ),
     }
+    if config.lake_on_s3:
+        # For users who query the lake where it is registered: Athena over the Glue tables.
+        resources["athena"] = AthenaClientResource()
     warehouse_kind = None
     if config.warehouse_url:
         resources["warehouse"] = WarehouseResource(

@@ -66,6 +66,12 @@ class LakeResource(dg.ConfigurableResource):
     def kind(self) -> str:
         return "s3" if expand_env(self.url, "lake.url").startswith("s3://") else "file"
 
+    def glue(self):
+        """A Glue client in the lake's region and endpoint (same credentials as S3)."""
+        import boto3
+
+        return boto3.client("glue", region_name=self.s3.region_name, endpoint_url=self.s3.endpoint_url)
+
 
 class WarehouseResource(dg.ConfigurableResource):
     """The SQL warehouse: duckdb:///path, postgresql://... or redshift://... (credentials via ${VAR})."""

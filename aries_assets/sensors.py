@@ -16,8 +16,8 @@ import time
 import dagster as dg
 
 from aries_assets.config import CollectionConfig
-from aries_assets.core import changes, snapshot
-from aries_assets.core.lake import load_bucket_map
+from aries_assets.core import catalog, changes, snapshot
+from aries_assets.core.lake import collection_prefix, load_bucket_map
 from aries_assets.factory import (
     CollectionDefinitions,
     job_name,
@@ -94,7 +94,11 @@ def evaluate(
             # Runs requested lately may have widened the schema: rewrite files that disagree,
             # and load buckets the warehouse does not hold as they are in the lake.
             files = snapshot.inspect_files(source, store, keys)
-            requested |= set(snapshot.reconcile_schema(source, store, files, coll.schema).mismatched)
+            state = snapshot.reconcile_schema(source, store, files, coll.schema)
+            requested |= set(state.mismatched)
+            if lake.kind == "s3" and state.schema.columns:
+                location = store.uri(collection_prefix(coll.database, coll.collection))
+                catalog.register_table(lake.glue(), coll.database, coll.collection, state.schema, location)
             if warehouse is not None:
                 loaded = warehouse.loader().loaded(table_of(coll))
                 loads = {

@@ -18,8 +18,8 @@ from botocore.exceptions import ClientError
 from pymongo.errors import PyMongoError
 
 from aries_assets.config import AriesConfig, CollectionConfig, load_config
-from aries_assets.core import changes, snapshot
-from aries_assets.core.lake import load_bucket_map
+from aries_assets.core import catalog, changes, snapshot
+from aries_assets.core.lake import collection_prefix, load_bucket_map
 from aries_assets.core.snapshot import BucketWriteError
 from aries_assets.core.warehouse.loader import WarehouseError
 from aries_assets.definitions import build_definitions
@@ -93,12 +93,15 @@ def sync(config: AriesConfig, workers: int, progress=print, full: bool = False) 
     client = defs.resources["mongo"].client()
     lake = defs.resources["lake"].open()
     warehouse = defs.resources.get("warehouse")
+    glue = defs.resources["lake"].glue() if config.lake_on_s3 else None
     reports = []
     try:
         with dg.DagsterInstance.get() as instance:
             for coll in config.collections:
                 try:
-                    report = _sync_collection(config, coll, client, lake, instance, workers, progress, full)
+                    report = _sync_collection(
+                        config, coll, client, lake, instance, workers, progress, full, glue
+                    )
                     if warehouse is not None and not report.failures:
                         _load_warehouse(config, coll, lake, warehouse.loader(), workers, progress, report)
                     reports.append(report)
@@ -118,7 +121,7 @@ MAX_STREAM_PASSES = 100
 
 
 def _sync_collection(
-    config, coll: CollectionConfig, client, lake, instance, workers, progress, full
+    config, coll: CollectionConfig, client, lake, instance, workers, progress, full, glue=None
 ) -> CollectionReport:
     started = time.monotonic()
     report = CollectionReport(coll.label)
@@ -175,6 +178,11 @@ def _sync_collection(
         report.failures.append(
             f"buckets {', '.join(todo)} still disagree with schema v{state.schema.version}"
         )
+    if glue is not None and state.schema.columns:
+        location = lake.uri(collection_prefix(coll.database, coll.collection))
+        action = catalog.register_table(glue, coll.database, coll.collection, state.schema, location)
+        if action != "unchanged":
+            progress(f"[{coll.label}] Glue: {action}")
     if not report.failures and plan.token is not None:
         # Only now: the token never moves past a change whose bucket was not written.
         changes.save_token(lake, source, plan.token)

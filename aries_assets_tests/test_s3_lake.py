@@ -73,9 +73,26 @@ def test_sync_to_s3_lake(client, mongo_uri, database, workdir, s3, s3_endpoint):
             actual.update(table_documents(pq.read_table(pa.BufferReader(body))))
         assert_same_documents(mongo_documents(client, db, "users"), actual)
 
-        # Footer metadata is read with ranged GETs, so an unchanged sync writes nothing.
+        # The lake is registered for Athena: one Glue table with the collection's columns.
+        glue = boto3.client("glue", endpoint_url=s3_endpoint, region_name="us-east-1")
+        glue_db = db.lower()
+        table = glue.get_table(DatabaseName=glue_db, Name="users")["Table"]
+        columns = {c["Name"]: c["Type"] for c in table["StorageDescriptor"]["Columns"]}
+        assert columns["_doc"] == "string" and columns["email"] == "string" and "password" in columns
+        assert table["StorageDescriptor"]["Location"] == f"s3://lake-bucket/raw/mongo/{db}/users/"
+        assert table["Parameters"]["aries_schema_version"] == "1"
+
+        # Footer metadata is read with ranged GETs, so an unchanged sync writes nothing, and Glue is
+        # not called again for an unchanged schema.
         code, out, _ = run_cli("sync", "--workers", "1")
         assert code == 0 and " 0 written" in out
+        assert len(glue.get_table_versions(DatabaseName=glue_db, TableName="users")["TableVersions"]) == 1
+
+        client[db].users.update_one({}, {"$set": {"nickname": "new field"}})
+        assert run_cli("sync", "--workers", "1")[0] == 0
+        table = glue.get_table(DatabaseName=glue_db, Name="users")["Table"]
+        assert "nickname" in {c["Name"] for c in table["StorageDescriptor"]["Columns"]}
+        assert table["Parameters"]["aries_schema_version"] == "2"
     finally:
         for name in ("sample_mflix", "sample_analytics"):
             client.drop_database(f"{database}_{name}")

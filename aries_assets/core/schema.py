@@ -164,6 +164,15 @@ SQL_KEYWORDS = frozenset(
         "date",
         "map",
         "struct",
+        # DuckDB and Athena (Trino) reserve these too.
+        "at",
+        "qualify",
+        "pivot",
+        "unpivot",
+        "summarize",
+        "describe",
+        "show",
+        "lambda",
     ]
 )
 

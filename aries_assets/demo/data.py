@@ -60,7 +60,7 @@ def make_event(rng: random.Random, app_ids: list[ObjectId], at: datetime.datetim
     event: dict[str, Any] = {
         "app_id": rng.choice(app_ids),
         "type": event_type,
-        "at": at,
+        "occurred_at": at,
         "integration": rng.choice(INTEGRATIONS),
         "bytes": rng.randint(100, 5_000_000),
     }
@@ -72,20 +72,27 @@ def make_event(rng: random.Random, app_ids: list[ObjectId], at: datetime.datetim
     return event
 
 
-def load_apps_and_events(client: MongoClient, apps: int = 40, events: int = 20_000, seed: int = 7) -> None:
-    """`app.apps` and `app.events`: events reference apps by id only."""
+def load_apps_and_events(
+    client: MongoClient, apps: int = 40, events: int = 20_000, seed: int = 7, database: str = "app"
+) -> None:
+    """`<database>.apps` and `<database>.events`: events reference apps by id only."""
     rng = random.Random(seed)
     now = datetime.datetime.now(datetime.UTC)
     app_docs = [make_app(rng, now - datetime.timedelta(days=rng.randint(1, 400))) for _ in range(apps)]
-    client.app.apps.insert_many(app_docs)
+    client[database].apps.insert_many(app_docs)
     app_ids = [a["_id"] for a in app_docs]
     batch = []
+    midnight = now.replace(hour=0, minute=0, second=0, microsecond=0)
+    today = events // 5  # a fifth happened today, so "events per app today" has an answer at any hour
     for i in range(events):
-        # Spread over the last week, the newest last, so young documents sit in the newest bucket.
-        at = now - datetime.timedelta(seconds=(events - i) * 604_800 / events)
+        # Oldest first, so young documents sit in the newest bucket.
+        if i < events - today:
+            at = midnight - datetime.timedelta(seconds=(events - today - i) * 604_800 / (events - today))
+        else:
+            at = midnight + (now - midnight) * ((i - (events - today) + 1) / (today + 1))
         batch.append(make_event(rng, app_ids, at))
         if len(batch) == 5000:
-            client.app.events.insert_many(batch)
+            client[database].events.insert_many(batch)
             batch = []
     if batch:
-        client.app.events.insert_many(batch)
+        client[database].events.insert_many(batch)
