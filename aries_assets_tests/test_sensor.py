@@ -34,9 +34,8 @@ def apply(defs: dg.Definitions, instance: dg.DagsterInstance, result: dg.SensorR
     for request in result.dynamic_partitions_requests or []:
         instance.add_dynamic_partitions(request.partitions_def_name, list(request.partition_keys))
     for run_request in result.run_requests:
-        outcome = defs.resolve_job_def(job).execute_in_process(
-            partition_key=run_request.partition_key, instance=instance
-        )
+        job_def = defs.resolve_job_def(run_request.job_name or job)
+        outcome = job_def.execute_in_process(partition_key=run_request.partition_key, instance=instance)
         assert outcome.success
 
 

@@ -122,3 +122,28 @@ def test_a_crash_between_delete_and_insert_keeps_the_previous_rows(
     monkeypatch.setattr(Loader, "replace_sql", original)
     assert run_cli("sync", "--workers", "1")[0] == 0
     assert_table_equals_mongo(warehouse_url, database, coll)
+
+
+def test_the_sensor_refreshes_lake_and_table_together(client, mongo_uri, database, workdir):
+    import dagster as dg
+
+    from aries_assets.config import load_config
+    from aries_assets.definitions import build_definitions
+    from aries_assets_tests.test_sensor import apply, tick
+
+    url = f"duckdb:///{workdir / 'warehouse.duckdb'}"
+    coll = client[database].events
+    coll.insert_many([{"_id": i, "v": i} for i in range(30)])
+    sync(workdir, mongo_uri, database, url)
+    defs = build_definitions(load_config())
+    coll.update_one({"_id": 3}, {"$set": {"v": "three"}})  # widens v: the table is rebuilt
+    coll.delete_one({"_id": 25})
+    coll.insert_many([{"_id": 100 + i, "v": i} for i in range(5)])
+    with dg.DagsterInstance.get() as instance:
+        sensor, job = f"changes__{database}__events", f"sync__{database}__events"
+        result = tick(defs, instance, sensor, None)
+        apply(defs, instance, result, job)
+        for _ in range(3):  # follow-up ticks reconcile the schema and reload what the rebuild dropped
+            result = tick(defs, instance, sensor, result.cursor)
+            apply(defs, instance, result, job)
+    assert_table_equals_mongo(url, database, coll)
