@@ -10,6 +10,7 @@ the column, intact in `_doc`.
 from __future__ import annotations
 
 import datetime
+import struct
 import uuid
 from collections import Counter
 from collections.abc import Iterator
@@ -116,13 +117,29 @@ def _measure(stats: s.FieldStats, typed: dict[str, list[Any]]) -> None:
         stats.max_bytes = max(map(len, map(str.encode, typed[s.STRING])))
     for kind in (s.DOUBLE, s.DECIMAL):
         for value in typed.get(kind, ()):
-            number = value.to_decimal() if kind is s.DECIMAL else Decimal(repr(value))
-            if not number.is_finite():
-                stats.scale = _NOT_DECIMAL
-                continue
-            int_digits, scale = s.decimal_digits(number)
-            stats.int_digits = max(stats.int_digits, int_digits)
-            stats.scale = max(stats.scale, scale)
+            digits = _decimal128_digits(value) if kind is s.DECIMAL else None
+            if digits is None:
+                number = value.to_decimal() if kind is s.DECIMAL else Decimal(repr(value))
+                if not number.is_finite():
+                    stats.scale = _NOT_DECIMAL
+                    continue
+                digits = s.decimal_digits(number)
+            stats.int_digits = max(stats.int_digits, digits[0])
+            stats.scale = max(stats.scale, digits[1])
+
+
+_BID = struct.Struct("<QQ")
+
+
+def _decimal128_digits(value: Decimal128) -> tuple[int, int] | None:
+    """(integer digits, scale) straight from the IEEE 754-2008 BID bits; None for the rare other forms."""
+    low, high = _BID.unpack(value.bid)
+    if (high >> 61) & 3 == 3:  # NaN, infinity, or the large-coefficient form
+        return None
+    exponent = ((high >> 49) & 0x3FFF) - 6176
+    coefficient = ((high & 0x1FFFFFFFFFFFF) << 64) | low
+    digits = len(str(coefficient)) if coefficient else 1
+    return max(0, digits + exponent), max(0, -exponent)
 
 
 @dataclass
@@ -140,6 +157,7 @@ class BucketConverter:
     known_maps: set[s.Path] = field(default_factory=set)
     _batches: list[_Batch] = field(default_factory=list)
     _maps: set[s.Path] = field(default_factory=set)
+    _records: set[tuple] = field(default_factory=set)
     _stats: s.TypeStats | None = None
 
     def __post_init__(self) -> None:
@@ -189,9 +207,14 @@ class BucketConverter:
                     continue  # `_id` has its own column
                 path = (*prefix, name)
                 if type(value) is dict and value and len(path) < max_depth:
+                    shape = (path, tuple(value))
+                    if shape in self._records:
+                        stack.append((path, value))
+                        continue
                     if path in self.known_maps or s.looks_like_map(list(value)):
                         self._maps.add(path)
                     else:
+                        self._records.add(shape)  # the same keys again are a record too: skip the check
                         stack.append((path, value))
                         continue
                 slot = values.get(path)
