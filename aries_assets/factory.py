@@ -12,6 +12,7 @@ from aries_assets.core.extract import SourceCollection
 from aries_assets.core.lake import bucket_file, collection_prefix, load_bucket_map
 from aries_assets.core.schema import InferredSchema
 from aries_assets.core.warehouse import TableRef
+from aries_assets.core.warehouse.loader import oversize_documents
 from aries_assets.resources import LakeResource, MongoResource, WarehouseResource
 
 
@@ -188,6 +189,12 @@ def build_warehouse_asset(coll, lake_asset, partitions, group, warehouse_kind) -
             asset=warehouse_key(coll),
             description="The bucket's `_id`s in the table = those in its lake file.",
         ),
+        dg.AssetCheckSpec(
+            "document_size",
+            asset=warehouse_key(coll),
+            description="Documents too large for the warehouse's JSON column (Redshift: 64 KB staged, "
+            "16 MB SUPER). They are named here; the load fails rather than drop them.",
+        ),
     ]
 
     @dg.asset(
@@ -219,6 +226,19 @@ def build_warehouse_asset(coll, lake_asset, partitions, group, warehouse_kind) -
         schema = snapshot.file_schema(collection_schema, found)
         data = store.read_table(path)
         loader = warehouse.loader()
+        oversize = oversize_documents(data, loader.dialect.max_document_bytes)
+        if oversize:
+            yield dg.AssetCheckResult(
+                check_name="document_size",
+                passed=False,
+                severity=dg.AssetCheckSeverity.ERROR,
+                metadata={"oversize_documents": len(oversize), "examples": ", ".join(oversize[:5])},
+            )
+            raise dg.Failure(
+                f"{coll.label}: bucket {key} has {len(oversize)} documents over "
+                f"{loader.dialect.max_document_bytes:,} bytes, more than {table.label} can hold in `_doc` "
+                f"(e.g. _id {oversize[0]}); exclude their large fields (schema.exclude) or use another warehouse"
+            )
         loaded = loader.replace_bucket(
             table, schema, coll.schema.evolution, key, found.digest, data, store.uri(path)
         )
@@ -245,6 +265,7 @@ def build_warehouse_asset(coll, lake_asset, partitions, group, warehouse_kind) -
             passed=not missing and not extra,
             metadata={"missing_from_table": len(missing), "extra_in_table": len(extra)},
         )
+        yield dg.AssetCheckResult(check_name="document_size", passed=True, metadata={"oversize_documents": 0})
 
     return warehouse_asset
 

@@ -96,3 +96,11 @@ def test_type_spellings_compare_equal():
     assert canonical_type("numeric(38,2)") == canonical_type("DECIMAL(38, 2)")
     assert canonical_type("timestamp with time zone") == canonical_type("TIMESTAMPTZ")
     assert canonical_type("INTEGER[]") == "list"
+
+
+def test_oversize_documents_are_named_not_dropped():
+    from aries_assets.core.warehouse.loader import oversize_documents
+
+    data = pa.table({"_id": ["small", "big"], "_doc": ["{}", '{"x": "' + "y" * 70_000 + '"}']})
+    assert oversize_documents(data, RedshiftDialect.max_document_bytes) == ["big"]
+    assert oversize_documents(data, PostgresDialect.max_document_bytes) == []

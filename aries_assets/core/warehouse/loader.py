@@ -76,6 +76,7 @@ class Dialect:
     name = "sql"
     json_type = "text"
     id_type = "text"
+    max_document_bytes: int | None = None  # the largest `_doc` the table can hold
 
     def column_type(self, column: s.ColumnSpec, stats: s.FieldStats | None) -> str:
         raise NotImplementedError
@@ -126,6 +127,8 @@ class RedshiftDialect(Dialect):
     json_type = "SUPER"
     id_type = "VARCHAR(2048)"
     MAX_VARCHAR = 65535
+    # `_doc` is staged as VARCHAR before JSON_PARSE makes it SUPER (itself capped at 16 MB).
+    max_document_bytes = MAX_VARCHAR
     MAX_SUPER_BYTES = 16 * 1024 * 1024
     _types = {
         s.T_BOOL: "BOOLEAN", s.T_INT32: "INTEGER", s.T_INT64: "BIGINT", s.T_DOUBLE: "DOUBLE PRECISION",
@@ -391,6 +394,15 @@ class RedshiftLoader(Loader):
     def stage(self, cursor, stage, table, schema, data, file_uri):
         for statement in self.stage_sql(stage, table, schema, file_uri):
             cursor.execute(statement)
+
+
+def oversize_documents(data: pa.Table, limit: int | None) -> list[str]:
+    """`_id`s whose `_doc` is larger than the warehouse can hold; reported, never silently dropped."""
+    if limit is None or data.num_rows == 0:
+        return []
+    sizes = pc.binary_length(pc.cast(data.column("_doc"), pa.binary()))
+    mask = pc.greater(sizes, limit)
+    return data.column("_id").filter(mask).to_pylist()
 
 
 def _conform(data: pa.Table, schema: s.InferredSchema) -> pa.Table:
