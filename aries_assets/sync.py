@@ -6,6 +6,7 @@ at DAGSTER_HOME, so the UI shows exactly what a one-shot sync did.
 
 from __future__ import annotations
 
+import functools
 import multiprocessing
 import os
 import sys
@@ -56,12 +57,18 @@ class BucketRun:
     error: str | None
 
 
+@functools.cache
+def _definitions(config_path: str) -> tuple[AriesConfig, dg.Definitions]:
+    """Built once per process: a worker runs many buckets."""
+    config = load_config(config_path)
+    return config, build_definitions(config)
+
+
 def run_bucket(
     config_path: str, coll_name: str, key: str, mode: str = "", load_only: bool = False
 ) -> BucketRun:
     """Materialize one bucket as a Dagster run in the instance at DAGSTER_HOME."""
-    config = load_config(config_path)
-    defs = build_definitions(config)
+    config, defs = _definitions(config_path)
     coll = next(c for c in config.collections if c.name == coll_name)
     job = defs.resolve_job_def(load_job_name(coll) if load_only else job_name(coll))
     with dg.DagsterInstance.get() as instance:
