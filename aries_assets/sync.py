@@ -57,10 +57,15 @@ class BucketRun:
     error: str | None
 
 
-@functools.cache
 def _definitions(config_path: str) -> tuple[AriesConfig, dg.Definitions]:
-    """Built once per process: a worker runs many buckets."""
-    config = load_config(config_path)
+    """Built once per config file version and process: a worker runs many buckets."""
+    path = os.path.abspath(config_path)
+    return _definitions_of(path, os.stat(path).st_mtime_ns)
+
+
+@functools.cache
+def _definitions_of(path: str, mtime_ns: int) -> tuple[AriesConfig, dg.Definitions]:
+    config = load_config(path)
     return config, build_definitions(config)
 
 
