@@ -116,6 +116,25 @@ def evaluate(
     )
     coalesced = requested & {run.tags.get("dagster/partition") for run in waiting}
     requested -= coalesced
+    if loads:
+        # A bucket with any run under way will be loaded by it: the lake write and its load are one run.
+        in_flight = context.instance.get_runs(
+            filters=dg.RunsFilter(
+                tags={"aries/trigger": "change stream"},
+                statuses=[
+                    dg.DagsterRunStatus.QUEUED,
+                    dg.DagsterRunStatus.NOT_STARTED,
+                    dg.DagsterRunStatus.STARTING,
+                    dg.DagsterRunStatus.STARTED,
+                ],
+            )
+        )
+        loads -= {
+            r.tags.get("dagster/partition")
+            for r in in_flight
+            if r.job_name in (job_name(coll), load_job_name(coll))
+        }
+        loads -= requested | coalesced
     known = set(context.instance.get_dynamic_partitions(coll.name))
     new_partitions = [k for k in keys if k not in known]
     tick = hashlib.sha1((changes.token_to_text(plan.token) or str(now)).encode()).hexdigest()[:12]
