@@ -439,9 +439,8 @@ def open_loader(url: str, iam_role: str | None = None, connect=None) -> Loader:
     """A loader for `duckdb:///path`, `postgresql://...` or `redshift://...`; `connect` overrides how to connect."""
     scheme = urlsplit(url).scheme
     if scheme == "duckdb":
-        path = (
-            url[len("duckdb://") :].lstrip("/") if url.startswith("duckdb:///./") else url[len("duckdb://") :]
-        )
+        # As in SQLAlchemy: duckdb:///relative/path, duckdb:////absolute/path.
+        path = url.removeprefix("duckdb:///")
         return DuckDBLoader(DuckDBDialect(), lambda: _duckdb_connect(path))
     if scheme in ("postgresql", "postgres"):
         import psycopg2
