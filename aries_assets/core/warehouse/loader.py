@@ -129,7 +129,6 @@ class RedshiftDialect(Dialect):
     MAX_VARCHAR = 65535
     # `_doc` is staged as VARCHAR before JSON_PARSE makes it SUPER (itself capped at 16 MB).
     max_document_bytes = MAX_VARCHAR
-    MAX_SUPER_BYTES = 16 * 1024 * 1024
     _types = {
         s.T_BOOL: "BOOLEAN", s.T_INT32: "INTEGER", s.T_INT64: "BIGINT", s.T_DOUBLE: "DOUBLE PRECISION",
         s.T_JSON: "SUPER", s.T_TIMESTAMP: "TIMESTAMPTZ", s.T_BINARY: "VARBYTE(65535)",
