@@ -12,16 +12,33 @@ from aries_assets.resources import MongoUnreachable
 
 
 def ensure_dagster_home() -> str:
-    """DAGSTER_HOME, defaulting to ./.dagster seeded with this directory's dagster.yaml if any."""
+    """DAGSTER_HOME, defaulting to ./.dagster seeded with this directory's dagster.yaml if any.
+
+    Two `aries` commands started together on a fresh home would both create the
+    instance's SQLite storage and leave it corrupt: the first creates it under a
+    lock, the other waits and finds it made.
+    """
+    import fcntl
+
+    import dagster as dg
+
     home = Path(os.environ.get("DAGSTER_HOME") or ".dagster").resolve()
     home.mkdir(parents=True, exist_ok=True)
-    instance_yaml = home / "dagster.yaml"
-    if not instance_yaml.exists():
-        template = Path("dagster.yaml")
-        instance_yaml.write_text(
-            template.read_text() if template.is_file() else "telemetry:\n  enabled: false\n"
-        )
     os.environ["DAGSTER_HOME"] = str(home)
+    with open(home / ".aries-init.lock", "a") as lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        instance_yaml = home / "dagster.yaml"
+        if not instance_yaml.exists():
+            template = Path("dagster.yaml")
+            text = template.read_text() if template.is_file() else "telemetry:\n  enabled: false\n"
+            tmp = home / ".dagster.yaml.tmp"
+            tmp.write_text(text)
+            os.replace(tmp, instance_yaml)
+        marker = home / ".aries-instance-ready"
+        if not marker.exists():
+            with dg.DagsterInstance.get():  # creates and migrates the storage, once
+                pass
+            marker.touch()
     return str(home)
 
 
@@ -41,7 +58,8 @@ def cmd_sync(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     check_mongo(config)  # before anything is written, DAGSTER_HOME included
     ensure_dagster_home()
-    reports = sync(config, workers=args.workers or default_workers(), progress=_progress, full=args.full)
+    workers = args.workers or config.sync.workers or default_workers()
+    reports = sync(config, workers=workers, progress=_progress, full=args.full)
     print_summary(reports)
     return 1 if any(r.failures for r in reports) else 0
 
@@ -57,7 +75,9 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     sync_parser = sub.add_parser("sync", help="plan buckets and write every missing or stale bucket")
     sync_parser.add_argument("--config", help="config file (default: $ARIES_CONFIG or ./aries.yaml)")
-    sync_parser.add_argument("--workers", type=int, default=0, help="parallel bucket runs (default: up to 4)")
+    sync_parser.add_argument(
+        "--workers", type=int, default=0, help="parallel bucket writers (default: sync.workers in the config)"
+    )
     sync_parser.add_argument(
         "--full",
         action="store_true",

@@ -21,15 +21,18 @@ from aries_assets.core.schema import OVERRIDE_TYPES, SchemaOptions, parse_decima
 
 DEFAULT_CONFIG = "aries.yaml"
 DEFAULT_BUCKET_SIZE = 50_000
+DEFAULT_BUCKET_MB = 64
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _NAME = re.compile(r"[^A-Za-z0-9_]+")
 
-_TOP_KEYS = {"mongo", "lake", "warehouse", "collections"}
+_TOP_KEYS = {"mongo", "lake", "warehouse", "sync", "collections"}
+_SYNC_KEYS = {"workers", "linger_seconds", "change_streams", "lease_seconds"}
+_STREAM_SCOPES = ("database", "collection", "deployment")
 _MONGO_KEYS = {"uri"}
 _LAKE_KEYS = {"url", "endpoint_url", "region"}
 _WAREHOUSE_KEYS = {"url", "iam_role"}
 _COLLECTION_KEYS = {
-    "database", "collection", "bucket_size", "query", "owners",
+    "database", "collection", "bucket_size", "bucket_bytes", "query", "owners",
     "schema", "evolution", "max_depth", "max_columns", "infer_schema", "warehouse_schema", "warehouse_table",
 }  # fmt: skip
 _WAREHOUSE_SCHEMES = ("duckdb", "postgresql", "postgres", "redshift")
@@ -72,6 +75,7 @@ class CollectionConfig:
     database: str
     collection: str
     bucket_size: int = DEFAULT_BUCKET_SIZE
+    bucket_bytes: int = DEFAULT_BUCKET_MB * 1024 * 1024
     query: dict[str, Any] = field(default_factory=dict)
     owners: tuple[str, ...] = ()
     schema: SchemaOptions = field(default_factory=SchemaOptions)
@@ -94,6 +98,16 @@ class CollectionConfig:
 
 
 @dataclass(frozen=True)
+class SyncOptions:
+    """How runs work: parallel writers, how long a sensor's run keeps following changes, stream scope."""
+
+    workers: int = 2
+    linger_seconds: float = 30.0
+    change_streams: str = "database"  # one stream per database, per collection, or one for the deployment
+    lease_seconds: float = 30.0
+
+
+@dataclass(frozen=True)
 class AriesConfig:
     mongo_uri: str  # unexpanded: may hold ${VAR} references
     lake_url: str
@@ -103,6 +117,7 @@ class AriesConfig:
     warehouse_iam_role: str | None
     collections: tuple[CollectionConfig, ...]
     path: str
+    sync: SyncOptions = field(default_factory=SyncOptions)
 
     @property
     def lake_on_s3(self) -> bool:
@@ -195,6 +210,7 @@ def _parse(raw: Any, path: str) -> AriesConfig:
         seen[coll.name] = coll.label
 
     return AriesConfig(
+        sync=_sync_options(top.get("sync")),
         mongo_uri=mongo_uri,
         lake_url=lake_url,
         lake_endpoint_url=lake.get("endpoint_url"),
@@ -204,6 +220,26 @@ def _parse(raw: Any, path: str) -> AriesConfig:
         collections=collections,
         path=path,
     )
+
+
+def _sync_options(block: Any) -> SyncOptions:
+    if block is None:
+        return SyncOptions()
+    block = _mapping(block, "sync", _SYNC_KEYS, set())
+    defaults = SyncOptions()
+    workers = block.get("workers", defaults.workers)
+    if not isinstance(workers, int) or isinstance(workers, bool) or not 1 <= workers <= 64:
+        raise ConfigError(f"sync.workers must be a whole number from 1 to 64, got {workers!r}")
+    numbers = {}
+    for key, low in (("linger_seconds", 0), ("lease_seconds", 5)):
+        value = block.get(key, getattr(defaults, key))
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or value < low:
+            raise ConfigError(f"sync.{key} must be a number of seconds, at least {low}, got {value!r}")
+        numbers[key] = float(value)
+    scope = block.get("change_streams", defaults.change_streams)
+    if scope not in _STREAM_SCOPES:
+        raise ConfigError(f"sync.change_streams must be one of {', '.join(_STREAM_SCOPES)}, got {scope!r}")
+    return SyncOptions(workers=workers, change_streams=scope, **numbers)
 
 
 def _collection(entry: Any, index: int) -> CollectionConfig:
@@ -224,6 +260,11 @@ def _collection(entry: Any, index: int) -> CollectionConfig:
     bucket_size = entry.get("bucket_size", DEFAULT_BUCKET_SIZE)
     if not isinstance(bucket_size, int) or isinstance(bucket_size, bool) or bucket_size < 1:
         raise ConfigError(f"{where}: bucket_size must be a positive whole number, got {bucket_size!r}")
+    bucket_mb = entry.get("bucket_bytes", DEFAULT_BUCKET_MB * 1024 * 1024)
+    if not isinstance(bucket_mb, int) or isinstance(bucket_mb, bool) or bucket_mb < 1024:
+        raise ConfigError(
+            f"{where}: bucket_bytes must be a whole number of bytes, at least 1024, got {bucket_mb!r}"
+        )
     query = entry.get("query") or {}
     if not isinstance(query, dict):
         raise ConfigError(f"{where}: query must be a mapping (a MongoDB filter), got {type(query).__name__}")
@@ -243,7 +284,14 @@ def _collection(entry: Any, index: int) -> CollectionConfig:
             )
         table_names[key] = value
     return CollectionConfig(
-        database, collection, bucket_size, query, tuple(owners), _schema_options(entry, where), **table_names
+        database,
+        collection,
+        bucket_size,
+        bucket_mb,
+        query,
+        tuple(owners),
+        _schema_options(entry, where),
+        **table_names,
     )
 
 

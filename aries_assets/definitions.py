@@ -7,7 +7,8 @@ from dagster_aws.athena import AthenaClientResource
 from dagster_aws.s3 import S3Resource
 
 from aries_assets.config import AriesConfig, load_config
-from aries_assets.factory import build_collection
+from aries_assets.core.changes import scopes_of
+from aries_assets.factory import build_collection, source_of
 from aries_assets.resources import LakeResource, MongoResource, WarehouseResource
 from aries_assets.sensors import build_change_sensor
 
@@ -30,15 +31,20 @@ def build_definitions(config: AriesConfig) -> dg.Definitions:
             url=config.warehouse_url, iam_role=config.warehouse_iam_role
         )
         warehouse_kind = resources["warehouse"].kind
-    collections = [build_collection(coll, lake_kind, warehouse_kind) for coll in config.collections]
+    built = {c.label: build_collection(c, lake_kind, warehouse_kind, config.sync) for c in config.collections}
+    by_label = {c.label: c for c in config.collections}
+    sensors = []
+    for scope in scopes_of([source_of(c) for c in config.collections], config.sync.change_streams):
+        members = [by_label[m.label] for m in scope.members]
+        jobs = [built[c.label].job for c in members]
+        sensors.append(build_change_sensor(scope, members, jobs, config.sync.lease_seconds))
+    collections = list(built.values())
     return dg.Definitions(
         assets=[c.mongo for c in collections]
         + [c.lake for c in collections]
         + [c.warehouse for c in collections if c.warehouse],
-        jobs=[c.job for c in collections] + [c.load_job for c in collections if c.load_job],
-        sensors=[
-            build_change_sensor(coll, c) for coll, c in zip(config.collections, collections, strict=True)
-        ],
+        jobs=[c.job for c in collections],
+        sensors=sensors,
         resources=resources,
     )
 

@@ -15,7 +15,7 @@ from pymongo import MongoClient
 from pymongo.errors import PyMongoError
 
 from aries_assets.config import expand_env, redact_uri
-from aries_assets.core.lake import Lake, LocalLake, S3Lake
+from aries_assets.core.lake import Lake, LakeSpec, LocalLake, S3Lake
 from aries_assets.core.warehouse import Loader, open_loader
 
 SERVER_SELECTION_TIMEOUT_MS = 10_000
@@ -61,6 +61,10 @@ class LakeResource(dg.ConfigurableResource):
         if parts.scheme == "s3":
             return S3Lake(self.s3.get_client(), parts.netloc, parts.path)
         return LocalLake(parts.path if parts.scheme == "file" else url)
+
+    def spec(self) -> LakeSpec:
+        """The lake as plain values, for writer processes that open it again."""
+        return LakeSpec(expand_env(self.url, "lake.url"), self.s3.endpoint_url, self.s3.region_name)
 
     @property
     def kind(self) -> str:

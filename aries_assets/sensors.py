@@ -1,175 +1,184 @@
-"""Change-stream sensors: one per collection, refreshing only the buckets that changed.
+"""Change-stream sensors: triggers only. One per stream scope (a database, by default).
 
-Each tick reads the collection's change stream from the resume token in the
-sensor's cursor (for at most MAX_SECONDS and MAX_EVENTS, well under Dagster's
-60 s limit), maps the changed `_id`s to buckets, and returns one SensorResult:
-a run request per changed bucket, partitions for new buckets, an observation
-with the replication lag, and the new token. The token moves only as far as the
-changes whose buckets it requested.
+A tick reads the scope's change stream (bounded), records the changed buckets
+in each collection's ledger, and requests at most one run per collection whose
+ledger asks for work and that has no run under way. A failed, killed or
+cancelled run leaves its buckets in the ledger, so the next tick asks again,
+after a backoff, with no new change needed. Everything that reads a bucket,
+a footer or the warehouse happens in the run.
 """
 
+from __future__ import annotations
+
 import datetime
-import hashlib
 import json
 import time
+import uuid
 
 import dagster as dg
 
 from aries_assets.config import CollectionConfig
-from aries_assets.core import catalog, changes, snapshot
-from aries_assets.core.lake import collection_prefix, load_bucket_map
-from aries_assets.factory import (
-    CollectionDefinitions,
-    job_name,
-    load_job_name,
-    mongo_key,
-    source_of,
-    table_of,
-)
-from aries_assets.resources import LakeResource, MongoResource, WarehouseResource
+from aries_assets.core.changes import StreamScope, record_changes
+from aries_assets.core.ledger import Lease
+from aries_assets.factory import job_name, mongo_key
+from aries_assets.resources import LakeResource, MongoResource
 
-MAX_SECONDS = 20.0
-MAX_EVENTS = 20_000
-RECONCILE_WINDOW_SECONDS = 300  # after requesting runs, check the schema for this long
 SENSOR_INTERVAL = 2  # seconds between ticks; a quiet tick is one short change-stream read
+MAX_SECONDS = 3.0  # stream reading per tick, well under Dagster's 60 s limit
+MAX_EVENTS = 20_000
+OBSERVE_EVERY = 60.0  # seconds between lag observations of a quiet collection
+BACKOFF_SECONDS = (5, 15, 30, 60, 120, 300)  # after 1, 2, ... consecutive failed runs
+ACTIVE = [
+    dg.DagsterRunStatus.QUEUED,
+    dg.DagsterRunStatus.NOT_STARTED,
+    dg.DagsterRunStatus.STARTING,
+    dg.DagsterRunStatus.STARTED,
+]
+FAILED = {dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED}
 
 
-def sensor_name(coll: CollectionConfig) -> str:
-    return f"changes__{coll.name}"
+def sensor_name(scope: StreamScope) -> str:
+    return "changes__" + "".join(c if c.isalnum() or c == "_" else "_" for c in scope.name)
 
 
 def build_change_sensor(
-    coll: CollectionConfig, definitions: CollectionDefinitions, interval_seconds: int = SENSOR_INTERVAL
+    scope: StreamScope,
+    collections: list[CollectionConfig],
+    jobs: list[dg.JobDefinition],
+    lease_seconds: float,
+    interval_seconds: int = SENSOR_INTERVAL,
 ) -> dg.SensorDefinition:
-    source = source_of(coll)
-    settings = {
-        "name": sensor_name(coll),
-        "jobs": [j for j in (definitions.job, definitions.load_job) if j is not None],
-        "minimum_interval_seconds": interval_seconds,
-        "default_status": dg.DefaultSensorStatus.RUNNING,
-        "description": (
-            f"Watches the change stream of `{coll.label}` and requests a rewrite of every bucket with a "
-            "changed document. Cursor: the MongoDB resume token."
+    labels = ", ".join(f"`{c.label}`" for c in collections)
+
+    @dg.sensor(
+        name=sensor_name(scope),
+        jobs=jobs,
+        minimum_interval_seconds=interval_seconds,
+        default_status=dg.DefaultSensorStatus.RUNNING,
+        description=(
+            f"Watches one change stream ({scope.kind} `{scope.name}`) for {labels}, records changed buckets "
+            "in each collection's ledger, and requests a sync run for each collection with work waiting."
         ),
-    }
-    if definitions.load_job is None:
+    )
+    def change_sensor(context: dg.SensorEvaluationContext, mongo: MongoResource, lake: LakeResource):
+        return evaluate(context, scope, collections, mongo, lake, lease_seconds)
 
-        @dg.sensor(**settings)
-        def change_sensor(context: dg.SensorEvaluationContext, mongo: MongoResource, lake: LakeResource):
-            return evaluate(context, coll, source, mongo, lake, None)
-
-        return change_sensor
-
-    @dg.sensor(**settings)
-    def change_sensor_with_warehouse(
-        context: dg.SensorEvaluationContext,
-        mongo: MongoResource,
-        lake: LakeResource,
-        warehouse: WarehouseResource,
-    ):
-        return evaluate(context, coll, source, mongo, lake, warehouse)
-
-    return change_sensor_with_warehouse
+    return change_sensor
 
 
 def evaluate(
-    context, coll: CollectionConfig, source, mongo: MongoResource, lake: LakeResource, warehouse
+    context: dg.SensorEvaluationContext,
+    scope: StreamScope,
+    collections: list[CollectionConfig],
+    mongo: MongoResource,
+    lake: LakeResource,
+    lease_seconds: float,
 ) -> dg.SensorResult:
     cursor = json.loads(context.cursor) if context.cursor else {}
+    observed: dict[str, float] = cursor.get("observed", {})
     store = lake.open()
-    # A new sensor starts where `aries sync` left off, if it ran.
-    token = changes.token_from_text(cursor.get("token")) if cursor else changes.load_token(store, source)
     client = mongo.client()
     try:
-        collection = source.open(client)
-        plan = changes.plan_sync(
-            source, collection, store, coll.bucket_size, token, False, MAX_EVENTS, MAX_SECONDS
-        )
-        bucket_map = load_bucket_map(store, coll.database, coll.collection)
-        keys = bucket_map.keys if bucket_map else []
-        now = time.time()
-        requested = set(plan.buckets)
-        loads: set[str] = set()
-        if cursor.get("reconcile_until", 0) > now:
-            # Runs requested lately may have widened the schema: rewrite files that disagree,
-            # and load buckets the warehouse does not hold as they are in the lake.
-            files = snapshot.inspect_files(source, store, keys)
-            state = snapshot.reconcile_schema(source, store, files, coll.schema)
-            requested |= set(state.mismatched)
-            if lake.kind == "s3" and state.schema.columns:
-                location = store.uri(collection_prefix(coll.database, coll.collection))
-                catalog.register_table(lake.glue(), coll.database, coll.collection, state.schema, location)
-            if warehouse is not None:
-                loaded = warehouse.loader().loaded(table_of(coll))
-                loads = {
-                    k for k, f in files.items() if f is not None and loaded.get(k) != f.digest
-                } - requested
+        recorded, changes = record_changes(client, store, scope, MAX_EVENTS, MAX_SECONDS)
     finally:
         client.close()
-    if plan.mode != "stream":
-        context.log.warning(f"{coll.label}: {plan.mode}; {len(requested)} buckets differ from the lake")
-    # A run that has not started yet reads its bucket after these changes: it covers them.
-    waiting = context.instance.get_runs(
-        filters=dg.RunsFilter(
-            job_name=job_name(coll), statuses=[dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED]
+    if changes is not None and changes.history_lost:
+        context.log.warning(
+            f"{scope.name}: {changes.history_lost}; the collections are re-read by their runs"
         )
+
+    records = context.instance.get_run_records(
+        filters=dg.RunsFilter(tags={"aries/scope": scope.name}), limit=20 * len(collections) + 50
     )
-    coalesced = requested & {run.tags.get("dagster/partition") for run in waiting}
-    requested -= coalesced
-    if loads:
-        # A bucket with any run under way will be loaded by it: the lake write and its load are one run.
-        in_flight = context.instance.get_runs(
-            filters=dg.RunsFilter(
-                tags={"aries/trigger": "change stream"},
-                statuses=[
-                    dg.DagsterRunStatus.QUEUED,
-                    dg.DagsterRunStatus.NOT_STARTED,
-                    dg.DagsterRunStatus.STARTING,
-                    dg.DagsterRunStatus.STARTED,
-                ],
+    by_collection: dict[str, list[dg.RunRecord]] = {}
+    for record in records:  # newest first
+        by_collection.setdefault(record.dagster_run.tags.get("aries/collection", ""), []).append(record)
+
+    now = time.time()
+    requests, observations = [], []
+    for coll in collections:
+        ledger = recorded[coll.label].ledger
+        runs = by_collection.get(coll.name, [])
+        active = [r for r in runs if r.dagster_run.status in ACTIVE]
+        active = [r for r in active if not _repair_dead_run(context, r, store, coll, lease_seconds, now)]
+        why = ledger.needs_work()
+        if why and not active:
+            wait = _backoff(runs, now)
+            if wait > 0:
+                context.log.info(f"{coll.label}: {why}; last runs failed, next try in {wait:.0f}s")
+            else:
+                requests.append(
+                    dg.RunRequest(
+                        run_key=f"{coll.name}:{uuid.uuid4().hex[:12]}",
+                        job_name=job_name(coll),
+                        tags={
+                            "aries/collection": coll.name,
+                            "aries/scope": scope.name,
+                            "aries/trigger": "change stream",
+                            "aries/reason": why[:200],
+                        },
+                    )
+                )
+        seen = recorded[coll.label]
+        if seen.events or now - observed.get(coll.name, 0) >= OBSERVE_EVERY:
+            observed[coll.name] = now
+            observations.append(
+                dg.AssetObservation(
+                    mongo_key(coll),
+                    metadata={
+                        "replication_lag_seconds": seen.lag_seconds,
+                        "change_events": seen.events,
+                        "dirty_buckets": len(ledger.dirty),
+                        "waiting_for": why or "nothing: in step",
+                        "stream_position": ledger.position.as_datetime().isoformat()
+                        if ledger.position
+                        else "none",
+                        "last_run": dg.MetadataValue.json(ledger.last_run or {}),
+                        "observed_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+                    },
+                )
             )
-        )
-        loads -= {
-            r.tags.get("dagster/partition")
-            for r in in_flight
-            if r.job_name in (job_name(coll), load_job_name(coll))
-        }
-        loads -= requested | coalesced
-    known = set(context.instance.get_dynamic_partitions(coll.name))
-    new_partitions = [k for k in keys if k not in known]
-    tick = hashlib.sha1((changes.token_to_text(plan.token) or str(now)).encode()).hexdigest()[:12]
-    tags = {"aries/trigger": "change stream", "aries/mode": plan.mode}
-    run_requests = [
-        dg.RunRequest(run_key=f"{key}:{tick}", partition_key=key, job_name=job_name(coll), tags=tags)
-        for key in sorted(requested, key=keys.index)
-    ] + [
-        dg.RunRequest(
-            run_key=f"load:{key}:{tick}", partition_key=key, job_name=load_job_name(coll), tags=tags
-        )
-        for key in sorted(loads, key=keys.index)
-    ]
-    next_cursor = {
-        "token": changes.token_to_text(plan.token),
-        "reconcile_until": now + RECONCILE_WINDOW_SECONDS
-        if run_requests
-        else cursor.get("reconcile_until", 0),
-    }
-    observation = dg.AssetObservation(
-        mongo_key(coll),
-        metadata={
-            "replication_lag_seconds": plan.lag_seconds,
-            "change_events": plan.events,
-            "buckets_requested": len(requested),
-            "buckets_already_queued": len(coalesced),
-            "sync_mode": plan.mode,
-            "observed_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        },
-    )
     return dg.SensorResult(
-        run_requests=run_requests,
-        cursor=json.dumps(next_cursor),
-        dynamic_partitions_requests=[dg.AddDynamicPartitionsRequest(coll.name, new_partitions)]
-        if new_partitions
-        else None,
-        asset_events=[observation],
+        run_requests=requests,
+        cursor=json.dumps({"observed": observed}),
+        asset_events=observations,
     )
+
+
+def _backoff(runs: list[dg.RunRecord], now: float) -> float:
+    """Seconds to wait before another try: longer after each consecutive failure."""
+    failures = 0
+    for record in runs:
+        if record.dagster_run.status not in FAILED:
+            break
+        failures += 1
+    if not failures:
+        return 0.0
+    ended = runs[0].end_time or runs[0].update_timestamp.timestamp()
+    delay = BACKOFF_SECONDS[min(failures, len(BACKOFF_SECONDS)) - 1]
+    return max(0.0, ended + delay - now)
+
+
+def _repair_dead_run(
+    context, record: dg.RunRecord, lake, coll: CollectionConfig, lease_seconds: float, now: float
+) -> bool:
+    """A run killed with its process never reports its end; once its lease has expired well past
+    the time a live run would have renewed it, mark it failed so the collection can run again."""
+    run = record.dagster_run
+    if run.status not in (dg.DagsterRunStatus.STARTED, dg.DagsterRunStatus.STARTING):
+        return False
+    started = record.start_time or record.create_timestamp.timestamp()
+    if now - started < 3 * lease_seconds:
+        return False
+    lease = Lease(lake, coll.database, coll.collection, "sensor").current()
+    if lease is not None and lease.run_id == run.run_id and not lease.expired:
+        return False
+    if lease is not None and lease.run_id == run.run_id and now - lease.expires_at < lease_seconds:
+        return False
+    message = (
+        f"{coll.label}: run {run.run_id} stopped renewing its lease (its process died); "
+        "marked failed so the collection's buckets are retried"
+    )
+    context.log.warning(message)
+    context.instance.report_run_failed(run, message)
+    return True

@@ -181,3 +181,98 @@ def plan_buckets(
             result_counts[bucket_key(cut)] = min(bucket_size, counts[i] - bucket_size * (j + 1))
     new_keys = [k for k in bucket_map.keys if k not in old_keys]
     return BucketPlan(bucket_map, result_counts, new_keys, digests if with_digests else {})
+
+
+@dataclass
+class BucketDocuments:
+    """One bucket's documents as read in `_id` order, ready to be written."""
+
+    bucket: Bucket
+    documents: list[bytes]  # raw BSON
+    nbytes: int
+    digest: str  # SHA-256 of the documents' raw BSON, in order
+    new: bool  # opened or split off by this pass
+
+
+class BucketCutter:
+    """Assigns documents streamed in `_id` order to buckets, cutting new ones on the fly.
+
+    The seed's `Buckets` class, streaming: existing boundaries never move; the
+    newest bucket closes when it holds `size` documents or `max_bytes` of BSON,
+    and a bucket in the middle is cut in pieces of that size once it holds
+    SPLIT_FACTOR times as much. Every bucket whose range starts inside the span
+    is handed back, empty ones included, so deleted documents leave their file.
+    The bucket map is updated in place as buckets are cut.
+    """
+
+    def __init__(self, bucket_map: BucketMap, first: int, last: int, size: int, max_bytes: int) -> None:
+        self.map = bucket_map
+        self.size, self.max_bytes = size, max_bytes
+        self._i = first  # index in the map of the bucket being filled
+        self._last = last  # index of the last bucket of the span
+        self._new: set[str] = set()
+        self._reset()
+
+    def _reset(self) -> None:
+        self._docs: list[bytes] = []
+        self._keys: list[Any] = []  # sort keys, for splitting a swollen middle bucket
+        self._ids: list[Any] = []
+        self._bytes = 0
+
+    def _bucket_at(self, i: int) -> Bucket:
+        lower = self.map.lowers[i]
+        upper = self.map.lowers[i + 1] if i + 1 < len(self.map.lowers) else MaxKey()
+        return Bucket(bucket_key(lower), lower, upper)
+
+    def _emit(self, docs: list[bytes]) -> BucketDocuments:
+        bucket = self._bucket_at(self._i)
+        digest = hashlib.sha256()
+        for raw in docs:
+            digest.update(raw)
+        return BucketDocuments(bucket, docs, sum(map(len, docs)), digest.hexdigest(), bucket.key in self._new)
+
+    def _open(self, lower: Any) -> None:
+        self.map.add_lower(lower)
+        self._new.add(bucket_key(lower))
+        self._i += 1
+        self._last += 1
+
+    def add(self, _id: Any, raw: bytes) -> list[BucketDocuments]:
+        """Take the next document; return the buckets this finished."""
+        done: list[BucketDocuments] = []
+        key = sort_key(_id)
+        while self._i + 1 < len(self.map.lowers) and key >= self.map._keys[self._i + 1]:
+            done.append(self._emit(self._docs))
+            self._reset()
+            self._i += 1
+        is_newest = self._i == len(self.map.lowers) - 1
+        if is_newest:
+            if self._docs and (len(self._docs) >= self.size or self._bytes + len(raw) > self.max_bytes):
+                done.append(self._emit(self._docs))
+                self._reset()
+                self._open(_id)
+        elif len(self._docs) >= SPLIT_FACTOR * self.size or self._bytes >= SPLIT_FACTOR * self.max_bytes:
+            cut, running = 0, 0
+            while cut < len(self._docs) - 1 and cut < self.size and running < self.max_bytes:
+                running += len(self._docs[cut])
+                cut += 1
+            cut = max(1, cut)
+            docs, ids, keys = self._docs[cut:], self._ids[cut:], self._keys[cut:]
+            done.append(self._emit(self._docs[:cut]))
+            self._open(ids[0])
+            self._docs, self._ids, self._keys = docs, ids, keys
+            self._bytes = sum(map(len, docs))
+        self._docs.append(raw)
+        self._ids.append(_id)
+        self._keys.append(key)
+        self._bytes += len(raw)
+        return done
+
+    def finish(self) -> list[BucketDocuments]:
+        """The bucket being filled and any later (empty) buckets of the span."""
+        done = [self._emit(self._docs)]
+        self._reset()
+        while self._i < self._last:
+            self._i += 1
+            done.append(self._emit([]))
+        return done

@@ -1,217 +1,238 @@
-"""MongoDB change streams: which buckets changed since a resume token.
+"""MongoDB change streams: read what changed, and record it in the collections' ledgers.
 
-`aries sync` and the Dagster sensor both call `plan_sync`: read the change
-stream from a token for a bounded time, map every changed `_id` to its bucket,
-open new buckets when the newest fills, and hand back the buckets to rewrite
-with the token to resume from once they are written. When the stream cannot
-resume (the token fell off the oplog, or the collection was dropped or
-renamed), the whole collection is re-read and only buckets whose content hash
-changed are rewritten: no silent gap.
+One stream serves a whole **scope**: a database (the default), a single
+collection, or the deployment. It starts at the oldest position among the
+scope's collections (`startAtOperationTime`, inclusive: a change read twice
+only marks its bucket dirty twice), routes each document change to its
+collection, and `record_changes` writes the dirty buckets into each ledger
+before moving that ledger's position. The sensor, a run catching up and
+`aries sync` all call `record_changes`; nothing else reads the stream.
+
+When the stream cannot resume (the position fell off the oplog, or the
+collection was dropped or renamed), the ledger asks for a re-read: the next
+run reads the whole collection once and rewrites only buckets whose content
+changed. No silent gap.
 """
 
 from __future__ import annotations
 
 import datetime
-import json
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
-from bson import Timestamp, json_util
-from pymongo.collection import Collection
+from bson import Timestamp
+from pymongo import MongoClient
 from pymongo.errors import OperationFailure
 
-from aries_assets.core import snapshot
 from aries_assets.core.arrow import CODEC_OPTIONS
-from aries_assets.core.buckets import BucketMap, plan_buckets
-from aries_assets.core.extract import SourceCollection, scan_bucket_ids
-from aries_assets.core.lake import Lake, bucket_file, collection_prefix, load_bucket_map, save_bucket_map
+from aries_assets.core.extract import SourceCollection
+from aries_assets.core.lake import Lake
+from aries_assets.core.ledger import Ledger, LedgerStore
 
-ResumeToken = dict[str, Any]
+ScopeKind = Literal["database", "collection", "deployment"]
 
 # ChangeStreamHistoryLost, ChangeStreamFatalError, InvalidResumeToken; SecantusDB answers
-# FailedToParse for a token it cannot place.
+# FailedToParse for a position it cannot place.
 HISTORY_LOST_CODES = {286, 280, 260, 9}
 INVALIDATING = {"invalidate", "drop", "rename", "dropDatabase"}
-DOCUMENT_EVENTS = {"insert", "update", "replace", "delete"}
-_PROJECTION = [{"$project": {"operationType": 1, "documentKey": 1, "clusterTime": 1, "wallTime": 1}}]
+DOCUMENT_EVENTS = ["insert", "update", "replace", "delete"]
 
 
-def token_to_text(token: ResumeToken | None) -> str | None:
-    return None if token is None else json_util.dumps(token, json_options=json_util.CANONICAL_JSON_OPTIONS)
+@dataclass(frozen=True)
+class StreamScope:
+    """The collections one change stream serves."""
+
+    name: str
+    kind: ScopeKind
+    members: tuple[SourceCollection, ...]
+
+    def watch_target(self, client: MongoClient) -> Any:
+        first = self.members[0]
+        if self.kind == "collection":
+            return first.open(client).with_options(codec_options=CODEC_OPTIONS)
+        if self.kind == "database":
+            return client.get_database(first.database, codec_options=CODEC_OPTIONS)
+        return client.with_options(codec_options=CODEC_OPTIONS)
+
+    def pipeline(self) -> list[dict[str, Any]]:
+        watched = [
+            {"ns.db": m.database, "ns.coll": m.collection} for m in self.members
+        ]  # drops and renames of a member matter too
+        # invalidate and dropDatabase carry no collection name, and must get through.
+        watched.append({"operationType": {"$in": ["invalidate", "dropDatabase"]}})
+        return [
+            {"$match": {"$or": watched}},
+            {"$project": {"operationType": 1, "documentKey": 1, "clusterTime": 1, "wallTime": 1, "ns": 1}},
+        ]
 
 
-def token_from_text(text: str | None) -> ResumeToken | None:
-    return None if not text else json_util.loads(text, json_options=json_util.CANONICAL_JSON_OPTIONS)
+def scopes_of(sources: Sequence[SourceCollection], kind: ScopeKind) -> list[StreamScope]:
+    """Group the configured collections into streams: one per database, per collection, or one in all."""
+    if kind == "deployment":
+        return [StreamScope("deployment", kind, tuple(sources))]
+    if kind == "collection":
+        return [StreamScope(s.label, kind, (s,)) for s in sources]
+    by_db: dict[str, list[SourceCollection]] = {}
+    for source in sources:
+        by_db.setdefault(source.database, []).append(source)
+    return [StreamScope(db, kind, tuple(members)) for db, members in by_db.items()]
 
 
-def stream_file(database: str, collection: str) -> str:
-    return f"{collection_prefix(database, collection)}/_aries/stream.json"
-
-
-def load_token(lake: Lake, source: SourceCollection) -> ResumeToken | None:
-    text = lake.read_text(stream_file(source.database, source.collection))
-    return token_from_text(json.loads(text)["token"]) if text else None
-
-
-def save_token(lake: Lake, source: SourceCollection, token: ResumeToken) -> None:
-    body = {"token": token_to_text(token), "saved_at": datetime.datetime.now(datetime.UTC).isoformat()}
-    lake.write_text(stream_file(source.database, source.collection), json.dumps(body))
-
-
-def current_token(collection: Collection) -> ResumeToken:
-    """A token for "now": changes after it are read by the next catch-up."""
-    with collection.watch(_PROJECTION, max_await_time_ms=1) as stream:
-        stream.try_next()
-        return stream.resume_token
+def majority_time(client: MongoClient, source: SourceCollection) -> Timestamp:
+    """A cluster time every majority-committed change at or before which a stream opened now delivers."""
+    with client.start_session(causal_consistency=True) as session:
+        source.open(client).find_one({"_id": None}, {"_id": 1}, session=session)
+        return session.operation_time
 
 
 @dataclass
-class ChangeBatch:
-    """Changes read from the stream in one bounded pass."""
+class CollectionChanges:
+    ids: list[tuple[Any, Timestamp]] = field(default_factory=list)  # changed `_id` and its cluster time
+    lost: str | None = None  # dropped or renamed: the collection must be re-read
+    newest_wall: datetime.datetime | None = None
 
-    ids: list[Any] = field(default_factory=list)  # changed `_id`s, in stream order
-    inserted: list[Any] = field(default_factory=list)
-    token: ResumeToken | None = None  # resume here next time
+
+@dataclass
+class ScopeChanges:
+    """What one bounded read of a scope's stream found."""
+
+    by_collection: dict[str, CollectionChanges]
+    position: Timestamp  # every change at or before it has been read (when caught up)
+    caught_up: bool
     events: int = 0
-    caught_up: bool = False  # the stream had nothing more to give
-    history_lost: str | None = None  # why the stream cannot resume, if it cannot
-    newest_change: datetime.datetime | None = None
+    history_lost: str | None = None
 
 
 def read_changes(
-    collection: Collection, token: ResumeToken, max_events: int = 10_000, max_seconds: float = 20.0
-) -> ChangeBatch:
-    """Read changes after `token` until caught up, `max_events` or `max_seconds`."""
-    batch = ChangeBatch(token=token)
+    client: MongoClient,
+    scope: StreamScope,
+    start: Timestamp,
+    max_events: int = 20_000,
+    max_seconds: float = 3.0,
+) -> ScopeChanges:
+    """Read the scope's changes from `start` until caught up, `max_events` or `max_seconds`."""
+    now = majority_time(client, scope.members[0])
+    labels = {(m.database, m.collection): m.label for m in scope.members}
+    result = ScopeChanges({m.label: CollectionChanges() for m in scope.members}, start, False)
     deadline = time.monotonic() + max_seconds
-    watched = collection.with_options(codec_options=CODEC_OPTIONS)
+    last: Timestamp | None = None
+    operation = None
     try:
-        with watched.watch(_PROJECTION, resume_after=token, max_await_time_ms=200, batch_size=5000) as stream:
-            while batch.events < max_events and time.monotonic() < deadline:
+        with scope.watch_target(client).watch(
+            scope.pipeline(), start_at_operation_time=start, max_await_time_ms=100, batch_size=5000
+        ) as stream:
+            while result.events < max_events and time.monotonic() < deadline:
                 change = stream.try_next()
                 if change is None:
-                    batch.caught_up = True
+                    result.caught_up = True
                     break
+                result.events += 1
                 operation = change["operationType"]
+                ns = change.get("ns") or {}
+                label = labels.get((ns.get("db"), ns.get("coll")))
+                when = change.get("clusterTime")
+                last = when or last
+                if operation == "invalidate":
+                    # The stream ends after a drop or rename; the next read starts just past it.
+                    last = Timestamp(when.time, when.inc + 1) if when else last
+                    break
+                if operation == "dropDatabase":
+                    for changes in result.by_collection.values():
+                        changes.lost = "dropDatabase event"
+                    continue
+                if label is None:
+                    continue
+                changes = result.by_collection[label]
                 if operation in INVALIDATING:
-                    batch.history_lost = f"{operation} event on the collection"
-                    return batch
-                batch.events += 1
-                if operation in DOCUMENT_EVENTS:
-                    _id = change["documentKey"]["_id"]
-                    batch.ids.append(_id)
-                    if operation == "insert":
-                        batch.inserted.append(_id)
-                batch.newest_change = _change_time(change) or batch.newest_change
-            # After the last event read, or the server's post-batch token when idle:
-            # a quiet collection's token still moves forward with the oplog.
-            batch.token = stream.resume_token
+                    changes.lost = f"{operation} event on the collection"
+                elif operation in DOCUMENT_EVENTS:
+                    changes.ids.append((change["documentKey"]["_id"], when))
+                    wall = change.get("wallTime")
+                    if isinstance(wall, datetime.datetime):
+                        changes.newest_wall = wall if wall.tzinfo else wall.replace(tzinfo=datetime.UTC)
     except OperationFailure as error:
         if error.code in HISTORY_LOST_CODES:
-            batch.history_lost = f"the resume token is no longer in the oplog ({error.code})"
-            return batch
+            result.history_lost = f"the stream position is no longer in the oplog ({error.code})"
+            result.position = now
+            return result
         raise
-    return batch
-
-
-def _change_time(change: dict[str, Any]) -> datetime.datetime | None:
-    wall = change.get("wallTime")
-    if isinstance(wall, datetime.datetime):
-        return wall if wall.tzinfo else wall.replace(tzinfo=datetime.UTC)
-    cluster = change.get("clusterTime")
-    if isinstance(cluster, Timestamp):
-        return cluster.as_datetime()
-    return None
-
-
-def changed_buckets(
-    source: SourceCollection,
-    collection: Collection,
-    lake: Lake,
-    bucket_map: BucketMap,
-    batch: ChangeBatch,
-) -> tuple[list[str], list[str]]:
-    """Buckets touched by the changes, and buckets opened because inserts filled one up."""
-    touched: dict[str, None] = {}
-    inserts: dict[str, int] = {}
-    for _id in batch.ids:
-        touched[bucket_map.find(_id).key] = None
-    for _id in batch.inserted:
-        key = bucket_map.find(_id).key
-        inserts[key] = inserts.get(key, 0) + 1
-    size = bucket_map.bucket_size
-    opened: list[str] = []
-    for bucket in [b for b in bucket_map.buckets if b.key in inserts]:
-        limit = size if bucket.is_last else 2 * size
-        if documents_in_file(source, lake, bucket.key) + inserts[bucket.key] <= limit:
-            continue
-        # Re-plan just this range from its `_id`s: the newest bucket closes, a swollen one splits.
-        ids = ((i, b"") for i in scan_bucket_ids(source, collection, bucket))
-        sub = plan_buckets(ids, BucketMap(size, [bucket.lower]), size)
-        for lower in sub.bucket_map.lowers[1:]:
-            bucket_map.add_lower(lower)
-        opened += sub.new_keys
-    if opened:
-        save_bucket_map(lake, source.database, source.collection, bucket_map)
-    keys = bucket_map.keys
-    return sorted(set(touched) | set(opened), key=keys.index), opened
-
-
-def documents_in_file(source: SourceCollection, lake: Lake, key: str) -> int:
-    metadata = lake.parquet_metadata(bucket_file(source.database, source.collection, key)) or {}
-    return int(metadata.get(snapshot.META_COUNT, 0))
+    if result.caught_up:
+        result.position = max(now, last) if last else now
+    elif last is not None and operation == "invalidate":
+        result.position = last
+    elif last is not None:
+        # Stopped inside the stream: changes sharing the last cluster time (a transaction) may
+        # not all have been read, so resume just before it.
+        result.position = Timestamp(last.time, last.inc - 1) if last.inc else Timestamp(last.time - 1, 0)
+    return result
 
 
 @dataclass
-class SyncPlan:
-    """The buckets to write now for one collection, and the token to resume from after."""
+class Recorded:
+    """What recording a scope's changes did to one collection's ledger."""
 
-    buckets: list[str]
-    new_buckets: list[str]
-    token: ResumeToken | None
-    mode: str  # "stream", "initial load", or "re-read: <why>"
-    events: int = 0
-    caught_up: bool = True
-    newest_change: datetime.datetime | None = None
-    counts: dict[str, int] | None = None  # documents per bucket, when the pass counted them
-
-    @property
-    def lag_seconds(self) -> float:
-        if self.newest_change is None or self.caught_up:
-            return 0.0
-        return max(0.0, (datetime.datetime.now(datetime.UTC) - self.newest_change).total_seconds())
+    ledger: Ledger
+    marked: int
+    events: int
+    lag_seconds: float
 
 
-def plan_sync(
-    source: SourceCollection,
-    collection: Collection,
+def scope_start(ledgers: dict[str, Ledger]) -> Timestamp | None:
+    """Where the scope's stream starts: the oldest position among collections that can record.
+
+    A collection still in its first load is left out: its load run catches it up
+    from its own position when the bucket map exists.
+    """
+    positions = [led.position for led in ledgers.values() if led.loaded and led.position is not None]
+    return min(positions) if positions else None
+
+
+def record_changes(
+    client: MongoClient,
     lake: Lake,
-    bucket_size: int,
-    token: ResumeToken | None,
-    full: bool = False,
-    max_events: int = 10_000,
-    max_seconds: float = 20.0,
-) -> SyncPlan:
-    """What to write: the buckets changed since `token`, or, when there is no usable token,
-    every bucket whose content differs from its file (the whole collection is re-read)."""
-    bucket_map = load_bucket_map(lake, source.database, source.collection)
-    if bucket_map is None:
-        mode = "initial load"
-    elif full:
-        mode = "re-read: requested"
-    elif token is None:
-        mode = "re-read: no resume token"
-    else:
-        batch = read_changes(collection, token, max_events, max_seconds)
-        if not batch.history_lost:
-            keys, opened = changed_buckets(source, collection, lake, bucket_map, batch)
-            return SyncPlan(
-                keys, opened, batch.token, "stream", batch.events, batch.caught_up, batch.newest_change
-            )
-        mode = f"re-read: {batch.history_lost}"
-    # The token comes first: whatever changes while the collection is read is replayed after.
-    fresh = current_token(collection)
-    result = snapshot.plan(source, collection, lake, bucket_size)
-    files = snapshot.inspect_files(source, lake, result.bucket_map.keys)
-    return SyncPlan(snapshot.content_stale(result, files), result.new_keys, fresh, mode, counts=result.counts)
+    scope: StreamScope,
+    max_events: int = 20_000,
+    max_seconds: float = 3.0,
+    idle_persist_seconds: float = 10.0,
+) -> tuple[dict[str, Recorded], ScopeChanges | None]:
+    """Read the scope's stream from its oldest position and record the changes in every ledger.
+
+    A ledger's position moves only in the same write that records its dirty
+    buckets, so a crash between reading and recording reads the changes again.
+    An idle ledger's position is saved only when it moved `idle_persist_seconds`.
+    """
+    stores = {m.label: LedgerStore(lake, m.database, m.collection) for m in scope.members}
+    ledgers = {label: store.load() for label, store in stores.items()}
+    start = scope_start(ledgers)
+    recorded: dict[str, Recorded] = {}
+    if start is None:
+        return {label: Recorded(led, 0, 0, 0.0) for label, led in ledgers.items()}, None
+    changes = read_changes(client, scope, start, max_events, max_seconds)
+    for label, store in stores.items():
+        ledger = ledgers[label]
+        found = changes.by_collection[label]
+        lost = changes.history_lost or found.lost
+        if not ledger.loaded or ledger.position is None:
+            recorded[label] = Recorded(ledger, 0, 0, 0.0)
+            continue
+        fresh = [(i, t) for i, t in found.ids if t is None or t > ledger.position]
+        moved = changes.position.time - ledger.position.time
+        if not fresh and not lost and moved < idle_persist_seconds:
+            recorded[label] = Recorded(ledger, 0, 0, 0.0)
+            continue
+
+        def record(led: Ledger, fresh=fresh, lost=lost) -> int:
+            if lost:
+                led.reread = {"reason": lost, "time": changes.position}
+            marked = led.mark_ids([(i, t or changes.position) for i, t in fresh])
+            led.advance(changes.position)
+            return marked
+
+        ledger, marked = store.update(record)
+        lag = 0.0
+        if found.newest_wall is not None and not changes.caught_up:
+            lag = max(0.0, (datetime.datetime.now(datetime.UTC) - found.newest_wall).total_seconds())
+        recorded[label] = Recorded(ledger, marked, len(fresh), lag)
+    return recorded, changes

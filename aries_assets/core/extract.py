@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import bson
-from bson import ObjectId
+from bson import ObjectId, Timestamp
 from bson.codec_options import CodecOptions, DatetimeConversion
 from bson.max_key import MaxKey
 from bson.min_key import MinKey
@@ -122,3 +122,40 @@ def read_bucket(
                 pending, size = [], 0
     if pending:
         yield pending
+
+
+def range_documents(
+    client: Any, source: SourceCollection, lower: Any, upper: Any, after: Timestamp | None = None
+) -> Iterator[tuple[Any, bytes]]:
+    """Every matching document of [lower, upper) as (`_id`, raw BSON), in `_id` order, in one read.
+
+    With `after`, the read is causally consistent with that cluster time: a change
+    the ledger recorded is visible even when reading from a secondary that lags.
+    """
+    with client.start_session(causal_consistency=True) as session:
+        if after is not None:
+            session.advance_operation_time(after)
+        cursor = _range_cursor(source.open(client), source.query, lower, upper, session=session)
+        for batch in cursor:
+            for raw in split_raw_batch(batch):
+                yield raw_id(raw), bytes(raw)
+
+
+class UnsupportedCollection(RuntimeError):
+    """A collection Aries cannot keep exact yet; the message names it and says why."""
+
+
+def check_collation(client: Any, source: SourceCollection) -> None:
+    """Refuse a collection whose default collation orders strings unlike BSON's byte order.
+
+    Bucket ranges are `_id` ranges in BSON order; under a locale collation the
+    server's `min`/`max` bounds would follow another order and buckets would overlap.
+    """
+    found = list(client[source.database].list_collections(filter={"name": source.collection}))
+    collation = (found[0].get("options") or {}).get("collation") if found else None
+    if collation and collation.get("locale", "simple") != "simple":
+        raise UnsupportedCollection(
+            f"{source.label}: its default collation is {collation.get('locale')!r}, which orders string "
+            "`_id`s differently from the byte order Aries buckets by; Aries does not support it yet. "
+            "Remove the collection from the config, or sync a view or copy with the simple collation"
+        )

@@ -8,14 +8,17 @@ never see a half-written bucket, and a crash leaves the previous file in place.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import os
 import re
 import tempfile
 import unicodedata
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
+from urllib.parse import urlsplit
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -77,6 +80,19 @@ class Lake(Protocol):
 
     def delete(self, path: str) -> None: ...
 
+    def read_versioned(self, path: str) -> tuple[str | None, str | None]:
+        """A small state file's text and a version token for `write_if` (None, None when absent)."""
+        ...
+
+    def write_if(self, path: str, text: str, version: str | None) -> str | None:
+        """Compare-and-swap: write only if the file is still at `version` (None: still absent).
+        Returns the new version, or None if the file had changed."""
+        ...
+
+
+def _content_version(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
 
 class LocalLake:
     def __init__(self, root: str | os.PathLike) -> None:
@@ -132,6 +148,33 @@ class LocalLake:
 
     def delete(self, path: str) -> None:
         self._path(path).unlink(missing_ok=True)
+
+    @contextlib.contextmanager
+    def _locked(self, path: str) -> Iterator[None]:
+        """An exclusive advisory lock beside the file, held only for one compare-and-swap."""
+        target = self._path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with open(target.parent / f".{target.name}.lock", "a+b") as lock:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+
+    def read_versioned(self, path: str) -> tuple[str | None, str | None]:
+        try:
+            data = self._path(path).read_bytes()
+        except FileNotFoundError:
+            return None, None
+        return data.decode("utf-8"), _content_version(data)
+
+    def write_if(self, path: str, text: str, version: str | None) -> str | None:
+        with self._locked(path):
+            _, current = self.read_versioned(path)
+            if current != version:
+                return None
+            self.write_text(path, text)
+            return _content_version(text.encode("utf-8"))
 
 
 class S3Lake:
@@ -207,6 +250,30 @@ class S3Lake:
     def delete(self, path: str) -> None:
         self.client.delete_object(Bucket=self.bucket, Key=self._key(path))
 
+    def read_versioned(self, path: str) -> tuple[str | None, str | None]:
+        try:
+            response = self.client.get_object(Bucket=self.bucket, Key=self._key(path))
+        except self.client.exceptions.NoSuchKey:
+            return None, None
+        return response["Body"].read().decode("utf-8"), response["ETag"]
+
+    def write_if(self, path: str, text: str, version: str | None) -> str | None:
+        # S3 conditional writes: If-None-Match creates only, If-Match replaces only that ETag.
+        condition = {"IfNoneMatch": "*"} if version is None else {"IfMatch": version}
+        try:
+            response = self.client.put_object(
+                Bucket=self.bucket, Key=self._key(path), Body=text.encode("utf-8"), **condition
+            )
+        except self.client.exceptions.ClientError as error:
+            status = error.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if status in (409, 412) or error.response.get("Error", {}).get("Code") in (
+                "PreconditionFailed",
+                "ConditionalRequestConflict",
+            ):
+                return None
+            raise
+        return response["ETag"]
+
 
 def schema_file(database: str, collection: str) -> str:
     return f"{collection_prefix(database, collection)}/{STATE_DIR}/schema.json"
@@ -219,3 +286,29 @@ def load_bucket_map(lake: Lake, database: str, collection: str) -> BucketMap | N
 
 def save_bucket_map(lake: Lake, database: str, collection: str, bucket_map: BucketMap) -> None:
     lake.write_text(bucket_map_file(database, collection), bucket_map.to_json())
+
+
+@dataclass(frozen=True)
+class LakeSpec:
+    """Where the lake is, as plain values: opened again in each writer process."""
+
+    url: str  # expanded: a directory or s3://bucket/prefix
+    endpoint_url: str | None = None
+    region: str | None = None
+
+    def open(self) -> Lake:
+        parts = urlsplit(self.url)
+        if parts.scheme == "s3":
+            import boto3
+
+            client = boto3.client("s3", endpoint_url=self.endpoint_url, region_name=self.region)
+            return S3Lake(client, parts.netloc, parts.path)
+        return LocalLake(parts.path if parts.scheme == "file" else self.url)
+
+
+def remove_temporary_files(lake: Lake, prefix: str) -> list[str]:
+    """Half-written files a killed writer left behind (only the lease holder may call this)."""
+    leftovers = [p for p in lake.list(prefix) if p.rsplit("/", 1)[-1].startswith(".") and p.endswith(".tmp")]
+    for path in leftovers:
+        lake.delete(path)
+    return leftovers

@@ -15,30 +15,15 @@ from dataclasses import dataclass, field, replace
 
 import pyarrow.parquet as pq
 from bson import json_util
-from pymongo.collection import Collection
 
 from aries_assets.core import schema as s
-from aries_assets.core.arrow import BucketConverter, arrow_schema_of, id_string
-from aries_assets.core.buckets import Bucket, BucketPlan, plan_buckets
-from aries_assets.core.extract import (
-    DEFAULT_BATCH_BYTES,
-    SourceCollection,
-    read_bucket,
-    scan_bucket_ids,
-    scan_documents,
-    scan_ids,
-)
-from aries_assets.core.lake import (
-    Lake,
-    bucket_file,
-    collection_prefix,
-    load_bucket_map,
-    save_bucket_map,
-    schema_file,
-)
+from aries_assets.core.arrow import BucketConverter, arrow_schema_of
+from aries_assets.core.buckets import BucketDocuments
+from aries_assets.core.extract import DEFAULT_BATCH_BYTES, SourceCollection
+from aries_assets.core.lake import Lake, bucket_file, collection_prefix, schema_file
 
 # Bumped when the file layout changes, so existing bucket files are rewritten.
-FORMAT_VERSION = "2"
+FORMAT_VERSION = "3"
 _ROW_GROUP_BYTES = 64 * 1024 * 1024
 
 META_FORMAT = "aries.format_version"
@@ -51,6 +36,7 @@ META_SCHEMA_VERSION = "aries.schema_version"
 META_STATS = "aries.type_stats"
 META_COLUMNS = "aries.columns"
 META_OUTLIERS = "aries.outliers"
+META_OPTIONS = "aries.options_sha256"
 
 
 class BucketWriteError(RuntimeError):
@@ -67,6 +53,8 @@ class BucketFile:
     schema_version: int
     columns: dict[str, str]  # name -> column type
     stats: s.TypeStats
+    options: str = ""  # fingerprint of the collection options the file was written with
+    documents: int = 0
 
     @classmethod
     def from_metadata(cls, key: str, metadata: dict[str, str]) -> BucketFile | None:
@@ -78,6 +66,8 @@ class BucketFile:
                 schema_version=int(metadata[META_SCHEMA_VERSION]),
                 columns=dict(json.loads(metadata[META_COLUMNS])),
                 stats=s.TypeStats.from_json(metadata[META_STATS]),
+                options=metadata.get(META_OPTIONS, ""),
+                documents=int(metadata.get(META_COUNT, 0)),
             )
         except (KeyError, ValueError):
             return None  # written by another format: rewritten
@@ -110,23 +100,6 @@ class SchemaState:
     mismatched: list[str] = field(default_factory=list)  # buckets whose file does not follow it
 
 
-def plan(source: SourceCollection, collection: Collection, lake: Lake, bucket_size: int) -> BucketPlan:
-    """Plan the collection's buckets in one ordered pass, and save the bucket map.
-
-    The first time, only `_id`s are read (a covered index scan). Later, whole
-    documents are read to hash each bucket, which finds updates without a
-    change stream; boundaries already in the map never move.
-    """
-    previous = load_bucket_map(lake, source.database, source.collection)
-    if previous is None:
-        result = plan_buckets(scan_ids(source, collection), None, bucket_size)
-    else:
-        result = plan_buckets(scan_documents(source, collection), previous, bucket_size, with_digests=True)
-    if previous is None or previous.lowers != result.bucket_map.lowers:
-        save_bucket_map(lake, source.database, source.collection, result.bucket_map)
-    return result
-
-
 def remove_orphans(source: SourceCollection, lake: Lake, keys: list[str]) -> list[str]:
     """Delete bucket files the bucket map no longer names, so no document is read twice."""
     prefix = collection_prefix(source.database, source.collection)
@@ -148,26 +121,25 @@ def inspect_files(source: SourceCollection, lake: Lake, keys: list[str]) -> dict
     return files
 
 
-def content_stale(result: BucketPlan, files: dict[str, BucketFile | None]) -> list[str]:
-    """Buckets whose file is missing or whose documents changed since it was written."""
-    return [
-        k for k in result.bucket_map.keys if files.get(k) is None or files[k].digest != result.digests.get(k)
-    ]
-
-
 def file_schema(collection_schema: s.InferredSchema, found: BucketFile) -> s.InferredSchema:
-    """The schema a bucket file was written with: the collection's, or a newer one the file widened."""
-    if found.schema_version <= collection_schema.version:
+    """The schema a bucket file was written with: the collection's, widened by any column the file
+    has that the collection schema does not (yet). Compared by columns, never by version alone:
+    two writers can each produce a different version N+1."""
+    expected = {c.name: c.type for c in collection_schema.columns}
+    if all(expected.get(name) == type_name for name, type_name in found.columns.items()):
         return collection_schema
-    by_name = {c.name: c for c in collection_schema.columns}
     columns = []
+    for column in collection_schema.columns:
+        type_name = found.columns.get(column.name, column.type)
+        columns.append(replace(column, type=type_name, accepts=s.accepted_kinds(type_name)))
     for name, type_name in found.columns.items():
-        base = by_name.get(name) or s.ColumnSpec((name,), name, type_name, s.accepted_kinds(type_name))
-        columns.append(replace(base, type=type_name, accepts=s.accepted_kinds(type_name)))
+        if name not in expected:
+            columns.append(s.ColumnSpec((name,), name, type_name, s.accepted_kinds(type_name)))
     merged = s.TypeStats()
     merged.merge(collection_schema.stats)
     merged.merge(found.stats)
-    return s.InferredSchema(found.schema_version, columns, merged, collection_schema.names)
+    version = max(found.schema_version, collection_schema.version + 1)
+    return s.InferredSchema(version, columns, merged, collection_schema.names)
 
 
 def load_schema(lake: Lake, source: SourceCollection) -> s.InferredSchema | None:
@@ -206,58 +178,109 @@ def reconcile_schema(
     return SchemaState(schema, changed, mismatched)
 
 
+def options_fingerprint(options: s.SchemaOptions) -> str:
+    """What a file's content depends on besides the documents: a changed option means rewrite."""
+    body = json.dumps(
+        {
+            "overrides": sorted(options.overrides.items()),
+            "exclude": sorted(options.exclude),
+            "max_depth": options.max_depth,
+            "max_columns": options.max_columns,
+            "outlier_share": options.outlier_share,
+            "evolution": options.evolution,
+            "infer": options.infer,
+        }
+    )
+    return hashlib.sha256(body.encode()).hexdigest()[:16]
+
+
+def without(total: s.TypeStats, part: s.TypeStats) -> s.TypeStats:
+    """`total` less one bucket's counts: a bucket being rewritten must not be counted twice.
+
+    Counts subtract exactly; ranges (min/max, digits, widths) cannot, and stay as
+    they were, which can only keep a type wider until the next reconcile.
+    """
+    result = s.TypeStats()
+    result.merge(total)
+    result.documents = max(0, result.documents - part.documents)
+    for path, theirs in part.fields.items():
+        mine = result.fields.get(path)
+        if mine is None:
+            continue
+        mine.kinds.subtract(theirs.kinds)
+        mine.kinds = +mine.kinds  # drop zero and negative counts
+        mine.element_kinds.subtract(theirs.element_kinds)
+        mine.element_kinds = +mine.element_kinds
+        mine.nulls = max(0, mine.nulls - theirs.nulls)
+        if not mine.kinds and not mine.nulls:
+            del result.fields[path]
+    return result
+
+
+def is_current(found: BucketFile | None, digest: str, options: s.SchemaOptions) -> bool:
+    """The file already holds exactly these documents, written the way the options say."""
+    return (
+        found is not None
+        and found.format_version == FORMAT_VERSION
+        and found.digest == digest
+        and found.options == options_fingerprint(options)
+    )
+
+
 def write_bucket(
     source: SourceCollection,
-    collection: Collection,
     lake: Lake,
-    bucket: Bucket,
+    docs: BucketDocuments,
     options: s.SchemaOptions | None = None,
+    collection_schema: s.InferredSchema | None = None,
+    previous: BucketFile | None = None,
     batch_bytes: int = DEFAULT_BATCH_BYTES,
 ) -> WrittenBucket:
-    """Read one bucket from MongoDB and replace its Parquet file whole.
+    """Replace one bucket's Parquet file whole with these documents (read in `_id` order).
 
-    Each document is decoded once; memory is bounded by the bucket, not the
-    collection. The file follows the collection schema, widened by anything
-    this bucket holds that the schema has not seen yet (the next reconcile
-    makes that the collection's schema and rewrites any file that disagrees).
+    The file follows the collection schema, widened by anything this bucket
+    holds that the schema has not seen yet (the next reconcile makes that the
+    collection's schema and rewrites any file that disagrees). The bucket's
+    previous statistics are taken out of the collection's before its new ones
+    go in, so a bucket is never counted twice.
     """
     options = options or s.SchemaOptions()
     started = time.monotonic()
+    bucket = docs.bucket
     path = bucket_file(source.database, source.collection, bucket.key)
-    previous_metadata = lake.parquet_metadata(path)
-    previous = BucketFile.from_metadata(bucket.key, previous_metadata) if previous_metadata else None
-    collection_schema = load_schema(lake, source)
     converter = BucketConverter(options, set(collection_schema.stats.maps) if collection_schema else set())
-    digest = hashlib.sha256()
-    bytes_in = 0
-    for batch in read_bucket(source, collection, bucket, batch_bytes):
+    batch: list[bytes] = []
+    size = 0
+    for raw in docs.documents:
+        batch.append(raw)
+        size += len(raw)
+        if size >= batch_bytes:
+            converter.add(batch)
+            batch, size = [], 0
+    if batch:
         converter.add(batch)
-        for raw in batch:
-            digest.update(raw)
-            bytes_in += len(raw)
     merged = s.TypeStats()
     if collection_schema is not None:
         merged.merge(collection_schema.stats)
+        if previous is not None:
+            merged = without(merged, previous.stats)
     merged.merge(converter.stats)
     file_schema = s.resolve_schema(merged, collection_schema, options)
     documents = converter.stats.documents
-    if (
-        previous is not None
-        and previous.digest == digest.hexdigest()
-        and previous.format_version == FORMAT_VERSION
-        and previous.columns == {c.name: c.type for c in file_schema.columns}
-    ):
+    if is_current(previous, docs.digest, options) and previous.columns == {
+        c.name: c.type for c in file_schema.columns
+    }:
         # Same documents, same columns: the file already says it (a change outside the filter, a retry).
         return WrittenBucket(
             key=bucket.key,
             uri=lake.uri(path),
             documents=documents,
-            bytes_in=bytes_in,
+            bytes_in=docs.nbytes,
             bytes_out=0,
             digest=previous.digest,
             schema=file_schema,
             stats=converter.stats,
-            outliers=json.loads(previous_metadata.get(META_OUTLIERS, "{}")),
+            outliers={},
             previous=previous,
             seconds=time.monotonic() - started,
             rewritten=False,
@@ -265,7 +288,7 @@ def write_bucket(
     outliers: Counter = Counter()
     metadata = {
         META_FORMAT: FORMAT_VERSION,
-        META_DIGEST: digest.hexdigest(),
+        META_DIGEST: docs.digest,
         META_COUNT: str(documents),
         META_COLLECTION: source.label,
         META_BUCKET: bucket.key,
@@ -275,6 +298,7 @@ def write_bucket(
         META_SCHEMA_VERSION: str(file_schema.version),
         META_STATS: converter.stats.to_json(),
         META_COLUMNS: json.dumps([[c.name, c.type] for c in file_schema.columns]),
+        META_OPTIONS: options_fingerprint(options),
     }
     arrow_schema = arrow_schema_of(file_schema)
     try:
@@ -289,6 +313,12 @@ def write_bucket(
             finally:
                 writer.close()
             bytes_out = os.path.getsize(local_path)
+            # `id_coverage` from the read itself: the file holds every document read, before it is published.
+            rows_in_file = pq.read_metadata(local_path).num_rows
+            if rows_in_file != len(docs.documents):
+                raise RuntimeError(
+                    f"the file holds {rows_in_file} rows for {len(docs.documents)} documents read"
+                )
     except Exception as error:
         raise BucketWriteError(
             f"{source.label}: could not write bucket {bucket.key} {bucket.describe()} to {lake.uri(path)}: {error}"
@@ -297,29 +327,12 @@ def write_bucket(
         key=bucket.key,
         uri=lake.uri(path),
         documents=documents,
-        bytes_in=bytes_in,
+        bytes_in=docs.nbytes,
         bytes_out=bytes_out,
-        digest=digest.hexdigest(),
+        digest=docs.digest,
         schema=file_schema,
         stats=converter.stats,
         outliers=dict(outliers),
         previous=previous,
         seconds=time.monotonic() - started,
     )
-
-
-@dataclass(frozen=True)
-class IdCoverage:
-    expected: int
-    missing: list[str]  # in MongoDB, not in the file
-    extra: list[str]  # in the file, not in MongoDB
-
-
-def check_id_coverage(
-    source: SourceCollection, collection: Collection, lake: Lake, bucket: Bucket
-) -> IdCoverage:
-    """Compare the `_id`s of the bucket's range in MongoDB with those in the file as stored."""
-    in_mongo = {id_string(_id) for _id in scan_bucket_ids(source, collection, bucket)}
-    table = lake.read_table(bucket_file(source.database, source.collection, bucket.key), columns=["_id"])
-    in_file = set(table.column("_id").to_pylist())
-    return IdCoverage(len(in_mongo), sorted(in_mongo - in_file), sorted(in_file - in_mongo))

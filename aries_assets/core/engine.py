@@ -1,0 +1,561 @@
+"""Bring one collection's lake files and warehouse table up to date: the one path every run takes.
+
+A Dagster run started by the sensor, a bucket materialized from the UI and
+`aries sync` all call `sync_collection`. Under the collection's lease it reads
+the ledger and does what it asks, in one ordered read per stretch of buckets:
+
+- **first load**: stream the whole collection once in `_id` order, cutting
+  buckets on the fly, and hand finished buckets to parallel writers;
+- **re-read** (history lost, `--full`): the same single pass, rewriting only
+  buckets whose documents or options changed;
+- **changes**: read each run of adjacent dirty buckets in one range read.
+
+Then it settles the collection schema (rewriting files that disagree),
+removes files no bucket names, updates Glue, loads every bucket the warehouse
+does not hold as it is in the lake, and only then clears the ledger entries it
+covered. Any failure leaves them dirty for the next run; nothing is lost.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import multiprocessing
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from bson import Timestamp
+from bson.max_key import MaxKey
+from bson.min_key import MinKey
+from pymongo import MongoClient
+
+from aries_assets.core import catalog, snapshot
+from aries_assets.core import schema as s
+from aries_assets.core.buckets import BucketCutter, BucketDocuments, BucketMap
+from aries_assets.core.changes import StreamScope, majority_time, record_changes
+from aries_assets.core.extract import SourceCollection, check_collation, range_documents
+from aries_assets.core.lake import Lake, LakeSpec, bucket_file, collection_prefix, remove_temporary_files
+from aries_assets.core.ledger import DirtyBucket, Lease, Ledger, LedgerStore, now_iso
+from aries_assets.core.warehouse import TableRef
+from aries_assets.core.warehouse.loader import LoadedBucket, Loader, WarehouseError, oversize_documents
+
+DEFAULT_BUCKET_BYTES = 64 * 1024 * 1024
+MAX_SCHEMA_ROUNDS = 3
+
+
+@dataclass(frozen=True)
+class CollectionSpec:
+    """What the engine needs to know about one configured collection."""
+
+    source: SourceCollection
+    bucket_size: int
+    options: s.SchemaOptions
+    bucket_bytes: int = DEFAULT_BUCKET_BYTES
+    table: TableRef | None = None
+
+
+@dataclass(frozen=True)
+class SyncSettings:
+    workers: int = 2  # bucket writers in parallel (processes)
+    lease_seconds: float = 30.0
+    lease_wait_seconds: float = 120.0
+    linger_seconds: float = 0.0  # keep following the collection's changes this long after catching up
+    catch_up_rounds: int = 50
+
+
+class Reporter(Protocol):
+    """How the engine tells the outside world what it does (Dagster events, a terminal)."""
+
+    def message(self, text: str) -> None: ...
+
+    def progress(self, documents: int, nbytes: int, total: int | None) -> None: ...
+
+    def bucket_written(self, written: snapshot.WrittenBucket, bucket_range: str) -> None: ...
+
+    def bucket_loaded(
+        self, loaded: LoadedBucket, in_file: int, in_table: int, missing: int, extra: int
+    ) -> None: ...
+
+    def buckets_added(self, keys: list[str]) -> None: ...
+
+    def keep_lingering(self) -> bool: ...
+
+
+class QuietReporter:
+    def message(self, text: str) -> None:
+        pass
+
+    def progress(self, documents: int, nbytes: int, total: int | None) -> None:
+        pass
+
+    def bucket_written(self, written: snapshot.WrittenBucket, bucket_range: str) -> None:
+        pass
+
+    def bucket_loaded(
+        self, loaded: LoadedBucket, in_file: int, in_table: int, missing: int, extra: int
+    ) -> None:
+        pass
+
+    def buckets_added(self, keys: list[str]) -> None:
+        pass
+
+    def keep_lingering(self) -> bool:
+        return True
+
+
+@dataclass
+class SyncOutcome:
+    label: str
+    mode: str = "up to date"
+    documents: int = 0
+    buckets: int = 0
+    written: int = 0
+    loaded: int = 0
+    documents_read: int = 0
+    bytes_out: int = 0
+    rounds: int = 0
+    schema_version: int = 0
+    seconds: float = 0.0
+    new_buckets: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Targets:
+    """Where a collection goes: the lake (and how writer processes reopen it), a warehouse, Glue."""
+
+    lake: Lake
+    lake_spec: LakeSpec
+    loader: Loader | None = None
+    glue: Any = None
+
+
+def sync_collection(
+    spec: CollectionSpec,
+    client: MongoClient,
+    targets: Targets,
+    settings: SyncSettings,
+    reporter: Reporter,
+    holder: str,
+    run_id: str | None = None,
+    keys: list[str] | None = None,
+    full: bool = False,
+) -> SyncOutcome:
+    """Under the collection's lease: do what its ledger asks until it asks nothing more."""
+    source = spec.source
+    started = time.monotonic()
+    outcome = SyncOutcome(source.label)
+    store = LedgerStore(targets.lake, source.database, source.collection)
+    lease = Lease(targets.lake, source.database, source.collection, holder, run_id, settings.lease_seconds)
+    lease.acquire(
+        settings.lease_wait_seconds,
+        on_wait=lambda other: reporter.message(
+            f"{source.label}: waiting for the lease held by {other.describe()}"
+        ),
+    )
+    try:
+        check_collation(client, source)
+        for leftover in remove_temporary_files(
+            targets.lake, collection_prefix(source.database, source.collection)
+        ):
+            reporter.message(f"{source.label}: removed {leftover}, left by a writer that stopped half way")
+        if full or keys:
+            now = majority_time(client, source)
+            store.update(lambda led: _request(led, now, full, keys))
+        sync = _CollectionSync(spec, client, targets, settings, reporter, store, lease, outcome)
+        deadline = time.monotonic() + settings.linger_seconds
+        idle_rounds = 0
+        while True:
+            ledger = store.load()
+            if ledger.needs_work():
+                sync.round(ledger)
+                idle_rounds = 0
+                if outcome.rounds >= settings.catch_up_rounds:
+                    break
+            else:
+                idle_rounds += 1
+            # Catch up on the collection's own changes: those during this round, or a first load.
+            scope = StreamScope(source.label, "collection", (source,))
+            record_changes(client, targets.lake, scope, idle_persist_seconds=0 if idle_rounds <= 1 else 10)
+            if store.load().needs_work():
+                continue
+            if time.monotonic() >= deadline or not reporter.keep_lingering():
+                break
+            time.sleep(0.2)
+        _note_run(store, "ok", None, outcome)
+        sync.summarise()
+    except BaseException as error:
+        _note_run(store, "failed", f"{type(error).__name__}: {error}", outcome)
+        raise
+    finally:
+        lease.release()
+    outcome.seconds = time.monotonic() - started
+    return outcome
+
+
+def _request(ledger: Ledger, now: Timestamp, full: bool, keys: list[str] | None) -> None:
+    if full and ledger.loaded:
+        ledger.reread = {"reason": "requested", "time": now}
+    if keys and ledger.loaded:
+        by_key = {b.key: b for b in ledger.bucket_map().buckets}
+        unknown = [k for k in keys if k not in by_key]
+        if unknown:
+            raise KeyError(
+                f"{ledger.collection}: no bucket {unknown[0]!r} in the bucket map; "
+                "pick a partition the UI lists, or run `aries sync`"
+            )
+        for key in keys:
+            ledger.mark(key, DirtyBucket(by_key[key].lower, by_key[key].upper, now))
+
+
+def _note_run(store: LedgerStore, status: str, error: str | None, outcome: SyncOutcome) -> None:
+    def note(ledger: Ledger) -> None:
+        ledger.last_run = {
+            "status": status,
+            "at": now_iso(),
+            "mode": outcome.mode,
+            "written": outcome.written,
+            "loaded": outcome.loaded,
+        }
+        if error:
+            ledger.last_run["error"] = error[:500]
+        if status == "ok":
+            ledger.last_run["last_success"] = ledger.last_run["at"]
+
+    # The outcome note is a courtesy; when it cannot be written the real failure is still raised.
+    with contextlib.suppress(Exception):
+        store.update(note)
+
+
+class _CollectionSync:
+    """One run's work on one collection; footers are read once and kept up to date in memory."""
+
+    def __init__(self, spec, client, targets, settings, reporter, store, lease, outcome) -> None:
+        self.spec: CollectionSpec = spec
+        self.source: SourceCollection = spec.source
+        self.client: MongoClient = client
+        self.targets: Targets = targets
+        self.lake: Lake = targets.lake
+        self.settings: SyncSettings = settings
+        self.reporter: Reporter = reporter
+        self.store: LedgerStore = store
+        self.lease: Lease = lease
+        self.outcome: SyncOutcome = outcome
+        self.files: dict[str, snapshot.BucketFile | None] | None = None
+        self.schema: s.InferredSchema | None = snapshot.load_schema(self.lake, self.source)
+
+    # --- one round: read, write, settle, load, clear --------------------------------------------
+
+    def round(self, ledger: Ledger) -> None:
+        label = self.source.label
+        covered_dirty = {k: m for k, m in ledger.dirty.items()}
+        covered_reread = dict(ledger.reread) if ledger.reread else None
+        first_load = not ledger.loaded
+        self.outcome.rounds += 1
+        if first_load:
+            mode = "first load"
+            start = majority_time(self.client, self.source)
+            # Changes from here on are caught up from the stream once the bucket map exists.
+            self.store.update(lambda led: led.advance(start) if led.position is None else None)
+            bucket_map = BucketMap(self.spec.bucket_size, [MinKey()])
+            spans = [(0, 0)]
+            after = start
+        else:
+            bucket_map = ledger.bucket_map()
+            bucket_map.bucket_size = self.spec.bucket_size
+            after = ledger.newest_dirty_time()
+            if ledger.reread:
+                mode = f"re-read: {ledger.reread['reason']}"
+                spans = [(0, len(bucket_map.lowers) - 1)]
+            else:
+                mode = "changes"
+                spans = _spans(bucket_map, ledger.dirty_keys())
+        self.outcome.mode = mode if self.outcome.rounds == 1 else self.outcome.mode
+        self.reporter.message(f"{label}: {mode}")
+        files = self._files(bucket_map.keys)
+        touched = self._pass(bucket_map, spans, after, first_load, skip_unchanged=mode.startswith("re-read"))
+        if first_load:
+            self._save_map(bucket_map, first_load=True)
+        touched |= self._settle_schema(bucket_map, after)
+        self.lease.check()
+        for orphan in snapshot.remove_orphans(self.source, self.lake, bucket_map.keys):
+            self.reporter.message(f"{label}: removed {orphan}: no bucket of that name in the bucket map")
+        self._register_glue()
+        loaded_ok = self._load_warehouse(bucket_map.keys)
+        done = touched if loaded_ok is None else touched & loaded_ok
+        self.lease.check()
+        self.store.update(lambda led: led.clear(covered_dirty, covered_reread, done))
+        files = self.files or files
+        self.outcome.buckets = len(bucket_map.keys)
+        self.outcome.documents = sum(f.documents for f in files.values() if f is not None)
+        if self.schema is not None:
+            self.outcome.schema_version = self.schema.version
+
+    def summarise(self) -> None:
+        self.reporter.message(
+            f"{self.source.label}: {self.outcome.written} buckets written, {self.outcome.loaded} loaded, "
+            f"{self.outcome.documents:,} documents in {self.outcome.buckets} buckets"
+        )
+
+    # --- reading and writing ----------------------------------------------------------------------
+
+    def _files(self, keys: list[str]) -> dict[str, snapshot.BucketFile | None]:
+        if self.files is None:
+            self.files = snapshot.inspect_files(self.source, self.lake, keys)
+        missing = [k for k in keys if k not in self.files]
+        if missing:
+            self.files.update(snapshot.inspect_files(self.source, self.lake, missing))
+        return self.files
+
+    def _pass(
+        self,
+        bucket_map: BucketMap,
+        spans: list[tuple[int, int]],
+        after: Timestamp | None,
+        first_load: bool,
+        skip_unchanged: bool,
+        force: bool = False,
+    ) -> set[str]:
+        """One ordered read per span; every bucket of a span is written (or found current)."""
+        touched: set[str] = set()
+        if not spans:
+            return touched
+        total = None
+        if first_load or skip_unchanged:
+            total = self.source.open(self.client).estimated_document_count()
+        read_docs = read_bytes = 0
+        expected = sum(b - a + 1 for a, b in spans)
+        workers = self.settings.workers if (first_load or expected > 1) else 1
+        with _Writers(workers, self.targets.lake_spec) as writers:
+            for first, last in spans:
+                lower = bucket_map.lowers[first]
+                upper = bucket_map.lowers[last + 1] if last + 1 < len(bucket_map.lowers) else MaxKey()
+                cutter = BucketCutter(bucket_map, first, last, self.spec.bucket_size, self.spec.bucket_bytes)
+                for _id, raw in range_documents(self.client, self.source, lower, upper, after):
+                    read_docs += 1
+                    read_bytes += len(raw)
+                    for done in cutter.add(_id, raw):
+                        self._submit(
+                            writers, done, bucket_map, first_load, skip_unchanged and not force, touched
+                        )
+                    if read_docs % 10_000 == 0:
+                        self.reporter.progress(read_docs, read_bytes, total)
+                for done in cutter.finish():
+                    self._submit(writers, done, bucket_map, first_load, skip_unchanged and not force, touched)
+            for written in writers.drain():
+                self._written(written, touched)
+        self.reporter.progress(read_docs, read_bytes, total)
+        self.outcome.documents_read += read_docs
+        return touched
+
+    def _submit(
+        self, writers, done: BucketDocuments, bucket_map, first_load, skip_unchanged, touched
+    ) -> None:
+        key = done.bucket.key
+        previous = self.files.get(key) if self.files else None
+        if done.new and not first_load:
+            # The map first, then the file: a crash in between leaves the old file whole.
+            self._save_map(bucket_map)
+        if skip_unchanged and snapshot.is_current(previous, done.digest, self.spec.options):
+            touched.add(key)
+            return
+        self.lease.check()
+        for written in writers.submit(
+            _WriteJob(self.source, done, self.spec.options, self.schema, previous), self.targets.lake
+        ):
+            self._written(written, touched)
+
+    def _written(self, written: snapshot.WrittenBucket, touched: set[str]) -> None:
+        touched.add(written.key)
+        assert self.files is not None
+        self.files[written.key] = snapshot.BucketFile(
+            key=written.key,
+            format_version=snapshot.FORMAT_VERSION,
+            digest=written.digest,
+            schema_version=written.schema.version,
+            columns={c.name: c.type for c in written.schema.columns},
+            stats=written.stats,
+            options=snapshot.options_fingerprint(self.spec.options),
+            documents=written.documents,
+        )
+        if written.rewritten:
+            self.outcome.written += 1
+            self.outcome.bytes_out += written.bytes_out
+        bucket_range = written.key
+        self.reporter.bucket_written(written, bucket_range)
+
+    def _save_map(self, bucket_map: BucketMap, first_load: bool = False) -> None:
+        self.lease.check()
+        lowers = list(bucket_map.lowers)
+        known = set(self._known_keys())
+        added = [k for k in bucket_map.keys if k not in known]
+
+        def save(ledger: Ledger) -> None:
+            ledger.lowers, ledger.bucket_size = lowers, bucket_map.bucket_size
+
+        self.store.update(save)
+        if added:
+            self.outcome.new_buckets += added
+            self.reporter.buckets_added(added)
+
+    def _known_keys(self) -> list[str]:
+        ledger = self.store.load()
+        return ledger.bucket_map().keys if ledger.loaded else []
+
+    # --- schema, Glue, warehouse ------------------------------------------------------------------
+
+    def _settle_schema(self, bucket_map: BucketMap, after: Timestamp | None) -> set[str]:
+        """Merge every file's statistics into the collection schema; rewrite files that disagree."""
+        touched: set[str] = set()
+        files = self._files(bucket_map.keys)
+        for round_number in range(1, MAX_SCHEMA_ROUNDS + 1):
+            state = snapshot.reconcile_schema(self.source, self.lake, files, self.spec.options)
+            self.schema = state.schema
+            if state.changed:
+                self.reporter.message(
+                    f"{self.source.label}: schema v{state.schema.version}: {'; '.join(state.schema.actions)}"
+                )
+            if not state.mismatched:
+                return touched
+            if round_number == MAX_SCHEMA_ROUNDS:
+                raise snapshot.BucketWriteError(
+                    f"{self.source.label}: buckets {', '.join(state.mismatched)} still disagree with schema "
+                    f"v{state.schema.version} after {MAX_SCHEMA_ROUNDS} rounds; run the sync again"
+                )
+            self.reporter.message(
+                f"{self.source.label}: rewriting {len(state.mismatched)} buckets to follow schema "
+                f"v{state.schema.version}"
+            )
+            touched |= self._pass(bucket_map, _spans(bucket_map, state.mismatched), after, False, False, True)
+        return touched
+
+    def _register_glue(self) -> None:
+        if self.targets.glue is None or self.schema is None or not self.schema.columns:
+            return
+        location = self.lake.uri(collection_prefix(self.source.database, self.source.collection))
+        action = catalog.register_table(
+            self.targets.glue, self.source.database, self.source.collection, self.schema, location
+        )
+        if action != "unchanged":
+            self.reporter.message(f"{self.source.label}: Glue: {action}")
+
+    def _load_warehouse(self, keys: list[str]) -> set[str] | None:
+        """Load every bucket whose lake file the table does not hold; the set of buckets the table holds."""
+        loader, table = self.targets.loader, self.spec.table
+        if loader is None or table is None or self.schema is None:
+            return None
+        files = self._files(keys)
+        loaded = loader.loaded(table)
+        stale = [k for k in keys if files.get(k) is not None and loaded.get(k) != files[k].digest]
+        for key in stale:
+            self.lease.check()
+            found = files[key]
+            path = bucket_file(self.source.database, self.source.collection, key)
+            data = self.lake.read_table(path)
+            oversize = oversize_documents(data, loader.dialect.max_document_bytes)
+            if oversize:
+                raise WarehouseError(
+                    f"{self.source.label}: bucket {key} has {len(oversize)} documents over "
+                    f"{loader.dialect.max_document_bytes:,} bytes, more than {table.label} can hold in `_doc` "
+                    f"(e.g. _id {oversize[0]}); exclude their large fields (schema.exclude) or use another warehouse"
+                )
+            schema = snapshot.file_schema(self.schema, found)
+            result = loader.replace_bucket(
+                table, schema, self.spec.options.evolution, key, found.digest, data, self.lake.uri(path)
+            )
+            in_table = loader.bucket_ids(table, key)
+            in_file = data.column("_id").to_pylist()
+            missing, extra = set(in_file) - set(in_table), set(in_table) - set(in_file)
+            self.outcome.loaded += 1
+            self.reporter.bucket_loaded(result, len(in_file), len(in_table), len(missing), len(extra))
+            if any("rebuilt" in action for action in result.actions):
+                # A rebuilt table holds only this bucket: every other bucket loads again.
+                return self._load_warehouse(keys)
+        return {k for k in keys if files.get(k) is not None}
+
+
+def _spans(bucket_map: BucketMap, keys: list[str]) -> list[tuple[int, int]]:
+    """Runs of adjacent buckets, as (first, last) indices: each is read with one range read."""
+    index = {k: i for i, k in enumerate(bucket_map.keys)}
+    positions = sorted(index[k] for k in set(keys) if k in index)
+    spans: list[tuple[int, int]] = []
+    for i in positions:
+        if spans and spans[-1][1] == i - 1:
+            spans[-1] = (spans[-1][0], i)
+        else:
+            spans.append((i, i))
+    return spans
+
+
+# --- parallel writers ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _WriteJob:
+    source: SourceCollection
+    docs: BucketDocuments
+    options: s.SchemaOptions
+    schema: s.InferredSchema | None
+    previous: snapshot.BucketFile | None
+
+    def run(self, lake: Lake) -> snapshot.WrittenBucket:
+        return snapshot.write_bucket(self.source, lake, self.docs, self.options, self.schema, self.previous)
+
+
+_WORKER_LAKE: Lake | None = None
+
+
+def _worker_start(spec: LakeSpec) -> None:
+    global _WORKER_LAKE
+    _WORKER_LAKE = spec.open()
+
+
+def _worker_write(job: _WriteJob) -> snapshot.WrittenBucket:
+    assert _WORKER_LAKE is not None
+    return job.run(_WORKER_LAKE)
+
+
+class _Writers:
+    """Bucket writes, in this process or in up to `workers` processes, at most `workers` in flight.
+
+    Memory stays bounded: the bucket being read plus one per writer.
+    """
+
+    def __init__(self, workers: int, lake_spec: LakeSpec) -> None:
+        self.workers = workers
+        self.lake_spec = lake_spec
+        self._pool: concurrent.futures.ProcessPoolExecutor | None = None
+        self._pending: list[concurrent.futures.Future] = []
+
+    def __enter__(self) -> _Writers:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def submit(self, job: _WriteJob, lake: Lake) -> Iterator[snapshot.WrittenBucket]:
+        if self.workers <= 1:
+            yield job.run(lake)
+            return
+        if self._pool is None:
+            self._pool = concurrent.futures.ProcessPoolExecutor(
+                max_workers=self.workers,
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=_worker_start,
+                initargs=(self.lake_spec,),
+            )
+        while len(self._pending) >= self.workers:
+            finished, _ = concurrent.futures.wait(
+                self._pending, return_when=concurrent.futures.FIRST_COMPLETED
+            )
+            for future in finished:
+                self._pending.remove(future)
+                yield future.result()
+        self._pending.append(self._pool.submit(_worker_write, job))
+
+    def drain(self) -> Iterator[snapshot.WrittenBucket]:
+        while self._pending:
+            future = self._pending.pop(0)
+            yield future.result()
