@@ -3,23 +3,23 @@
 from __future__ import annotations
 
 import pyarrow.parquet as pq
-import pytest
 
 from aries_assets.core import snapshot
 from aries_assets.core.arrow import BucketConverter
-from aries_assets.core.buckets import BucketMap
 from aries_assets.core.extract import SourceCollection
 from aries_assets.core.lake import LocalLake, bucket_file, safe_segment
+from aries_assets.core.ledger import LedgerStore
+from aries_assets_tests.support import run_cli, write_config
 
 
-def test_crash_mid_write_keeps_the_previous_file(client, database, tmp_path, monkeypatch):
+def test_crash_mid_write_keeps_the_previous_file_and_the_next_sync_repairs(
+    client, mongo_uri, database, workdir, monkeypatch
+):
     coll = client[database].docs
     coll.insert_many([{"_id": i, "v": "old"} for i in range(100)])
-    source = SourceCollection(database, "docs")
-    lake = LocalLake(tmp_path)
-    bucket = BucketMap(1000).buckets[0]
-    snapshot.write_bucket(source, source.open(client), lake, bucket)
-    path = tmp_path / bucket_file(database, "docs", bucket.key)
+    write_config(workdir / "aries.yaml", mongo_uri, "./lake", [{"database": database, "collection": "docs"}])
+    assert run_cli("sync", "--workers", "1")[0] == 0
+    path = workdir / "lake" / bucket_file(database, "docs", "first")
     before = path.read_bytes()
 
     coll.update_many({}, {"$set": {"v": "new"}})
@@ -31,17 +31,17 @@ def test_crash_mid_write_keeps_the_previous_file(client, database, tmp_path, mon
         raise MemoryError("simulated crash")
 
     monkeypatch.setattr(BucketConverter, "tables", crash_after_first_batch)
-    with pytest.raises(snapshot.BucketWriteError, match=rf"{database}\.docs: could not write bucket first"):
-        snapshot.write_bucket(source, source.open(client), lake, bucket, batch_bytes=500)
+    code, out, err = run_cli("sync", "--workers", "1")
+    assert code == 1 and f"{database}.docs" in out + err and "could not write bucket first" in out + err
     assert path.read_bytes() == before
-    assert [p.name for p in path.parent.iterdir()] == [path.name], "no temporary file left behind"
+    assert not [p for p in path.parent.iterdir() if p.suffix == ".tmp"], "no temporary file left behind"
+    ledger = LedgerStore(LocalLake(workdir / "lake"), database, "docs").load()
+    assert "first" in ledger.dirty, "the bucket stays dirty until a file covering the change is written"
 
     monkeypatch.setattr(BucketConverter, "tables", original)
-    plan = snapshot.plan(source, source.open(client), lake, 1000)
-    files = snapshot.inspect_files(source, lake, plan.bucket_map.keys)
-    assert snapshot.content_stale(plan, files) == ["first"]
-    snapshot.write_bucket(source, source.open(client), lake, bucket)
+    assert run_cli("sync", "--workers", "1")[0] == 0  # no new change: the ledger alone asks for the rewrite
     assert set(pq.read_table(path).column("v").to_pylist()) == {"new"}
+    assert not LedgerStore(LocalLake(workdir / "lake"), database, "docs").load().dirty
 
 
 def test_path_segments_are_sanitised():

@@ -1,8 +1,12 @@
-"""The change-stream sensor against a real server and a real Dagster instance."""
+"""The change-stream sensor against a real server and a real Dagster instance.
+
+The sensor only reads the stream, records dirty buckets in the ledger and requests
+one run per collection; the tests then run what it requested, as the daemon would.
+"""
 
 from __future__ import annotations
 
-import json
+import time
 
 import dagster as dg
 import pytest
@@ -10,8 +14,12 @@ from bson import ObjectId
 from pymongo import MongoClient
 
 from aries_assets.config import load_config
+from aries_assets.core.changes import StreamScope, record_changes
+from aries_assets.core.extract import SourceCollection
+from aries_assets.core.lake import LocalLake
+from aries_assets.core.ledger import LedgerStore
 from aries_assets.definitions import build_definitions
-from aries_assets.demo.mongo_server import embedded_mongo
+from aries_assets.demo.mongo_server import embedded_mongo, free_port
 from aries_assets_tests.support import (
     assert_same_documents,
     lake_documents,
@@ -21,7 +29,7 @@ from aries_assets_tests.support import (
 )
 
 
-def tick(defs: dg.Definitions, instance: dg.DagsterInstance, name: str, cursor: str | None):
+def tick(defs: dg.Definitions, instance: dg.DagsterInstance, name: str, cursor: str | None = None):
     sensor = defs.resolve_sensor_def(name)
     with dg.build_sensor_context(
         instance=instance, cursor=cursor, definitions=defs, resources=defs.resources
@@ -29,14 +37,25 @@ def tick(defs: dg.Definitions, instance: dg.DagsterInstance, name: str, cursor: 
         return sensor(context)
 
 
-def apply(defs: dg.Definitions, instance: dg.DagsterInstance, result: dg.SensorResult, job: str) -> None:
-    """What the daemon does with a SensorResult: add partitions, then run each request."""
-    for request in result.dynamic_partitions_requests or []:
-        instance.add_dynamic_partitions(request.partitions_def_name, list(request.partition_keys))
-    for run_request in result.run_requests:
-        job_def = defs.resolve_job_def(run_request.job_name or job)
-        outcome = job_def.execute_in_process(partition_key=run_request.partition_key, instance=instance)
-        assert outcome.success
+def apply(defs: dg.Definitions, instance: dg.DagsterInstance, result: dg.SensorResult, expect_success=True):
+    """What the daemon does with a SensorResult: run each requested job (here without lingering)."""
+    outcomes = []
+    for request in result.run_requests:
+        job = defs.resolve_job_def(request.job_name)
+        op = job.nodes[0].name
+        outcome = job.execute_in_process(
+            instance=instance,
+            tags=request.tags,
+            run_config={"ops": {op: {"config": {"linger_seconds": 0.0}}}},
+            raise_on_error=False,
+        )
+        assert outcome.success == expect_success
+        outcomes.append(outcome)
+    return outcomes
+
+
+def ledger_of(workdir, database, collection="events"):
+    return LedgerStore(LocalLake(workdir / "lake"), database, collection).load()
 
 
 @pytest.fixture
@@ -51,19 +70,13 @@ def synced(client, mongo_uri, database, workdir):
     )
     assert run_cli("sync", "--workers", "1")[0] == 0
     defs = build_definitions(load_config())
-    return (
-        coll,
-        defs,
-        workdir / "lake" / database / "events",
-        f"changes__{database}__events",
-        f"sync__{database}__events",
-    )
+    return coll, defs, workdir / "lake" / database / "events", f"changes__{database}"
 
 
-def test_one_tick_then_its_runs_make_the_lake_equal_mongodb(client, database, synced):
-    coll, defs, folder, sensor, job = synced
+def test_one_tick_records_the_changes_and_one_run_makes_the_lake_exact(client, database, workdir, synced):
+    coll, defs, folder, sensor = synced
     with dg.DagsterInstance.get() as instance:
-        assert tick(defs, instance, sensor, None).run_requests == []  # starts from `aries sync`'s token
+        assert tick(defs, instance, sensor).run_requests == []  # `aries sync` left nothing to do
 
         ids = [d["_id"] for d in coll.find({}, {"_id": 1}).sort("_id", 1)]
         coll.update_one({"_id": ids[3]}, {"$set": {"n": -3}})  # bucket 1
@@ -71,43 +84,42 @@ def test_one_tick_then_its_runs_make_the_lake_equal_mongodb(client, database, sy
         coll.replace_one({"_id": ids[26]}, {"replaced": True})  # bucket 2
         coll.delete_one({"_id": ids[45]})  # bucket 3, the newest
         coll.insert_many([{"_id": ObjectId(), "n": 100 + i} for i in range(35)])  # fills bucket 3, opens more
-        result = tick(defs, instance, sensor, None)
-        requested = [r.partition_key for r in result.run_requests]
-        first, second, third = (b["key"] for b in _buckets(folder)[:3])
-        assert requested[:3] == [first, second, third]
-        assert len(requested) >= 4, "the inserts opened at least one new bucket"
-        assert result.dynamic_partitions_requests and set(
-            result.dynamic_partitions_requests[0].partition_keys
-        ) <= set(requested)
-        assert len(set(requested)) == len(requested), "one request per bucket per tick"
-        apply(defs, instance, result, job)
+        result = tick(defs, instance, sensor)
+        (request,) = result.run_requests
+        assert request.job_name == f"sync__{database}__events"
+        assert request.tags["aries/collection"] == f"{database}__events"
+        ledger = ledger_of(workdir, database)
+        assert sorted(ledger.dirty) == sorted(ledger.bucket_map().keys[:3])
+
+        (outcome,) = apply(defs, instance, result)
         assert_same_documents(mongo_documents(client, database, "events"), lake_documents(folder))
+        after = ledger_of(workdir, database)
+        assert not after.dirty, "a bucket leaves the ledger once its file is written"
+        assert len(after.bucket_map().keys) >= 5, "the inserts opened new buckets"
+        partitions = set(instance.get_dynamic_partitions(f"{database}__events"))
+        assert set(after.bucket_map().keys) <= partitions
+        materialized = instance.get_materialized_partitions(dg.AssetKey(["lake", database, "events"]))
+        assert set(after.bucket_map().keys) <= materialized
 
         quiet = tick(defs, instance, sensor, result.cursor)
         assert quiet.run_requests == []
-        observation = quiet.asset_events[0]
-        assert observation.metadata["replication_lag_seconds"].value == 0.0
 
 
-def _buckets(folder):
-    from aries_assets.core.buckets import BucketMap
-
-    bucket_map = BucketMap.from_json((folder / "_aries" / "buckets.json").read_text())
-    return [{"key": b.key} for b in bucket_map.buckets]
-
-
-def test_an_idle_collection_still_advances_its_token(client, database, synced):
-    coll, defs, folder, sensor, _ = synced
-    with dg.DagsterInstance.get() as instance:
-        first = tick(defs, instance, sensor, None)
-        client[database].other.insert_many([{"x": i} for i in range(5)])  # the oplog moves on elsewhere
-        second = tick(defs, instance, sensor, first.cursor)
-        assert second.run_requests == []
-        assert json.loads(second.cursor)["token"] != json.loads(first.cursor)["token"]
+def test_an_idle_collection_still_advances_its_position(client, database, workdir, synced):
+    coll, defs, folder, sensor = synced
+    lake = LocalLake(workdir / "lake")
+    scope = StreamScope(database, "database", (SourceCollection(database, "events"),))
+    before = ledger_of(workdir, database).position
+    time.sleep(1.1)
+    client[database].other.insert_many([{"x": i} for i in range(5)])  # the oplog moves on elsewhere
+    recorded, changes = record_changes(client, lake, scope, idle_persist_seconds=0)
+    assert changes.caught_up
+    after = ledger_of(workdir, database)
+    assert after.position > before and not after.dirty
 
 
-def test_lost_history_is_recovered_without_a_gap(workdir):
-    # A server with a tiny oplog, so a token falls off it after a few writes.
+def test_lost_history_is_recovered_by_rewriting_only_changed_buckets(workdir):
+    # A server with a tiny oplog, so a position falls off it after a few writes.
     with (
         embedded_mongo(":memory:", extra_args=("--oplog-max-entries", "30")) as uri,
         MongoClient(uri) as client,
@@ -123,35 +135,67 @@ def test_lost_history_is_recovered_without_a_gap(workdir):
         assert run_cli("sync", "--workers", "1")[0] == 0
         defs = build_definitions(load_config())
         folder = workdir / "lake" / "app" / "events"
+        mtimes = {p.name: p.stat().st_mtime_ns for p in folder.glob("*.parquet")}
         with dg.DagsterInstance.get() as instance:
-            cursor = tick(defs, instance, "changes__app__events", None).cursor
             coll.update_one({"_id": 5}, {"$set": {"v": 1}})  # bucket "first" changes
-            # Churn elsewhere pushes the token out of the oplog (SecantusDB prunes every 1000 entries).
+            # Churn elsewhere in the database pushes the position out of the oplog.
             client.app.noise.insert_many([{"i": i} for i in range(1500)])
-            result = tick(defs, instance, "changes__app__events", cursor)
-            assert result.run_requests[0].tags["aries/mode"].startswith("re-read:")
-            assert [r.partition_key for r in result.run_requests] == ["first"], "only the changed bucket"
-            apply(defs, instance, result, "sync__app__events")
+            result = tick(defs, instance, "changes__app")
+            (request,) = result.run_requests
+            assert request.tags["aries/reason"].startswith("re-read:")
+            apply(defs, instance, result)
             assert_same_documents(mongo_documents(client, "app", "events"), lake_documents(folder))
-            after = tick(defs, instance, "changes__app__events", result.cursor)
-            assert after.run_requests == []
+            changed = {p.name for p in folder.glob("*.parquet") if p.stat().st_mtime_ns != mtimes[p.name]}
+            assert changed == {"first.parquet"}, "only the changed bucket is rewritten"
+            assert tick(defs, instance, "changes__app", result.cursor).run_requests == []
 
 
-def test_a_bucket_with_a_run_still_waiting_is_not_requested_again(client, database, synced):
-    coll, defs, folder, sensor, job = synced
+def test_a_collection_with_a_run_waiting_is_not_requested_again(client, database, synced):
+    coll, defs, folder, sensor = synced
     with dg.DagsterInstance.get() as instance:
-        cursor = tick(defs, instance, sensor, None).cursor
-        newest = coll.find_one(sort=[("_id", -1)])["_id"]
-        coll.update_one({"_id": newest}, {"$set": {"n": -1}})
-        first = tick(defs, instance, sensor, cursor)
+        coll.update_one({"_id": coll.find_one()["_id"]}, {"$set": {"n": -1}})
+        first = tick(defs, instance, sensor)
         (request,) = first.run_requests
         # The daemon queued that run; it has not started when the next change arrives.
         instance.create_run_for_job(
-            defs.resolve_job_def(job),
-            tags={"dagster/partition": request.partition_key},
-            status=dg.DagsterRunStatus.NOT_STARTED,
+            defs.resolve_job_def(request.job_name), tags=request.tags, status=dg.DagsterRunStatus.NOT_STARTED
         )
-        coll.update_one({"_id": newest}, {"$set": {"n": -2}})
-        second = tick(defs, instance, sensor, first.cursor)
-        assert second.run_requests == []
-        assert second.asset_events[0].metadata["buckets_already_queued"].value == 1
+        coll.update_one({"_id": coll.find_one()["_id"]}, {"$set": {"n": -2}})
+        assert tick(defs, instance, sensor, first.cursor).run_requests == []
+
+
+def test_a_failed_run_is_requested_again_with_no_new_change(workdir):
+    """MongoDB stops in the middle of a run: the buckets stay dirty, and after a backoff the
+    sensor asks again by itself; the lake ends exact."""
+    port, storage = free_port(), workdir / "mongo"
+    with embedded_mongo(storage, port=port) as uri:
+        with MongoClient(uri) as client:
+            client.app.events.insert_many([{"_id": i, "v": 0} for i in range(40)])
+        write_config(
+            workdir / "aries.yaml",
+            uri,
+            "./lake",
+            [{"database": "app", "collection": "events", "bucket_size": 10}],
+        )
+        assert run_cli("sync", "--workers", "1")[0] == 0
+        defs = build_definitions(load_config())
+        with MongoClient(uri) as client:
+            client.app.events.update_many({"_id": {"$in": [3, 13, 33]}}, {"$set": {"v": 1}})
+        with dg.DagsterInstance.get() as instance:
+            result = tick(defs, instance, "changes__app")
+            assert len(result.run_requests) == 1
+    # MongoDB is down while the run starts: it fails, and the ledger keeps the buckets.
+    with dg.DagsterInstance.get() as instance:
+        apply(defs, instance, result, expect_success=False)
+    assert len(ledger_of(workdir, "app").dirty) == 3
+    with embedded_mongo(storage, port=port) as uri, dg.DagsterInstance.get() as instance:
+        again = tick(defs, instance, "changes__app")
+        assert again.run_requests == [], "a backoff after a failure"
+        time.sleep(5.5)
+        retry = tick(defs, instance, "changes__app", again.cursor)
+        assert len(retry.run_requests) == 1, "no new change needed"
+        apply(defs, instance, retry)
+        with MongoClient(uri) as client:
+            expected = mongo_documents(client, "app", "events")
+        assert_same_documents(expected, lake_documents(workdir / "lake" / "app" / "events"))
+        assert not ledger_of(workdir, "app").dirty

@@ -24,7 +24,7 @@ from typing import Any, Literal
 
 from bson import Timestamp
 from pymongo import MongoClient
-from pymongo.errors import OperationFailure
+from pymongo.errors import OperationFailure, PyMongoError
 
 from aries_assets.core.arrow import CODEC_OPTIONS
 from aries_assets.core.extract import SourceCollection
@@ -87,6 +87,19 @@ def majority_time(client: MongoClient, source: SourceCollection) -> Timestamp:
         return session.operation_time
 
 
+def oplog_start(client: MongoClient) -> Timestamp | None:
+    """The oldest cluster time still in the oplog, where the user may read it (None otherwise).
+
+    Some servers start a stream at a time older than their oplog without an error;
+    checking first is what makes a lost history visible on all of them.
+    """
+    try:
+        entry = client.local["oplog.rs"].find_one({}, {"ts": 1}, sort=[("$natural", 1)])
+    except (OperationFailure, PyMongoError):
+        return None
+    return entry.get("ts") if entry else None
+
+
 @dataclass
 class CollectionChanges:
     ids: list[tuple[Any, Timestamp]] = field(default_factory=list)  # changed `_id` and its cluster time
@@ -119,6 +132,11 @@ def read_changes(
     deadline = time.monotonic() + max_seconds
     last: Timestamp | None = None
     operation = None
+    oldest = oplog_start(client)
+    if oldest is not None and start < oldest:
+        result.history_lost = "the stream position is no longer in the oplog"
+        result.position = now
+        return result
     try:
         with scope.watch_target(client).watch(
             scope.pipeline(), start_at_operation_time=start, max_await_time_ms=100, batch_size=5000
