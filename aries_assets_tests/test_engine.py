@@ -1,0 +1,194 @@
+"""The sync engine's guarantees: one writer per collection, one read for a first load, cheap ticks."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import dagster as dg
+import pytest
+from bson import ObjectId
+from pymongo import monitoring
+
+from aries_assets.config import load_config
+from aries_assets.core.changes import majority_time
+from aries_assets.core.extract import SourceCollection
+from aries_assets.core.lake import LocalLake
+from aries_assets.core.ledger import Lease, LeaseHeld, Ledger, LedgerStore
+from aries_assets.definitions import build_definitions
+from aries_assets_tests.support import (
+    assert_same_documents,
+    lake_documents,
+    mongo_documents,
+    run_cli,
+    write_config,
+)
+from aries_assets_tests.test_sensor import tick
+
+
+class FindCounter(monitoring.CommandListener):
+    def __init__(self, database: str) -> None:
+        self.database = database
+        self.finds: list[dict] = []
+
+    def started(self, event):
+        if event.command_name == "find" and event.database_name == self.database:
+            self.finds.append(
+                event.command.to_dict() if hasattr(event.command, "to_dict") else dict(event.command)
+            )
+
+    def succeeded(self, event):
+        pass
+
+    def failed(self, event):
+        pass
+
+
+def test_a_first_load_reads_the_collection_once(client, mongo_uri, database, workdir):
+    client[database].events.insert_many(
+        [{"_id": ObjectId(), "n": i, "s": "x" * (i % 50)} for i in range(2_500)]
+    )
+    write_config(
+        workdir / "aries.yaml",
+        mongo_uri,
+        "./lake",
+        [{"database": database, "collection": "events", "bucket_size": 100}],
+    )
+    counter = FindCounter(database)
+    monitoring.register(counter)
+    try:
+        code, _, err = run_cli("sync", "--workers", "2")
+    finally:
+        monitoring._LISTENERS.command_listeners.remove(counter)
+    assert code == 0, err
+    folder = workdir / "lake" / database / "events"
+    assert len(list(folder.glob("*.parquet"))) == 25
+    assert_same_documents(mongo_documents(client, database, "events"), lake_documents(folder))
+    # Besides the one ordered read, only point look-ups that fetch a cluster time (`_id: null`).
+    reads = [f for f in counter.finds if f.get("filter") != {"_id": None}]
+    assert len(reads) == 1, reads
+
+
+def test_two_syncs_at_once_on_a_fresh_dagster_home_give_one_exact_lake(client, mongo_uri, database, workdir):
+    client[database].events.insert_many([{"_id": i, "v": i} for i in range(3_000)])
+    write_config(
+        workdir / "aries.yaml",
+        mongo_uri,
+        "./lake",
+        [{"database": database, "collection": "events", "bucket_size": 500}],
+    )
+    env = {**os.environ, "DAGSTER_HOME": str(workdir / "fresh_home")}
+    aries = [sys.executable, "-m", "aries_assets.cli", "sync", "--config", str(workdir / "aries.yaml")]
+    first = subprocess.Popen(
+        aries, cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    second = subprocess.Popen(
+        aries, cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    outputs = [p.communicate(timeout=300) for p in (first, second)]
+    assert first.returncode == 0 and second.returncode == 0, outputs
+    folder = workdir / "lake" / database / "events"
+    assert_same_documents(mongo_documents(client, database, "events"), lake_documents(folder))
+    # The instance is whole: a third sync runs and finds nothing to do.
+    third = subprocess.run(aries, cwd=workdir, env=env, capture_output=True, text=True, timeout=300)
+    assert third.returncode == 0, third.stderr
+    assert " 0 written" in third.stdout
+
+
+HOLD_LEASE = textwrap.dedent(
+    """
+    import sys, time
+    from aries_assets.core.lake import LocalLake
+    from aries_assets.core.ledger import Lease
+    lease = Lease(LocalLake(sys.argv[1]), "db", "coll", "holder-process", ttl=float(sys.argv[2]))
+    lease.acquire(wait=0)
+    print("held", flush=True)
+    time.sleep(600)
+    """
+)
+
+
+def test_a_lease_whose_holder_died_expires_and_the_next_writer_takes_it(tmp_path):
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LEASE, str(tmp_path), "3"], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        lake = LocalLake(tmp_path)
+        with pytest.raises(LeaseHeld, match=rf"holder-process \(pid {holder.pid}"):
+            Lease(lake, "db", "coll", "second").acquire(wait=0)
+        # While the holder lives, its heartbeat keeps the lease past its ttl.
+        time.sleep(4)
+        with pytest.raises(LeaseHeld):
+            Lease(lake, "db", "coll", "second").acquire(wait=0)
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.wait()
+        waited = []
+        started = time.monotonic()
+        lease = Lease(lake, "db", "coll", "second")
+        lease.acquire(wait=10, on_wait=waited.append)
+        assert time.monotonic() - started < 5, "the dead holder's lease expires within its ttl"
+        assert waited and waited[0].holder == "holder-process"
+        assert lease.current().holder == "second"
+        lease.release()
+        assert lease.current().expired
+    finally:
+        holder.kill()
+
+
+def test_the_ledger_never_loses_a_concurrent_mark(tmp_path):
+    """Writers racing on the ledger: every update lands (compare-and-swap)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from bson import Timestamp
+    from bson.min_key import MinKey
+
+    from aries_assets.core.ledger import DirtyBucket
+
+    lake = LocalLake(tmp_path)
+    store = LedgerStore(lake, "db", "coll")
+
+    def mark(i: int) -> None:
+        store.update(lambda led: led.mark(f"b{i}", DirtyBucket(MinKey(), i, Timestamp(1, i))))
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(mark, range(64)))
+    assert sorted(store.load().dirty) == sorted(f"b{i}" for i in range(64))
+
+
+def test_one_tick_over_150_collections_stays_well_under_5_seconds(client, mongo_uri, database, workdir):
+    names = [f"c{i:03d}" for i in range(150)]
+    lake = LocalLake(workdir / "lake")
+    now = majority_time(client, SourceCollection(database, names[0]))
+    for name in names:
+        client[database][name].insert_one({"_id": 0, "v": 0})
+        # As a first load leaves it: a bucket map and a position.
+        store = LedgerStore(lake, database, name)
+        store.update(lambda led: _loaded(led, now))
+    write_config(
+        workdir / "aries.yaml", mongo_uri, "./lake", [{"database": database, "collection": n} for n in names]
+    )
+    defs = build_definitions(load_config())
+    (workdir / "dagster_home").mkdir()
+    for name in names[::2]:
+        client[database][name].insert_one({"_id": 1, "v": 1})
+    with dg.DagsterInstance.get() as instance:
+        tick(defs, instance, f"changes__{database}")  # warm: definitions and connections
+        for name in names[1::2]:
+            client[database][name].insert_one({"_id": 1, "v": 1})
+        started = time.monotonic()
+        result = tick(defs, instance, f"changes__{database}")
+        seconds = time.monotonic() - started
+    assert seconds < 5, f"a tick over 150 collections took {seconds:.1f}s"
+    assert len(result.run_requests) == 150, "every changed collection gets its one run"
+    assert all(LedgerStore(lake, database, n).load().dirty for n in names)
+
+
+def _loaded(ledger: Ledger, now) -> None:
+    from bson.min_key import MinKey
+
+    ledger.lowers, ledger.bucket_size, ledger.position = [MinKey()], 50_000, now
