@@ -1,0 +1,93 @@
+"""With the real daemon, sensor and runs: outages end exact with no command run."""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+import time
+
+import duckdb
+from pymongo import MongoClient
+
+from aries_assets.demo.daemon import running_daemon
+from aries_assets.demo.mongo_server import embedded_mongo, free_port
+from aries_assets_tests.support import (
+    assert_same_documents,
+    lake_documents,
+    mongo_documents,
+    run_cli,
+    write_config,
+)
+from aries_assets_tests.test_warehouse import assert_table_equals_mongo
+
+OUTAGE_SECONDS = 45
+
+
+def wait_until(check, timeout: float, what: str, log=None) -> None:
+    deadline = time.monotonic() + timeout
+    last_error = None
+    while time.monotonic() < deadline:
+        try:
+            check()
+            return
+        except (AssertionError, duckdb.Error, OSError) as error:
+            last_error = error
+        time.sleep(2)
+    tail = log.read_text()[-3000:] if log and log.exists() else ""
+    raise AssertionError(f"{what} not reached in {timeout:.0f}s: {last_error}\n{tail}")
+
+
+def test_mongodb_down_after_a_burst_converges_with_no_command(workdir):
+    port, storage = free_port(), workdir / "mongo"
+    warehouse = workdir / "warehouse.duckdb"
+    config = workdir / "aries.yaml"
+    rng = random.Random(7)
+    with embedded_mongo(storage, port=port) as uri:
+        with MongoClient(uri) as client:
+            client.app.events.insert_many([{"_id": i, "v": 0} for i in range(2_000)])
+        write_config(
+            config,
+            uri,
+            str(workdir / "lake"),
+            [{"database": "app", "collection": "events", "bucket_size": 250}],
+            warehouse={"url": f"duckdb:///{warehouse}"},
+        )
+        assert run_cli("sync", "--workers", "1")[0] == 0
+    folder = workdir / "lake" / "app" / "events"
+
+    def exact(client) -> None:
+        expected = mongo_documents(client, "app", "events")
+        assert_same_documents(expected, lake_documents(folder))
+        assert_table_equals_mongo(f"duckdb:///{warehouse}", "app", client.app.events)
+
+    with running_daemon(workdir, config) as home:
+        log = workdir / "daemon.log"
+        with embedded_mongo(storage, port=port) as uri, MongoClient(uri) as client:
+            coll = client.app.events
+            time.sleep(8)  # the daemon is up and ticking
+            for i in range(300):  # a burst: updates all over, inserts past the end, deletes
+                roll = rng.random()
+                if roll < 0.6:
+                    coll.update_one({"_id": rng.randrange(2_000)}, {"$set": {"v": i}})
+                elif roll < 0.9:
+                    coll.insert_one({"_id": 10_000 + i, "v": i})
+                else:
+                    coll.delete_one({"_id": rng.randrange(2_000)})
+        # MongoDB is down for a while right after the burst.
+        time.sleep(OUTAGE_SECONDS)
+        with embedded_mongo(storage, port=port) as uri, MongoClient(uri) as client:
+            wait_until(lambda: exact(client), 150, "lake and warehouse equal to MongoDB", log)
+            # `aries sync` while the daemon may be writing: it waits for the lease or finds nothing to do.
+            client.app.events.update_one({"_id": 7}, {"$set": {"v": "late"}})
+            done = subprocess.run(
+                [sys.executable, "-m", "aries_assets.cli", "sync", "--config", str(config)],
+                cwd=workdir,
+                env={**os.environ, "DAGSTER_HOME": str(home)},
+                capture_output=True,
+                text=True,
+                timeout=300,
+            )
+            assert done.returncode == 0, done.stdout + done.stderr
+            wait_until(lambda: exact(client), 60, "exact after a sync beside the daemon", log)
