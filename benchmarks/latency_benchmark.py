@@ -1,12 +1,15 @@
-"""Change-stream latency: a write in MongoDB until the Parquet file shows it, with the daemon running.
+"""Change-stream latency with the real daemon: a write in MongoDB until the Parquet file shows it.
 
-    python benchmarks/latency_benchmark.py [--writes 20] [--mongodb-uri URI]
+    python benchmarks/latency_benchmark.py [--seconds 60] [--collections 150] [--mongodb-uri URI]
 
 Runs what a deployment runs: `aries sync` once, then `dagster-daemon` with the
-change sensors on. Each of `--writes` updates sets a marker on one document;
-the time until a bucket file holds the marker is the end-to-end latency
-(sensor tick + run launch + bucket rewrite). Prints p50/p95, then how many
-change events per second the sensor's catch-up reads and maps to buckets.
+change sensors on and the shipped dagster.yaml. Two measurements, in one run:
+
+1. one collection, one insert a second for `--seconds`: write -> Parquet p50/p95/max;
+2. `--collections` collections in one database, one insert every two seconds into
+   a random one: change -> lake p50/p95/max across collections.
+
+The baseline is the sensor interval itself (a change waits for the next tick).
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import shutil
+import random
 import statistics
 import subprocess
 import sys
@@ -26,103 +29,104 @@ import pyarrow.parquet as pq
 from bson import ObjectId
 from pymongo import MongoClient
 
-from aries_assets.core import changes
-from aries_assets.core.extract import SourceCollection
-from aries_assets.core.lake import LocalLake
+from aries_assets.demo.daemon import running_daemon
 from aries_assets.demo.mongo_server import embedded_mongo
 from aries_assets.sensors import SENSOR_INTERVAL
 
-ROOT = Path(__file__).resolve().parent.parent
 
-
-def marker_visible(lake: Path, marker: str) -> bool:
-    for path in lake.glob("*.parquet"):
+def visible(folder: Path, marker: str) -> bool:
+    """Does a bucket file of the collection hold the marker? Newest files first: inserts land there."""
+    for path in sorted(folder.glob("*.parquet"), key=lambda p: p.stat().st_mtime_ns, reverse=True):
         with contextlib.suppress(Exception):
-            docs = pq.read_table(path, columns=["_doc"]).column("_doc").to_pylist()
-            if any(marker in d for d in docs):
+            if any(marker in d for d in pq.read_table(path, columns=["_doc"]).column("_doc").to_pylist()):
                 return True
     return False
 
 
+def summary(name: str, latencies: list[float]) -> str:
+    p95 = statistics.quantiles(latencies, n=20)[18] if len(latencies) > 1 else latencies[0]
+    return (
+        f"{name:<44} n={len(latencies):<4} p50 {statistics.median(latencies):5.1f}s   "
+        f"p95 {p95:5.1f}s   max {max(latencies):5.1f}s"
+    )
+
+
+def measure(coll_of, folder_of, names: list[str], writes: int, every: float, daemon_log: Path) -> list[float]:
+    """Insert one marked document every `every` seconds into a random collection; time until visible."""
+    rng = random.Random(3)
+    pending: dict[str, tuple[str, float]] = {}
+    latencies: list[float] = []
+    next_write = time.monotonic()
+    written = 0
+    deadline = time.monotonic() + writes * every + 180
+    while (written < writes or pending) and time.monotonic() < deadline:
+        if written < writes and time.monotonic() >= next_write:
+            name = rng.choice(names)
+            marker = f"m{written}-{ObjectId()}"
+            coll_of(name).insert_one({"_id": ObjectId(), "marker": marker})
+            pending[marker] = (name, time.monotonic())
+            written += 1
+            next_write += every
+        for marker, (name, started) in list(pending.items()):
+            if visible(folder_of(name), marker):
+                latencies.append(time.monotonic() - started)
+                del pending[marker]
+        time.sleep(0.1)
+    if pending:
+        tail = daemon_log.read_text()[-3000:] if daemon_log.exists() else ""
+        raise SystemExit(f"{len(pending)} writes never reached the lake; daemon log tail:\n{tail}")
+    return latencies
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--writes", type=int, default=20)
-    parser.add_argument("--events", type=int, default=50_000, help="change events for the mapping rate")
+    parser.add_argument("--seconds", type=int, default=60, help="one insert a second for this long")
+    parser.add_argument("--collections", type=int, default=150)
+    parser.add_argument("--spread-writes", type=int, default=30, help="writes across the many collections")
     parser.add_argument("--mongodb-uri", default=os.environ.get("MONGODB_URI"))
     args = parser.parse_args()
-
+    results = []
     with contextlib.ExitStack() as stack:
         uri = args.mongodb_uri or stack.enter_context(embedded_mongo(":memory:"))
-        work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="aries-latency-")))
         client = stack.enter_context(MongoClient(uri))
-        coll = client.latency.events
-        coll.drop()
-        coll.insert_many([{"_id": ObjectId(), "n": i, "marker": ""} for i in range(5000)])
-        config = work / "aries.yaml"
-        config.write_text(
-            f'mongo: {{uri: "{uri}"}}\nlake: {{url: "{work / "lake"}"}}\n'
-            "collections:\n  - {database: latency, collection: events, bucket_size: 1000}\n"
-        )
-        home = work / "dagster_home"
-        home.mkdir()
-        shutil.copy(ROOT / "dagster.yaml", home / "dagster.yaml")
-        env = {**os.environ, "ARIES_CONFIG": str(config), "DAGSTER_HOME": str(home)}
-        subprocess.run(
-            [sys.executable, "-m", "aries_assets.cli", "sync", "--workers", "1"],
-            env=env,
-            check=True,
-            capture_output=True,
-        )
-        daemon = subprocess.Popen(
-            [
-                str(Path(sys.executable).with_name("dagster-daemon")),
-                "run",
-                "-w",
-                str(ROOT / "workspace.yaml"),
-            ],
-            env=env,
-            cwd=home,
-            stdout=subprocess.DEVNULL,
-            stderr=open(work / "daemon.log", "wb"),  # noqa: SIM115
-        )
-        stack.callback(daemon.wait, 30)
-        stack.callback(daemon.terminate)
-        lake = work / "lake" / "latency" / "events"
-        ids = [d["_id"] for d in coll.find({}, {"_id": 1})]
-        time.sleep(10)  # the daemon's first sensor tick adopts `aries sync`'s token
-        latencies = []
-        for i in range(args.writes):
-            marker = f"m{i}-{ObjectId()}"
+        for part, names in (("one", ["events"]), ("many", [f"c{i:03d}" for i in range(args.collections)])):
+            work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=f"aries-latency-{part}-")))
+            db = f"latency_{part}"
+            client.drop_database(db)
+            for name in names:
+                client[db][name].insert_many(
+                    [{"_id": ObjectId(), "n": i} for i in range(5000 if part == "one" else 20)]
+                )
+            config = work / "aries.yaml"
+            collections = "".join(
+                f"  - {{database: {db}, collection: {n}, bucket_size: 1000}}\n" for n in names
+            )
+            config.write_text(
+                f'mongo: {{uri: "{uri}"}}\nlake: {{url: "{work / "lake"}"}}\ncollections:\n{collections}'
+            )
+            env = {**os.environ, "ARIES_CONFIG": str(config), "DAGSTER_HOME": str(work / "dagster_home")}
+            print(f"[{part}] first sync of {len(names)} collections ...", file=sys.stderr, flush=True)
             started = time.monotonic()
-            coll.update_one({"_id": ids[(i * 397) % len(ids)]}, {"$set": {"marker": marker}})
-            while not marker_visible(lake, marker):
-                if time.monotonic() - started > 180 or daemon.poll() is not None:
-                    log = (work / "daemon.log").read_text()[-2000:]
-                    raise SystemExit(f"write {i} not in the lake after 180s; daemon log tail:\n{log}")
-                time.sleep(0.2)
-            latencies.append(time.monotonic() - started)
-            print(f"  write {i + 1}/{args.writes}: {latencies[-1]:.1f}s", file=sys.stderr, flush=True)
-
-        # Mapping rate: read N change events from the stream and map them to buckets.
-        source = SourceCollection("latency", "events")
-        store = LocalLake(work / "lake")
-        token = changes.current_token(coll)
-        coll.insert_many([{"n": i} for i in range(args.events)])
-        started = time.monotonic()
-        plan = changes.plan_sync(
-            source, coll, store, 1000, token, max_events=10 * args.events, max_seconds=600
-        )
-        seconds = time.monotonic() - started
-
-    quantiles = statistics.quantiles(latencies, n=20)  # p95 interpolated between the two slowest writes
+            subprocess.run(
+                [sys.executable, "-m", "aries_assets.cli", "sync"], env=env, check=True, capture_output=True
+            )
+            print(f"[{part}] first sync took {time.monotonic() - started:.0f}s", file=sys.stderr, flush=True)
+            with running_daemon(work, config):
+                time.sleep(10)  # the daemon and its first ticks are up
+                folder = lambda name, work=work, db=db: work / "lake" / db / name  # noqa: E731
+                coll = lambda name, db=db: client[db][name]  # noqa: E731
+                if part == "one":
+                    latencies = measure(coll, folder, names, args.seconds, 1.0, work / "daemon.log")
+                    results.append(summary("one collection, one insert a second", latencies))
+                else:
+                    latencies = measure(coll, folder, names, args.spread_writes, 2.0, work / "daemon.log")
+                    results.append(summary(f"{len(names)} collections, one insert every 2 s", latencies))
+            print(results[-1], file=sys.stderr, flush=True)
     print(
-        f"\nwrite -> Parquet latency over {len(latencies)} writes "
-        f"(daemon, sensor interval {SENSOR_INTERVAL}s, one run per bucket):"
+        f"\nwrite -> Parquet with the daemon (sensor interval {SENSOR_INTERVAL}s, the baseline a change waits for):"
     )
-    print(f"  p50 {statistics.median(latencies):.1f}s   p95 {quantiles[18]:.1f}s   max {max(latencies):.1f}s")
-    print(
-        f"change events read and mapped to buckets: {plan.events:,} in {seconds:.1f}s = {plan.events / seconds:,.0f} events/s"
-    )
+    for line in results:
+        print("  " + line)
 
 
 if __name__ == "__main__":

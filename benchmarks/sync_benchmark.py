@@ -1,12 +1,15 @@
-"""Sync benchmark: Aries against the raw cursor drain of the same server, and memory at 10x size.
+"""Sync benchmark: a first `aries sync` against the raw cursor drain of the same server.
 
-    python benchmarks/sync_benchmark.py [--documents 200000] [--factor 10] [--mongodb-uri URI]
+    python benchmarks/sync_benchmark.py [--documents 150000] [--bucket-size 5000] [--factor 0] [--mongodb-uri URI]
 
 Prints, in one run: the time to drain the collection through a raw-BSON cursor
-(the floor any exporter pays), the time of `aries sync`, their ratio, and the
-peak RSS of the sync's process tree; then the peak RSS for a collection
-`--factor` times larger, to show memory follows the bucket size, not the
-collection size. Uses SecantusDB unless --mongodb-uri (or MONGODB_URI) is given.
+(the floor any exporter pays), the time of a first `aries sync` (the whole
+command: process start, Dagster run, every bucket written), their ratio, the
+number of reads the server answered for each (its `opcounters`: SecantusDB
+answers every `_id` range read with a full scan, so reads matter as much as
+seconds), and the peak RSS of the sync's process tree. With `--factor N`, the
+peak RSS for a collection N times larger, to show memory follows the bucket
+size, not the collection size. Uses SecantusDB unless --mongodb-uri is given.
 """
 
 from __future__ import annotations
@@ -27,8 +30,6 @@ from bson import Decimal128, ObjectId
 from pymongo import MongoClient
 
 from aries_assets.demo.mongo_server import embedded_mongo
-
-BUCKET_SIZE = 50_000
 
 
 def event(rng: random.Random, i: int, apps: list[ObjectId]) -> dict:
@@ -64,20 +65,29 @@ def fill(client: MongoClient, name: str, count: int) -> None:
         coll.insert_many(batch, ordered=False)
 
 
-def drain_seconds(client: MongoClient, name: str) -> float:
+def reads(client: MongoClient) -> int:
+    """Queries and getMores the server has answered so far."""
+    counters = client.admin.command("serverStatus").get("opcounters", {})
+    return int(counters.get("query", 0)) + int(counters.get("getmore", 0))
+
+
+def drain_seconds(client: MongoClient, name: str) -> tuple[float, int]:
+    before = reads(client)
     started = time.monotonic()
     for _ in client.bench[name].find_raw_batches({}, batch_size=100_000).sort("_id", 1):
         pass
-    return time.monotonic() - started
+    return time.monotonic() - started, reads(client) - before
 
 
-def run_sync(uri: str, name: str, workdir: Path, workers: int, infer: bool = True) -> tuple[float, int, int]:
+def run_sync(
+    uri: str, name: str, workdir: Path, workers: int, bucket_size: int, infer: bool = True
+) -> tuple[float, int, int]:
     """Seconds, peak RSS of the whole process tree, and of its largest single process."""
     workdir.mkdir(parents=True, exist_ok=True)
     config = workdir / f"{name}.yaml"
     config.write_text(
         f'mongo: {{uri: "{uri}"}}\nlake: {{url: "{workdir / "lake"}"}}\n'
-        f"collections:\n  - {{database: bench, collection: {name}, bucket_size: {BUCKET_SIZE}, "
+        f"collections:\n  - {{database: bench, collection: {name}, bucket_size: {bucket_size}, "
         f"infer_schema: {str(infer).lower()}}}\n"
     )
     env = {**os.environ, "DAGSTER_HOME": str(workdir / "dagster_home")}
@@ -110,8 +120,11 @@ def run_sync(uri: str, name: str, workdir: Path, workers: int, infer: bool = Tru
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--documents", type=int, default=200_000)
-    parser.add_argument("--factor", type=int, default=10)
+    parser.add_argument("--documents", type=int, default=150_000)
+    parser.add_argument("--bucket-size", type=int, default=5_000)
+    parser.add_argument(
+        "--factor", type=int, default=0, help="also a collection this many times larger (memory)"
+    )
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--mongodb-uri", default=os.environ.get("MONGODB_URI"))
     args = parser.parse_args()
@@ -123,49 +136,43 @@ def main() -> None:
         mb = 1024 * 1024
         rows = []
         runs = [
-            ("events", args.documents, False),  # the baseline: `_id` and `_doc` only
+            ("events", args.documents, False),  # `_id` and `_doc` only
             ("events", args.documents, True),
-            ("events_large", args.documents * args.factor, True),
         ]
+        if args.factor:
+            runs.append(("events_large", args.documents * args.factor, True))
         for name, count, infer in runs:
             print(f"loading {count:,} documents into bench.{name} ...", file=sys.stderr, flush=True)
             fill(client, name, count)
-            # The large run is there for memory; its drain would only repeat the small one's rate.
-            drain = drain_seconds(client, name) if count == args.documents else float("nan")
+            drain, drain_reads = drain_seconds(client, name)
             label = f"{name}{'' if infer else ' (no inference)'}"
+            before = reads(client)
             seconds, peak_tree, peak_single = run_sync(
-                uri, name, workdir / label.replace(" ", "_"), args.workers, infer
+                uri, name, workdir / label.replace(" ", "_"), args.workers, args.bucket_size, infer
             )
-            rows.append((label, count, drain, seconds, peak_tree, peak_single))
+            sync_reads = reads(client) - before
+            rows.append((label, count, drain, seconds, drain_reads, sync_reads, peak_tree, peak_single))
             print(f"  {label}: drain {drain:.1f}s, sync {seconds:.1f}s", file=sys.stderr, flush=True)
 
     server = "given" if args.mongodb_uri else "SecantusDB"
-    print(f"\nbucket_size {BUCKET_SIZE:,}, {args.workers} workers, server: {server}")
-    header = (
-        "collection",
-        "documents",
-        "raw drain s",
-        "aries sync s",
-        "ratio",
-        "docs/s",
-        "peak RSS tree MB",
-        "largest proc MB",
-    )
+    print(f"\nfirst `aries sync`, bucket_size {args.bucket_size:,}, {args.workers} workers, server: {server}")
+    header = ("collection", "documents", "drain s", "sync s", "ratio", "docs/s", "drain reads", "sync reads",
+              "RSS tree MB", "largest MB")  # fmt: skip
     print(
-        f"{header[0]:<28}{header[1]:>11}{header[2]:>13}{header[3]:>14}{header[4]:>7}{header[5]:>9}{header[6]:>18}{header[7]:>17}"
+        f"{header[0]:<26}{header[1]:>10}{header[2]:>9}{header[3]:>8}{header[4]:>7}{header[5]:>9}"
+        f"{header[6]:>13}{header[7]:>12}{header[8]:>13}{header[9]:>12}"
     )
-    for label, count, drain, seconds, tree, single in rows:
+    for label, count, drain, seconds, drain_reads, sync_reads, tree, single in rows:
         print(
-            f"{label:<28}{count:>11,}{drain:>13.1f}{seconds:>14.1f}{seconds / drain:>7.2f}"
-            f"{count / seconds:>9,.0f}{tree / mb:>18.0f}{single / mb:>17.0f}"
+            f"{label:<26}{count:>10,}{drain:>9.1f}{seconds:>8.1f}{seconds / drain:>7.2f}"
+            f"{count / seconds:>9,.0f}{drain_reads:>13}{sync_reads:>12}{tree / mb:>13.0f}{single / mb:>12.0f}"
         )
-    baseline, inferred, large = rows
-    print(
-        f"\ntype inference adds {inferred[3] / baseline[3] - 1:+.1%} to the sync time ({baseline[3]:.1f}s -> {inferred[3]:.1f}s)"
-    )
-    print(
-        f"{large[1] // inferred[1]}x the documents -> {large[5] / inferred[5]:.2f}x the largest process's peak RSS"
-    )
+    baseline, inferred = rows[0], rows[1]
+    print(f"\ntype inference adds {inferred[3] / baseline[3] - 1:+.1%} to the sync time")
+    if args.factor:
+        large = rows[2]
+        print(f"{args.factor}x the documents -> {large[7] / inferred[7]:.2f}x the largest process's peak RSS")
+    print("reads: queries + getMores the server answered (opcounters); a range read is one query")
 
 
 if __name__ == "__main__":

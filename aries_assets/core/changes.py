@@ -22,14 +22,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from bson import Timestamp
+from bson import Timestamp, json_util
 from pymongo import MongoClient
 from pymongo.errors import OperationFailure, PyMongoError
 
 from aries_assets.core.arrow import CODEC_OPTIONS
 from aries_assets.core.extract import SourceCollection
-from aries_assets.core.lake import Lake
-from aries_assets.core.ledger import Ledger, LedgerStore
+from aries_assets.core.lake import STATE_DIR, Lake, safe_segment
+from aries_assets.core.ledger import Ledger, LedgerStore, now_iso
+
+_CANONICAL = json_util.CANONICAL_JSON_OPTIONS
 
 ScopeKind = Literal["database", "collection", "deployment"]
 
@@ -116,6 +118,7 @@ class ScopeChanges:
     caught_up: bool
     events: int = 0
     history_lost: str | None = None
+    token: dict[str, Any] | None = None  # resume here next time (the server checks it is still in the oplog)
 
 
 def read_changes(
@@ -124,22 +127,26 @@ def read_changes(
     start: Timestamp,
     max_events: int = 20_000,
     max_seconds: float = 3.0,
+    token: dict[str, Any] | None = None,
 ) -> ScopeChanges:
-    """Read the scope's changes from `start` until caught up, `max_events` or `max_seconds`."""
+    """Read the scope's changes after `token`, or from `start`, until caught up, `max_events` or `max_seconds`."""
     now = majority_time(client, scope.members[0])
     labels = {(m.database, m.collection): m.label for m in scope.members}
     result = ScopeChanges({m.label: CollectionChanges() for m in scope.members}, start, False)
     deadline = time.monotonic() + max_seconds
     last: Timestamp | None = None
     operation = None
-    oldest = oplog_start(client)
-    if oldest is not None and start < oldest:
-        result.history_lost = "the stream position is no longer in the oplog"
-        result.position = now
-        return result
+    if token is None:
+        # A time, unlike a token, is not checked by every server: check it against the oplog.
+        oldest = oplog_start(client)
+        if oldest is not None and start < oldest:
+            result.history_lost = "the stream position is no longer in the oplog"
+            result.position = now
+            return result
+    where = {"resume_after": token} if token is not None else {"start_at_operation_time": start}
     try:
         with scope.watch_target(client).watch(
-            scope.pipeline(), start_at_operation_time=start, max_await_time_ms=100, batch_size=5000
+            scope.pipeline(), max_await_time_ms=100, batch_size=5000, **where
         ) as stream:
             while result.events < max_events and time.monotonic() < deadline:
                 change = stream.try_next()
@@ -170,6 +177,7 @@ def read_changes(
                     wall = change.get("wallTime")
                     if isinstance(wall, datetime.datetime):
                         changes.newest_wall = wall if wall.tzinfo else wall.replace(tzinfo=datetime.UTC)
+            result.token = stream.resume_token
     except OperationFailure as error:
         if error.code in HISTORY_LOST_CODES:
             result.history_lost = f"the stream position is no longer in the oplog ({error.code})"
@@ -195,6 +203,32 @@ class Recorded:
     marked: int
     events: int
     lag_seconds: float
+
+
+def scope_file(scope: StreamScope) -> str:
+    """Where a scope's stream keeps its resume token: at the lake's root, beside the databases."""
+    return f"{STATE_DIR}/streams/{safe_segment(f'{scope.kind}-{scope.name}')}.json"
+
+
+def load_scope_token(lake: Lake, scope: StreamScope, loaded: set[str]) -> dict[str, Any] | None:
+    """The scope's resume token, if every collection now recording was recording when it was saved.
+
+    A collection that joined since (a first load finished, a new entry in the config)
+    has changes before the token that nobody recorded: then the stream starts from
+    the oldest position instead.
+    """
+    text = lake.read_text(scope_file(scope))
+    if not text:
+        return None
+    body = json_util.loads(text, json_options=_CANONICAL)
+    if not loaded <= set(body.get("members", [])):
+        return None
+    return body.get("token")
+
+
+def save_scope_token(lake: Lake, scope: StreamScope, token: dict[str, Any] | None, members: set[str]) -> None:
+    body = {"token": token, "members": sorted(members) if token else [], "saved_at": now_iso()}
+    lake.write_text(scope_file(scope), json_util.dumps(body, json_options=_CANONICAL))
 
 
 def scope_start(ledgers: dict[str, Ledger]) -> Timestamp | None:
@@ -227,7 +261,9 @@ def record_changes(
     recorded: dict[str, Recorded] = {}
     if start is None:
         return {label: Recorded(led, 0, 0, 0.0) for label, led in ledgers.items()}, None
-    changes = read_changes(client, scope, start, max_events, max_seconds)
+    loaded = {label for label, led in ledgers.items() if led.loaded and led.position is not None}
+    token = load_scope_token(lake, scope, loaded)
+    changes = read_changes(client, scope, start, max_events, max_seconds, token)
     for label, store in stores.items():
         ledger = ledgers[label]
         found = changes.by_collection[label]
@@ -253,4 +289,6 @@ def record_changes(
         if found.newest_wall is not None and not changes.caught_up:
             lag = max(0.0, (datetime.datetime.now(datetime.UTC) - found.newest_wall).total_seconds())
         recorded[label] = Recorded(ledger, marked, len(fresh), lag)
+    # Only now, with every change before it recorded: the token the next read resumes after.
+    save_scope_token(lake, scope, None if changes.history_lost else changes.token, loaded)
     return recorded, changes

@@ -7,7 +7,9 @@ type class, while a bucket of a mixed-type collection spans several classes.
 
 from __future__ import annotations
 
+import queue
 import struct
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -136,9 +138,49 @@ def range_documents(
         if after is not None:
             session.advance_operation_time(after)
         cursor = _range_cursor(source.open(client), source.query, lower, upper, session=session)
-        for batch in cursor:
+        for batch in _prefetched(cursor):
             for raw in split_raw_batch(batch):
                 yield raw_id(raw), bytes(raw)
+
+
+_DONE = object()
+
+
+def _prefetched(cursor: Any, depth: int = 2) -> Iterator[bytes]:
+    """The cursor's raw batches, fetched by a thread while the caller works on the previous one:
+    the server's time and ours overlap (the socket wait releases the GIL)."""
+    batches: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def fetch() -> None:
+        try:
+            for batch in cursor:
+                while not stop.is_set():
+                    try:
+                        batches.put(batch, timeout=0.5)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            batches.put(_DONE)
+        except BaseException as error:  # handed to the reader, raised there
+            batches.put(error)
+
+    thread = threading.Thread(target=fetch, name="aries prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = batches.get()
+            if item is _DONE:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+        cursor.close()
 
 
 class UnsupportedCollection(RuntimeError):
