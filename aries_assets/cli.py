@@ -64,6 +64,78 @@ def cmd_sync(args: argparse.Namespace) -> int:
     return 1 if any(r.failures for r in reports) else 0
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    """A table per collection (or JSON): is everything in step, and if not, what is waiting or failing."""
+    import json
+
+    from aries_assets.core.changes import majority_time
+    from aries_assets.core.status import ago, collection_status
+    from aries_assets.definitions import build_definitions
+    from aries_assets.factory import source_of, spec_of
+
+    config = load_config(args.config)
+    defs = build_definitions(config)
+    lake = defs.resources["lake"].open()
+    warehouse = defs.resources.get("warehouse")
+    loader = warehouse.loader() if warehouse is not None else None
+    cluster_time, unreachable = None, None
+    try:
+        client = defs.resources["mongo"].client()
+        try:
+            cluster_time = majority_time(client, source_of(config.collections[0]))
+        finally:
+            client.close()
+    except MongoUnreachable as error:
+        unreachable = str(error)
+    statuses = []
+    for coll in config.collections:
+        status = collection_status(spec_of(coll, loader is not None), lake, loader, cluster_time)
+        if unreachable:
+            status.problems.append(unreachable)
+        statuses.append(status)
+    if args.json:
+        print(json.dumps([s.to_dict() for s in statuses], indent=1, default=str))
+    else:
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(title="Aries status", title_justify="left")
+        columns = [
+            "collection",
+            "docs",
+            "buckets",
+            "lag",
+            "dirty",
+            "last success",
+            "lease",
+            "schema",
+            "warehouse",
+            "state",
+        ]
+        for name in columns:
+            table.add_column(name, overflow="fold")
+        for s in statuses:
+            warehouse_text = "-"
+            if s.warehouse_rows is not None or s.warehouse_buckets_behind is not None:
+                behind = f", {s.warehouse_buckets_behind} behind" if s.warehouse_buckets_behind else ""
+                warehouse_text = f"{s.warehouse_rows or 0:,} rows{behind}"
+            state = "in step" if s.in_step else "; ".join(s.problems) or f"waiting: {s.waiting_for}"
+            table.add_row(
+                s.collection,
+                f"{s.documents:,}",
+                str(s.buckets),
+                "-" if s.lag_seconds is None else f"{s.lag_seconds:.0f}s",
+                str(s.dirty_buckets),
+                ago(s.last_success),
+                s.lease or "free",
+                f"v{s.schema_version}",
+                warehouse_text,
+                state,
+            )
+        Console(width=200 if not sys.stdout.isatty() else None).print(table)
+    return 1 if any(s.problems for s in statuses) else 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from aries_assets.demo.run import run_demo
 
@@ -84,6 +156,12 @@ def main(argv: list[str] | None = None) -> int:
         help="re-read every collection and rewrite buckets whose content changed",
     )
     sync_parser.set_defaults(func=cmd_sync)
+    status_parser = sub.add_parser(
+        "status", help="is every collection in step: lag, dirty buckets, leases, failures"
+    )
+    status_parser.add_argument("--config", help="config file (default: $ARIES_CONFIG or ./aries.yaml)")
+    status_parser.add_argument("--json", action="store_true", help="machine-readable output")
+    status_parser.set_defaults(func=cmd_status)
     demo_parser = sub.add_parser(
         "demo", help="embedded MongoDB with sample data, a trickle of changes, dagster dev"
     )

@@ -282,6 +282,14 @@ class Loader:
             )
             return dict(cursor.fetchall())
 
+    def row_count(self, table: TableRef) -> int | None:
+        """Rows in the table, or None when it does not exist yet."""
+        with self.transaction() as cursor:
+            if not self.existing_columns(cursor, table):
+                return None
+            cursor.execute(f"SELECT COUNT(*) FROM {self.table_sql(table)}")
+            return int(cursor.fetchone()[0])
+
     def bucket_ids(self, table: TableRef, bucket: str) -> list[str]:
         with self.transaction() as cursor:
             cursor.execute(
