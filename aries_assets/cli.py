@@ -59,7 +59,8 @@ def cmd_sync(args: argparse.Namespace) -> int:
     check_mongo(config)  # before anything is written, DAGSTER_HOME included
     ensure_dagster_home()
     workers = args.workers or config.sync.workers or default_workers()
-    reports = sync(config, workers=workers, progress=_progress, full=args.full)
+    live = sys.stderr.isatty() and not args.plain
+    reports = sync(config, workers=workers, progress=_progress, full=args.full, live=live)
     print_summary(reports)
     return 1 if any(r.failures for r in reports) else 0
 
@@ -154,6 +155,11 @@ def main(argv: list[str] | None = None) -> int:
         "--full",
         action="store_true",
         help="re-read every collection and rewrite buckets whose content changed",
+    )
+    sync_parser.add_argument(
+        "--plain",
+        action="store_true",
+        help="plain progress lines even on a terminal (they are the default otherwise)",
     )
     sync_parser.set_defaults(func=cmd_sync)
     status_parser = sub.add_parser(

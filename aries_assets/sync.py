@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from dataclasses import dataclass, field
 
 import dagster as dg
@@ -62,7 +63,9 @@ class CollectionReport:
         )
 
 
-def sync(config: AriesConfig, workers: int, progress=print, full: bool = False) -> list[CollectionReport]:
+def sync(
+    config: AriesConfig, workers: int, progress=print, full: bool = False, live: bool = False
+) -> list[CollectionReport]:
     """Catch every configured collection up; one collection failing does not stop the others."""
     defs = build_definitions(config)
     lake = defs.resources["lake"].open()
@@ -79,7 +82,10 @@ def sync(config: AriesConfig, workers: int, progress=print, full: bool = False) 
         client.close()
 
     reports = []
-    previous, terminal.listener = terminal.listener, _listener(progress)
+    display = LiveProgress() if live else None
+    previous, terminal.listener = terminal.listener, display.listen if display else _listener(progress)
+    if display:
+        display.start()
     try:
         with dg.DagsterInstance.get() as instance:
             for coll in config.collections:
@@ -106,6 +112,8 @@ def sync(config: AriesConfig, workers: int, progress=print, full: bool = False) 
                     reports.append(CollectionReport(coll.label, failures=[error]))
     finally:
         terminal.listener = previous
+        if display:
+            display.stop()
     return reports
 
 
@@ -122,10 +130,13 @@ def _first_error(result) -> str:
 
 
 def _listener(progress):
+    shown = {"at": 0.0}
+
     def listen(label: str, event: str, details: dict) -> None:
         if event == "message":
             progress(f"[{label}] {details['text'].removeprefix(label + ': ')}")
-        elif event == "progress" and details["documents"]:
+        elif event == "progress" and details["documents"] and time.monotonic() - shown["at"] >= 5:
+            shown["at"] = time.monotonic()
             total = f" of ~{details['total']:,}" if details.get("total") else ""
             progress(
                 f"[{label}] {details['documents']:,}{total} documents read, {details['bytes'] / 1e6:,.1f} MB"
@@ -134,6 +145,57 @@ def _listener(progress):
             progress(f"[{label}] bucket {details['key']}: {details['documents']:,} docs")
 
     return listen
+
+
+class LiveProgress:
+    """A live display on a terminal: per collection, documents and MB read, rate and time left."""
+
+    def __init__(self) -> None:
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        self.console = Console(stderr=True)
+        self.progress = Progress(
+            TextColumn("{task.description:<32}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("docs {task.fields[mb]:>8.1f} MB {task.fields[rate]:>8,.0f} docs/s"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=self.console,
+        )
+        self.tasks: dict[str, int] = {}
+
+    def start(self) -> None:
+        self.progress.start()
+
+    def stop(self) -> None:
+        self.progress.stop()
+
+    def listen(self, label: str, event: str, details: dict) -> None:
+        if label not in self.tasks:
+            self.tasks[label] = self.progress.add_task(label, total=None, mb=0.0, rate=0.0)
+        task = self.tasks[label]
+        if event == "progress":
+            elapsed = self.progress.tasks[task].elapsed or 0.0
+            rate = details["documents"] / elapsed if elapsed else 0.0
+            total = details.get("total")
+            self.progress.update(
+                task,
+                completed=details["documents"],
+                total=max(total, details["documents"]) if total else None,
+                mb=details["bytes"] / 1e6,
+                rate=rate,
+            )
+        elif event == "message":
+            self.console.log(f"[{label}] {details['text'].removeprefix(label + ': ')}")
 
 
 def default_workers() -> int:

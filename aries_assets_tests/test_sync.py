@@ -148,3 +148,36 @@ def test_a_failing_collection_is_reported_and_the_others_still_sync(client, mong
         assert len(list((workdir / "lake" / other / "good").glob("*.parquet"))) == 1
     finally:
         client.drop_database(other)
+
+
+def test_a_terminal_gets_a_live_progress_display_and_a_pipe_plain_lines(client, mongo_uri, database, workdir):
+    import os
+    import shlex
+    import subprocess
+    import sys
+
+    client[database].events.insert_many([{"n": i} for i in range(5_000)])
+    write_config(
+        workdir / "aries.yaml", mongo_uri, "./lake", [{"database": database, "collection": "events"}]
+    )
+    command = shlex.join(
+        [sys.executable, "-m", "aries_assets.cli", "sync", "--config", str(workdir / "aries.yaml")]
+    )
+    env = {**os.environ, "COLUMNS": "160"}
+    # `script` gives the command a pseudo-terminal, as a person's shell would.
+    on_terminal = subprocess.run(
+        ["script", "-qec", command, "/dev/null"],
+        cwd=workdir,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert on_terminal.returncode == 0, on_terminal.stdout
+    assert "docs/s" in on_terminal.stdout and f"{database}.events" in on_terminal.stdout
+    client[database].events.insert_many([{"n": i} for i in range(10)])
+    piped = subprocess.run(
+        shlex.split(command), cwd=workdir, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert piped.returncode == 0
+    assert "docs/s" not in piped.stderr and f"[{database}.events]" in piped.stderr

@@ -339,7 +339,7 @@ class _CollectionSync:
                         self._submit(
                             writers, done, bucket_map, first_load, skip_unchanged and not force, touched
                         )
-                    if read_docs % 10_000 == 0:
+                    if read_docs % 2_000 == 0:
                         self.reporter.progress(read_docs, read_bytes, total)
                 for done in cutter.finish():
                     self._submit(writers, done, bucket_map, first_load, skip_unchanged and not force, touched)
