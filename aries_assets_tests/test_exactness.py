@@ -1,0 +1,115 @@
+"""Exactness defects of the engine: schema convergence, option changes, causal reads, collations."""
+
+from __future__ import annotations
+
+import random
+
+import pyarrow.parquet as pq
+from pymongo import monitoring
+
+from aries_assets_tests.support import (
+    assert_same_documents,
+    lake_documents,
+    mongo_documents,
+    run_cli,
+    write_config,
+)
+
+
+def test_a_type_minority_in_one_bucket_converges_and_a_second_sync_rewrites_nothing(
+    client, mongo_uri, database, workdir
+):
+    # 12k documents, `zip` an int except 0.8% strings, all of them in one 1,000-document bucket.
+    rng = random.Random(5)
+    docs = [{"_id": i, "zip": rng.randint(10_000, 99_999)} for i in range(12_000)]
+    for i in rng.sample(range(3_000, 4_000), 96):
+        docs[i]["zip"] = f"Z-{i}"
+    client[database].people.insert_many(docs)
+    write_config(
+        workdir / "aries.yaml",
+        mongo_uri,
+        "./lake",
+        [{"database": database, "collection": "people", "bucket_size": 1_000}],
+    )
+    code, out, err = run_cli("sync", "--workers", "1")
+    assert code == 0, out + err
+    folder = workdir / "lake" / database / "people"
+    types = {pq.read_schema(p).field("zip").type for p in folder.glob("*.parquet")}
+    assert {str(t) for t in types} == {"int32"}, "99.2% ints keep an int column; the strings stay in _doc"
+    code, out, err = run_cli("sync", "--workers", "1")
+    assert code == 0, out + err
+    assert " 0 written" in out
+    assert_same_documents(mongo_documents(client, database, "people"), lake_documents(folder))
+
+
+def test_changed_collection_options_rewrite_files_already_written(client, mongo_uri, database, workdir):
+    client[database].events.insert_many([{"_id": i, "a": {"b": {"c": i}}} for i in range(50)])
+    entry = {"database": database, "collection": "events", "bucket_size": 20}
+    write_config(workdir / "aries.yaml", mongo_uri, "./lake", [entry])
+    assert run_cli("sync", "--workers", "1")[0] == 0
+    folder = workdir / "lake" / database / "events"
+    assert "a__b__c" in pq.read_schema(next(folder.glob("*.parquet"))).names
+    write_config(workdir / "aries.yaml", mongo_uri, "./lake", [{**entry, "max_depth": 1}])
+    code, out, err = run_cli("sync", "--workers", "1", "--full")
+    assert code == 0, out + err
+    for path in folder.glob("*.parquet"):
+        assert "a__b__c" not in pq.read_schema(path).names, f"{path.name} still follows the old options"
+
+
+class ReadConcerns(monitoring.CommandListener):
+    def __init__(self) -> None:
+        self.finds: list[dict] = []
+
+    def started(self, event):
+        if event.command_name == "find":
+            self.finds.append(dict(event.command))
+
+    def succeeded(self, event):
+        pass
+
+    def failed(self, event):
+        pass
+
+
+def test_bucket_reads_are_causally_after_the_recorded_change_with_a_secondary_read_preference(
+    client, mongo_uri, database, workdir
+):
+    client[database].events.insert_many([{"_id": i, "v": 0} for i in range(30)])
+    separator = "&" if "?" in mongo_uri else "?"
+    uri = f"{mongo_uri}{separator}readPreference=secondaryPreferred"
+    write_config(workdir / "aries.yaml", uri, "./lake", [{"database": database, "collection": "events"}])
+    assert run_cli("sync", "--workers", "1")[0] == 0
+    client[database].events.update_one({"_id": 3}, {"$set": {"v": 1}})
+    listener = ReadConcerns()
+    monitoring.register(listener)
+    try:
+        assert run_cli("sync", "--workers", "1")[0] == 0
+    finally:
+        monitoring._LISTENERS.command_listeners.remove(listener)
+    bucket_reads = [
+        f for f in listener.finds if f.get("find") == "events" and f.get("filter") != {"_id": None}
+    ]
+    assert bucket_reads, "the dirty bucket was read"
+    for read in bucket_reads:
+        concern = read.get("readConcern", {})
+        assert concern.get("level") == "majority" and "afterClusterTime" in concern, read
+    assert_same_documents(
+        mongo_documents(client, database, "events"), lake_documents(workdir / "lake" / database / "events")
+    )
+
+
+def test_a_collection_with_a_locale_collation_is_refused_with_one_clear_line(
+    client, mongo_uri, database, workdir
+):
+    client[database].create_collection("names", collation={"locale": "en", "strength": 2})
+    client[database].names.insert_many([{"_id": "a"}, {"_id": "B"}])
+    info = list(client[database].list_collections(filter={"name": "names"}))[0]
+    write_config(workdir / "aries.yaml", mongo_uri, "./lake", [{"database": database, "collection": "names"}])
+    code, out, err = run_cli("sync", "--workers", "1")
+    if not (info.get("options") or {}).get("collation"):
+        # A server that ignores collations orders `_id`s by bytes: nothing to refuse.
+        assert code == 0
+        return
+    assert code == 1
+    assert f"{database}.names" in out and "collation is 'en'" in out
+    assert not list((workdir / "lake").rglob("*.parquet")), "nothing is written"
