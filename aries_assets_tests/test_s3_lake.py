@@ -64,7 +64,7 @@ def test_sync_to_s3_lake(client, mongo_uri, database, workdir, s3, s3_endpoint):
 
         keys = [o["Key"] for o in s3.list_objects_v2(Bucket="lake-bucket")["Contents"]]
         parquet = sorted(k for k in keys if k.endswith(".parquet"))
-        assert all(k.startswith(f"raw/mongo/{db}/users/") for k in keys)
+        assert all(k.startswith((f"raw/mongo/{db}/users/", "raw/mongo/_aries/streams/")) for k in keys)
         assert f"raw/mongo/{db}/users/_aries/ledger.json" in keys
         assert len(parquet) == 4  # 185 users in buckets of 50
         actual = {}

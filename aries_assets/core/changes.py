@@ -148,7 +148,10 @@ def read_changes(
         with scope.watch_target(client).watch(
             scope.pipeline(), max_await_time_ms=100, batch_size=5000, **where
         ) as stream:
-            while result.events < max_events and time.monotonic() < deadline:
+            while True:
+                # At least one read, however slow opening the stream was.
+                if result.events and (result.events >= max_events or time.monotonic() >= deadline):
+                    break
                 change = stream.try_next()
                 if change is None:
                     result.caught_up = True

@@ -183,6 +183,9 @@ def sync_collection(
             if time.monotonic() >= deadline or not reporter.keep_lingering():
                 break
             time.sleep(0.2)
+        if outcome.rounds == 0:
+            # Nothing changed in MongoDB; the warehouse may still lack buckets (added to the config, restored).
+            sync.settle_targets(store.load())
         _note_run(store, "ok", None, outcome)
         sync.summarise()
     except BaseException as error:
@@ -288,6 +291,19 @@ class _CollectionSync:
         self.store.update(lambda led: led.clear(covered_dirty, covered_reread, done))
         files = self.files or files
         self.outcome.buckets = len(bucket_map.keys)
+        self.outcome.documents = sum(f.documents for f in files.values() if f is not None)
+        if self.schema is not None:
+            self.outcome.schema_version = self.schema.version
+
+    def settle_targets(self, ledger: Ledger) -> None:
+        """Glue and the warehouse caught up with the lake as it is, with no bucket to write."""
+        if not ledger.loaded:
+            return
+        keys = ledger.bucket_map().keys
+        files = self._files(keys)
+        self._register_glue()
+        self._load_warehouse(keys)
+        self.outcome.buckets = len(keys)
         self.outcome.documents = sum(f.documents for f in files.values() if f is not None)
         if self.schema is not None:
             self.outcome.schema_version = self.schema.version
