@@ -335,7 +335,8 @@ def build_sync_job(
             outcome = run_sync(context, coll, options, config, mongo, lake, None)
             return dg.Output(outcome, metadata=outcome_metadata(outcome))
 
-    @dg.job(name=job_name(coll), description=description, tags=tags)
+    # One step: run it in the run's own process rather than start another for it.
+    @dg.job(name=job_name(coll), description=description, tags=tags, executor_def=dg.in_process_executor)
     def sync_job():
         sync_op()
 

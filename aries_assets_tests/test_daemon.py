@@ -62,7 +62,7 @@ def test_mongodb_down_after_a_burst_converges_with_no_command(workdir):
         assert_same_documents(expected, lake_documents(folder))
         assert_table_equals_mongo(f"duckdb:///{warehouse}", "app", client.app.events)
 
-    with running_daemon(workdir, config) as home:
+    with running_daemon(workdir, config) as daemon:
         log = workdir / "daemon.log"
         with embedded_mongo(storage, port=port) as uri, MongoClient(uri) as client:
             coll = client.app.events
@@ -84,10 +84,48 @@ def test_mongodb_down_after_a_burst_converges_with_no_command(workdir):
             done = subprocess.run(
                 [sys.executable, "-m", "aries_assets.cli", "sync", "--config", str(config)],
                 cwd=workdir,
-                env={**os.environ, "DAGSTER_HOME": str(home)},
+                env={**os.environ, "DAGSTER_HOME": str(daemon.home)},
                 capture_output=True,
                 text=True,
                 timeout=300,
             )
             assert done.returncode == 0, done.stdout + done.stderr
             wait_until(lambda: exact(client), 60, "exact after a sync beside the daemon", log)
+
+
+def test_a_run_killed_with_kill_9_is_repaired_by_the_next_ticks(client, mongo_uri, database, workdir):
+    """The run's process dies mid-write: its lease expires, the sensor marks the run failed and
+    asks again, and the lake ends exact, with no command run."""
+    coll = client[database].events
+    coll.insert_many([{"_id": i, "v": 0, "pad": "x" * 2_000} for i in range(20_000)])
+    config = workdir / "aries.yaml"
+    write_config(
+        config,
+        mongo_uri,
+        str(workdir / "lake"),
+        [{"database": database, "collection": "events", "bucket_size": 500}],
+        sync={"lease_seconds": 5, "linger_seconds": 0},
+    )
+    folder = workdir / "lake" / database / "events"
+    with running_daemon(workdir, config) as daemon:
+        log = workdir / "daemon.log"
+        # The first load is the daemon's own run: kill its process while it writes.
+        deadline = time.monotonic() + 120
+        while not daemon.run_processes():
+            assert time.monotonic() < deadline, "no run started:\n" + log.read_text()[-3000:]
+            time.sleep(0.2)
+        time.sleep(3)
+        victims = daemon.run_processes()
+        assert victims, "the run finished before it could be killed; make the collection larger"
+        for process in victims:
+            process.kill()
+        coll.update_one({"_id": 3}, {"$set": {"v": "after the kill"}})
+        wait_until(
+            lambda: assert_same_documents(
+                mongo_documents(client, database, "events"), lake_documents(folder)
+            ),
+            180,
+            "lake equal to MongoDB after the killed run",
+            log,
+        )
+        assert not [p for p in folder.rglob("*.tmp")], "no temporary file left"

@@ -9,16 +9,36 @@ import signal
 import subprocess
 import sys
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
+
 ROOT = Path(__file__).resolve().parent.parent.parent
+
+
+@dataclass(frozen=True)
+class Daemon:
+    home: Path  # DAGSTER_HOME
+    pid: int
+
+    def run_processes(self) -> list[psutil.Process]:
+        """The processes executing runs of this instance: the code server (`dagster api grpc`, its
+        arguments carrying this DAGSTER_HOME) starts each run as a child process."""
+        found = []
+        for process in psutil.process_iter():
+            with contextlib.suppress(psutil.Error):
+                command = " ".join(process.cmdline())
+                if "api grpc" in command and str(self.home) in command:
+                    found += process.children()
+        return found
 
 
 @contextlib.contextmanager
 def running_daemon(
     work: Path, config: Path, instance_yaml: Path | None = None, extra_env=None
-) -> Iterator[Path]:
-    """`dagster-daemon run` on `config`, in its own process group; yields DAGSTER_HOME; stops it all on exit."""
+) -> Iterator[Daemon]:
+    """`dagster-daemon run` on `config`, in its own process group; stops it and its runs on exit."""
     home = work / "dagster_home"
     home.mkdir(parents=True, exist_ok=True)
     if not (home / "dagster.yaml").exists():
@@ -38,7 +58,7 @@ def running_daemon(
         start_new_session=True,
     )
     try:
-        yield home
+        yield Daemon(home, daemon.pid)
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(daemon.pid, signal.SIGTERM)
