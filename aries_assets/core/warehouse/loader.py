@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import math
 import os
 import re
 import time
@@ -77,6 +78,7 @@ class Dialect:
     json_type = "text"
     id_type = "text"
     max_document_bytes: int | None = None  # the largest `_doc` the table can hold
+    holds_nul = True  # whether text can hold the NUL character (PostgreSQL's cannot)
 
     def column_type(self, column: s.ColumnSpec, stats: s.FieldStats | None) -> str:
         raise NotImplementedError
@@ -108,6 +110,7 @@ class PostgresDialect(Dialect):
     name = "postgresql"
     json_type = "jsonb"
     id_type = "text"
+    holds_nul = False
     _types = {
         s.T_BOOL: "boolean", s.T_INT32: "integer", s.T_INT64: "bigint", s.T_DOUBLE: "double precision",
         s.T_STRING: "text", s.T_JSON: "jsonb", s.T_TIMESTAMP: "timestamp with time zone", s.T_BINARY: "bytea",
@@ -200,8 +203,9 @@ class Loader:
     ) -> list[str]:
         """The statements after staging: delete the bucket's rows and any re-staged `_id`, insert, record."""
         target = self.table_sql(table)
-        names = ["_id", "_doc", *[c.name for c in schema.columns]]
-        select = ", ".join(self.stage_expression(n) for n in names)
+        typed = staged_types(schema)
+        names = list(typed)
+        select = ", ".join(self.stage_expression(n, t) for n, t in typed.items())
         insert_columns = ", ".join(quote(n) for n in [*names, "_bucket"])
         return [
             f"DELETE FROM {target} WHERE {quote('_bucket')} = {literal(bucket)} "
@@ -212,9 +216,8 @@ class Loader:
             f"(SELECT COUNT(*) FROM {stage}), {schema.version}, {literal(time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()))})",
         ]
 
-    def stage_expression(self, name: str) -> str:
-        if self.dialect.name == "redshift" and name == "_doc":
-            return f"JSON_PARSE({quote(name)})"
+    def stage_expression(self, name: str, type_name: str) -> str:
+        """How a staged column becomes the table's: as it is, unless the dialect stages it in another form."""
         return quote(name)
 
     # --- operations -------------------------------------------------------------------------
@@ -302,6 +305,7 @@ class Loader:
         started = time.monotonic()
         stage = quote(f"_aries_stage_{os.getpid()}_{abs(hash(bucket)) % 10**8}")
         data = _conform(data, schema)
+        self.check_values(table, bucket, schema, data)
         with self.transaction() as cursor:
             actions = self.evolve(cursor, table, schema, evolution)
             self.stage(cursor, stage, table, schema, data, file_uri)
@@ -314,6 +318,19 @@ class Loader:
         self, cursor, stage: str, table: TableRef, schema: s.InferredSchema, data: pa.Table, file_uri: str
     ) -> None:
         raise NotImplementedError
+
+    def check_values(self, table: TableRef, bucket: str, schema: s.InferredSchema, data: pa.Table) -> None:
+        """Refuse, by name, values the warehouse cannot store, before anything is staged."""
+        if self.dialect.holds_nul:
+            return
+        found = nul_value(data, staged_types(schema))
+        if found:
+            column, _id = found
+            raise WarehouseError(
+                f"{table.label} bucket {bucket}: {self.dialect.name} text and JSON cannot hold the NUL "
+                f"character (\\u0000), found in column {column} of _id {_id}; exclude that field "
+                "(schema.exclude) or strip NUL from it in MongoDB"
+            )
 
 
 _CANONICAL = {
@@ -350,11 +367,17 @@ class DuckDBLoader(Loader):
 
 
 class PostgresLoader(Loader):
-    """COPY FROM STDIN: the bucket streams as CSV into a temporary staging table."""
+    """COPY FROM STDIN: the bucket streams as CSV into a temporary staging table.
+
+    Timestamps are staged as epoch milliseconds and turned into `timestamptz` on insert, so every
+    date PostgreSQL can hold (4713 BC to 294276 AD) arrives exactly, whatever text form Arrow
+    would give it. Lists become jsonb arrays (see `_json_lists`).
+    """
 
     def stage(self, cursor, stage, table, schema, data, file_uri):
-        columns = [(n, t) for n, t in self.columns_sql(schema) if n != "_bucket" and n in data.column_names]
-        body = ", ".join(f"{quote(n)} {t.replace(' NOT NULL', '')}" for n, t in columns)
+        typed = staged_types(schema)
+        columns = [(n, self.stage_type(typed[n], t)) for n, t in self.columns_sql(schema) if n in typed]
+        body = ", ".join(f"{quote(n)} {t}" for n, t in columns)
         cursor.execute(f"CREATE TEMP TABLE {stage} ({body})")
         buffer = io.BytesIO()
         pacsv.write_csv(
@@ -363,6 +386,16 @@ class PostgresLoader(Loader):
         buffer.seek(0)
         names = ", ".join(quote(n) for n, _ in columns)
         cursor.copy_expert(f"COPY {stage} ({names}) FROM STDIN WITH (FORMAT csv)", buffer)
+        cursor.execute(f"ANALYZE {stage}")  # true row counts, so the deletes pick their indexes
+
+    @staticmethod
+    def stage_type(type_name: str, column_sql: str) -> str:
+        return "bigint" if type_name == s.T_TIMESTAMP else column_sql.replace(" NOT NULL", "")
+
+    def stage_expression(self, name: str, type_name: str) -> str:
+        if type_name == s.T_TIMESTAMP:
+            return f"TIMESTAMPTZ 'epoch' + {quote(name)} * INTERVAL '1 millisecond'"
+        return quote(name)
 
 
 class RedshiftLoader(Loader):
@@ -375,11 +408,12 @@ class RedshiftLoader(Loader):
     def stage_sql(self, stage: str, table: TableRef, schema: s.InferredSchema, file_uri: str) -> list[str]:
         if not file_uri.startswith("s3://"):
             raise WarehouseError(f"{table.label}: Redshift loads from S3; put the lake on s3:// (lake.url)")
-        columns = self.columns_sql(schema)
+        typed = staged_types(schema)
+        # JSON text is staged as VARCHAR and parsed on insert: COPY would keep it a SUPER *string*.
         body = ", ".join(
-            f"{quote(n)} {'VARCHAR(65535)' if n == '_doc' else t.replace(' NOT NULL', '')}"
-            for n, t in columns
-            if n != "_bucket"
+            f"{quote(n)} {'VARCHAR(65535)' if typed[n] == s.T_JSON else t.replace(' NOT NULL', '')}"
+            for n, t in self.columns_sql(schema)
+            if n in typed
         )
         return [
             f"CREATE TEMP TABLE {stage} ({body})",
@@ -393,6 +427,9 @@ class RedshiftLoader(Loader):
     def stage(self, cursor, stage, table, schema, data, file_uri):
         for statement in self.stage_sql(stage, table, schema, file_uri):
             cursor.execute(statement)
+
+    def stage_expression(self, name: str, type_name: str) -> str:
+        return f"JSON_PARSE({quote(name)})" if type_name == s.T_JSON else quote(name)
 
 
 def oversize_documents(data: pa.Table, limit: int | None) -> list[str]:
@@ -416,22 +453,92 @@ def _conform(data: pa.Table, schema: s.InferredSchema) -> pa.Table:
     return pa.table(arrays, names=names)
 
 
+def staged_types(schema: s.InferredSchema) -> dict[str, str]:
+    """The staged columns and their Aries types: `_id`, `_doc` (JSON text), then the schema's."""
+    return {"_id": s.T_STRING, "_doc": s.T_JSON, **{c.name: c.type for c in schema.columns}}
+
+
+# A JSON "\u0000" escape, not preceded by an escaped backslash ("\\u0000" is text).
+_JSON_NUL = r"(^|[^\\])(\\\\)*\\u0000"
+
+
+def nul_value(data: pa.Table, types: dict[str, str]) -> tuple[str, str] | None:
+    """(column, _id) of the first NUL character in text or JSON text, or None; `_doc` named last."""
+    for name in sorted(data.column_names, key=lambda n: n == "_doc"):
+        column = data.column(name)
+        if types.get(name) == s.T_JSON:
+            found = pc.match_substring_regex(column, _JSON_NUL)
+        elif pa.types.is_string(column.type):
+            found = pc.match_substring(column, "\0")
+        elif pa.types.is_list(column.type) and pa.types.is_string(column.type.value_type):
+            found = _list_has_nul(column)
+        else:
+            continue
+        hits = data.column("_id").filter(pc.fill_null(found, False))
+        if len(hits):
+            return name, hits[0].as_py()
+    return None
+
+
+def _list_has_nul(column: pa.ChunkedArray) -> pa.Array:
+    rows = []
+    for value in column.to_pylist():
+        rows.append(value is not None and any(e is not None and "\0" in e for e in value))
+    return pa.array(rows, pa.bool_())
+
+
 def _csv_ready(data: pa.Table) -> pa.Table:
-    """Columns PostgreSQL's CSV COPY cannot take as Arrow writes them: lists to JSON, bytes to hex."""
+    """Columns as PostgreSQL's CSV COPY reads them: lists to JSON, bytes to hex, timestamps to epoch ms."""
     arrays = []
     for name in data.column_names:
         column = data.column(name)
         if pa.types.is_list(column.type):
-            values = [None if v is None else json.dumps(v, default=str) for v in column.to_pylist()]
-            column = pa.array(values, pa.string())
+            column = _json_lists(column)
         elif pa.types.is_binary(column.type):
             column = pa.array(
                 [None if v is None else "\\x" + v.hex() for v in column.to_pylist()], pa.string()
             )
         elif pa.types.is_timestamp(column.type):
-            column = pc.strftime(column, format="%Y-%m-%dT%H:%M:%S.%f%z")
+            column = pc.cast(pc.cast(column, pa.timestamp("ms", tz="UTC")), pa.int64())
         arrays.append(column)
     return pa.table(arrays, names=data.column_names)
+
+
+def _json_lists(column: pa.ChunkedArray) -> pa.Array:
+    """Each list as JSON array text: numbers exact (decimals keep their digits), timestamps as
+    ISO 8601 text in UTC with milliseconds, and NaN and the infinities (which JSON lacks) as the
+    strings "NaN", "Infinity" and "-Infinity"."""
+    lists = column.combine_chunks()
+    values = lists.flatten()
+    element = values.type
+    if pa.types.is_timestamp(element):
+        tokens = [
+            None if v is None else json.dumps(v)
+            for v in pc.strftime(values, format="%Y-%m-%dT%H:%M:%SZ").to_pylist()
+        ]
+    elif pa.types.is_floating(element):
+        tokens = [None if v is None else _json_double(v) for v in values.to_pylist()]
+    elif pa.types.is_decimal(element) or pa.types.is_integer(element) or pa.types.is_boolean(element):
+        tokens = pc.cast(values, pa.string()).to_pylist()
+    else:
+        tokens = [None if v is None else json.dumps(v, ensure_ascii=False) for v in values.to_pylist()]
+    rows, position = [], 0
+    for length in pc.list_value_length(lists).to_pylist():
+        if length is None:
+            rows.append(None)
+            continue
+        items = tokens[position : position + length]
+        position += length
+        rows.append("[" + ",".join("null" if t is None else t for t in items) + "]")
+    return pa.array(rows, pa.string())
+
+
+def _json_double(value: float) -> str:
+    if math.isnan(value):
+        return '"NaN"'
+    if math.isinf(value):
+        return '"Infinity"' if value > 0 else '"-Infinity"'
+    return repr(value)
 
 
 def open_loader(url: str, iam_role: str | None = None, connect=None) -> Loader:
