@@ -11,13 +11,14 @@ the previous rows; a retry does the same work again.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import math
 import os
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -31,10 +32,28 @@ from aries_assets.core.arrow import arrow_type
 
 LOADS_TABLE = "_aries_loads"
 MAX_IDENTIFIER_BYTES = 63
+# The column a document is found by across buckets (a document that moved is deleted by it).
+KEY_COLUMN = "_id"
+REBUILD_SUFFIX = "__aries_rebuild"
 
 
 class WarehouseError(RuntimeError):
     """A warehouse operation failed; names the table and bucket, never credentials."""
+
+
+class RebuildNeeded(WarehouseError):
+    """Columns of a table must change type, which takes a rebuild from every bucket (`Loader.rebuild`).
+
+    Raised by `Loader.replace_bucket` before it changes anything, with `evolution: rebuild`.
+    """
+
+    def __init__(self, table: TableRef, columns: list[str]) -> None:
+        self.table = table
+        self.columns = columns
+        super().__init__(
+            f"{table.label}: columns {', '.join(columns)} must change type; rebuild the table from "
+            "every bucket (Loader.rebuild) before loading this one"
+        )
 
 
 @dataclass(frozen=True)
@@ -56,12 +75,41 @@ class TableRef:
 
 
 @dataclass(frozen=True)
+class BucketLoad:
+    """One bucket to load: its key, the content hash of its lake file, its rows and the file's URI
+    (Redshift COPYs from the URI; DuckDB and PostgreSQL take the rows)."""
+
+    key: str
+    digest: str
+    data: pa.Table
+    file_uri: str = ""
+
+
+@dataclass(frozen=True)
 class LoadedBucket:
     table: str
     bucket: str
     rows: int
     actions: list[str]
     seconds: float
+
+
+def bounded_name(name: str, suffix: str) -> str:
+    """`name + suffix` within MAX_IDENTIFIER_BYTES; a shortened name gets a hash so two never meet."""
+    if len((name + suffix).encode()) <= MAX_IDENTIFIER_BYTES:
+        return name + suffix
+    digest = hashlib.sha1(name.encode()).hexdigest()[:8]
+    room = MAX_IDENTIFIER_BYTES - len(suffix.encode()) - len(digest) - 1
+    return name.encode()[:room].decode(errors="ignore") + "_" + digest + suffix
+
+
+def shadow_of(table: TableRef) -> TableRef:
+    """Where `rebuild` builds the new table before swapping it in."""
+    return TableRef(table.schema, bounded_name(table.table, REBUILD_SUFFIX))
+
+
+def index_name(table: str, column: str) -> str:
+    return bounded_name(table, f"__{column.strip('_')}_idx")
 
 
 def quote(identifier: str) -> str:
@@ -85,6 +133,12 @@ class Dialect:
 
     def table_suffix(self) -> str:
         return ""
+
+    def column_options(self, name: str, type_sql: str) -> str:
+        """What follows a column's type in CREATE TABLE and ADD COLUMN (Redshift: its encoding)."""
+        return ""
+
+    indexed_columns: tuple[str, ...] = ()
 
 
 class DuckDBDialect(Dialect):
@@ -111,6 +165,8 @@ class PostgresDialect(Dialect):
     json_type = "jsonb"
     id_type = "text"
     holds_nul = False
+    # Replacing a bucket deletes by `_bucket` and by the key: without these, each scans the table.
+    indexed_columns = ("_bucket", KEY_COLUMN)
     _types = {
         s.T_BOOL: "boolean", s.T_INT32: "integer", s.T_INT64: "bigint", s.T_DOUBLE: "double precision",
         s.T_STRING: "text", s.T_JSON: "jsonb", s.T_TIMESTAMP: "timestamp with time zone", s.T_BINARY: "bytea",
@@ -150,7 +206,24 @@ class RedshiftDialect(Dialect):
         return self._types[column.type]
 
     def table_suffix(self) -> str:
-        return " DISTKEY(_id) SORTKEY(_id)"
+        # A bucket's rows are replaced together: with `_bucket` leading the sort key they sit in
+        # few blocks, and zone maps let the per-bucket DELETE skip all others (the key second keeps
+        # the moved-document DELETE and key lookups selective within a bucket). Distributing on the
+        # key spreads rows evenly across slices (a bucket on one slice would skew), and the stage,
+        # distributed the same way, joins the table without redistributing it.
+        return f" DISTKEY({quote(KEY_COLUMN)}) SORTKEY({quote('_bucket')}, {quote(KEY_COLUMN)})"
+
+    def column_options(self, name: str, type_sql: str) -> str:
+        if not type_sql.startswith("VARCHAR"):
+            return ""
+        # Explicit encodings: Redshift can resize a VARCHAR column only if it is not BYTEDICT, RUNLENGTH,
+        # TEXT255 or TEXT32K, which automatic encoding might pick. The leading sort key stays RAW.
+        return " ENCODE RAW" if name == "_bucket" else " ENCODE ZSTD"
+
+    @staticmethod
+    def varchar_width(type_sql: str) -> int | None:
+        match = re.match(r"^VARCHAR\((\d+)\)", type_sql)
+        return int(match.group(1)) if match else None
 
 
 DIALECTS = {
@@ -185,11 +258,16 @@ class Loader:
         return columns
 
     def create_table_sql(self, table: TableRef, schema: s.InferredSchema) -> list[str]:
-        body = ", ".join(f"{quote(n)} {t}" for n, t in self.columns_sql(schema))
+        options = self.dialect.column_options
+        body = ", ".join(f"{quote(n)} {t}{options(n, t)}" for n, t in self.columns_sql(schema))
         return [
             f"CREATE SCHEMA IF NOT EXISTS {quote(table.schema)}",
             f"CREATE TABLE {self.table_sql(table)} ({body}){self.dialect.table_suffix()}",
+            *[self.create_index_sql(table, c) for c in self.dialect.indexed_columns],
         ]
+
+    def create_index_sql(self, table: TableRef, column: str) -> str:
+        return f"CREATE INDEX {quote(index_name(table.table, column))} ON {self.table_sql(table)} ({quote(column)})"
 
     def loads_table_sql(self) -> str:
         return (
@@ -207,9 +285,10 @@ class Loader:
         names = list(typed)
         select = ", ".join(self.stage_expression(n, t) for n, t in typed.items())
         insert_columns = ", ".join(quote(n) for n in [*names, "_bucket"])
+        # Two DELETEs, not one with OR: each can use its index (an OR with a subquery scans the table).
         return [
-            f"DELETE FROM {target} WHERE {quote('_bucket')} = {literal(bucket)} "
-            f"OR {quote('_id')} IN (SELECT {quote('_id')} FROM {stage})",
+            f"DELETE FROM {target} WHERE {quote('_bucket')} = {literal(bucket)}",
+            f"DELETE FROM {target} WHERE {quote(KEY_COLUMN)} IN (SELECT {quote(KEY_COLUMN)} FROM {stage})",
             f"INSERT INTO {target} ({insert_columns}) SELECT {select}, {literal(bucket)} FROM {stage}",
             f"DELETE FROM {quote(LOADS_TABLE)} WHERE table_name = {literal(table.label)} AND bucket = {literal(bucket)}",
             f"INSERT INTO {quote(LOADS_TABLE)} VALUES ({literal(table.label)}, {literal(bucket)}, {literal(digest)}, "
@@ -223,12 +302,15 @@ class Loader:
     # --- operations -------------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def transaction(self) -> Iterator[Any]:
+    def transaction(self, publish: bool = True) -> Iterator[Any]:
+        """One transaction on a fresh connection; `publish=False` when readers need not see it yet."""
         connection = self._connect()
         try:
             cursor = self.begin(connection)
             yield cursor
             connection.commit()
+            if publish:
+                self.committed(connection)
         except BaseException:
             with contextlib.suppress(Exception):
                 connection.rollback()
@@ -238,6 +320,9 @@ class Loader:
 
     def begin(self, connection):
         return connection.cursor()  # DB-API drivers open a transaction with the first statement
+
+    def committed(self, connection) -> None:
+        """Called after a commit readers should see; a server database shows it to them already."""
 
     def existing_columns(self, cursor, table: TableRef) -> dict[str, str]:
         cursor.execute(
@@ -253,7 +338,7 @@ class Loader:
         return columns
 
     def evolve(self, cursor, table: TableRef, schema: s.InferredSchema, evolution: str) -> list[str]:
-        """Create the table, add new columns, or rebuild it when a column must change type."""
+        """Create the table or add new columns; a column that must change type raises RebuildNeeded."""
         cursor.execute(self.loads_table_sql())
         existing = self.existing_columns(cursor, table)
         if not existing:
@@ -263,18 +348,32 @@ class Loader:
         wanted = dict(self.columns_sql(schema))
         retyped = [n for n, t in wanted.items() if n in existing and existing[n] != canonical_type(t)]
         if retyped and evolution == "rebuild":
-            # Redshift cannot alter a column's type: rebuild, and forget every bucket loaded into it.
-            cursor.execute(f"DROP TABLE {self.table_sql(table)}")
-            cursor.execute(f"DELETE FROM {quote(LOADS_TABLE)} WHERE table_name = {literal(table.label)}")
-            for statement in self.create_table_sql(table, schema):
-                cursor.execute(statement)
-            return [f"rebuilt {table.label}: {', '.join(retyped)} changed type"]
+            # Redshift cannot alter a column's type, and an in-place rebuild would leave readers a
+            # near-empty table: the caller rebuilds it under a shadow name from every bucket.
+            raise RebuildNeeded(table, retyped)
         actions = []
+        options = self.dialect.column_options
         for name, type_sql in wanted.items():
             if name not in existing:
-                cursor.execute(f"ALTER TABLE {self.table_sql(table)} ADD COLUMN {quote(name)} {type_sql}")
+                cursor.execute(
+                    f"ALTER TABLE {self.table_sql(table)} ADD COLUMN {quote(name)} {type_sql}{options(name, type_sql)}"
+                )
                 actions.append(f"added column {name}")
+        for column in self.missing_indexes(cursor, table):
+            cursor.execute(self.create_index_sql(table, column))
+            actions.append(f"indexed {column}")
         return actions
+
+    def missing_indexes(self, cursor, table: TableRef) -> list[str]:
+        """Columns the dialect indexes that lead no index of the table yet (tables from older versions)."""
+        if not self.dialect.indexed_columns:
+            return []
+        cursor.execute(
+            "SELECT a.attname FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid "
+            f"AND a.attnum = i.indkey[0] WHERE i.indrelid = to_regclass({literal(self.table_sql(table))})"
+        )
+        indexed = {row[0] for row in cursor.fetchall()}
+        return [c for c in self.dialect.indexed_columns if c not in indexed]
 
     def loaded(self, table: TableRef) -> dict[str, str]:
         """Content hash of the lake file last loaded, by bucket."""
@@ -302,17 +401,93 @@ class Loader:
         data: pa.Table,
         file_uri: str,
     ) -> LoadedBucket:
-        started = time.monotonic()
-        stage = quote(f"_aries_stage_{os.getpid()}_{abs(hash(bucket)) % 10**8}")
-        data = _conform(data, schema)
-        self.check_values(table, bucket, schema, data)
+        """Replace one bucket's rows in one transaction, creating the table or adding columns first.
+
+        Raises RebuildNeeded, changing nothing, when a column must change type with `evolution:
+        rebuild`; the caller then calls `rebuild` with every bucket of the table.
+        """
+        return self._replace(table, schema, evolution, BucketLoad(bucket, digest, data, file_uri), True)
+
+    def rebuild(
+        self, table: TableRef, schema: s.InferredSchema, buckets: Iterable[BucketLoad]
+    ) -> list[LoadedBucket]:
+        """Build `table` anew from every bucket, out of readers' sight, and swap it in at once.
+
+        The new table is built under the shadow name `<table>__aries_rebuild` (a leftover from an
+        interrupted rebuild is dropped first), one transaction per bucket. Then one transaction drops
+        the old table, renames the shadow, and moves the shadow's `_aries_loads` rows to the table's,
+        so readers see the whole old table until that commit and the whole new one after it. The
+        buckets are iterated once, lazily: the caller can read each lake file as it is needed.
+        """
+        shadow = shadow_of(table)
+        with self.transaction(publish=False) as cursor:
+            cursor.execute(self.loads_table_sql())
+            cursor.execute(f"DROP TABLE IF EXISTS {self.table_sql(shadow)}")
+            cursor.execute(f"DELETE FROM {quote(LOADS_TABLE)} WHERE table_name = {literal(shadow.label)}")
+            for statement in self.create_table_sql(shadow, schema):
+                cursor.execute(statement)
+        loaded = [self._replace(shadow, schema, "rebuild", bucket, False) for bucket in buckets]
         with self.transaction() as cursor:
-            actions = self.evolve(cursor, table, schema, evolution)
-            self.stage(cursor, stage, table, schema, data, file_uri)
-            for statement in self.replace_sql(table, schema, stage, bucket, digest):
+            for statement in self.swap_sql(shadow, table):
+                cursor.execute(statement)
+        return [
+            LoadedBucket(table.label, b.bucket, b.rows, [f"rebuilt {table.label}"], b.seconds) for b in loaded
+        ]
+
+    def swap_sql(self, shadow: TableRef, table: TableRef) -> list[str]:
+        """Replace `table` by `shadow` and its load records; run in one transaction."""
+        loads = quote(LOADS_TABLE)
+        return [
+            f"DROP TABLE IF EXISTS {self.table_sql(table)}",
+            f"ALTER TABLE {self.table_sql(shadow)} RENAME TO {quote(table.table)}",
+            *[
+                f"ALTER INDEX {quote(table.schema)}.{quote(index_name(shadow.table, c))} "
+                f"RENAME TO {quote(index_name(table.table, c))}"
+                for c in self.dialect.indexed_columns
+            ],
+            f"DELETE FROM {loads} WHERE table_name = {literal(table.label)}",
+            f"UPDATE {loads} SET table_name = {literal(table.label)} WHERE table_name = {literal(shadow.label)}",
+        ]
+
+    def _replace(
+        self, table: TableRef, schema: s.InferredSchema, evolution: str, bucket: BucketLoad, publish: bool
+    ) -> LoadedBucket:
+        started = time.monotonic()
+        stage = quote(f"_aries_stage_{os.getpid()}_{abs(hash(bucket.key)) % 10**8}")
+        data = _conform(bucket.data, schema)
+        self.check_values(table, bucket.key, schema, data)
+        actions = self.prepare(table, schema)
+        with self.transaction(publish) as cursor:
+            actions += self.evolve(cursor, table, schema, evolution)
+            self.stage(cursor, stage, table, schema, data, bucket.file_uri)
+            for statement in self.replace_sql(table, schema, stage, bucket.key, bucket.digest):
                 cursor.execute(statement)
             cursor.execute(f"DROP TABLE {stage}")
-        return LoadedBucket(table.label, bucket, data.num_rows, actions, time.monotonic() - started)
+        return LoadedBucket(table.label, bucket.key, data.num_rows, actions, time.monotonic() - started)
+
+    def prepare(self, table: TableRef, schema: s.InferredSchema) -> list[str]:
+        """Changes that cannot run inside the bucket's transaction (Redshift: wider VARCHARs)."""
+        return []
+
+    def column_widths(self, cursor, table: TableRef) -> dict[str, int]:
+        """Declared widths of the table's width-limited text columns."""
+        cursor.execute(
+            "SELECT column_name, character_maximum_length FROM information_schema.columns "
+            f"WHERE table_schema = {literal(table.schema)} AND table_name = {literal(table.table)} "
+            "AND character_maximum_length IS NOT NULL"
+        )
+        return {name: int(width) for name, width in cursor.fetchall()}
+
+    def widen_sql(self, table: TableRef, schema: s.InferredSchema, widths: dict[str, int]) -> list[str]:
+        """ALTER statements for VARCHAR columns narrower than the schema now needs; never narrows."""
+        statements = []
+        for name, type_sql in self.columns_sql(schema):
+            wanted = RedshiftDialect.varchar_width(type_sql)
+            if wanted and name in widths and widths[name] < wanted:
+                statements.append(
+                    f"ALTER TABLE {self.table_sql(table)} ALTER COLUMN {quote(name)} TYPE VARCHAR({wanted})"
+                )
+        return statements
 
     def stage(
         self, cursor, stage: str, table: TableRef, schema: s.InferredSchema, data: pa.Table, file_uri: str
@@ -416,7 +591,7 @@ class RedshiftLoader(Loader):
             if n in typed
         )
         return [
-            f"CREATE TEMP TABLE {stage} ({body})",
+            f"CREATE TEMP TABLE {stage} ({body}) DISTKEY({quote(KEY_COLUMN)})",  # joins the table in place
             f"COPY {stage} FROM {literal(file_uri)} {self.credentials_sql()} FORMAT AS PARQUET SERIALIZETOJSON",
         ]
 
@@ -427,6 +602,23 @@ class RedshiftLoader(Loader):
     def stage(self, cursor, stage, table, schema, data, file_uri):
         for statement in self.stage_sql(stage, table, schema, file_uri):
             cursor.execute(statement)
+
+    def prepare(self, table: TableRef, schema: s.InferredSchema) -> list[str]:
+        """Widen VARCHAR columns a longer string would overflow (COPY would fail on every retry).
+
+        Redshift resizes a column only outside a transaction block, so this runs on its own in
+        autocommit; a wider column never harms a reader or a rollback.
+        """
+        connection = self._connect()
+        try:
+            connection.autocommit = True
+            cursor = connection.cursor()
+            statements = self.widen_sql(table, schema, self.column_widths(cursor, table))
+            for statement in statements:
+                cursor.execute(statement)
+        finally:
+            connection.close()
+        return [f"widened: {statement.split(' ALTER COLUMN ', 1)[1]}" for statement in statements]
 
     def stage_expression(self, name: str, type_name: str) -> str:
         return f"JSON_PARSE({quote(name)})" if type_name == s.T_JSON else quote(name)
