@@ -17,6 +17,7 @@ import json
 import math
 import os
 import re
+import shutil
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -530,9 +531,99 @@ def canonical_type(declared: str) -> str:
 
 
 class DuckDBLoader(Loader):
+    """An embedded DuckDB file that readers can always open, even while Aries loads it.
+
+    DuckDB lets no reader open a file another process writes. So Aries writes a private working
+    file next to the configured one (`.<name>.aries-write`, taken over from the configured file the
+    first time) and, after each committed load, checkpoints it and publishes a copy at the
+    configured path by an atomic rename: a reader that opened the old file keeps its snapshot, a new
+    reader gets the new one, and none ever waits or sees a half-loaded bucket.
+
+    The cost: each load copies the whole database file (a commit that changed nothing copies
+    nothing), and the disk holds up to three copies at once. Aries processes loading the same file
+    take turns through a lock file, waiting up to `LOCK_WAIT_SECONDS`.
+    """
+
+    LOCK_WAIT_SECONDS = 600
+
+    def __init__(self, dialect: Dialect, path: str) -> None:
+        super().__init__(dialect, self._connect_working_file)
+        self.path = os.path.abspath(path)
+        folder, name = os.path.split(self.path)
+        self.work_path = os.path.join(folder, f".{name}.aries-write")
+        self._lock_path = os.path.join(folder, f".{name}.aries-lock")
+        self._published_path = os.path.join(folder, f".{name}.aries-published")
+
+    @contextlib.contextmanager
+    def transaction(self, publish: bool = True) -> Iterator[Any]:
+        with self._writer_lock(), super().transaction(publish) as cursor:
+            yield cursor
+
     def begin(self, connection):
         connection.execute("BEGIN TRANSACTION")  # DuckDB commits each statement unless told otherwise
         return connection
+
+    def committed(self, connection) -> None:
+        connection.execute("CHECKPOINT")  # the whole database in the main file, nothing left in the WAL
+        self.publish()
+
+    def publish(self) -> bool:
+        """Copy the working file to the configured path, atomically; False if it was already there.
+
+        Call with the writer lock held and the working file checkpointed (as `committed` does).
+        """
+        stat = os.stat(self.work_path)
+        version = f"{stat.st_size} {stat.st_mtime_ns}"
+        if os.path.exists(self.path) and _read(self._published_path) == version:
+            return False
+        temporary = f"{self.work_path}.{os.getpid()}.publish"
+        try:
+            shutil.copyfile(self.work_path, temporary)
+            with open(temporary, "rb") as copy:
+                os.fsync(copy.fileno())
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path + ".wal")  # left by a file written in place: not this copy's
+            os.replace(temporary, self.path)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temporary)
+        with open(self._published_path, "w", encoding="utf-8") as marker:
+            marker.write(version)
+        return True
+
+    @contextlib.contextmanager
+    def _writer_lock(self) -> Iterator[None]:
+        import fcntl
+
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        with open(self._lock_path, "a+b") as lock:
+            deadline = time.monotonic() + self.LOCK_WAIT_SECONDS
+            while True:
+                try:
+                    fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        raise WarehouseError(
+                            f"{self.path}: another Aries process has been loading it for "
+                            f"{self.LOCK_WAIT_SECONDS} s; try again when it is done"
+                        ) from None
+                    time.sleep(0.05)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+
+    def _connect_working_file(self):
+        if not os.path.exists(self.work_path) and os.path.exists(self.path):
+            # Take over a file written in place by an older Aries: copy it, with its WAL if any.
+            for suffix in ("", ".wal"):
+                if os.path.exists(self.path + suffix):
+                    shutil.copyfile(self.path + suffix, f"{self.work_path}.tmp{suffix}")
+            if os.path.exists(f"{self.work_path}.tmp.wal"):
+                os.replace(f"{self.work_path}.tmp.wal", f"{self.work_path}.wal")
+            os.replace(f"{self.work_path}.tmp", self.work_path)
+        return _duckdb_connect(self.work_path)
 
     def stage(self, cursor, stage, table, schema, data, file_uri):
         # DuckDB reads Arrow directly; the lake file's own types carry over.
@@ -738,8 +829,7 @@ def open_loader(url: str, iam_role: str | None = None, connect=None) -> Loader:
     scheme = urlsplit(url).scheme
     if scheme == "duckdb":
         # As in SQLAlchemy: duckdb:///relative/path, duckdb:////absolute/path.
-        path = url.removeprefix("duckdb:///")
-        return DuckDBLoader(DuckDBDialect(), lambda: _duckdb_connect(path))
+        return DuckDBLoader(DuckDBDialect(), url.removeprefix("duckdb:///"))
     if scheme in ("postgresql", "postgres"):
         import psycopg2
 
@@ -752,11 +842,20 @@ def open_loader(url: str, iam_role: str | None = None, connect=None) -> Loader:
     raise WarehouseError(f"unsupported warehouse URL scheme {scheme!r}")
 
 
+def _read(path: str) -> str | None:
+    try:
+        with open(path, encoding="utf-8") as file:
+            return file.read()
+    except FileNotFoundError:
+        return None
+
+
 def _duckdb_connect(path: str):
     import duckdb
 
     os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
-    # DuckDB lets one process write a database file at a time: wait for the lock, briefly.
+    # DuckDB lets one process write a database file at a time: wait for the lock (another program
+    # may hold it; Aries processes already take turns through the lock file).
     deadline = time.monotonic() + 60
     while True:
         try:
