@@ -833,7 +833,7 @@ def open_loader(url: str, iam_role: str | None = None, connect=None) -> Loader:
     if scheme in ("postgresql", "postgres"):
         import psycopg2
 
-        return PostgresLoader(PostgresDialect(), lambda: psycopg2.connect(url))
+        return PostgresLoader(PostgresDialect(), connect or (lambda: psycopg2.connect(url)))
     if scheme == "redshift":
         import psycopg2
 
