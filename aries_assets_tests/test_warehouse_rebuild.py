@@ -216,3 +216,24 @@ def test_postgres_indexes_are_added_to_a_table_created_without_them(postgres_url
     assert indexed_columns(postgres_url) == set()
     loader.replace_bucket(TABLE, schema, "rebuild", "b1", "d1", bucket_rows(1, 5, 1), "")
     assert indexed_columns(postgres_url) >= {"_bucket", KEY_COLUMN}
+
+
+def test_a_table_with_the_longest_name_rebuilds(url):
+    table = TableRef("app", "e" * 63)
+    loader = open_loader(url)
+    loader.replace_bucket(table, schema_with(s.T_INT64), "rebuild", "b0", "d0", bucket_rows(0, 5, 1), "")
+    loader.rebuild(table, schema_with(s.T_STRING), [BucketLoad("b0", "d1", bucket_rows(0, 7, 2))])
+    assert query(url, f'SELECT COUNT(*), MIN(gen) FROM "app"."{"e" * 63}"') == [(7, 2)]
+    loader.replace_bucket(table, schema_with(s.T_STRING), "rebuild", "b1", "d2", bucket_rows(1, 2, 2), "")
+    assert loader.loaded(table) == {"b0": "d1", "b1": "d2"}
+
+
+def test_a_value_the_warehouse_refuses_names_table_and_bucket(postgres_url):
+    from aries_assets.core.warehouse.loader import WarehouseError
+
+    schema = s.InferredSchema(
+        version=1, columns=[s.ColumnSpec(("t",), "t", s.T_TIMESTAMP, s.accepted_kinds(s.T_TIMESTAMP))]
+    )
+    beyond = pa.table({"_id": ["1"], "_doc": ["{}"], "t": pa.array([10**16], pa.timestamp("ms", tz="UTC"))})
+    with pytest.raises(WarehouseError, match=r"app\.events bucket b0: .*out of range"):
+        open_loader(postgres_url).replace_bucket(TABLE, schema, "rebuild", "b0", "d", beyond, "")

@@ -2,10 +2,15 @@
 
 Each table holds `_id`, `_doc`, `_bucket` and the collection schema's columns.
 Replacing a bucket is one transaction: stage the bucket's rows, delete the
-rows of that bucket and any row with a staged `_id` (so a document that moved
+rows of that bucket and any row with a staged key (so a document that moved
 between buckets is never there twice), insert the staged rows, and record
 which lake file was loaded in `_aries_loads`. A crash anywhere rolls back to
 the previous rows; a retry does the same work again.
+
+A column that must change type takes a rebuild: `replace_bucket` raises
+`RebuildNeeded`, and the caller passes every bucket to `rebuild`, which builds
+the table under a shadow name and swaps it in at once. Readers never see a
+partial table, and DuckDB readers never wait for a load (see `DuckDBLoader`).
 """
 
 from __future__ import annotations
@@ -457,13 +462,21 @@ class Loader:
         stage = quote(f"_aries_stage_{os.getpid()}_{abs(hash(bucket.key)) % 10**8}")
         data = _conform(bucket.data, schema)
         self.check_values(table, bucket.key, schema, data)
-        actions = self.prepare(table, schema)
-        with self.transaction(publish) as cursor:
-            actions += self.evolve(cursor, table, schema, evolution)
-            self.stage(cursor, stage, table, schema, data, bucket.file_uri)
-            for statement in self.replace_sql(table, schema, stage, bucket.key, bucket.digest):
-                cursor.execute(statement)
-            cursor.execute(f"DROP TABLE {stage}")
+        try:
+            actions = self.prepare(table, schema)
+            with self.transaction(publish) as cursor:
+                actions += self.evolve(cursor, table, schema, evolution)
+                self.stage(cursor, stage, table, schema, data, bucket.file_uri)
+                for statement in self.replace_sql(table, schema, stage, bucket.key, bucket.digest):
+                    cursor.execute(statement)
+                cursor.execute(f"DROP TABLE {stage}")
+        except WarehouseError:
+            raise
+        except Exception as error:  # the driver's own error, named by table and bucket
+            lines = str(error).strip().splitlines()
+            raise WarehouseError(
+                f"{table.label} bucket {bucket.key}: {lines[0] if lines else type(error).__name__}"
+            ) from error
         return LoadedBucket(table.label, bucket.key, data.num_rows, actions, time.monotonic() - started)
 
     def prepare(self, table: TableRef, schema: s.InferredSchema) -> list[str]:
