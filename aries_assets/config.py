@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import quote, unquote, urlsplit
 
 import yaml
 from bson import json_util
@@ -42,18 +42,44 @@ class ConfigError(ValueError):
     """A mistake in the configuration, worded for the person who made it."""
 
 
+def _env_value(name: str, where: str) -> str:
+    if name not in os.environ:
+        raise ConfigError(
+            f"{where} refers to ${{{name}}}, but {name} is not set; set it in the environment "
+            "Aries runs in (or write the value in the config file)"
+        )
+    return os.environ[name]
+
+
 def expand_env(text: str, where: str = "value") -> str:
-    """Replace `${NAME}` with the environment variable NAME; a missing one is an error."""
+    """Replace `${NAME}` with the environment variable NAME; a missing one is an error naming `where`."""
+    return _ENV_REF.sub(lambda match: _env_value(match.group(1), where), text)
+
+
+def expand_url(text: str, where: str = "value") -> str:
+    """`expand_env` for a URL: a value landing in the userinfo (`user:password@`) is percent-encoded,
+    so a password with `@`, `#`, `/`, `:` or `%` means itself. A whole URL from one variable is the
+    user's own, taken as it is."""
+    userinfo = _userinfo_span(text)
 
     def substitute(match: re.Match) -> str:
-        name = match.group(1)
-        if name not in os.environ:
-            raise ConfigError(
-                f"{where} refers to ${{{name}}}, but the environment variable {name} is not set"
-            )
-        return os.environ[name]
+        value = _env_value(match.group(1), where)
+        if userinfo and userinfo[0] <= match.start() and match.end() <= userinfo[1]:
+            return quote(value, safe="")
+        return value
 
     return _ENV_REF.sub(substitute, text)
+
+
+def _userinfo_span(template: str) -> tuple[int, int] | None:
+    """Where `user:password` sits in an unexpanded URL (a `${NAME}` holds no / ? # or @)."""
+    scheme = template.find("://")
+    if scheme < 0:
+        return None
+    start = scheme + 3
+    ends = [i for i in (template.find(c, start) for c in "/?#") if i >= 0]
+    at = template.rfind("@", start, min(ends, default=len(template)))
+    return (start, at) if at >= 0 else None
 
 
 def redact_uri(uri: str) -> str:
@@ -61,8 +87,26 @@ def redact_uri(uri: str) -> str:
     parts = urlsplit(uri)
     if parts.password is None:
         return uri
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return parts._replace(netloc=netloc).geturl()
+    userinfo, _, host = parts.netloc.rpartition("@")
+    return parts._replace(netloc=f"{userinfo.split(':', 1)[0]}:***@{host}").geturl()
+
+
+def scrub(message: str, *secrets: str | None) -> str:
+    """`message` with every secret (as given and percent-encoded) replaced by ***."""
+    for secret in secrets:
+        if secret:
+            for form in {secret, quote(secret, safe=""), quote(secret)}:
+                message = message.replace(form, "***")
+    return message
+
+
+def url_password(url: str) -> str | None:
+    """The password of a URL, decoded (to scrub it from messages)."""
+    try:
+        password = urlsplit(url).password
+    except ValueError:
+        return None
+    return unquote(password) if password else None
 
 
 def dagster_name(text: str) -> str:
@@ -164,17 +208,41 @@ def _string(value: Any, where: str) -> str:
     return value
 
 
+def _optional_string(section: dict[str, Any], key: str, where: str) -> str | None:
+    value = section.get(key)
+    return None if value is None else _string(value, f"{where}.{key}")
+
+
+def _expand_query(value: Any, where: str) -> Any:
+    """The filter with `${NAME}` expanded in every string, keys included; `where` names the field."""
+    if isinstance(value, str):
+        return expand_env(value, where)
+    if isinstance(value, dict):
+        return {expand_env(str(k), where): _expand_query(v, f"{where}.{k}") for k, v in value.items()}
+    if isinstance(value, list):
+        return [_expand_query(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    return value
+
+
 def _parse(raw: Any, path: str) -> AriesConfig:
     top = _mapping(raw, "the top level", _TOP_KEYS, {"mongo", "lake", "collections"})
 
     mongo = _mapping(top["mongo"], "mongo", _MONGO_KEYS, {"uri"})
     mongo_uri = _string(mongo["uri"], "mongo.uri")
-    if not expand_env(mongo_uri, "mongo.uri").startswith(("mongodb://", "mongodb+srv://")):
+    if not expand_url(mongo_uri, "mongo.uri").startswith(("mongodb://", "mongodb+srv://")):
         raise ConfigError("mongo.uri must start with mongodb:// or mongodb+srv://")
 
     lake = _mapping(top["lake"], "lake", _LAKE_KEYS, {"url"})
     lake_url = _string(lake["url"], "lake.url")
-    expanded = expand_env(lake_url, "lake.url")
+    lake_endpoint_url = _optional_string(lake, "endpoint_url", "lake")
+    if lake_endpoint_url and not expand_url(lake_endpoint_url, "lake.endpoint_url").startswith(
+        ("http://", "https://")
+    ):
+        raise ConfigError("lake.endpoint_url must start with http:// or https://")
+    lake_region = _optional_string(lake, "region", "lake")
+    if lake_region:
+        expand_env(lake_region, "lake.region")
+    expanded = expand_url(lake_url, "lake.url")
     scheme = urlsplit(expanded).scheme
     if scheme == "s3":
         if not urlsplit(expanded).netloc:
@@ -186,13 +254,15 @@ def _parse(raw: Any, path: str) -> AriesConfig:
     if top.get("warehouse") is not None:
         warehouse = _mapping(top["warehouse"], "warehouse", _WAREHOUSE_KEYS, {"url"})
         warehouse_url = _string(warehouse["url"], "warehouse.url")
-        scheme = urlsplit(expand_env(warehouse_url, "warehouse.url")).scheme
+        scheme = urlsplit(expand_url(warehouse_url, "warehouse.url")).scheme
         if scheme not in _WAREHOUSE_SCHEMES:
             raise ConfigError(
                 f"warehouse.url must start with one of {', '.join(s + '://' for s in _WAREHOUSE_SCHEMES)}"
             )
-        warehouse_iam_role = warehouse.get("iam_role")
-        if scheme == "redshift" and not expand_env(lake_url, "lake.url").startswith("s3://"):
+        warehouse_iam_role = _optional_string(warehouse, "iam_role", "warehouse")
+        if warehouse_iam_role:
+            expand_env(warehouse_iam_role, "warehouse.iam_role")
+        if scheme == "redshift" and not expanded.startswith("s3://"):
             raise ConfigError(
                 "a redshift:// warehouse loads with COPY from S3: lake.url must be s3://bucket/prefix"
             )
@@ -213,8 +283,8 @@ def _parse(raw: Any, path: str) -> AriesConfig:
         sync=_sync_options(top.get("sync")),
         mongo_uri=mongo_uri,
         lake_url=lake_url,
-        lake_endpoint_url=lake.get("endpoint_url"),
-        lake_region=lake.get("region"),
+        lake_endpoint_url=lake_endpoint_url,
+        lake_region=lake_region,
         warehouse_url=warehouse_url,
         warehouse_iam_role=warehouse_iam_role,
         collections=collections,
@@ -268,8 +338,8 @@ def _collection(entry: Any, index: int) -> CollectionConfig:
     query = entry.get("query") or {}
     if not isinstance(query, dict):
         raise ConfigError(f"{where}: query must be a mapping (a MongoDB filter), got {type(query).__name__}")
-    # Extended JSON in the filter ({"$oid": ...}, {"$date": ...}) becomes BSON types.
-    query = json_util.loads(json_util.dumps(query))
+    # `${NAME}` first, then Extended JSON ({"$oid": "${ID}"}, {"$date": ...}) becomes BSON types.
+    query = json_util.loads(json_util.dumps(_expand_query(query, f"{where}.query")))
     owners = entry.get("owners") or []
     if not isinstance(owners, list) or not all(isinstance(o, str) for o in owners):
         raise ConfigError(f"{where}: owners must be a list of emails or team:name strings")

@@ -14,9 +14,10 @@ from pydantic import Field as PydanticField
 from pymongo import MongoClient
 from pymongo.errors import PyMongoError
 
-from aries_assets.config import expand_env, redact_uri
+from aries_assets.config import expand_env, expand_url, redact_uri, scrub, url_password
 from aries_assets.core.lake import Lake, LakeSpec, LocalLake, S3Lake
 from aries_assets.core.warehouse import Loader, open_loader
+from aries_assets.core.warehouse.loader import WarehouseError
 
 SERVER_SELECTION_TIMEOUT_MS = 10_000
 
@@ -31,19 +32,22 @@ class MongoResource(dg.ConfigurableResource):
     uri: str = PydanticField(description="mongodb:// URI; ${VAR} references are read from the environment")
 
     def client(self) -> MongoClient:
-        uri = expand_env(self.uri, "mongo.uri")
-        client = MongoClient(
-            uri,
-            appname="aries",
-            serverSelectionTimeoutMS=SERVER_SELECTION_TIMEOUT_MS,
-            tz_aware=True,
-        )
+        uri = expand_url(self.uri, "mongo.uri")
+        client = None
         try:
+            client = MongoClient(
+                uri,
+                appname="aries",
+                serverSelectionTimeoutMS=SERVER_SELECTION_TIMEOUT_MS,
+                tz_aware=True,
+            )
             client.admin.command("ping")
         except PyMongoError as error:
-            client.close()
+            if client is not None:
+                client.close()
+            detail = scrub(type(error).__name__, url_password(uri))
             raise MongoUnreachable(
-                f"cannot reach MongoDB at {redact_uri(uri)}: {type(error).__name__}; "
+                f"cannot reach MongoDB at {redact_uri(uri)}: {detail}; "
                 "check mongo.uri and that the server is running"
             ) from None
         return client
@@ -56,15 +60,26 @@ class LakeResource(dg.ConfigurableResource):
     s3: S3Resource
 
     def open(self) -> Lake:
-        url = expand_env(self.url, "lake.url")
+        url = expand_url(self.url, "lake.url")
         parts = urlsplit(url)
         if parts.scheme == "s3":
-            return S3Lake(self.s3.get_client(), parts.netloc, parts.path)
+            return S3Lake(self.expanded_s3().get_client(), parts.netloc, parts.path)
         return LocalLake(parts.path if parts.scheme == "file" else url)
 
     def spec(self) -> LakeSpec:
         """The lake as plain values, for writer processes that open it again."""
-        return LakeSpec(expand_env(self.url, "lake.url"), self.s3.endpoint_url, self.s3.region_name)
+        s3 = self.expanded_s3()
+        return LakeSpec(expand_url(self.url, "lake.url"), s3.endpoint_url, s3.region_name)
+
+    def expanded_s3(self) -> S3Resource:
+        """The S3 resource with its `${VAR}` references read from the environment, for this use only."""
+        endpoint, region = self.s3.endpoint_url, self.s3.region_name
+        return self.s3.model_copy(
+            update={
+                "endpoint_url": expand_url(endpoint, "lake.endpoint_url") if endpoint else endpoint,
+                "region_name": expand_env(region, "lake.region") if region else region,
+            }
+        )
 
     @property
     def kind(self) -> str:
@@ -74,7 +89,8 @@ class LakeResource(dg.ConfigurableResource):
         """A Glue client in the lake's region and endpoint (same credentials as S3)."""
         import boto3
 
-        return boto3.client("glue", region_name=self.s3.region_name, endpoint_url=self.s3.endpoint_url)
+        s3 = self.expanded_s3()
+        return boto3.client("glue", region_name=s3.region_name, endpoint_url=s3.endpoint_url)
 
 
 class WarehouseResource(dg.ConfigurableResource):
@@ -84,13 +100,24 @@ class WarehouseResource(dg.ConfigurableResource):
     iam_role: str | None = PydanticField(default=None, description="Redshift: IAM role for COPY from S3")
 
     def loader(self) -> Loader:
-        url = expand_env(self.url, "warehouse.url")
-        if url.startswith("redshift://"):
-            redshift = redshift_resource(url)
-            return open_loader(
-                url, self.iam_role, connect=lambda: psycopg2.connect(**redshift_conn_args(redshift))
-            )
-        return open_loader(url, self.iam_role)
+        """A loader that reads the password from the environment at each connection, and holds none."""
+        url = expand_url(self.url, "warehouse.url")
+        iam_role = expand_env(self.iam_role, "warehouse.iam_role") if self.iam_role else None
+        if url.startswith("duckdb://"):
+            return open_loader(url)
+        return open_loader(redact_uri(url), iam_role, connect=self.connect)
+
+    def connect(self):
+        """A DB-API connection to the PostgreSQL or Redshift warehouse; errors never carry the password."""
+        url = expand_url(self.url, "warehouse.url")
+        try:
+            if url.startswith("redshift://"):
+                return psycopg2.connect(**redshift_conn_args(redshift_resource(url)))
+            return psycopg2.connect(url)
+        except psycopg2.Error as error:
+            lines = str(error).strip().splitlines()
+            detail = scrub(lines[0] if lines else type(error).__name__, url_password(url))
+            raise WarehouseError(f"cannot connect to the warehouse at {redact_uri(url)}: {detail}") from None
 
     @property
     def kind(self) -> str:

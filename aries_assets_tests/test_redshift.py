@@ -37,8 +37,9 @@ def test_create_table_uses_redshift_types_and_keys():
     create = loader().create_table_sql(TABLE, inferred())[1]
     assert create.startswith('CREATE TABLE "app"."we""ird; DROP TABLE x" (')
     assert '"_id" VARCHAR(2048) NOT NULL' in create and '"_doc" SUPER' in create
-    assert '"name" VARCHAR(256)' in create and '"n" BIGINT' in create
-    assert create.endswith("DISTKEY(_id) SORTKEY(_id)")
+    assert '"name" VARCHAR(256) ENCODE ZSTD' in create and '"n" BIGINT,' in create
+    assert '"_bucket" VARCHAR(2048) NOT NULL ENCODE RAW' in create
+    assert create.endswith('DISTKEY("_id") SORTKEY("_bucket", "_id")')
 
 
 def test_copy_reads_parquet_from_s3_with_a_role_and_no_keys():
@@ -54,7 +55,57 @@ def test_copy_reads_parquet_from_s3_with_a_role_and_no_keys():
 
 def test_replace_inserts_json_parse_of_doc():
     statements = loader().replace_sql(TABLE, inferred(), '"stg"', "first", "abc")
-    assert 'JSON_PARSE("_doc")' in statements[1]
+    insert = next(q for q in statements if q.startswith('INSERT INTO "app"'))
+    assert 'JSON_PARSE("_doc")' in insert
+
+
+def test_per_bucket_deletes_follow_the_sort_key():
+    statements = loader().replace_sql(TABLE, inferred(), '"stg"', "first", "abc")
+    assert statements[:2] == [
+        'DELETE FROM "app"."we""ird; DROP TABLE x" WHERE "_bucket" = \'first\'',
+        'DELETE FROM "app"."we""ird; DROP TABLE x" WHERE "_id" IN (SELECT "_id" FROM "stg")',
+    ]
+    stage = loader().stage_sql('"stg"', TABLE, inferred(), "s3://lake/a.parquet")[0]
+    assert stage.endswith('DISTKEY("_id")')
+
+
+def longer_names(longest: int) -> s.InferredSchema:
+    name = s.FieldStats(kinds=Counter(string=3), max_bytes=longest)
+    stats = s.TypeStats(3, {("name",): name, ("n",): s.FieldStats(kinds=Counter(int64=3))})
+    return s.resolve_schema(stats, None, s.SchemaOptions())
+
+
+def test_varchar_columns_widen_and_never_narrow():
+    widen = loader().widen_sql
+    assert widen(TABLE, longer_names(1000), {"name": 256, "_id": 2048, "_bucket": 2048}) == [
+        'ALTER TABLE "app"."we""ird; DROP TABLE x" ALTER COLUMN "name" TYPE VARCHAR(2000)'
+    ]
+    assert widen(TABLE, longer_names(40), {"name": 2000}) == []
+    assert widen(TABLE, longer_names(50_000), {"name": 2000})[0].endswith("TYPE VARCHAR(65535)")
+
+
+def test_widths_are_read_and_widened_on_postgres(postgres_url):
+    """information_schema and ALTER COLUMN ... TYPE VARCHAR(n) are the same on PostgreSQL."""
+    redshift = loader()
+    connection = psycopg2.connect(postgres_url)
+    try:
+        connection.autocommit = True  # as on Redshift, which resizes only outside a transaction block
+        cursor = connection.cursor()
+        cursor.execute('CREATE SCHEMA "app"')
+        cursor.execute(
+            'CREATE TABLE "app"."we""ird; DROP TABLE x" ("_id" VARCHAR(2048), "name" VARCHAR(256), "n" BIGINT)'
+        )
+        cursor.execute("""INSERT INTO "app"."we""ird; DROP TABLE x" VALUES ('1', 'short', 1)""")
+        widths = redshift.column_widths(cursor, TABLE)
+        assert widths == {"_id": 2048, "name": 256}
+        for statement in redshift.widen_sql(TABLE, longer_names(1000), widths):
+            cursor.execute(statement)
+        assert redshift.column_widths(cursor, TABLE) == {"_id": 2048, "name": 2000}
+        cursor.execute("""INSERT INTO "app"."we""ird; DROP TABLE x" VALUES ('2', %s, 2)""", ("x" * 1500,))
+        cursor.execute('SELECT "name" FROM "app"."we""ird; DROP TABLE x" ORDER BY "_id"')
+        assert cursor.fetchall() == [("short",), ("x" * 1500,)]
+    finally:
+        connection.close()
 
 
 def test_redshift_url_goes_through_dagster_aws_resource():

@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+import sys
+import time
+
 import boto3
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from botocore.exceptions import ClientError
 from moto.server import ThreadedMotoServer
 
 from aries_assets.core.lake import S3Lake
@@ -105,3 +112,52 @@ def test_s3_footer_read_handles_large_footers(s3):
         pq.write_table(wide, path)
     assert lake.parquet_metadata("wide.parquet")["k"] == "v"
     assert lake.parquet_metadata("missing.parquet") is None
+
+
+def test_s3_footer_is_missing_only_when_the_key_is(s3):
+    """Only NoSuchKey means "no file" (rewrite it); any other answer is an error, never a narrower schema."""
+    lake = S3Lake(s3, "lake-bucket", "p")
+    assert lake.parquet_metadata("missing.parquet") is None
+    s3.put_object(Bucket="lake-bucket", Key="p/empty.parquet", Body=b"")
+    assert lake.parquet_metadata("empty.parquet") is None  # unreadable, as a local file would be
+
+    with pytest.raises(ClientError) as error:
+        S3Lake(s3, "no-such-lake-bucket", "p").parquet_metadata("any.parquet")
+    assert error.value.response["Error"]["Code"] == "NoSuchBucket"
+
+
+@pytest.fixture
+def s3_refusing_everyone():
+    """moto as its own server process with authentication on: every request is refused (403)."""
+    port = free_port()
+    env = {**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "0"}
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            with socket.socket() as probe:
+                if probe.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            assert time.monotonic() < deadline and server.poll() is None, "moto did not start"
+            time.sleep(0.1)
+        yield boto3.client(
+            "s3",
+            endpoint_url=f"http://127.0.0.1:{port}",
+            region_name="us-east-1",
+            aws_access_key_id="not-a-known-key",
+            aws_secret_access_key="not-a-known-secret",
+        )
+    finally:
+        server.terminate()
+        server.wait(timeout=20)
+
+
+def test_s3_footer_read_refused_raises(s3_refusing_everyone):
+    with pytest.raises(ClientError) as error:
+        S3Lake(s3_refusing_everyone, "lake-bucket", "p").parquet_metadata("b.parquet")
+    assert error.value.response["ResponseMetadata"]["HTTPStatusCode"] == 403

@@ -74,13 +74,23 @@ def test_tables_follow_mongodb_through_changes(client, mongo_uri, database, work
     coll.delete_one({"_id": ids[2]})
     coll.update_one({"_id": ids[12]}, {"$set": {"n": -12, "new_field": "hello"}})
     coll.insert_many([{"_id": ObjectId(), "n": 100 + i} for i in range(12)])  # opens a bucket
-    coll.update_one({"_id": ids[20]}, {"$set": {"n": "twenty"}})  # n widens to string: rebuild
     sync(workdir, mongo_uri, database, warehouse_url)
     assert_table_equals_mongo(warehouse_url, database, coll)
 
     # Nothing changed: nothing is loaded again.
     out = sync(workdir, mongo_uri, database, warehouse_url)
     assert " 0 written" in out
+
+
+def test_a_widened_column_rebuilds_the_table_through_sync(
+    client, mongo_uri, database, workdir, warehouse_url
+):
+    coll = client[database].events
+    coll.insert_many([{"_id": i, "n": i} for i in range(25)])
+    sync(workdir, mongo_uri, database, warehouse_url)
+    coll.update_one({"_id": 20}, {"$set": {"n": "twenty"}})  # n widens to string: rebuild
+    sync(workdir, mongo_uri, database, warehouse_url)
+    assert_table_equals_mongo(warehouse_url, database, coll)
 
 
 def test_hostile_names_and_values_load_as_data(client, mongo_uri, database, workdir, warehouse_url):

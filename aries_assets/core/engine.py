@@ -39,7 +39,14 @@ from aries_assets.core.extract import SourceCollection, check_collation, range_d
 from aries_assets.core.lake import Lake, LakeSpec, bucket_file, collection_prefix, remove_temporary_files
 from aries_assets.core.ledger import DirtyBucket, Lease, Ledger, LedgerStore, now_iso
 from aries_assets.core.warehouse import TableRef
-from aries_assets.core.warehouse.loader import LoadedBucket, Loader, WarehouseError, oversize_documents
+from aries_assets.core.warehouse.loader import (
+    BucketLoad,
+    LoadedBucket,
+    Loader,
+    RebuildNeeded,
+    WarehouseError,
+    oversize_documents,
+)
 
 DEFAULT_BUCKET_BYTES = 64 * 1024 * 1024
 MAX_SCHEMA_ROUNDS = 3
@@ -456,6 +463,27 @@ class _CollectionSync:
         if action != "unchanged":
             self.reporter.message(f"{self.source.label}: Glue: {action}")
 
+    def _bucket_data(self, key: str, loader: Loader) -> tuple[Any, str]:
+        """A bucket's rows from its lake file, refused whole if a document is too large for the table."""
+        path = bucket_file(self.source.database, self.source.collection, key)
+        data = self.lake.read_table(path)
+        oversize = oversize_documents(data, loader.dialect.max_document_bytes)
+        if oversize:
+            raise WarehouseError(
+                f"{self.source.label}: bucket {key} has {len(oversize)} documents over "
+                f"{loader.dialect.max_document_bytes:,} bytes, more than {self.spec.table.label} can hold in "
+                f"`_doc` (e.g. _id {oversize[0]}); exclude their large fields (schema.exclude) or use another "
+                "warehouse"
+            )
+        return data, self.lake.uri(path)
+
+    def _report_load(self, loader: Loader, table: TableRef, result: LoadedBucket, data: Any) -> None:
+        in_table = loader.bucket_ids(table, result.bucket)
+        in_file = data.column("_id").to_pylist()
+        missing, extra = set(in_file) - set(in_table), set(in_table) - set(in_file)
+        self.outcome.loaded += 1
+        self.reporter.bucket_loaded(result, len(in_file), len(in_table), len(missing), len(extra))
+
     def _load_warehouse(self, keys: list[str]) -> set[str] | None:
         """Load every bucket whose lake file the table does not hold; the set of buckets the table holds."""
         loader, table = self.targets.loader, self.spec.table
@@ -467,27 +495,27 @@ class _CollectionSync:
         for key in stale:
             self.lease.check()
             found = files[key]
-            path = bucket_file(self.source.database, self.source.collection, key)
-            data = self.lake.read_table(path)
-            oversize = oversize_documents(data, loader.dialect.max_document_bytes)
-            if oversize:
-                raise WarehouseError(
-                    f"{self.source.label}: bucket {key} has {len(oversize)} documents over "
-                    f"{loader.dialect.max_document_bytes:,} bytes, more than {table.label} can hold in `_doc` "
-                    f"(e.g. _id {oversize[0]}); exclude their large fields (schema.exclude) or use another warehouse"
-                )
+            data, uri = self._bucket_data(key, loader)
             schema = snapshot.file_schema(self.schema, found)
-            result = loader.replace_bucket(
-                table, schema, self.spec.options.evolution, key, found.digest, data, self.lake.uri(path)
-            )
-            in_table = loader.bucket_ids(table, key)
-            in_file = data.column("_id").to_pylist()
-            missing, extra = set(in_file) - set(in_table), set(in_table) - set(in_file)
-            self.outcome.loaded += 1
-            self.reporter.bucket_loaded(result, len(in_file), len(in_table), len(missing), len(extra))
-            if any("rebuilt" in action for action in result.actions):
-                # A rebuilt table holds only this bucket: every other bucket loads again.
-                return self._load_warehouse(keys)
+            try:
+                result = loader.replace_bucket(
+                    table, schema, self.spec.options.evolution, key, found.digest, data, uri
+                )
+            except RebuildNeeded as needed:
+                # A column changes type: build the table anew from every bucket, out of readers' sight.
+                self.reporter.message(f"{self.source.label}: {needed}; rebuilding {table.label}")
+                loads = (
+                    BucketLoad(k, files[k].digest, *self._bucket_data(k, loader))
+                    for k in keys
+                    if files.get(k) is not None
+                )
+                for rebuilt in loader.rebuild(table, self.schema, loads):
+                    in_table = len(loader.bucket_ids(table, rebuilt.bucket))
+                    self.outcome.loaded += 1
+                    self.reporter.bucket_loaded(rebuilt, rebuilt.rows, in_table, max(0, rebuilt.rows - in_table),
+                                                max(0, in_table - rebuilt.rows))  # fmt: skip
+                return {k for k in keys if files.get(k) is not None}
+            self._report_load(loader, table, result, data)
         return {k for k in keys if files.get(k) is not None}
 
 

@@ -219,11 +219,20 @@ class S3Lake:
         return response["Body"].read()
 
     def parquet_metadata(self, path: str) -> dict[str, str] | None:
+        """The footer's key-value metadata; None only when S3 says there is no such key.
+
+        Any other refusal (throttling, 5xx, access denied, no such bucket) raises: taking it for
+        a missing file would drop the bucket's statistics, narrow the schema and rebuild tables.
+        """
         # The footer is the last 8 + N bytes; read the tail rather than the whole file.
         try:
             tail = self._read_range(path, "bytes=-65536")
-        except (self.client.exceptions.NoSuchKey, self.client.exceptions.ClientError):
+        except self.client.exceptions.NoSuchKey:
             return None
+        except self.client.exceptions.ClientError as error:
+            if error.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                return None  # a HEAD-style 404 without a body carries only the status as its code
+            raise
         if len(tail) < 8 or tail[-4:] != b"PAR1":
             return None
         footer_length = int.from_bytes(tail[-8:-4], "little")

@@ -2,21 +2,29 @@
 
 Each table holds `_id`, `_doc`, `_bucket` and the collection schema's columns.
 Replacing a bucket is one transaction: stage the bucket's rows, delete the
-rows of that bucket and any row with a staged `_id` (so a document that moved
+rows of that bucket and any row with a staged key (so a document that moved
 between buckets is never there twice), insert the staged rows, and record
 which lake file was loaded in `_aries_loads`. A crash anywhere rolls back to
 the previous rows; a retry does the same work again.
+
+A column that must change type takes a rebuild: `replace_bucket` raises
+`RebuildNeeded`, and the caller passes every bucket to `rebuild`, which builds
+the table under a shadow name and swaps it in at once. Readers never see a
+partial table, and DuckDB readers never wait for a load (see `DuckDBLoader`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
+import math
 import os
 import re
+import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -30,10 +38,28 @@ from aries_assets.core.arrow import arrow_type
 
 LOADS_TABLE = "_aries_loads"
 MAX_IDENTIFIER_BYTES = 63
+# The column a document is found by across buckets (a document that moved is deleted by it).
+KEY_COLUMN = "_id"
+REBUILD_SUFFIX = "__aries_rebuild"
 
 
 class WarehouseError(RuntimeError):
     """A warehouse operation failed; names the table and bucket, never credentials."""
+
+
+class RebuildNeeded(WarehouseError):
+    """Columns of a table must change type, which takes a rebuild from every bucket (`Loader.rebuild`).
+
+    Raised by `Loader.replace_bucket` before it changes anything, with `evolution: rebuild`.
+    """
+
+    def __init__(self, table: TableRef, columns: list[str]) -> None:
+        self.table = table
+        self.columns = columns
+        super().__init__(
+            f"{table.label}: columns {', '.join(columns)} must change type; rebuild the table from "
+            "every bucket (Loader.rebuild) before loading this one"
+        )
 
 
 @dataclass(frozen=True)
@@ -55,12 +81,41 @@ class TableRef:
 
 
 @dataclass(frozen=True)
+class BucketLoad:
+    """One bucket to load: its key, the content hash of its lake file, its rows and the file's URI
+    (Redshift COPYs from the URI; DuckDB and PostgreSQL take the rows)."""
+
+    key: str
+    digest: str
+    data: pa.Table
+    file_uri: str = ""
+
+
+@dataclass(frozen=True)
 class LoadedBucket:
     table: str
     bucket: str
     rows: int
     actions: list[str]
     seconds: float
+
+
+def bounded_name(name: str, suffix: str) -> str:
+    """`name + suffix` within MAX_IDENTIFIER_BYTES; a shortened name gets a hash so two never meet."""
+    if len((name + suffix).encode()) <= MAX_IDENTIFIER_BYTES:
+        return name + suffix
+    digest = hashlib.sha1(name.encode()).hexdigest()[:8]
+    room = MAX_IDENTIFIER_BYTES - len(suffix.encode()) - len(digest) - 1
+    return name.encode()[:room].decode(errors="ignore") + "_" + digest + suffix
+
+
+def shadow_of(table: TableRef) -> TableRef:
+    """Where `rebuild` builds the new table before swapping it in."""
+    return TableRef(table.schema, bounded_name(table.table, REBUILD_SUFFIX))
+
+
+def index_name(table: str, column: str) -> str:
+    return bounded_name(table, f"__{column.strip('_')}_idx")
 
 
 def quote(identifier: str) -> str:
@@ -77,12 +132,19 @@ class Dialect:
     json_type = "text"
     id_type = "text"
     max_document_bytes: int | None = None  # the largest `_doc` the table can hold
+    holds_nul = True  # whether text can hold the NUL character (PostgreSQL's cannot)
 
     def column_type(self, column: s.ColumnSpec, stats: s.FieldStats | None) -> str:
         raise NotImplementedError
 
     def table_suffix(self) -> str:
         return ""
+
+    def column_options(self, name: str, type_sql: str) -> str:
+        """What follows a column's type in CREATE TABLE and ADD COLUMN (Redshift: its encoding)."""
+        return ""
+
+    indexed_columns: tuple[str, ...] = ()
 
 
 class DuckDBDialect(Dialect):
@@ -108,6 +170,9 @@ class PostgresDialect(Dialect):
     name = "postgresql"
     json_type = "jsonb"
     id_type = "text"
+    holds_nul = False
+    # Replacing a bucket deletes by `_bucket` and by the key: without these, each scans the table.
+    indexed_columns = ("_bucket", KEY_COLUMN)
     _types = {
         s.T_BOOL: "boolean", s.T_INT32: "integer", s.T_INT64: "bigint", s.T_DOUBLE: "double precision",
         s.T_STRING: "text", s.T_JSON: "jsonb", s.T_TIMESTAMP: "timestamp with time zone", s.T_BINARY: "bytea",
@@ -147,7 +212,24 @@ class RedshiftDialect(Dialect):
         return self._types[column.type]
 
     def table_suffix(self) -> str:
-        return " DISTKEY(_id) SORTKEY(_id)"
+        # A bucket's rows are replaced together: with `_bucket` leading the sort key they sit in
+        # few blocks, and zone maps let the per-bucket DELETE skip all others (the key second keeps
+        # the moved-document DELETE and key lookups selective within a bucket). Distributing on the
+        # key spreads rows evenly across slices (a bucket on one slice would skew), and the stage,
+        # distributed the same way, joins the table without redistributing it.
+        return f" DISTKEY({quote(KEY_COLUMN)}) SORTKEY({quote('_bucket')}, {quote(KEY_COLUMN)})"
+
+    def column_options(self, name: str, type_sql: str) -> str:
+        if not type_sql.startswith("VARCHAR"):
+            return ""
+        # Explicit encodings: Redshift can resize a VARCHAR column only if it is not BYTEDICT, RUNLENGTH,
+        # TEXT255 or TEXT32K, which automatic encoding might pick. The leading sort key stays RAW.
+        return " ENCODE RAW" if name == "_bucket" else " ENCODE ZSTD"
+
+    @staticmethod
+    def varchar_width(type_sql: str) -> int | None:
+        match = re.match(r"^VARCHAR\((\d+)\)", type_sql)
+        return int(match.group(1)) if match else None
 
 
 DIALECTS = {
@@ -182,11 +264,16 @@ class Loader:
         return columns
 
     def create_table_sql(self, table: TableRef, schema: s.InferredSchema) -> list[str]:
-        body = ", ".join(f"{quote(n)} {t}" for n, t in self.columns_sql(schema))
+        options = self.dialect.column_options
+        body = ", ".join(f"{quote(n)} {t}{options(n, t)}" for n, t in self.columns_sql(schema))
         return [
             f"CREATE SCHEMA IF NOT EXISTS {quote(table.schema)}",
             f"CREATE TABLE {self.table_sql(table)} ({body}){self.dialect.table_suffix()}",
+            *[self.create_index_sql(table, c) for c in self.dialect.indexed_columns],
         ]
+
+    def create_index_sql(self, table: TableRef, column: str) -> str:
+        return f"CREATE INDEX {quote(index_name(table.table, column))} ON {self.table_sql(table)} ({quote(column)})"
 
     def loads_table_sql(self) -> str:
         return (
@@ -200,32 +287,36 @@ class Loader:
     ) -> list[str]:
         """The statements after staging: delete the bucket's rows and any re-staged `_id`, insert, record."""
         target = self.table_sql(table)
-        names = ["_id", "_doc", *[c.name for c in schema.columns]]
-        select = ", ".join(self.stage_expression(n) for n in names)
+        typed = staged_types(schema)
+        names = list(typed)
+        select = ", ".join(self.stage_expression(n, t) for n, t in typed.items())
         insert_columns = ", ".join(quote(n) for n in [*names, "_bucket"])
+        # Two DELETEs, not one with OR: each can use its index (an OR with a subquery scans the table).
         return [
-            f"DELETE FROM {target} WHERE {quote('_bucket')} = {literal(bucket)} "
-            f"OR {quote('_id')} IN (SELECT {quote('_id')} FROM {stage})",
+            f"DELETE FROM {target} WHERE {quote('_bucket')} = {literal(bucket)}",
+            f"DELETE FROM {target} WHERE {quote(KEY_COLUMN)} IN (SELECT {quote(KEY_COLUMN)} FROM {stage})",
             f"INSERT INTO {target} ({insert_columns}) SELECT {select}, {literal(bucket)} FROM {stage}",
             f"DELETE FROM {quote(LOADS_TABLE)} WHERE table_name = {literal(table.label)} AND bucket = {literal(bucket)}",
             f"INSERT INTO {quote(LOADS_TABLE)} VALUES ({literal(table.label)}, {literal(bucket)}, {literal(digest)}, "
             f"(SELECT COUNT(*) FROM {stage}), {schema.version}, {literal(time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()))})",
         ]
 
-    def stage_expression(self, name: str) -> str:
-        if self.dialect.name == "redshift" and name == "_doc":
-            return f"JSON_PARSE({quote(name)})"
+    def stage_expression(self, name: str, type_name: str) -> str:
+        """How a staged column becomes the table's: as it is, unless the dialect stages it in another form."""
         return quote(name)
 
     # --- operations -------------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def transaction(self) -> Iterator[Any]:
+    def transaction(self, publish: bool = True) -> Iterator[Any]:
+        """One transaction on a fresh connection; `publish=False` when readers need not see it yet."""
         connection = self._connect()
         try:
             cursor = self.begin(connection)
             yield cursor
             connection.commit()
+            if publish:
+                self.committed(connection)
         except BaseException:
             with contextlib.suppress(Exception):
                 connection.rollback()
@@ -235,6 +326,9 @@ class Loader:
 
     def begin(self, connection):
         return connection.cursor()  # DB-API drivers open a transaction with the first statement
+
+    def committed(self, connection) -> None:
+        """Called after a commit readers should see; a server database shows it to them already."""
 
     def existing_columns(self, cursor, table: TableRef) -> dict[str, str]:
         cursor.execute(
@@ -250,7 +344,7 @@ class Loader:
         return columns
 
     def evolve(self, cursor, table: TableRef, schema: s.InferredSchema, evolution: str) -> list[str]:
-        """Create the table, add new columns, or rebuild it when a column must change type."""
+        """Create the table or add new columns; a column that must change type raises RebuildNeeded."""
         cursor.execute(self.loads_table_sql())
         existing = self.existing_columns(cursor, table)
         if not existing:
@@ -260,18 +354,32 @@ class Loader:
         wanted = dict(self.columns_sql(schema))
         retyped = [n for n, t in wanted.items() if n in existing and existing[n] != canonical_type(t)]
         if retyped and evolution == "rebuild":
-            # Redshift cannot alter a column's type: rebuild, and forget every bucket loaded into it.
-            cursor.execute(f"DROP TABLE {self.table_sql(table)}")
-            cursor.execute(f"DELETE FROM {quote(LOADS_TABLE)} WHERE table_name = {literal(table.label)}")
-            for statement in self.create_table_sql(table, schema):
-                cursor.execute(statement)
-            return [f"rebuilt {table.label}: {', '.join(retyped)} changed type"]
+            # Redshift cannot alter a column's type, and an in-place rebuild would leave readers a
+            # near-empty table: the caller rebuilds it under a shadow name from every bucket.
+            raise RebuildNeeded(table, retyped)
         actions = []
+        options = self.dialect.column_options
         for name, type_sql in wanted.items():
             if name not in existing:
-                cursor.execute(f"ALTER TABLE {self.table_sql(table)} ADD COLUMN {quote(name)} {type_sql}")
+                cursor.execute(
+                    f"ALTER TABLE {self.table_sql(table)} ADD COLUMN {quote(name)} {type_sql}{options(name, type_sql)}"
+                )
                 actions.append(f"added column {name}")
+        for column in self.missing_indexes(cursor, table):
+            cursor.execute(self.create_index_sql(table, column))
+            actions.append(f"indexed {column}")
         return actions
+
+    def missing_indexes(self, cursor, table: TableRef) -> list[str]:
+        """Columns the dialect indexes that lead no index of the table yet (tables from older versions)."""
+        if not self.dialect.indexed_columns:
+            return []
+        cursor.execute(
+            "SELECT a.attname FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid "
+            f"AND a.attnum = i.indkey[0] WHERE i.indrelid = to_regclass({literal(self.table_sql(table))})"
+        )
+        indexed = {row[0] for row in cursor.fetchall()}
+        return [c for c in self.dialect.indexed_columns if c not in indexed]
 
     def loaded(self, table: TableRef) -> dict[str, str]:
         """Content hash of the lake file last loaded, by bucket."""
@@ -307,21 +415,119 @@ class Loader:
         data: pa.Table,
         file_uri: str,
     ) -> LoadedBucket:
-        started = time.monotonic()
-        stage = quote(f"_aries_stage_{os.getpid()}_{abs(hash(bucket)) % 10**8}")
-        data = _conform(data, schema)
-        with self.transaction() as cursor:
-            actions = self.evolve(cursor, table, schema, evolution)
-            self.stage(cursor, stage, table, schema, data, file_uri)
-            for statement in self.replace_sql(table, schema, stage, bucket, digest):
+        """Replace one bucket's rows in one transaction, creating the table or adding columns first.
+
+        Raises RebuildNeeded, changing nothing, when a column must change type with `evolution:
+        rebuild`; the caller then calls `rebuild` with every bucket of the table.
+        """
+        return self._replace(table, schema, evolution, BucketLoad(bucket, digest, data, file_uri), True)
+
+    def rebuild(
+        self, table: TableRef, schema: s.InferredSchema, buckets: Iterable[BucketLoad]
+    ) -> list[LoadedBucket]:
+        """Build `table` anew from every bucket, out of readers' sight, and swap it in at once.
+
+        The new table is built under the shadow name `<table>__aries_rebuild` (a leftover from an
+        interrupted rebuild is dropped first), one transaction per bucket. Then one transaction drops
+        the old table, renames the shadow, and moves the shadow's `_aries_loads` rows to the table's,
+        so readers see the whole old table until that commit and the whole new one after it. The
+        buckets are iterated once, lazily: the caller can read each lake file as it is needed.
+        """
+        shadow = shadow_of(table)
+        with self.transaction(publish=False) as cursor:
+            cursor.execute(self.loads_table_sql())
+            cursor.execute(f"DROP TABLE IF EXISTS {self.table_sql(shadow)}")
+            cursor.execute(f"DELETE FROM {quote(LOADS_TABLE)} WHERE table_name = {literal(shadow.label)}")
+            for statement in self.create_table_sql(shadow, schema):
                 cursor.execute(statement)
-            cursor.execute(f"DROP TABLE {stage}")
-        return LoadedBucket(table.label, bucket, data.num_rows, actions, time.monotonic() - started)
+        loaded = [self._replace(shadow, schema, "rebuild", bucket, False) for bucket in buckets]
+        with self.transaction() as cursor:
+            for statement in self.swap_sql(shadow, table):
+                cursor.execute(statement)
+        return [
+            LoadedBucket(table.label, b.bucket, b.rows, [f"rebuilt {table.label}"], b.seconds) for b in loaded
+        ]
+
+    def swap_sql(self, shadow: TableRef, table: TableRef) -> list[str]:
+        """Replace `table` by `shadow` and its load records; run in one transaction."""
+        loads = quote(LOADS_TABLE)
+        return [
+            f"DROP TABLE IF EXISTS {self.table_sql(table)}",
+            f"ALTER TABLE {self.table_sql(shadow)} RENAME TO {quote(table.table)}",
+            *[
+                f"ALTER INDEX {quote(table.schema)}.{quote(index_name(shadow.table, c))} "
+                f"RENAME TO {quote(index_name(table.table, c))}"
+                for c in self.dialect.indexed_columns
+            ],
+            f"DELETE FROM {loads} WHERE table_name = {literal(table.label)}",
+            f"UPDATE {loads} SET table_name = {literal(table.label)} WHERE table_name = {literal(shadow.label)}",
+        ]
+
+    def _replace(
+        self, table: TableRef, schema: s.InferredSchema, evolution: str, bucket: BucketLoad, publish: bool
+    ) -> LoadedBucket:
+        started = time.monotonic()
+        stage = quote(f"_aries_stage_{os.getpid()}_{abs(hash(bucket.key)) % 10**8}")
+        data = _conform(bucket.data, schema)
+        self.check_values(table, bucket.key, schema, data)
+        try:
+            actions = self.prepare(table, schema)
+            with self.transaction(publish) as cursor:
+                actions += self.evolve(cursor, table, schema, evolution)
+                self.stage(cursor, stage, table, schema, data, bucket.file_uri)
+                for statement in self.replace_sql(table, schema, stage, bucket.key, bucket.digest):
+                    cursor.execute(statement)
+                cursor.execute(f"DROP TABLE {stage}")
+        except WarehouseError:
+            raise
+        except Exception as error:  # the driver's own error, named by table and bucket
+            lines = str(error).strip().splitlines()
+            raise WarehouseError(
+                f"{table.label} bucket {bucket.key}: {lines[0] if lines else type(error).__name__}"
+            ) from error
+        return LoadedBucket(table.label, bucket.key, data.num_rows, actions, time.monotonic() - started)
+
+    def prepare(self, table: TableRef, schema: s.InferredSchema) -> list[str]:
+        """Changes that cannot run inside the bucket's transaction (Redshift: wider VARCHARs)."""
+        return []
+
+    def column_widths(self, cursor, table: TableRef) -> dict[str, int]:
+        """Declared widths of the table's width-limited text columns."""
+        cursor.execute(
+            "SELECT column_name, character_maximum_length FROM information_schema.columns "
+            f"WHERE table_schema = {literal(table.schema)} AND table_name = {literal(table.table)} "
+            "AND character_maximum_length IS NOT NULL"
+        )
+        return {name: int(width) for name, width in cursor.fetchall()}
+
+    def widen_sql(self, table: TableRef, schema: s.InferredSchema, widths: dict[str, int]) -> list[str]:
+        """ALTER statements for VARCHAR columns narrower than the schema now needs; never narrows."""
+        statements = []
+        for name, type_sql in self.columns_sql(schema):
+            wanted = RedshiftDialect.varchar_width(type_sql)
+            if wanted and name in widths and widths[name] < wanted:
+                statements.append(
+                    f"ALTER TABLE {self.table_sql(table)} ALTER COLUMN {quote(name)} TYPE VARCHAR({wanted})"
+                )
+        return statements
 
     def stage(
         self, cursor, stage: str, table: TableRef, schema: s.InferredSchema, data: pa.Table, file_uri: str
     ) -> None:
         raise NotImplementedError
+
+    def check_values(self, table: TableRef, bucket: str, schema: s.InferredSchema, data: pa.Table) -> None:
+        """Refuse, by name, values the warehouse cannot store, before anything is staged."""
+        if self.dialect.holds_nul:
+            return
+        found = nul_value(data, staged_types(schema))
+        if found:
+            column, _id = found
+            raise WarehouseError(
+                f"{table.label} bucket {bucket}: {self.dialect.name} text and JSON cannot hold the NUL "
+                f"character (\\u0000), found in column {column} of _id {_id}; exclude that field "
+                "(schema.exclude) or strip NUL from it in MongoDB"
+            )
 
 
 _CANONICAL = {
@@ -346,9 +552,99 @@ def canonical_type(declared: str) -> str:
 
 
 class DuckDBLoader(Loader):
+    """An embedded DuckDB file that readers can always open, even while Aries loads it.
+
+    DuckDB lets no reader open a file another process writes. So Aries writes a private working
+    file next to the configured one (`.<name>.aries-write`, taken over from the configured file the
+    first time) and, after each committed load, checkpoints it and publishes a copy at the
+    configured path by an atomic rename: a reader that opened the old file keeps its snapshot, a new
+    reader gets the new one, and none ever waits or sees a half-loaded bucket.
+
+    The cost: each load copies the whole database file (a commit that changed nothing copies
+    nothing), and the disk holds up to three copies at once. Aries processes loading the same file
+    take turns through a lock file, waiting up to `LOCK_WAIT_SECONDS`.
+    """
+
+    LOCK_WAIT_SECONDS = 600
+
+    def __init__(self, dialect: Dialect, path: str) -> None:
+        super().__init__(dialect, self._connect_working_file)
+        self.path = os.path.abspath(path)
+        folder, name = os.path.split(self.path)
+        self.work_path = os.path.join(folder, f".{name}.aries-write")
+        self._lock_path = os.path.join(folder, f".{name}.aries-lock")
+        self._published_path = os.path.join(folder, f".{name}.aries-published")
+
+    @contextlib.contextmanager
+    def transaction(self, publish: bool = True) -> Iterator[Any]:
+        with self._writer_lock(), super().transaction(publish) as cursor:
+            yield cursor
+
     def begin(self, connection):
         connection.execute("BEGIN TRANSACTION")  # DuckDB commits each statement unless told otherwise
         return connection
+
+    def committed(self, connection) -> None:
+        connection.execute("CHECKPOINT")  # the whole database in the main file, nothing left in the WAL
+        self.publish()
+
+    def publish(self) -> bool:
+        """Copy the working file to the configured path, atomically; False if it was already there.
+
+        Call with the writer lock held and the working file checkpointed (as `committed` does).
+        """
+        stat = os.stat(self.work_path)
+        version = f"{stat.st_size} {stat.st_mtime_ns}"
+        if os.path.exists(self.path) and _read(self._published_path) == version:
+            return False
+        temporary = f"{self.work_path}.{os.getpid()}.publish"
+        try:
+            shutil.copyfile(self.work_path, temporary)
+            with open(temporary, "rb") as copy:
+                os.fsync(copy.fileno())
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path + ".wal")  # left by a file written in place: not this copy's
+            os.replace(temporary, self.path)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temporary)
+        with open(self._published_path, "w", encoding="utf-8") as marker:
+            marker.write(version)
+        return True
+
+    @contextlib.contextmanager
+    def _writer_lock(self) -> Iterator[None]:
+        import fcntl
+
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        with open(self._lock_path, "a+b") as lock:
+            deadline = time.monotonic() + self.LOCK_WAIT_SECONDS
+            while True:
+                try:
+                    fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        raise WarehouseError(
+                            f"{self.path}: another Aries process has been loading it for "
+                            f"{self.LOCK_WAIT_SECONDS} s; try again when it is done"
+                        ) from None
+                    time.sleep(0.05)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+
+    def _connect_working_file(self):
+        if not os.path.exists(self.work_path) and os.path.exists(self.path):
+            # Take over a file written in place by an older Aries: copy it, with its WAL if any.
+            for suffix in ("", ".wal"):
+                if os.path.exists(self.path + suffix):
+                    shutil.copyfile(self.path + suffix, f"{self.work_path}.tmp{suffix}")
+            if os.path.exists(f"{self.work_path}.tmp.wal"):
+                os.replace(f"{self.work_path}.tmp.wal", f"{self.work_path}.wal")
+            os.replace(f"{self.work_path}.tmp", self.work_path)
+        return _duckdb_connect(self.work_path)
 
     def stage(self, cursor, stage, table, schema, data, file_uri):
         # DuckDB reads Arrow directly; the lake file's own types carry over.
@@ -358,11 +654,17 @@ class DuckDBLoader(Loader):
 
 
 class PostgresLoader(Loader):
-    """COPY FROM STDIN: the bucket streams as CSV into a temporary staging table."""
+    """COPY FROM STDIN: the bucket streams as CSV into a temporary staging table.
+
+    Timestamps are staged as epoch milliseconds and turned into `timestamptz` on insert, so every
+    date PostgreSQL can hold (4713 BC to 294276 AD) arrives exactly, whatever text form Arrow
+    would give it. Lists become jsonb arrays (see `_json_lists`).
+    """
 
     def stage(self, cursor, stage, table, schema, data, file_uri):
-        columns = [(n, t) for n, t in self.columns_sql(schema) if n != "_bucket" and n in data.column_names]
-        body = ", ".join(f"{quote(n)} {t.replace(' NOT NULL', '')}" for n, t in columns)
+        typed = staged_types(schema)
+        columns = [(n, self.stage_type(typed[n], t)) for n, t in self.columns_sql(schema) if n in typed]
+        body = ", ".join(f"{quote(n)} {t}" for n, t in columns)
         cursor.execute(f"CREATE TEMP TABLE {stage} ({body})")
         buffer = io.BytesIO()
         pacsv.write_csv(
@@ -371,6 +673,16 @@ class PostgresLoader(Loader):
         buffer.seek(0)
         names = ", ".join(quote(n) for n, _ in columns)
         cursor.copy_expert(f"COPY {stage} ({names}) FROM STDIN WITH (FORMAT csv)", buffer)
+        cursor.execute(f"ANALYZE {stage}")  # true row counts, so the deletes pick their indexes
+
+    @staticmethod
+    def stage_type(type_name: str, column_sql: str) -> str:
+        return "bigint" if type_name == s.T_TIMESTAMP else column_sql.replace(" NOT NULL", "")
+
+    def stage_expression(self, name: str, type_name: str) -> str:
+        if type_name == s.T_TIMESTAMP:
+            return f"TIMESTAMPTZ 'epoch' + {quote(name)} * INTERVAL '1 millisecond'"
+        return quote(name)
 
 
 class RedshiftLoader(Loader):
@@ -383,14 +695,15 @@ class RedshiftLoader(Loader):
     def stage_sql(self, stage: str, table: TableRef, schema: s.InferredSchema, file_uri: str) -> list[str]:
         if not file_uri.startswith("s3://"):
             raise WarehouseError(f"{table.label}: Redshift loads from S3; put the lake on s3:// (lake.url)")
-        columns = self.columns_sql(schema)
+        typed = staged_types(schema)
+        # JSON text is staged as VARCHAR and parsed on insert: COPY would keep it a SUPER *string*.
         body = ", ".join(
-            f"{quote(n)} {'VARCHAR(65535)' if n == '_doc' else t.replace(' NOT NULL', '')}"
-            for n, t in columns
-            if n != "_bucket"
+            f"{quote(n)} {'VARCHAR(65535)' if typed[n] == s.T_JSON else t.replace(' NOT NULL', '')}"
+            for n, t in self.columns_sql(schema)
+            if n in typed
         )
         return [
-            f"CREATE TEMP TABLE {stage} ({body})",
+            f"CREATE TEMP TABLE {stage} ({body}) DISTKEY({quote(KEY_COLUMN)})",  # joins the table in place
             f"COPY {stage} FROM {literal(file_uri)} {self.credentials_sql()} FORMAT AS PARQUET SERIALIZETOJSON",
         ]
 
@@ -401,6 +714,26 @@ class RedshiftLoader(Loader):
     def stage(self, cursor, stage, table, schema, data, file_uri):
         for statement in self.stage_sql(stage, table, schema, file_uri):
             cursor.execute(statement)
+
+    def prepare(self, table: TableRef, schema: s.InferredSchema) -> list[str]:
+        """Widen VARCHAR columns a longer string would overflow (COPY would fail on every retry).
+
+        Redshift resizes a column only outside a transaction block, so this runs on its own in
+        autocommit; a wider column never harms a reader or a rollback.
+        """
+        connection = self._connect()
+        try:
+            connection.autocommit = True
+            cursor = connection.cursor()
+            statements = self.widen_sql(table, schema, self.column_widths(cursor, table))
+            for statement in statements:
+                cursor.execute(statement)
+        finally:
+            connection.close()
+        return [f"widened: {statement.split(' ALTER COLUMN ', 1)[1]}" for statement in statements]
+
+    def stage_expression(self, name: str, type_name: str) -> str:
+        return f"JSON_PARSE({quote(name)})" if type_name == s.T_JSON else quote(name)
 
 
 def oversize_documents(data: pa.Table, limit: int | None) -> list[str]:
@@ -424,22 +757,92 @@ def _conform(data: pa.Table, schema: s.InferredSchema) -> pa.Table:
     return pa.table(arrays, names=names)
 
 
+def staged_types(schema: s.InferredSchema) -> dict[str, str]:
+    """The staged columns and their Aries types: `_id`, `_doc` (JSON text), then the schema's."""
+    return {"_id": s.T_STRING, "_doc": s.T_JSON, **{c.name: c.type for c in schema.columns}}
+
+
+# A JSON "\u0000" escape, not preceded by an escaped backslash ("\\u0000" is text).
+_JSON_NUL = r"(^|[^\\])(\\\\)*\\u0000"
+
+
+def nul_value(data: pa.Table, types: dict[str, str]) -> tuple[str, str] | None:
+    """(column, _id) of the first NUL character in text or JSON text, or None; `_doc` named last."""
+    for name in sorted(data.column_names, key=lambda n: n == "_doc"):
+        column = data.column(name)
+        if types.get(name) == s.T_JSON:
+            found = pc.match_substring_regex(column, _JSON_NUL)
+        elif pa.types.is_string(column.type):
+            found = pc.match_substring(column, "\0")
+        elif pa.types.is_list(column.type) and pa.types.is_string(column.type.value_type):
+            found = _list_has_nul(column)
+        else:
+            continue
+        hits = data.column("_id").filter(pc.fill_null(found, False))
+        if len(hits):
+            return name, hits[0].as_py()
+    return None
+
+
+def _list_has_nul(column: pa.ChunkedArray) -> pa.Array:
+    rows = []
+    for value in column.to_pylist():
+        rows.append(value is not None and any(e is not None and "\0" in e for e in value))
+    return pa.array(rows, pa.bool_())
+
+
 def _csv_ready(data: pa.Table) -> pa.Table:
-    """Columns PostgreSQL's CSV COPY cannot take as Arrow writes them: lists to JSON, bytes to hex."""
+    """Columns as PostgreSQL's CSV COPY reads them: lists to JSON, bytes to hex, timestamps to epoch ms."""
     arrays = []
     for name in data.column_names:
         column = data.column(name)
         if pa.types.is_list(column.type):
-            values = [None if v is None else json.dumps(v, default=str) for v in column.to_pylist()]
-            column = pa.array(values, pa.string())
+            column = _json_lists(column)
         elif pa.types.is_binary(column.type):
             column = pa.array(
                 [None if v is None else "\\x" + v.hex() for v in column.to_pylist()], pa.string()
             )
         elif pa.types.is_timestamp(column.type):
-            column = pc.strftime(column, format="%Y-%m-%dT%H:%M:%S.%f%z")
+            column = pc.cast(pc.cast(column, pa.timestamp("ms", tz="UTC")), pa.int64())
         arrays.append(column)
     return pa.table(arrays, names=data.column_names)
+
+
+def _json_lists(column: pa.ChunkedArray) -> pa.Array:
+    """Each list as JSON array text: numbers exact (decimals keep their digits), timestamps as
+    ISO 8601 text in UTC with milliseconds, and NaN and the infinities (which JSON lacks) as the
+    strings "NaN", "Infinity" and "-Infinity"."""
+    lists = column.combine_chunks()
+    values = lists.flatten()
+    element = values.type
+    if pa.types.is_timestamp(element):
+        tokens = [
+            None if v is None else json.dumps(v)
+            for v in pc.strftime(values, format="%Y-%m-%dT%H:%M:%SZ").to_pylist()
+        ]
+    elif pa.types.is_floating(element):
+        tokens = [None if v is None else _json_double(v) for v in values.to_pylist()]
+    elif pa.types.is_decimal(element) or pa.types.is_integer(element) or pa.types.is_boolean(element):
+        tokens = pc.cast(values, pa.string()).to_pylist()
+    else:
+        tokens = [None if v is None else json.dumps(v, ensure_ascii=False) for v in values.to_pylist()]
+    rows, position = [], 0
+    for length in pc.list_value_length(lists).to_pylist():
+        if length is None:
+            rows.append(None)
+            continue
+        items = tokens[position : position + length]
+        position += length
+        rows.append("[" + ",".join("null" if t is None else t for t in items) + "]")
+    return pa.array(rows, pa.string())
+
+
+def _json_double(value: float) -> str:
+    if math.isnan(value):
+        return '"NaN"'
+    if math.isinf(value):
+        return '"Infinity"' if value > 0 else '"-Infinity"'
+    return repr(value)
 
 
 def open_loader(url: str, iam_role: str | None = None, connect=None) -> Loader:
@@ -447,12 +850,11 @@ def open_loader(url: str, iam_role: str | None = None, connect=None) -> Loader:
     scheme = urlsplit(url).scheme
     if scheme == "duckdb":
         # As in SQLAlchemy: duckdb:///relative/path, duckdb:////absolute/path.
-        path = url.removeprefix("duckdb:///")
-        return DuckDBLoader(DuckDBDialect(), lambda: _duckdb_connect(path))
+        return DuckDBLoader(DuckDBDialect(), url.removeprefix("duckdb:///"))
     if scheme in ("postgresql", "postgres"):
         import psycopg2
 
-        return PostgresLoader(PostgresDialect(), lambda: psycopg2.connect(url))
+        return PostgresLoader(PostgresDialect(), connect or (lambda: psycopg2.connect(url)))
     if scheme == "redshift":
         import psycopg2
 
@@ -461,11 +863,20 @@ def open_loader(url: str, iam_role: str | None = None, connect=None) -> Loader:
     raise WarehouseError(f"unsupported warehouse URL scheme {scheme!r}")
 
 
+def _read(path: str) -> str | None:
+    try:
+        with open(path, encoding="utf-8") as file:
+            return file.read()
+    except FileNotFoundError:
+        return None
+
+
 def _duckdb_connect(path: str):
     import duckdb
 
     os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
-    # DuckDB lets one process write a database file at a time: wait for the lock, briefly.
+    # DuckDB lets one process write a database file at a time: wait for the lock (another program
+    # may hold it; Aries processes already take turns through the lock file).
     deadline = time.monotonic() + 60
     while True:
         try:
