@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass, field
 
 import dagster as dg
-from botocore.exceptions import ClientError
+from botocore.exceptions import BotoCoreError, ClientError
 from pymongo.errors import PyMongoError
 
 from aries_assets import terminal
@@ -76,7 +76,7 @@ def sync(
                 _, changes = record_changes(client, lake, scope, 100_000, 30.0, idle_persist_seconds=0)
                 if changes is None or changes.caught_up or changes.history_lost:
                     break
-    except (PyMongoError, OSError, ClientError, LedgerConflict) as error:
+    except (PyMongoError, OSError, ClientError, BotoCoreError, LedgerConflict) as error:
         progress(f"reading the change streams FAILED: {type(error).__name__}: {error}")
     finally:
         client.close()
