@@ -50,6 +50,7 @@ from aries_assets.core.warehouse.loader import (
 
 DEFAULT_BUCKET_BYTES = 64 * 1024 * 1024
 MAX_SCHEMA_ROUNDS = 3
+MAX_LINGER_SECONDS = 600  # a run that keeps following a busy collection ends after this, and the next begins
 
 
 @dataclass(frozen=True)
@@ -171,14 +172,19 @@ def sync_collection(
             now = majority_time(client, source)
             store.update(lambda led: _request(led, now, full, keys))
         sync = _CollectionSync(spec, client, targets, settings, reporter, store, lease, outcome)
+        # Lingering ends once the collection has been quiet for linger_seconds, or at the cap.
         deadline = time.monotonic() + settings.linger_seconds
+        cap = time.monotonic() + max(settings.linger_seconds * 10, MAX_LINGER_SECONDS)
         idle_rounds = 0
         while True:
             ledger = store.load()
             if ledger.needs_work():
                 sync.round(ledger)
                 idle_rounds = 0
-                if outcome.rounds >= settings.catch_up_rounds:
+                deadline = min(cap, time.monotonic() + settings.linger_seconds)
+                if time.monotonic() >= cap or (
+                    not settings.linger_seconds and outcome.rounds >= settings.catch_up_rounds
+                ):
                     break
             else:
                 idle_rounds += 1
