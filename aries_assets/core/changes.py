@@ -40,6 +40,9 @@ ScopeKind = Literal["database", "collection", "deployment"]
 HISTORY_LOST_CODES = {286, 280, 260, 9}
 INVALIDATING = {"invalidate", "drop", "rename", "dropDatabase"}
 DOCUMENT_EVENTS = ["insert", "update", "replace", "delete"]
+# A start time this recent is in any oplog sized as MongoDB advises (hours); checking it costs a
+# scan of the oplog on some servers, so only older ones are checked.
+OPLOG_CHECK_AFTER_SECONDS = 300
 
 
 @dataclass(frozen=True)
@@ -136,8 +139,8 @@ def read_changes(
     deadline = time.monotonic() + max_seconds
     last: Timestamp | None = None
     operation = None
-    if token is None:
-        # A time, unlike a token, is not checked by every server: check it against the oplog.
+    if token is None and now.time - start.time > OPLOG_CHECK_AFTER_SECONDS:
+        # A time, unlike a token, is not checked by every server: check an old one against the oplog.
         oldest = oplog_start(client)
         if oldest is not None and start < oldest:
             result.history_lost = "the stream position is no longer in the oplog"

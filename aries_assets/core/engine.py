@@ -355,7 +355,10 @@ class _CollectionSync:
             total = self.source.open(self.client).estimated_document_count()
         read_docs = read_bytes = 0
         expected = sum(b - a + 1 for a, b in spans)
-        workers = self.settings.workers if (first_load or expected > 1) else 1
+        if total is not None:
+            expected = max(expected, total // max(1, self.spec.bucket_size))
+        # Writer processes cost a second or two to start: worth it only for several buckets.
+        workers = self.settings.workers if expected > 2 else 1
         with _Writers(workers, self.targets.lake_spec) as writers:
             for first, last in spans:
                 lower = bucket_map.lowers[first]
