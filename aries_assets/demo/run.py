@@ -439,14 +439,15 @@ def _run(
         env = {**os.environ, "ARIES_CONFIG": str(config.resolve()), "DAGSTER_HOME": home}
         with MongoClient(uri) as client:
             seed(client)
-            print(
-                "aries demo: first sync (later changes are picked up by `aries sync` or the UI)",
-                file=sys.stderr,
-            )
-            sync_command = [sys.executable, "-m", "aries_assets.cli", "sync"]
-            _wait_while_running(
-                processes.start("first sync", partial(subprocess.Popen, sync_command, env=env))
-            )
+            if first_sync:
+                print(
+                    "aries demo: first sync (later changes are picked up by `aries sync` or the UI)",
+                    file=sys.stderr,
+                )
+                sync_command = [sys.executable, "-m", "aries_assets.cli", "sync"]
+                _wait_while_running(
+                    processes.start("first sync", partial(subprocess.Popen, sync_command, env=env))
+                )
             with trickling(client, trickle_seconds):
                 print(
                     f"aries demo: Dagster UI on http://127.0.0.1:{port} (Ctrl-C stops everything)",
