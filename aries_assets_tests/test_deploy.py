@@ -8,11 +8,16 @@ embedded PostgreSQL, where the per-collection run limit is put to work.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import shutil
+import signal
 import socket
 import socketserver
+import subprocess
+import sys
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,8 +32,16 @@ from dagster._core.remote_origin import GrpcServerCodeLocationOrigin, RemoteJobO
 from dagster._core.run_coordinator import QueuedRunCoordinator, SubmitRunContext
 from dagster._daemon.run_coordinator.queued_run_coordinator_daemon import QueuedRunCoordinatorDaemon
 from dagster_postgres import PostgresEventLogStorage, PostgresRunStorage, PostgresScheduleStorage
+from pymongo import MongoClient
 
-from aries_assets_tests.support import unique_name
+from aries_assets.demo.mongo_server import free_port
+from aries_assets_tests.support import (
+    assert_same_documents,
+    lake_documents,
+    mongo_documents,
+    unique_name,
+    write_config,
+)
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
 COLLECTION_TAG = "aries/collection"
@@ -195,3 +208,97 @@ def test_one_run_at_a_time_per_collection(deploy_instance: DagsterInstance) -> N
 
     deploy_instance.report_run_failed(deploy_instance.get_run_by_id(first.run_id))
     assert second.run_id in runs_to_launch(), "the second run goes once the first is done"
+
+
+def test_daemon_on_postgres(
+    deploy_home: Path, client: MongoClient, mongo_uri: str, database: str, tmp_path: Path
+) -> None:
+    """A deployment in miniature: Aries' code server and `dagster-daemon` as separate processes on
+    the shipped instance config (PostgreSQL), the sensors as they start (RUNNING by default),
+    and documents written before and while they run: the lake ends up holding every document."""
+    items = client[database]["items"]
+    items.insert_many([{"_id": i, "name": f"item {i}", "n": i} for i in range(120)])
+    lake = tmp_path / "lake"
+    config = write_config(
+        tmp_path / "aries.yaml",
+        mongo_uri,
+        str(lake),
+        [{"database": database, "collection": "items", "bucket_size": 50}],
+    )
+    port = free_port()
+    workspace = tmp_path / "workspace.yaml"
+    server = {"host": "127.0.0.1", "port": port, "location_name": "aries"}
+    workspace.write_text(yaml.safe_dump({"load_from": [{"grpc_server": server}]}))
+    env = {**os.environ, "ARIES_CONFIG": str(config)}  # DAGSTER_HOME and DAGSTER_PG_* from the fixture
+    bin_dir = Path(sys.executable).parent
+    code_command = [str(bin_dir / "dagster"), "code-server", "start", "-h", "127.0.0.1", "-p", str(port)]
+    code_command += ["-m", "aries_assets.definitions", "--location-name", "aries"]
+    daemon_command = [str(bin_dir / "dagster-daemon"), "run", "-w", str(workspace)]
+    with contextlib.ExitStack() as stack:
+        for name, command in (("code", code_command), ("daemon", daemon_command)):
+            log = stack.enter_context(open(tmp_path / f"{name}.log", "wb"))
+            process = subprocess.Popen(
+                command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
+            stack.callback(_stop_session, process)
+
+        with DagsterInstance.from_config(str(deploy_home)) as instance:
+            _wait(lambda: _sensor_daemon_alive(instance), 120, "the daemon's first heartbeat", tmp_path)
+            # Changes while the sensors run: updates, a delete, a replace, new documents.
+            items.update_many({"_id": {"$lt": 10}}, {"$set": {"name": "renamed"}})
+            items.delete_one({"_id": 20})
+            items.replace_one({"_id": 30}, {"name": "replaced", "tags": ["a", "b"]})
+            items.insert_many([{"_id": i, "name": f"item {i}", "n": i} for i in range(120, 180)])
+            expected = mongo_documents(client, database, "items")
+            _wait(lambda: _lake_matches(lake / database / "items", expected), 90, "the lake", tmp_path)
+            assert_same_documents(expected, lake_documents(lake / database / "items"))
+
+            runs = instance.get_runs()
+            assert runs, "the lake was written without a run recorded in PostgreSQL"
+            _assert_one_run_at_a_time_per_collection(instance)
+
+
+def _stop_session(process: subprocess.Popen) -> None:
+    """SIGTERM the process and everything it started (runs included), then SIGKILL what is left."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+
+
+def _wait(condition, seconds: float, what: str, logs: Path) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(1)
+    tails = {p.name: p.read_text(errors="replace")[-3000:] for p in sorted(logs.glob("*.log"))}
+    raise AssertionError(f"waited {seconds}s for {what}; logs:\n{tails}")
+
+
+def _sensor_daemon_alive(instance: DagsterInstance) -> bool:
+    return "SENSOR" in instance.get_daemon_heartbeats()
+
+
+def _lake_matches(folder: Path, expected: dict[str, bytes]) -> bool:
+    try:
+        return lake_documents(folder) == expected
+    except (OSError, AssertionError, ValueError):  # a file replaced while read, a half-done rewrite
+        return False
+
+
+def _assert_one_run_at_a_time_per_collection(instance: DagsterInstance) -> None:
+    spans: dict[str, list[tuple[float, float]]] = {}
+    for record in instance.get_run_records():
+        collection = record.dagster_run.tags.get(COLLECTION_TAG)
+        if collection and record.start_time:
+            spans.setdefault(collection, []).append((record.start_time, record.end_time or time.time()))
+    for collection, intervals in spans.items():
+        intervals.sort()
+        for (_, end), (start, _) in itertools.pairwise(intervals):
+            assert start >= end, f"two runs of {collection} overlapped"
