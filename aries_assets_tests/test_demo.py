@@ -86,6 +86,8 @@ def start_demo(directory: Path, mongo_port: int, port: int | None = None, first_
 
 
 def wait_for_ui(demo: Demo) -> None:
+    """Wait until this demo's own webserver answers, not one a killed demo left on the port."""
+    wait_for_child(demo, "dagster dev")
     deadline = time.monotonic() + STARTUP_SECONDS
     while time.monotonic() < deadline:
         assert demo.process.poll() is None, f"aries demo exited early:\n{demo.log_tail()}"
@@ -105,7 +107,8 @@ def wait_for_child(demo: Demo, name: str, timeout: float = STARTUP_SECONDS) -> d
         assert demo.process.poll() is None, f"aries demo exited early:\n{demo.log_tail()}"
         try:
             record = demo.record()
-            if any(child["name"] == name for child in record["children"]):
+            ours = record["demo"]["pid"] == demo.process.pid  # not the record of a killed demo
+            if ours and any(child["name"] == name for child in record["children"]):
                 return record
         except (OSError, ValueError):
             pass
@@ -156,60 +159,55 @@ def kill_everything(demo: Demo, record: dict | None) -> None:
                 os.killpg(child["pid"], signal.SIGKILL)
 
 
-def test_stop_during_first_sync(demo_dir: Path, mongo_port: int) -> None:
-    """SIGTERM while the first `aries sync` runs stops it, its workers and SecantusDB."""
-    demo = start_demo(demo_dir, mongo_port, first_sync=True)
-    record = None
-    try:
-        record = wait_for_child(demo, "first sync")
-        time.sleep(3)  # let it start its worker processes
-        os.kill(demo.process.pid, signal.SIGTERM)
-        signalled_at = time.monotonic()
-        assert demo.process.wait(timeout=STOP_SECONDS) == 0, demo.log_tail()
-        assert_stops(record, signalled_at)
-        assert not demo.record_path.exists()
-    finally:
-        kill_everything(demo, record)
+def test_ctrl_c_and_kill_9_during_first_sync_stop_everything(demo_dir: Path, mongo_port: int) -> None:
+    """Ctrl-C (SIGINT to the foreground process group) while the first `aries sync` runs stops it,
+    its workers and SecantusDB; so does `kill -9` of the demo itself."""
+    for stop in ("ctrl-c", "kill -9"):
+        demo = start_demo(demo_dir, mongo_port, first_sync=True)
+        record = None
+        try:
+            record = wait_for_child(demo, "first sync")
+            time.sleep(3)  # let it start its worker processes
+            if stop == "ctrl-c":
+                os.killpg(demo.process.pid, signal.SIGINT)
+            else:
+                demo.process.kill()
+            signalled_at = time.monotonic()
+            code = demo.process.wait(timeout=STOP_SECONDS)
+            assert code == (0 if stop == "ctrl-c" else -signal.SIGKILL), demo.log_tail()
+            assert_stops(record, signalled_at)
+        finally:
+            kill_everything(demo, record)
 
 
-def test_sigterm_stops_every_process(demo_dir: Path, mongo_port: int) -> None:
-    demo = start_demo(demo_dir, mongo_port)
-    record = None
-    try:
-        wait_for_ui(demo)
-        record = demo.record()
-        assert {c["name"] for c in record["children"]} == {"mongo", "dagster dev"}
-        assert len(running(record)) >= 5, "expected aries demo, SecantusDB, dagster dev, webserver, daemon"
-        os.kill(demo.process.pid, signal.SIGTERM)
-        signalled_at = time.monotonic()
-        assert demo.process.wait(timeout=STOP_SECONDS) == 0, demo.log_tail()
-        assert_stops(record, signalled_at)
-        assert not demo.record_path.exists()
-    finally:
-        kill_everything(demo, record)
-
-
-def test_restart_after_kill_9_then_ctrl_c(demo_dir: Path, mongo_port: int) -> None:
-    """A demo killed with SIGKILL leaves its record; the next one stops the leftovers and starts
-    on the same ports. Ctrl-C (SIGINT to the foreground process group) then stops it."""
+def test_restart_after_kill_9_then_sigterm(demo_dir: Path, mongo_port: int) -> None:
+    """A demo killed with SIGKILL, together with what would stop its Dagster processes, leaves
+    them running and its record behind; the next demo stops them and starts on the same ports.
+    SIGTERM (a service manager, `kill`) then stops every process it started."""
     killed = start_demo(demo_dir, mongo_port)
     first = second = None
     try:
         wait_for_ui(killed)
         first = killed.record()
+        keeper = next(c["pid"] for c in first["children"] if c["name"] == "dagster dev")
+        os.kill(keeper, signal.SIGKILL)
         killed.process.kill()
         killed.process.wait()
         assert killed.record_path.exists()
+        assert running(first), "expected leftovers: the webserver, daemon and code servers"
 
         demo = start_demo(demo_dir, mongo_port, port=killed.port)
         try:
             wait_for_ui(demo)
             assert not running(first), "the previous demo's processes are still running"
             second = demo.record()
-            os.killpg(demo.process.pid, signal.SIGINT)
+            assert {c["name"] for c in second["children"]} == {"mongo", "dagster dev"}
+            assert len(running(second)) >= 6, "expected the demo, SecantusDB, dagster dev, webserver, daemon"
+            os.kill(demo.process.pid, signal.SIGTERM)
             signalled_at = time.monotonic()
             assert demo.process.wait(timeout=STOP_SECONDS) == 0, demo.log_tail()
             assert_stops(second, signalled_at)
+            assert not demo.record_path.exists()
         finally:
             kill_everything(demo, second)
     finally:

@@ -13,7 +13,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,47 +27,51 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def mongo_command(storage: str | Path, port: int, extra_args: tuple[str, ...] = ()) -> list[str]:
+    """The command line of a SecantusDB serving `storage` (a directory, or ":memory:") on `port`."""
+    executable = shutil.which("secantusd-py") or str(Path(sys.executable).with_name("secantusd-py"))
+    if not Path(executable).exists():
+        raise RuntimeError("secantusd-py not found: install the dev extra (make install)")
+    return [
+        executable,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--storage-path",
+        str(storage),
+        "--log-level",
+        "WARNING",
+        "--noop-heartbeat-seconds",
+        "10",
+        *extra_args,
+    ]
+
+
 def start_mongo(
     storage: str | Path,
     port: int,
     log: Path | None = None,
     extra_args: tuple[str, ...] = (),
+    wrapper: Callable[[list[str]], list[str]] | None = None,
     **popen_options: Any,
 ) -> subprocess.Popen:
     """Start SecantusDB on `port` without waiting for it to answer (see `mongo_uri`, `wait_until_up`).
 
-    `popen_options` go to `subprocess.Popen` (the demo starts it in its own session).
+    `wrapper` turns the command into the one to run (the demo runs it under a keeper);
+    `popen_options` go to `subprocess.Popen`.
     """
-    executable = shutil.which("secantusd-py") or str(Path(sys.executable).with_name("secantusd-py"))
-    if not Path(executable).exists():
-        raise RuntimeError("secantusd-py not found: install the dev extra (make install)")
+    command = mongo_command(storage, port, extra_args)
     if storage != ":memory:":
         Path(storage).mkdir(parents=True, exist_ok=True)
     output = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115
     try:
-        process = subprocess.Popen(
-            [
-                executable,
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--storage-path",
-                str(storage),
-                "--log-level",
-                "WARNING",
-                "--noop-heartbeat-seconds",
-                "10",
-                *extra_args,
-            ],
-            stdout=output,
-            stderr=subprocess.STDOUT,
-            **popen_options,
+        return subprocess.Popen(
+            wrapper(command) if wrapper else command, stdout=output, stderr=subprocess.STDOUT, **popen_options
         )
     finally:
         if log:
             output.close()  # the child holds its own copy
-    return process
 
 
 def mongo_uri(port: int) -> str:

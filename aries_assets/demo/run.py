@@ -96,7 +96,8 @@ class ProcessRecord:
 
 
 def session_members(leader: ProcessRecord) -> list[psutil.Process]:
-    """Living processes of the session `leader` opened, the leader included if it still runs.
+    """Living processes of the session `leader` opened, the leader included if it still runs,
+    the calling process never.
 
     Linux never hands out a pid while a living process uses it as its session id, so
     a match on the session id is one of ours; the start time check covers other systems.
@@ -105,7 +106,8 @@ def session_members(leader: ProcessRecord) -> list[psutil.Process]:
     for process in psutil.process_iter(["create_time", "status"]):
         try:
             if (
-                os.getsid(process.pid) == leader.pid
+                process.pid != os.getpid()
+                and os.getsid(process.pid) == leader.pid
                 and process.info["create_time"] >= leader.create_time
                 and process.info["status"] != psutil.STATUS_ZOMBIE
             ):
@@ -125,30 +127,27 @@ def stop_sessions(
     `head_start` seconds passed, and SIGKILL whatever still runs `grace` seconds after the start.
     """
     deadline = time.monotonic() + grace
-    early = _terminate(first)
-    psutil.wait_procs(early, timeout=head_start)
-    late = _terminate(then)
-    _, alive = psutil.wait_procs(early + late, timeout=max(0.0, deadline - time.monotonic()))
-    for process in alive:
+    _signal_sessions(first, signal.SIGTERM)
+    _wait_until_stopped(first, head_start)
+    _signal_sessions(then, signal.SIGTERM)
+    _wait_until_stopped(first + then, deadline - time.monotonic())
+    # Also whatever was forked after the SIGTERM went out.
+    _signal_sessions(first + then, signal.SIGKILL)
+    _wait_until_stopped(first + then, 2.0)
+
+
+def _signal_sessions(leaders: list[ProcessRecord], number: signal.Signals) -> None:
+    for process in (p for leader in leaders for p in session_members(leader)):
         with contextlib.suppress(psutil.Error):
-            process.kill()
-    psutil.wait_procs(alive, timeout=1)
-    # A child forked while its parent was stopping is in no list above: a last sweep.
-    for process in _members(first + then):
-        with contextlib.suppress(psutil.Error):
-            process.kill()
+            process.send_signal(number)
 
 
-def _members(leaders: list[ProcessRecord]) -> list[psutil.Process]:
-    return [process for leader in leaders for process in session_members(leader)]
-
-
-def _terminate(leaders: list[ProcessRecord]) -> list[psutil.Process]:
-    members = _members(leaders)
-    for process in members:
-        with contextlib.suppress(psutil.Error):
-            process.terminate()
-    return members
+def _wait_until_stopped(leaders: list[ProcessRecord], timeout: float) -> None:
+    """Wait until no process of these sessions runs; zombies count as stopped, since whether
+    they are reaped is up to their parent (or a container's init), not to them."""
+    deadline = time.monotonic() + timeout
+    while any(session_members(leader) for leader in leaders) and time.monotonic() < deadline:
+        time.sleep(0.1)
 
 
 _PR_SET_PDEATHSIG = 1
@@ -169,6 +168,34 @@ def _die_with(parent_pid: int) -> Callable[[], None]:
                 os._exit(1)
 
     return preexec
+
+
+def in_own_session(command: list[str]) -> list[str]:
+    """`command` under a keeper (see `keep_session`) that stops the whole session with it."""
+    return [sys.executable, "-m", "aries_assets.demo.run", *command]
+
+
+def keep_session(command: list[str]) -> int:
+    """Run `command` and, when it ends or this process gets SIGTERM, SIGINT or SIGHUP, stop
+    every other process of this session: `dagster dev` stops its webserver, daemon and code
+    servers only when it gets the chance, and not at all once it is killed.
+
+    Started by the demo as a session leader that gets SIGTERM when the demo dies, so even
+    a demo killed with SIGKILL leaves nothing running for longer than the grace period.
+    """
+    received: list[int] = []
+
+    def note(number: int, frame: FrameType | None) -> None:
+        received.append(number)
+
+    for number in StopSignals.SIGNALS:
+        signal.signal(number, note)
+    child = subprocess.Popen(command)
+    while child.poll() is None and not received:
+        time.sleep(0.2)
+    stop_sessions([ProcessRecord.of("session", os.getsid(0))], [])
+    child.wait()
+    return 0 if received else child.returncode
 
 
 class DemoProcesses:
@@ -424,12 +451,18 @@ def _run(
     with signals.deferred():
         previous = processes.stop_leftovers()
     if previous is not None:
-        fail_abandoned_runs(since=previous.create_time)
+        try:
+            fail_abandoned_runs(since=previous.create_time)
+        except Exception as error:  # the demo still starts; the UI shows those runs as they are
+            print(f"aries demo: could not mark the previous demo's runs failed: {error}", file=sys.stderr)
     _refuse_busy_port(mongo_port, "MongoDB (SecantusDB)", MONGO_PORT_VARIABLE)
     _refuse_busy_port(port, "the Dagster UI", "--port")
     try:
         mongo = processes.start(
-            "mongo", partial(start_mongo, demo_dir / "mongo", mongo_port, demo_dir / "mongo.log")
+            "mongo",
+            partial(
+                start_mongo, demo_dir / "mongo", mongo_port, demo_dir / "mongo.log", wrapper=in_own_session
+            ),
         )
         uri = mongo_uri(mongo_port)
         wait_until_up(uri, mongo)
@@ -444,7 +477,7 @@ def _run(
                     "aries demo: first sync (later changes are picked up by `aries sync` or the UI)",
                     file=sys.stderr,
                 )
-                sync_command = [sys.executable, "-m", "aries_assets.cli", "sync"]
+                sync_command = in_own_session([sys.executable, "-m", "aries_assets.cli", "sync"])
                 _wait_while_running(
                     processes.start("first sync", partial(subprocess.Popen, sync_command, env=env))
                 )
@@ -455,7 +488,9 @@ def _run(
                 )
                 dagster_command = [sys.executable, "-m", "dagster", "dev", "-w", "workspace.yaml"]
                 dagster_command += ["-p", str(port), "-h", "127.0.0.1"]
-                dagster = processes.start("dagster dev", partial(subprocess.Popen, dagster_command, env=env))
+                dagster = processes.start(
+                    "dagster dev", partial(subprocess.Popen, in_own_session(dagster_command), env=env)
+                )
                 return _wait_while_running(dagster)
     finally:
         signals.stopping()
@@ -463,3 +498,7 @@ def _run(
         processes.stop_all()
         with contextlib.suppress(Exception):
             fail_abandoned_runs(since=processes.demo.create_time)
+
+
+if __name__ == "__main__":
+    sys.exit(keep_session(sys.argv[1:]))
