@@ -76,6 +76,18 @@ def test_compose_services_share_the_instance_and_keep_secrets_in_the_environment
     assert "pip install" in dockerfile and "[dev]" not in dockerfile
 
 
+def test_dockerfile_copies_what_exists_and_is_not_ignored() -> None:
+    """The image builds from the repository root with deploy/Dockerfile.dockerignore."""
+    root = DEPLOY.parent
+    ignored = (DEPLOY / "Dockerfile.dockerignore").read_text().splitlines()
+    kept = {line[1:] for line in ignored if line.startswith("!")}
+    for line in (DEPLOY / "Dockerfile").read_text().splitlines():
+        if line.startswith("COPY "):
+            for source in line.split()[1:-1]:
+                assert (root / source).exists(), source
+                assert source.rstrip("/") in kept, f"{source} is excluded from the build context"
+
+
 def test_helm_values_use_the_chart_keys() -> None:
     values = load_yaml("helm/values.yaml")
     deployment = values["dagster-user-deployments"]["deployments"][0]
