@@ -1,10 +1,11 @@
 """`aries demo`: embedded MongoDB with sample data, a live trickle of changes, and `dagster dev`.
 
-Every process the demo starts runs in a session of its own, recorded in `<demo dir>/pids.json`.
-Ctrl-C, SIGTERM or SIGHUP stop those sessions whole (SIGTERM, then SIGKILL after a grace
-period), so no webserver, daemon, code server or run worker outlives the demo. On Linux the
-direct children also get SIGTERM if the demo itself is killed, and the next `aries demo`
-stops whatever the record still names before it starts.
+Every process the demo starts runs in a session of its own, under a keeper that stops the
+whole session with it, and is recorded in `<demo dir>/pids.json`. Ctrl-C, SIGTERM or SIGHUP
+stop those sessions whole (SIGTERM, then SIGKILL after a grace period), so no webserver,
+daemon, code server or run worker outlives the demo. On Linux the keepers also stop their
+sessions when the demo itself is killed, and the next `aries demo` stops whatever the
+record still names before it starts.
 """
 
 from __future__ import annotations
