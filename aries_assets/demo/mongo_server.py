@@ -13,8 +13,9 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 from pymongo import MongoClient
 from pymongo.errors import PyMongoError
@@ -26,6 +27,57 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def mongo_command(storage: str | Path, port: int, extra_args: tuple[str, ...] = ()) -> list[str]:
+    """The command line of a SecantusDB serving `storage` (a directory, or ":memory:") on `port`."""
+    executable = shutil.which("secantusd-py") or str(Path(sys.executable).with_name("secantusd-py"))
+    if not Path(executable).exists():
+        raise RuntimeError("secantusd-py not found: install the dev extra (make install)")
+    return [
+        executable,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--storage-path",
+        str(storage),
+        "--log-level",
+        "WARNING",
+        "--noop-heartbeat-seconds",
+        "10",
+        *extra_args,
+    ]
+
+
+def start_mongo(
+    storage: str | Path,
+    port: int,
+    log: Path | None = None,
+    extra_args: tuple[str, ...] = (),
+    wrapper: Callable[[list[str]], list[str]] | None = None,
+    **popen_options: Any,
+) -> subprocess.Popen:
+    """Start SecantusDB on `port` without waiting for it to answer (see `mongo_uri`, `wait_until_up`).
+
+    `wrapper` turns the command into the one to run (the demo runs it under a keeper);
+    `popen_options` go to `subprocess.Popen`.
+    """
+    command = mongo_command(storage, port, extra_args)
+    if storage != ":memory:":
+        Path(storage).mkdir(parents=True, exist_ok=True)
+    output = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115
+    try:
+        return subprocess.Popen(
+            wrapper(command) if wrapper else command, stdout=output, stderr=subprocess.STDOUT, **popen_options
+        )
+    finally:
+        if log:
+            output.close()  # the child holds its own copy
+
+
+def mongo_uri(port: int) -> str:
+    return f"mongodb://127.0.0.1:{port}/?directConnection=true"
+
+
 @contextlib.contextmanager
 def embedded_mongo(
     storage: str | Path = ":memory:",
@@ -34,34 +86,11 @@ def embedded_mongo(
     extra_args: tuple[str, ...] = (),
 ) -> Iterator[str]:
     """Start SecantusDB, wait until it answers, yield its URI, stop it on exit."""
-    executable = shutil.which("secantusd-py") or str(Path(sys.executable).with_name("secantusd-py"))
-    if not Path(executable).exists():
-        raise RuntimeError("secantusd-py not found: install the dev extra (make install)")
     port = port or free_port()
-    if storage != ":memory:":
-        Path(storage).mkdir(parents=True, exist_ok=True)
-    output = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115
-    process = subprocess.Popen(
-        [
-            executable,
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--storage-path",
-            str(storage),
-            "--log-level",
-            "WARNING",
-            "--noop-heartbeat-seconds",
-            "10",
-            *extra_args,
-        ],
-        stdout=output,
-        stderr=subprocess.STDOUT,
-    )
-    uri = f"mongodb://127.0.0.1:{port}/?directConnection=true"
+    process = start_mongo(storage, port, log, extra_args)
+    uri = mongo_uri(port)
     try:
-        _wait_until_up(uri, process)
+        wait_until_up(uri, process)
         yield uri
     finally:
         process.terminate()
@@ -70,11 +99,9 @@ def embedded_mongo(
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
-        if log:
-            output.close()
 
 
-def _wait_until_up(uri: str, process: subprocess.Popen, timeout: float = 60.0) -> None:
+def wait_until_up(uri: str, process: subprocess.Popen, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
