@@ -37,9 +37,13 @@ def mongo_sorted(coll) -> dict[str, str]:
     return {id_key(d["_id"]): canonical_sorted(d) for d in coll.with_options(codec_options=RAW_CODEC).find()}
 
 
+def _quote(identifier: str) -> str:
+    return '"' + identifier.replace('"', '""') + '"'
+
+
 def table_rows(url: str, schema: str, table: str) -> list[tuple[str, str]]:
     """(`_id`, `_doc` as text) of every row of a warehouse table."""
-    sql = f'SELECT "_id", CAST("_doc" AS TEXT) FROM "{schema}"."{table}"'
+    sql = f'SELECT "_id", CAST("_doc" AS TEXT) FROM {_quote(schema)}.{_quote(table)}'
     if url.startswith("duckdb"):
         with duckdb.connect(url.removeprefix("duckdb:///"), read_only=True) as connection:
             return connection.execute(sql).fetchall()
@@ -88,7 +92,7 @@ def dump_tables(url: str) -> str:
     parts = []
     for name in table_names(url):
         schema, table = name.split(".", 1)
-        sql = f'SELECT * FROM "{schema}"."{table}"'
+        sql = f"SELECT * FROM {_quote(schema)}.{_quote(table)}"
         if url.startswith("duckdb"):
             with duckdb.connect(url.removeprefix("duckdb:///"), read_only=True) as connection:
                 rows = connection.execute(sql).fetchall()
