@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import http.server
 import json
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -202,3 +204,31 @@ def status_of(run_cli) -> tuple[int, list[dict]]:
         return code, json.loads(out)
     except json.JSONDecodeError as error:
         raise AssertionError(f"aries status --json printed no JSON (exit {code}): {out}{err}") from error
+
+
+@contextlib.contextmanager
+def moto_server() -> Iterator[str]:
+    """moto as a real HTTP server (S3, Glue) on a free port; yields its endpoint."""
+    from moto.server import ThreadedMotoServer
+
+    from aries_assets.demo.mongo_server import free_port
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.stop()
+
+
+def s3_objects(endpoint: str, bucket: str) -> dict[str, bytes]:
+    """Every object of a bucket, read straight from moto."""
+    import boto3
+
+    s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+    objects = {}
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket):
+        for item in page.get("Contents", []):
+            objects[item["Key"]] = s3.get_object(Bucket=bucket, Key=item["Key"])["Body"].read()
+    return objects
