@@ -67,7 +67,11 @@ def table_sorted(url: str, schema: str, table: str) -> dict[str, str]:
 
 def assert_table_exact(url: str, database: str, coll) -> None:
     expected, actual = mongo_sorted(coll), table_sorted(url, database, coll.name)
-    assert sorted(expected) == sorted(actual), "the table's _ids differ from MongoDB's"
+    missing, extra = sorted(set(expected) - set(actual)), sorted(set(actual) - set(expected))
+    assert not missing and not extra, (
+        f"{coll.name}: {len(missing)} documents missing from the table, e.g. {missing[:3]}; "
+        f"{len(extra)} extra, e.g. {extra[:3]}"
+    )
     for key, text in expected.items():
         assert actual[key] == text, f"{coll.name} {key!r}: table {actual[key][:300]} != mongo {text[:300]}"
 
