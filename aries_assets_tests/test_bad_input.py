@@ -246,6 +246,32 @@ def test_an_unreachable_s3_endpoint_is_one_line_and_writes_nothing(
     _only_config_left(workdir)
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "Wrong MongoDB credentials are reported as an unreachable server: aries_assets/resources.py "
+        "MongoResource.client turns every PyMongoError of the ping into 'cannot reach MongoDB at "
+        "mongodb://u:***@host/...: OperationFailure; check mongo.uri and that the server is running', "
+        "hiding 'authentication failed'. Reproduce: createUser u, mongo.uri mongodb://u:wrong@host/, "
+        "`aries sync`."
+    ),
+)
+def test_wrong_mongodb_credentials_say_authentication_failed(client, mongo_uri, database, workdir):
+    user = f"u_{database}"
+    client.admin.command("createUser", user, pwd="right-password", roles=["root"])
+    try:
+        host = mongo_uri.split("://", 1)[1].split("/", 1)[0]
+        uri = f"mongodb://{user}:wrong-password@{host}/?directConnection=true&authSource=admin"
+        write_config(workdir / "aries.yaml", uri, "./lake", [{"database": database, "collection": "apps"}])
+        code, out, err = run_cli("sync", "--workers", "1")
+        assert code == 2 and err.strip().count("\n") == 0, err
+        assert "wrong-password" not in out + err
+        _only_config_left(workdir)
+        assert "authentication failed" in err.lower(), err
+    finally:
+        client.admin.command("dropUser", user)
+
+
 # --- collections that are not there -----------------------------------------------------------------
 
 

@@ -227,11 +227,11 @@ def test_a_nul_character_fails_the_postgresql_load_by_name_and_keeps_the_lake(
 @pytest.mark.xfail(
     strict=True,
     reason=(
-        "The PostgreSQL failure for a NUL character does not say which collection, bucket or _id, nor "
-        "what to do: aries_assets/core/warehouse/loader.py PostgresLoader.stage lets psycopg2's "
-        "'unsupported Unicode escape sequence' / 'invalid byte sequence' error through as is. "
+        "The PostgreSQL failure for a NUL character does not say which bucket or _id, nor what to do: "
+        "aries_assets/core/warehouse/loader.py PostgresLoader.stage lets psycopg2's error through, and the "
+        "summary reads `<db>.values: CharacterNotInRepertoire: CONTEXT:  COPY _aries_stage_<pid>_<n>, line 2`. "
         "Reproduce: a document {_id: 'string_nul', v: 'before\\x00after'} and a postgresql:// warehouse, "
-        "`aries sync`: the summary line names only the collection and psycopg2's message."
+        "`aries sync`."
     ),
 )
 def test_the_nul_failure_names_the_bucket_and_the_document(

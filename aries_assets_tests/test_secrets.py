@@ -139,3 +139,29 @@ def test_no_password_is_stored_or_printed_anywhere(
             for entry in instance.all_logs(record.run_id):
                 found += _found(repr(entry), f"run {record.run_id} event log")
     assert not found, "\n".join(found)
+
+
+def test_passwords_written_into_the_config_itself_stay_there(
+    client, mongo_uri, database, workdir, postgres_url, monkeypatch
+):
+    """Against advice (README: use ${VARS}), passwords typed into aries.yaml: still only in aries.yaml."""
+    user = f"u_{database}"
+    client.admin.command("createUser", user, pwd=MONGO_PASSWORD, roles=["root"])
+    parts = urllib.parse.urlsplit(postgres_url)
+    host = urllib.parse.urlsplit(mongo_uri).netloc
+    mongo = f"mongodb://{user}:{MONGO_PASSWORD}@{host}/?directConnection=true&authSource=admin"
+    pg = f"postgresql://postgres:{PG_PASSWORD}@/{database}?{parts.query}"
+    client[database].accounts.insert_many([{"_id": i} for i in range(5)])
+    entries = [{"database": database, "collection": "accounts"}]
+    write_config(workdir / "aries.yaml", mongo, "./lake", entries, warehouse={"url": pg})
+    code, out, err = run_cli("sync", "--workers", "1")
+    assert code == 0, out + err
+    found = _found(out + err, "the output")
+    for path in sorted(workdir.rglob("*")):
+        if path.is_file() and path.name != "aries.yaml":
+            found += _found(path.read_bytes(), str(path.relative_to(workdir)))
+    with dg.DagsterInstance.get() as instance:
+        for record in instance.get_runs():
+            for entry in instance.all_logs(record.run_id):
+                found += _found(repr(entry), f"run {record.run_id} event log")
+    assert not found, "\n".join(found)
