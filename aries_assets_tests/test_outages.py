@@ -190,12 +190,12 @@ def test_postgresql_restarted_mid_load_fails_the_sync_and_the_next_ends_exact(
 ):
     url = own_postgres.get_uri("postgres")
     coll = client[database].events
-    coll.insert_many([{"_id": i, "v": i, "s": "x" * 200} for i in range(1_200)])
+    coll.insert_many([{"_id": i, "v": i, "s": "x" * 200} for i in range(600)])
     write_config(
         workdir / "aries.yaml",
         mongo_uri,
         "./lake",
-        [{"database": database, "collection": "events", "bucket_size": 20}],
+        [{"database": database, "collection": "events", "bucket_size": 10}],
         warehouse={"url": url},
     )
     code, out, err = run_cli("sync", "--workers", "1")
