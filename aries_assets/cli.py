@@ -48,6 +48,41 @@ def check_mongo(config) -> None:
     MongoResource(uri=config.mongo_uri).client().close()
 
 
+class TargetUnreachable(RuntimeError):
+    """The lake or the warehouse did not answer; the message names which and what to check."""
+
+
+def check_targets(config) -> None:
+    """Reach the lake and the warehouse before anything is written, as MongoDB is."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    from aries_assets.config import expand_url, redact_uri, scrub, url_password
+    from aries_assets.definitions import build_definitions
+
+    defs = build_definitions(config)
+    lake = defs.resources["lake"]
+    try:
+        lake.open().read_versioned("_aries/streams/.reachable")
+    except (BotoCoreError, ClientError, OSError) as error:
+        raise TargetUnreachable(
+            f"cannot read the lake at {lake.spec().url}: {type(error).__name__}: {str(error)[:200]}; "
+            "check lake.url, lake.endpoint_url, lake.region and the AWS credentials"
+        ) from None
+    warehouse = defs.resources.get("warehouse")
+    if warehouse is not None:
+        try:
+            with warehouse.loader().transaction(publish=False) as cursor:
+                cursor.execute("SELECT 1")
+        except Exception as error:  # noqa: BLE001 - any driver's failure, said in one line
+            text = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
+            url = expand_url(config.warehouse_url, "warehouse.url")
+            text = scrub(text, url_password(url))
+            raise TargetUnreachable(
+                f"cannot reach the warehouse at {redact_uri(url)}: {text}; check warehouse.url and that the "
+                "server is running"
+            ) from None
+
+
 def _progress(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
@@ -57,6 +92,7 @@ def cmd_sync(args: argparse.Namespace) -> int:
 
     config = load_config(args.config)
     check_mongo(config)  # before anything is written, DAGSTER_HOME included
+    check_targets(config)
     ensure_dagster_home()
     workers = args.workers or config.sync.workers or default_workers()
     live = sys.stderr.isatty() and not args.plain
@@ -70,7 +106,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     import json
 
     from aries_assets.core.changes import majority_time
-    from aries_assets.core.status import ago, collection_status
+    from aries_assets.core.status import CollectionStatus, ago, collection_status
     from aries_assets.definitions import build_definitions
     from aries_assets.factory import source_of, spec_of
 
@@ -90,7 +126,11 @@ def cmd_status(args: argparse.Namespace) -> int:
         unreachable = str(error)
     statuses = []
     for coll in config.collections:
-        status = collection_status(spec_of(coll, loader is not None), lake, loader, cluster_time)
+        try:
+            status = collection_status(spec_of(coll, loader is not None), lake, loader, cluster_time)
+        except Exception as error:  # noqa: BLE001 - the lake failing is a status too, said in one line
+            status = CollectionStatus(coll.label)
+            status.problems.append(f"lake: {type(error).__name__}: {str(error).splitlines()[0][:200]}")
         if unreachable:
             status.problems.append(unreachable)
         statuses.append(status)
@@ -177,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, MongoUnreachable) as error:
+    except (ConfigError, MongoUnreachable, TargetUnreachable) as error:
         print(f"aries: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

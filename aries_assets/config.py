@@ -7,6 +7,7 @@ the moment of use and never shown in the UI, logs or errors.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -303,7 +304,12 @@ def _sync_options(block: Any) -> SyncOptions:
     numbers = {}
     for key, low in (("linger_seconds", 0), ("lease_seconds", 5)):
         value = block.get(key, getattr(defaults, key))
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or value < low:
+        if (
+            not isinstance(value, (int, float))
+            or isinstance(value, bool)
+            or not math.isfinite(value)
+            or value < low
+        ):
             raise ConfigError(f"sync.{key} must be a number of seconds, at least {low}, got {value!r}")
         numbers[key] = float(value)
     scope = block.get("change_streams", defaults.change_streams)

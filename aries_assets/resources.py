@@ -12,7 +12,7 @@ from dagster_aws.redshift import RedshiftClientResource
 from dagster_aws.s3 import S3Resource
 from pydantic import Field as PydanticField
 from pymongo import MongoClient
-from pymongo.errors import PyMongoError
+from pymongo.errors import OperationFailure, PyMongoError
 
 from aries_assets.config import expand_env, expand_url, redact_uri, scrub, url_password
 from aries_assets.core.lake import Lake, LakeSpec, LocalLake, S3Lake
@@ -46,6 +46,11 @@ class MongoResource(dg.ConfigurableResource):
             if client is not None:
                 client.close()
             detail = scrub(type(error).__name__, url_password(uri))
+            if isinstance(error, OperationFailure) and error.code in (18, 13):
+                raise MongoUnreachable(
+                    f"MongoDB at {redact_uri(uri)} refused the login: authentication failed "
+                    f"(code {error.code}); check the user, password and authSource in mongo.uri"
+                ) from None
             raise MongoUnreachable(
                 f"cannot reach MongoDB at {redact_uri(uri)}: {detail}; "
                 "check mongo.uri and that the server is running"

@@ -35,17 +35,6 @@ def _bad(text: str, message: str, *marks):
     return pytest.param(text, message, marks=marks, id=message[:40])
 
 
-def _type_xfail(key: str):
-    return pytest.mark.xfail(
-        strict=True,
-        reason=(
-            f"config.py _parse does not check the type of {key}: the wrong type reaches a Dagster resource "
-            "and `aries sync` dies with a pydantic ValidationError traceback after creating DAGSTER_HOME. "
-            f"Reproduce: set {key} to 5 (or a list) and run `aries sync`."
-        ),
-    )
-
-
 CONFIG_MISTAKES = [
     _bad("", "the top level must be a mapping"),
     _bad("- 1\n", "the top level must be a mapping"),
@@ -72,14 +61,6 @@ CONFIG_MISTAKES = [
     _bad(
         BODY + "sync: {lease_seconds: .nan}\n",
         "sync.lease_seconds must be a number of seconds",
-        pytest.mark.xfail(
-            strict=True,
-            reason=(
-                "config.py _sync_options accepts NaN for sync.lease_seconds and linger_seconds (`value < low` "
-                "is False for NaN), so a lease that never compares as expired is configured; .inf is accepted "
-                "too. Reproduce: sync: {lease_seconds: .nan}; `aries sync` goes on to contact MongoDB."
-            ),
-        ),
     ),
     _bad(BODY + "sync: {change_streams: cluster}\n", "sync.change_streams must be one of"),
     _bad(BODY + "collections: {}\n", "collections must be a non-empty list"),
@@ -106,17 +87,14 @@ CONFIG_MISTAKES = [
     _bad(
         BODY.replace("lake: {url: ./lake}", "lake: {url: ./lake, endpoint_url: 5}"),
         "lake.endpoint_url must be",
-        _type_xfail("lake.endpoint_url"),
     ),
     _bad(
         BODY.replace("lake: {url: ./lake}", "lake: {url: ./lake, region: [eu]}"),
         "lake.region must be",
-        _type_xfail("lake.region"),
     ),
     _bad(
         BODY + "warehouse: {url: 'duckdb:///w', iam_role: 5}\n",
         "iam_role must be",
-        _type_xfail("warehouse.iam_role"),
     ),
 ]
 
@@ -156,13 +134,6 @@ UNREACHABLE_WAREHOUSE = (
 )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=UNREACHABLE_WAREHOUSE.format(
-        summary="OperationalError: \\tIs the server running on that host and accepting TCP/IP connections?",
-        url="postgresql://aries:pw@127.0.0.1:<free port>/db",
-    ),
-)
 def test_an_unreachable_postgresql_is_one_line_and_writes_nothing(client, mongo_uri, database, workdir):
     client[database].apps.insert_one({"_id": 1})
     port = free_port()
@@ -176,12 +147,6 @@ def test_an_unreachable_postgresql_is_one_line_and_writes_nothing(client, mongo_
     assert not (workdir / "lake").exists()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=UNREACHABLE_WAREHOUSE.format(
-        summary="OperationalError: FATAL:  database ... does not exist", url="postgresql://.../no_such_db"
-    ),
-)
 def test_a_postgresql_database_that_does_not_exist_is_one_line_and_writes_nothing(
     client, mongo_uri, database, workdir, postgres_server
 ):
@@ -196,13 +161,6 @@ def test_a_postgresql_database_that_does_not_exist_is_one_line_and_writes_nothin
     assert not (workdir / "lake").exists()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=UNREACHABLE_WAREHOUSE.format(
-        summary="FileNotFoundError: FileNotFoundError: [Errno 2] No such file or directory: '/proc/...'",
-        url="duckdb:////proc/no/such/dir/w.duckdb",
-    ),
-)
 def test_a_duckdb_path_that_cannot_be_created_is_one_line_and_writes_nothing(
     client, mongo_uri, database, workdir
 ):
@@ -216,16 +174,6 @@ def test_a_duckdb_path_that_cannot_be_created_is_one_line_and_writes_nothing(
     assert not (workdir / "lake").exists()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "An unreachable S3 endpoint crashes `aries sync` with an uncaught botocore EndpointConnectionError "
-        "(no exit code, a traceback) after DAGSTER_HOME was created: aries_assets/sync.py sync catches "
-        "ClientError around the change streams but the job's lake reads raise EndpointConnectionError, and "
-        "cli.py main only catches ConfigError/MongoUnreachable; nothing checks the lake up front. Reproduce: "
-        "lake {url: s3://b/p, endpoint_url: http://127.0.0.1:<free port>}, `aries sync`."
-    ),
-)
 def test_an_unreachable_s3_endpoint_is_one_line_and_writes_nothing(
     client, mongo_uri, database, workdir, monkeypatch
 ):
@@ -246,16 +194,6 @@ def test_an_unreachable_s3_endpoint_is_one_line_and_writes_nothing(
     _only_config_left(workdir)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "Wrong MongoDB credentials are reported as an unreachable server: aries_assets/resources.py "
-        "MongoResource.client turns every PyMongoError of the ping into 'cannot reach MongoDB at "
-        "mongodb://u:***@host/...: OperationFailure; check mongo.uri and that the server is running', "
-        "hiding 'authentication failed'. Reproduce: createUser u, mongo.uri mongodb://u:wrong@host/, "
-        "`aries sync`."
-    ),
-)
 def test_wrong_mongodb_credentials_say_authentication_failed(client, mongo_uri, database, workdir):
     user = f"u_{database}"
     client.admin.command("createUser", user, pwd="right-password", roles=["root"])
@@ -275,14 +213,6 @@ def test_wrong_mongodb_credentials_say_authentication_failed(client, mongo_uri, 
 # --- collections that are not there -----------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "README says missing collections are rejected with one line, but a configured collection that does "
-        "not exist syncs as an empty collection (exit 0, a lake folder with an empty bucket file, "
-        "'0 docs ... ok'). Reproduce: collections: [{database: <db>, collection: nope}], `aries sync`."
-    ),
-)
 def test_a_collection_that_does_not_exist_is_refused(client, mongo_uri, database, workdir):
     client[database].apps.insert_one({"_id": 1})
     write_config(workdir / "aries.yaml", mongo_uri, "./lake", [{"database": database, "collection": "nope"}])
@@ -291,16 +221,6 @@ def test_a_collection_that_does_not_exist_is_refused(client, mongo_uri, database
     assert not list((workdir / "lake").rglob("*.parquet")) if (workdir / "lake").exists() else True
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "A dropped collection is mirrored silently: the next `aries sync` re-reads it ('re-read: drop event "
-        "on the collection'), rewrites its buckets empty and deletes its warehouse rows, exit 0. Per README "
-        "a missing collection is rejected; a drop (often an accident or a rename) should fail with one line "
-        "naming the collection and leave lake and table as they were (decide: refuse, or document the mirror). "
-        "Reproduce: sync a collection with a duckdb warehouse, drop it, `aries sync` again."
-    ),
-)
 def test_a_collection_dropped_between_syncs_fails_clearly_and_keeps_the_lake(
     client, mongo_uri, database, workdir
 ):

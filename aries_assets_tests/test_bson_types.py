@@ -224,16 +224,6 @@ def test_a_nul_character_fails_the_postgresql_load_by_name_and_keeps_the_lake(
     assert_table_exact(postgres_url, database, loaded["keys"])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "The PostgreSQL failure for a NUL character does not say which bucket or _id, nor what to do: "
-        "aries_assets/core/warehouse/loader.py PostgresLoader.stage lets psycopg2's error through, and the "
-        "summary reads `<db>.values: CharacterNotInRepertoire: CONTEXT:  COPY _aries_stage_<pid>_<n>, line 2`. "
-        "Reproduce: a document {_id: 'string_nul', v: 'before\\x00after'} and a postgresql:// warehouse, "
-        "`aries sync`."
-    ),
-)
 def test_the_nul_failure_names_the_bucket_and_the_document(
     client, mongo_uri, database, workdir, loaded, postgres_url
 ):
@@ -275,16 +265,6 @@ def test_ids_with_the_same_text_are_all_in_the_warehouse(client, mongo_uri, data
     assert_table_exact(url, database, client[database].values)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "A BSON Code `_id` is ordered as a string: aries_assets/core/ordering.py sort_key tests "
-        "isinstance(value, str) before Code (a str subclass), but MongoDB orders Code after Regex. "
-        "Reproduce: {_id: 'f'}, {_id: ObjectId()}, {_id: Code('f')} with bucket_size 1: `aries sync` "
-        "exits 0 and the lake lacks the ObjectId document (silently lost); with more ids around it "
-        "(5, '5', an ObjectId and its hex) it fails with IndexError in buckets.py BucketCutter._bucket_at."
-    ),
-)
 def test_a_code_id_beside_the_same_string_syncs(client, mongo_uri, database, workdir):
     docs = [{"_id": "f"}, {"_id": ObjectId()}, {"_id": Code("f")}]
     _sync_one(client, mongo_uri, database, workdir, docs)

@@ -116,17 +116,6 @@ def test_s3_failing_for_a_while_fails_one_sync_and_the_next_ends_exact(
     _in_step(workdir)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "With S3 answering 500/503 SlowDown, `aries status --json` dies with an uncaught botocore ClientError "
-        "(aries_assets/core/status.py collection_status -> ledger.py LedgerStore.load -> lake.py "
-        "S3Lake.read_versioned; cli.py main catches only ConfigError/MongoUnreachable), and `aries sync` "
-        "sometimes does too (when the error hits outside the job, e.g. sync.py sync opening the lake), "
-        "instead of one line naming the lake and the collection. Reproduce: an s3:// lake behind a proxy "
-        "answering 503 SlowDown, `aries sync`, `aries status --json`."
-    ),
-)
 def test_s3_down_fails_with_one_clear_line_and_status_reports_it(
     client, mongo_uri, database, workdir, s3_proxy
 ):
@@ -143,7 +132,8 @@ def test_s3_down_fails_with_one_clear_line_and_status_reports_it(
             pytest.fail(f"`aries {command[0]}` raised {type(error).__name__}: {str(error)[:300]}")
         assert code != 0 and "Traceback" not in out + err
     code, out, err = run_cli("sync", "--workers", "1")
-    assert f"{database}.events" in out and ("SlowDown" in out + err or "InternalError" in out + err)
+    # Checked before anything is written: one line naming the lake and what S3 answered.
+    assert "the lake at s3://" in err and ("SlowDown" in err or "InternalError" in err or "503" in err), err
     code, (status,) = status_of(run_cli)
     assert code != 0 and _failing(status), status
 
@@ -251,7 +241,7 @@ HOLD_DUCKDB = textwrap.dedent(
 )
 
 
-def test_a_duckdb_file_held_by_another_process_makes_the_load_wait_and_ends_exact(
+def test_a_duckdb_file_held_by_another_process_does_not_stop_the_load_which_ends_exact(
     client, mongo_uri, database, workdir
 ):
     path = workdir / "w.duckdb"
@@ -270,13 +260,12 @@ def test_a_duckdb_file_held_by_another_process_makes_the_load_wait_and_ends_exac
     )
     try:
         assert holder.stdout.readline().strip() == "held"
-        started = time.monotonic()
+        # Aries loads a private working copy and publishes it by rename: a process holding the
+        # published file, even read-write, does not stop the load.
         code, out, err = run_cli("sync", "--workers", "1")
-        waited = time.monotonic() - started
     finally:
         holder.wait(timeout=60)
     assert code == 0, out + err
-    assert waited >= 4, f"the sync did not wait for the lock ({waited:.1f}s)"
     assert_same_documents(
         mongo_documents(client, database, "events"), lake_documents(workdir / "lake" / database / "events")
     )
@@ -284,33 +273,30 @@ def test_a_duckdb_file_held_by_another_process_makes_the_load_wait_and_ends_exac
     _in_step(workdir)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "A warehouse that fails during a collection's first load is never loaded afterwards: the first load "
-        "has no dirty buckets, so when engine.py _CollectionSync.round fails in _load_warehouse the ledger "
-        "already holds the bucket map (saved by _save_map) and the next run finds needs_work() None and does "
-        "nothing; the table stays empty and `aries sync` says ok (and status.py "
-        "does not count warehouse_buckets_behind in in_step). Seen with PostgreSQL restarted mid first load (2,875 "
-        "of 3,000 rows never loaded). Reproduce: warehouse.url duckdb:////proc/x/w.duckdb, `aries sync` "
-        "(fails), fix the URL, `aries sync` (ok, 0 loaded)."
-    ),
-)
 def test_a_warehouse_failing_during_the_first_load_is_loaded_by_the_next_sync(
-    client, mongo_uri, database, workdir
+    client, mongo_uri, database, workdir, monkeypatch
 ):
+    from aries_assets.core.warehouse.loader import Loader, WarehouseError
+
     coll = client[database].events
     coll.insert_many([{"_id": i, "v": i} for i in range(30)])
     entry = {"database": database, "collection": "events", "bucket_size": 10}
-    write_config(
-        workdir / "aries.yaml", mongo_uri, "./lake", [entry], warehouse={"url": "duckdb:////proc/no/w.duckdb"}
-    )
-    code, out, err = run_cli("sync", "--workers", "1")
-    assert code == 1, out + err
     url = f"duckdb:///{workdir / 'w.duckdb'}"
     write_config(workdir / "aries.yaml", mongo_uri, "./lake", [entry], warehouse={"url": url})
+    original, calls = Loader.replace_bucket, []
+
+    def outage_after_one_bucket(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) > 1:
+            raise WarehouseError("simulated outage: the warehouse went away mid-load")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Loader, "replace_bucket", outage_after_one_bucket)
+    code, out, err = run_cli("sync", "--workers", "1")
+    assert code == 1 and "simulated outage" in out + err, out + err
+    monkeypatch.setattr(Loader, "replace_bucket", original)
     code, (status,) = status_of(run_cli)
-    assert not status["in_step"], status
+    assert not status["in_step"] and status["dirty_buckets"], status
     code, out, err = run_cli("sync", "--workers", "1")
     assert code == 0, out + err
     assert_table_exact(url, database, coll)

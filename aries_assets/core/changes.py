@@ -40,9 +40,6 @@ ScopeKind = Literal["database", "collection", "deployment"]
 HISTORY_LOST_CODES = {286, 280, 260, 9}
 INVALIDATING = {"invalidate", "drop", "rename", "dropDatabase"}
 DOCUMENT_EVENTS = ["insert", "update", "replace", "delete"]
-# A start time this recent is in any oplog sized as MongoDB advises (hours); checking it costs a
-# scan of the oplog on some servers, so only older ones are checked.
-OPLOG_CHECK_AFTER_SECONDS = 300
 
 
 @dataclass(frozen=True)
@@ -131,6 +128,7 @@ def read_changes(
     max_events: int = 20_000,
     max_seconds: float = 3.0,
     token: dict[str, Any] | None = None,
+    check_oplog: bool = True,
 ) -> ScopeChanges:
     """Read the scope's changes after `token`, or from `start`, until caught up, `max_events` or `max_seconds`."""
     now = majority_time(client, scope.members[0])
@@ -139,8 +137,8 @@ def read_changes(
     deadline = time.monotonic() + max_seconds
     last: Timestamp | None = None
     operation = None
-    if token is None and now.time - start.time > OPLOG_CHECK_AFTER_SECONDS:
-        # A time, unlike a token, is not checked by every server: check an old one against the oplog.
+    if token is None and check_oplog:
+        # A time, unlike a token, is not checked by every server: check it against the oplog.
         oldest = oplog_start(client)
         if oldest is not None and start < oldest:
             result.history_lost = "the stream position is no longer in the oplog"
@@ -254,12 +252,15 @@ def record_changes(
     max_events: int = 20_000,
     max_seconds: float = 3.0,
     idle_persist_seconds: float = 10.0,
+    check_oplog: bool = True,
 ) -> tuple[dict[str, Recorded], ScopeChanges | None]:
     """Read the scope's stream from its oldest position and record the changes in every ledger.
 
     A ledger's position moves only in the same write that records its dirty
     buckets, so a crash between reading and recording reads the changes again.
     An idle ledger's position is saved only when it moved `idle_persist_seconds`.
+    `check_oplog=False` skips checking a start time against the oplog (it costs a scan on
+    some servers): only for a position the caller recorded moments ago.
     """
     stores = {m.label: LedgerStore(lake, m.database, m.collection) for m in scope.members}
     ledgers = {label: store.load() for label, store in stores.items()}
@@ -269,7 +270,7 @@ def record_changes(
         return {label: Recorded(led, 0, 0, 0.0) for label, led in ledgers.items()}, None
     loaded = {label for label, led in ledgers.items() if led.loaded and led.position is not None}
     token = load_scope_token(lake, scope, loaded)
-    changes = read_changes(client, scope, start, max_events, max_seconds, token)
+    changes = read_changes(client, scope, start, max_events, max_seconds, token, check_oplog)
     for label, store in stores.items():
         ledger = ledgers[label]
         found = changes.by_collection[label]

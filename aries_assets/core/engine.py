@@ -35,7 +35,7 @@ from aries_assets.core import catalog, snapshot
 from aries_assets.core import schema as s
 from aries_assets.core.buckets import BucketCutter, BucketDocuments, BucketMap
 from aries_assets.core.changes import StreamScope, majority_time, record_changes
-from aries_assets.core.extract import SourceCollection, check_collation, range_documents
+from aries_assets.core.extract import SourceCollection, check_collation, check_exists, range_documents
 from aries_assets.core.lake import Lake, LakeSpec, bucket_file, collection_prefix, remove_temporary_files
 from aries_assets.core.ledger import DirtyBucket, Lease, Ledger, LedgerStore, now_iso
 from aries_assets.core.warehouse import TableRef
@@ -156,6 +156,8 @@ def sync_collection(
     outcome = SyncOutcome(source.label)
     store = LedgerStore(targets.lake, source.database, source.collection)
     lease = Lease(targets.lake, source.database, source.collection, holder, run_id, settings.lease_seconds)
+    check_exists(client, source, store.load().loaded)
+    check_collation(client, source)
     lease.acquire(
         settings.lease_wait_seconds,
         on_wait=lambda other: reporter.message(
@@ -163,7 +165,6 @@ def sync_collection(
         ),
     )
     try:
-        check_collation(client, source)
         for leftover in remove_temporary_files(
             targets.lake, collection_prefix(source.database, source.collection)
         ):
@@ -190,7 +191,13 @@ def sync_collection(
                 idle_rounds += 1
             # Catch up on the collection's own changes: those during this round, or a first load.
             scope = StreamScope(source.label, "collection", (source,))
-            record_changes(client, targets.lake, scope, idle_persist_seconds=0 if idle_rounds <= 1 else 10)
+            record_changes(
+                client,
+                targets.lake,
+                scope,
+                idle_persist_seconds=0 if idle_rounds <= 1 else 10,
+                check_oplog=not sync.loaded_first,  # a first load's start was recorded moments ago
+            )
             if store.load().needs_work():
                 continue
             if time.monotonic() >= deadline or not reporter.keep_lingering():
@@ -259,6 +266,7 @@ class _CollectionSync:
         self.lease: Lease = lease
         self.outcome: SyncOutcome = outcome
         self.files: dict[str, snapshot.BucketFile | None] | None = None
+        self.loaded_first = False  # this run did the collection's first load
         self.schema: s.InferredSchema | None = snapshot.load_schema(self.lake, self.source)
 
     # --- one round: read, write, settle, load, clear --------------------------------------------
@@ -293,6 +301,13 @@ class _CollectionSync:
         touched = self._pass(bucket_map, spans, after, first_load, skip_unchanged=mode.startswith("re-read"))
         if first_load:
             self._save_map(bucket_map, first_load=True)
+            self.loaded_first = True
+            if self.targets.loader is not None and self.spec.table is not None:
+                # Until the warehouse holds them, the new buckets stay in the ledger: a load that
+                # fails or is killed is retried by the next run, whoever starts it.
+                marks = {b.key: DirtyBucket(b.lower, b.upper, start) for b in bucket_map.buckets}
+                self.store.update(lambda led: [led.mark(k, m) for k, m in marks.items()])
+                covered_dirty.update(marks)
         touched |= self._settle_schema(bucket_map, after)
         self.lease.check()
         for orphan in snapshot.remove_orphans(self.source, self.lake, bucket_map.keys):
@@ -368,28 +383,24 @@ class _CollectionSync:
                     read_docs += 1
                     read_bytes += len(raw)
                     for done in cutter.add(_id, raw):
-                        self._submit(
-                            writers, done, bucket_map, first_load, skip_unchanged and not force, touched
-                        )
+                        self._submit(writers, done, bucket_map, first_load, not force, touched)
                     if read_docs % 2_000 == 0:
                         self.reporter.progress(read_docs, read_bytes, total)
                 for done in cutter.finish():
-                    self._submit(writers, done, bucket_map, first_load, skip_unchanged and not force, touched)
+                    self._submit(writers, done, bucket_map, first_load, not force, touched)
             for written in writers.drain():
                 self._written(written, touched)
         self.reporter.progress(read_docs, read_bytes, total)
         self.outcome.documents_read += read_docs
         return touched
 
-    def _submit(
-        self, writers, done: BucketDocuments, bucket_map, first_load, skip_unchanged, touched
-    ) -> None:
+    def _submit(self, writers, done: BucketDocuments, bucket_map, first_load, skip_current, touched) -> None:
         key = done.bucket.key
         previous = self.files.get(key) if self.files else None
         if done.new and not first_load:
             # The map first, then the file: a crash in between leaves the old file whole.
             self._save_map(bucket_map)
-        if skip_unchanged and snapshot.is_current(previous, done.digest, self.spec.options):
+        if skip_current and snapshot.is_current(previous, done.digest, self.spec.options):
             touched.add(key)
             return
         self.lease.check()

@@ -187,6 +187,25 @@ class UnsupportedCollection(RuntimeError):
     """A collection Aries cannot keep exact yet; the message names it and says why."""
 
 
+def check_exists(client: Any, source: SourceCollection, synced_before: bool) -> None:
+    """Refuse a collection that is not there: a typo in the config, or a drop or rename.
+
+    A dropped collection is not mirrored as empty: the lake and warehouse keep its last copy
+    until someone decides (remove it from the config, or recreate it).
+    """
+    if source.collection in client[source.database].list_collection_names(filter={"name": source.collection}):
+        return
+    if synced_before:
+        raise UnsupportedCollection(
+            f"{source.label}: the collection was dropped or renamed in MongoDB; the lake and warehouse keep "
+            "its last copy. Remove it from the config, or recreate it to sync it again"
+        )
+    raise UnsupportedCollection(
+        f"{source.label}: no such collection in database {source.database!r}; check the database and "
+        "collection names in the config"
+    )
+
+
 def check_collation(client: Any, source: SourceCollection) -> None:
     """Refuse a collection whose default collation orders strings unlike BSON's byte order.
 

@@ -66,6 +66,8 @@ def sort_key(value: Any) -> tuple:
         return (_BOOL, value)
     if isinstance(value, (int, float, Decimal128, Int64)):
         return _number_key(value)
+    if isinstance(value, Code):  # before str: Code is a str subclass, ordered after regexes
+        return (_CODE, str(value).encode("utf-8"))
     if isinstance(value, str):
         # The simple collation compares UTF-8 bytes, which is code point order.
         return (_STRING, value.encode("utf-8"))
@@ -86,8 +88,6 @@ def sort_key(value: Any) -> tuple:
         pattern = value.pattern if isinstance(value.pattern, str) else value.pattern.decode()
         flags = value.flags if isinstance(value.flags, str) else str(value.flags)
         return (_REGEX, pattern.encode("utf-8"), flags)
-    if isinstance(value, Code):
-        return (_CODE, str(value).encode("utf-8"))
     if isinstance(value, DBRef):
         return sort_key(value.as_doc())
     if isinstance(value, dict):

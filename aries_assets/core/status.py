@@ -35,7 +35,12 @@ class CollectionStatus:
 
     @property
     def in_step(self) -> bool:
-        return not self.problems and not self.dirty_buckets and self.waiting_for is None
+        return (
+            not self.problems
+            and not self.dirty_buckets
+            and self.waiting_for is None
+            and not self.warehouse_buckets_behind
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self) | {"in_step": self.in_step}
