@@ -1,10 +1,11 @@
-"""BSON documents to Arrow: a lossless `_doc` plus typed columns that follow the collection schema.
+"""BSON documents to Arrow: a lossless `_doc`, an injective `_id_key`, and typed columns.
 
-One pass over a bucket decodes each document once: it renders `_doc`, counts
-the type statistics and keeps each field's values. Once the schema is settled
-(which needs the statistics of the whole bucket), the kept values become
-Arrow arrays. A value its column cannot hold is a counted outlier: null in
-the column, intact in `_doc`.
+One pass over a bucket renders each batch's `_doc`, counts the type statistics
+and keeps each field's values, as Arrow arrays where the batch allows it
+(`bson_columns`), as decoded Python values otherwise. Once the schema is
+settled (which needs the statistics of the whole bucket), the kept values
+become the typed columns. A value its column cannot hold is a counted
+outlier: null in the column, intact in `_doc`.
 """
 
 from __future__ import annotations
@@ -26,11 +27,17 @@ from bson.codec_options import CodecOptions, DatetimeConversion
 from bson.datetime_ms import DatetimeMS
 
 from aries_assets.core import schema as s
+from aries_assets.core.bson_columns import ColumnarBatch, columnar_batch, fast_column, python_values
 from aries_assets.core.ordering import epoch_millis
 
 # Decode dates beyond Python's datetime range as DatetimeMS instead of failing.
 CODEC_OPTIONS = CodecOptions(tz_aware=True, datetime_conversion=DatetimeConversion.DATETIME_AUTO)
 ID_COLUMN, DOC_COLUMN = s.RESERVED_COLUMNS
+KEY_COLUMN = "_id_key"  # injective `_id`; inferred names never start with "_", so it cannot clash
+
+KEY_JSON_OPTIONS = json_util.JSONOptions(
+    json_mode=json_util.JSONMode.CANONICAL, datetime_conversion=DatetimeConversion.DATETIME_AUTO
+)
 
 _KIND_BY_TYPE: dict[type, str] = {
     bool: s.BOOL,
@@ -71,6 +78,11 @@ def id_string(value: Any) -> str:
     if isinstance(value, (int, Int64)) and not isinstance(value, bool):
         return str(int(value))
     return json_util.dumps(value, json_options=json_util.CANONICAL_JSON_OPTIONS)
+
+
+def id_key(value: Any) -> str:
+    """`_id` as canonical Extended JSON: unlike `id_string`, distinct ids never share a key (5, "5", Int64(5))."""
+    return json_util.dumps(value, json_options=KEY_JSON_OPTIONS)
 
 
 def relaxed_json_value(value: Any) -> str:
@@ -144,56 +156,74 @@ def _decimal128_digits(value: Decimal128) -> tuple[int, int] | None:
 
 @dataclass
 class _Batch:
+    """A batch converted by the exact path: every document decoded, values kept by field path."""
+
     ids: list[str]
+    keys: list[str]
     docs: list[str]
     values: dict[s.Path, tuple[list[int], list[Any]]]  # sparse: rows and values per field path
+    stats: s.TypeStats
 
 
 @dataclass
 class BucketConverter:
-    """Collects one bucket's documents in a single decoding pass, then yields Arrow tables."""
+    """Converts one bucket batch by batch, then yields Arrow tables once the schema is settled.
+
+    Each batch takes the columnar path (`bson_columns`: no Python object per value)
+    when it can, and the exact path (decode, walk, convert in Python) otherwise;
+    both give the same `_doc`, columns, statistics and outliers. `fast=False`
+    forces the exact path, the reference the columnar one is tested against.
+    """
 
     options: s.SchemaOptions = field(default_factory=s.SchemaOptions)
     known_maps: set[s.Path] = field(default_factory=set)
-    _batches: list[_Batch] = field(default_factory=list)
+    fast: bool = True
+    _batches: list[_Batch | ColumnarBatch] = field(default_factory=list)
     _maps: set[s.Path] = field(default_factory=set)
     _records: set[tuple] = field(default_factory=set)
-    _stats: s.TypeStats | None = None
+    _stats: s.TypeStats = field(default_factory=s.TypeStats)
 
     def __post_init__(self) -> None:
         self._exclude = [tuple(p.split(".")) for p in self.options.exclude]
+        # A document holds an excluded field only if its BSON holds the field's last key name.
+        self._needles = [p[-1].encode() + b"\x00" for p in self._exclude]
 
     def add(self, raw_documents: list[bytes]) -> None:
-        documents = bson.decode_all(b"".join(raw_documents), CODEC_OPTIONS)
+        raw_documents = [bytes(raw) for raw in raw_documents]
         if self._exclude:
-            for document in documents:
-                for path in self._exclude:
-                    _remove(document, path)
-            raw_documents = [bson.encode(d, codec_options=CODEC_OPTIONS) for d in documents]
-        batch = _Batch(
-            ids=[id_string(d["_id"]) for d in documents],
-            docs=[bsonjs.dumps(raw, mode=bsonjs.CANONICAL) for raw in raw_documents],
-            values={},
-        )
+            raw_documents = [self._without_excluded(raw) for raw in raw_documents]
+        docs = [bsonjs.dumps(raw, mode=bsonjs.CANONICAL) for raw in raw_documents]
+        batch = columnar_batch(raw_documents, docs, self.options, self.known_maps) if self.fast else None
+        if batch is None:
+            batch = self._exact_batch(raw_documents, docs)
+        self._stats.merge(batch.stats)
+        self._stats.maps |= self._maps
+        self._batches.append(batch)
+
+    def _without_excluded(self, raw: bytes) -> bytes:
+        if not any(needle in raw for needle in self._needles):
+            return raw
+        document = bson.decode(raw, CODEC_OPTIONS)
+        for path in self._exclude:
+            _remove(document, path)
+        return bson.encode(document, codec_options=CODEC_OPTIONS)
+
+    def _exact_batch(self, raw_documents: list[bytes], docs: list[str]) -> _Batch:
+        documents = bson.decode_all(b"".join(raw_documents), CODEC_OPTIONS)
+        values: dict[s.Path, tuple[list[int], list[Any]]] = {}
         if self.options.infer:
             for row, document in enumerate(documents):
-                self._flatten(document, batch.values, row)
-        self._batches.append(batch)
-        self._stats = None
+                self._flatten(document, values, row)
+        ids = [d["_id"] for d in documents]
+        stats = s.TypeStats(
+            documents=len(documents),
+            fields={path: _field_stats(path_values) for path, (_, path_values) in values.items()},
+        )
+        return _Batch([id_string(i) for i in ids], [id_key(i) for i in ids], docs, values, stats)
 
     @property
     def stats(self) -> s.TypeStats:
         """This bucket's type statistics, counted over everything added so far."""
-        if self._stats is None:
-            paths: dict[s.Path, list[Any]] = {}
-            for batch in self._batches:
-                for path, (_, values) in batch.values.items():
-                    paths.setdefault(path, []).extend(values)
-            self._stats = s.TypeStats(
-                documents=sum(len(b.ids) for b in self._batches),
-                fields={path: _field_stats(values) for path, values in paths.items()},
-                maps=set(self._maps),
-            )
         return self._stats
 
     def _flatten(self, document: dict[str, Any], values: dict, row: int) -> None:
@@ -231,21 +261,64 @@ class BucketConverter:
             by_path.setdefault(column.path, []).append(column)
         while self._batches:
             batch = self._batches.pop(0)  # release each batch's values as it is written
+            if isinstance(batch, ColumnarBatch):
+                yield _columnar_table(batch, by_path, arrow_schema, outliers)
+                continue
             rows = len(batch.ids)
             columns: dict[str, list[Any]] = {}
             for path, candidates in by_path.items():
                 row_numbers, values = batch.values.get(path, ((), ()))
                 for column, column_values in _route(candidates, values, outliers).items():
-                    if len(row_numbers) == rows:
-                        columns[column] = column_values  # every row has the field: already aligned
-                    else:
-                        full = [None] * rows
-                        for row, value in zip(row_numbers, column_values, strict=True):
-                            full[row] = value
-                        columns[column] = full
-            arrays = [pa.array(batch.ids, pa.string()), pa.array(batch.docs, pa.string())]
-            arrays += [pa.array(columns[f.name], f.type) for f in list(arrow_schema)[2:]]
+                    columns[column] = _scatter(row_numbers, column_values, rows)
+            arrays = [
+                pa.array(batch.ids, pa.string()),
+                pa.array(batch.docs, pa.string()),
+                pa.array(batch.keys, pa.string()),
+            ]
+            arrays += [pa.array(columns[f.name], f.type) for f in list(arrow_schema)[_FIXED_COLUMNS:]]
             yield pa.Table.from_arrays(arrays, schema=arrow_schema)
+
+
+_FIXED_COLUMNS = 3  # `_id`, `_doc`, `_id_key`
+
+
+def _scatter(row_numbers, values: list[Any], rows: int) -> list[Any]:
+    if len(row_numbers) == rows:
+        return values  # every row has the field: already aligned
+    full = [None] * rows
+    for row, value in zip(row_numbers, values, strict=True):
+        full[row] = value
+    return full
+
+
+def _columnar_table(
+    batch: ColumnarBatch,
+    by_path: dict[s.Path, list[s.ColumnSpec]],
+    arrow_schema: pa.Schema,
+    outliers: Counter,
+) -> pa.Table:
+    """A columnar batch in the schema's columns: vectorised casts, the exact converters where they are needed."""
+    columns: dict[str, pa.Array] = {}
+    for path, candidates in by_path.items():
+        values = batch.paths.get(path)
+        if values is None:
+            continue
+        if len(candidates) == 1:
+            column = candidates[0]
+            fast = fast_column(values, column.type, column.accepts)
+            if fast is not None:
+                columns[column.name], count = fast
+                if count:
+                    outliers[column.name] += count
+                continue
+        row_numbers, python = python_values(values, CODEC_OPTIONS)
+        for name, column_values in _route(candidates, python, outliers).items():
+            full = _scatter(row_numbers.tolist(), column_values, batch.rows)
+            columns[name] = pa.array(full, arrow_schema.field(name).type)
+    arrays = [batch.ids, batch.docs, batch.keys]
+    for f in list(arrow_schema)[_FIXED_COLUMNS:]:
+        arrays.append(columns.get(f.name, pa.nulls(batch.rows, f.type)))
+    return pa.Table.from_arrays(arrays, schema=arrow_schema)
 
 
 _NONE = type(None)
@@ -254,7 +327,7 @@ _NATIVE: dict[str, set[type]] = {
     s.T_BOOL: {bool},
     s.T_INT32: {int},
     s.T_INT64: {int, Int64},
-    s.T_DOUBLE: {float, int, Int64},
+    s.T_DOUBLE: {float},  # pyarrow refuses integers beyond 2**53; `float` rounds them as a double does
     s.T_STRING: {str},
     s.T_TIMESTAMP: {datetime.datetime},
     s.T_BINARY: {bytes},
@@ -292,12 +365,21 @@ def _route(candidates: list[s.ColumnSpec], values: list[Any], outliers: Counter)
     return routed
 
 
-def _remove(document: dict[str, Any], path: tuple[str, ...]) -> None:
-    for name in path[:-1]:
-        document = document.get(name)
-        if not isinstance(document, dict):
-            return
-    document.pop(path[-1], None)
+def _remove(value: Any, path: tuple[str, ...]) -> None:
+    """Remove `path` below `value` at any depth: through arrays (of arrays) and literal dotted keys."""
+    if type(value) is list:
+        for element in value:
+            _remove(element, path)
+        return
+    if not isinstance(value, dict):
+        return
+    for length in range(1, len(path) + 1):
+        name = ".".join(path[:length])
+        if name in value:
+            if length == len(path):
+                del value[name]
+            else:
+                _remove(value[name], path[length:])
 
 
 # --- column types -------------------------------------------------------------------------------
@@ -325,6 +407,7 @@ def arrow_schema_of(schema: s.InferredSchema) -> pa.Schema:
     fields = [
         pa.field(ID_COLUMN, pa.string(), nullable=False, metadata={"aries.type": "string"}),
         pa.field(DOC_COLUMN, pa.string(), nullable=False, metadata={"aries.type": "json"}),
+        pa.field(KEY_COLUMN, pa.string(), nullable=False, metadata={"aries.type": "json"}),
     ]
     for column in schema.columns:
         metadata = {"aries.path": column.dotted, "aries.type": column.type}
