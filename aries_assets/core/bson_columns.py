@@ -124,7 +124,9 @@ class _Walker:
             tuple[s.Path, np.ndarray]
         ] = []  # members null in a present parent: null or missing
         self.paths: dict[s.Path, Values] = {}
-        self.maybe_empty: list[tuple[np.ndarray, list[s.Path]]] = []  # records with no value but nulls, if any
+        self.maybe_empty: list[
+            tuple[np.ndarray, list[s.Path]]
+        ] = []  # records with no value but nulls, if any
 
     def batch(self) -> ColumnarBatch:
         present = np.ones(self.n, bool)
