@@ -11,6 +11,8 @@ outlier: null in the column, intact in `_doc`.
 from __future__ import annotations
 
 import datetime
+import hashlib
+import json
 import struct
 import uuid
 from collections import Counter
@@ -83,6 +85,24 @@ def id_string(value: Any) -> str:
 def id_key(value: Any) -> str:
     """`_id` as canonical Extended JSON: unlike `id_string`, distinct ids never share a key (5, "5", Int64(5))."""
     return json_util.dumps(value, json_options=KEY_JSON_OPTIONS)
+
+
+def options_fingerprint(options: s.SchemaOptions) -> str:
+    """A digest of every option that shapes a bucket file's content: store it, and rewrite on a mismatch.
+
+    Adding a path to `exclude` must scrub files written before; equal options in
+    another order give the same digest.
+    """
+    body = {
+        "exclude": sorted(set(options.exclude)),
+        "overrides": sorted(options.overrides.items()),
+        "max_depth": options.max_depth,
+        "max_columns": options.max_columns,
+        "outlier_share": options.outlier_share,
+        "evolution": options.evolution,
+        "infer": options.infer,
+    }
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
 def relaxed_json_value(value: Any) -> str:
