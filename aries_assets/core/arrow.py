@@ -176,12 +176,12 @@ def _decimal128_digits(value: Decimal128) -> tuple[int, int] | None:
 
 @dataclass
 class _Batch:
-    """A batch converted by the exact path: every document decoded, values kept by field path."""
+    """A batch for the exact path: its BSON, decoded again when written, so no decoded value waits in memory."""
 
-    ids: list[str]
-    keys: list[str]
-    docs: list[str]
-    values: dict[s.Path, tuple[list[int], list[Any]]]  # sparse: rows and values per field path
+    raw: bytes
+    ids: pa.Array
+    keys: pa.Array
+    docs: pa.Array
     stats: s.TypeStats
 
 
@@ -212,7 +212,7 @@ class BucketConverter:
         raw_documents = [bytes(raw) for raw in raw_documents]
         if self._exclude:
             raw_documents = [self._without_excluded(raw) for raw in raw_documents]
-        docs = [bsonjs.dumps(raw, mode=bsonjs.CANONICAL) for raw in raw_documents]
+        docs = _canonical_json(raw_documents)
         batch = columnar_batch(raw_documents, docs, self.options, self.known_maps) if self.fast else None
         if batch is None:
             batch = self._exact_batch(raw_documents, docs)
@@ -228,18 +228,24 @@ class BucketConverter:
             _remove(document, path)
         return bson.encode(document, codec_options=CODEC_OPTIONS)
 
-    def _exact_batch(self, raw_documents: list[bytes], docs: list[str]) -> _Batch:
-        documents = bson.decode_all(b"".join(raw_documents), CODEC_OPTIONS)
-        values: dict[s.Path, tuple[list[int], list[Any]]] = {}
-        if self.options.infer:
-            for row, document in enumerate(documents):
-                self._flatten(document, values, row)
+    def _exact_batch(self, raw_documents: list[bytes], docs: pa.Array) -> _Batch:
+        raw = b"".join(raw_documents)
+        documents = bson.decode_all(raw, CODEC_OPTIONS)
+        values = self._values(documents)
         ids = [d["_id"] for d in documents]
         stats = s.TypeStats(
             documents=len(documents),
             fields={path: _field_stats(path_values) for path, (_, path_values) in values.items()},
         )
-        return _Batch([id_string(i) for i in ids], [id_key(i) for i in ids], docs, values, stats)
+        id_texts = pa.array([id_string(i) for i in ids], pa.string())
+        return _Batch(raw, id_texts, pa.array([id_key(i) for i in ids], pa.string()), docs, stats)
+
+    def _values(self, documents: list[dict[str, Any]]) -> dict[s.Path, tuple[list[int], list[Any]]]:
+        values: dict[s.Path, tuple[list[int], list[Any]]] = {}
+        if self.options.infer:
+            for row, document in enumerate(documents):
+                self._flatten(document, values, row)
+        return values
 
     @property
     def stats(self) -> s.TypeStats:
@@ -285,18 +291,28 @@ class BucketConverter:
                 yield _columnar_table(batch, by_path, arrow_schema, outliers)
                 continue
             rows = len(batch.ids)
+            # The walk gives what it gave when the statistics were counted: map decisions are per value.
+            path_values = self._values(bson.decode_all(batch.raw, CODEC_OPTIONS))
             columns: dict[str, list[Any]] = {}
             for path, candidates in by_path.items():
-                row_numbers, values = batch.values.get(path, ((), ()))
+                row_numbers, values = path_values.pop(path, ((), ()))
                 for column, column_values in _route(candidates, values, outliers).items():
                     columns[column] = _scatter(row_numbers, column_values, rows)
-            arrays = [
-                pa.array(batch.ids, pa.string()),
-                pa.array(batch.docs, pa.string()),
-                pa.array(batch.keys, pa.string()),
-            ]
+            del path_values
+            arrays = [batch.ids, batch.docs, batch.keys]
             arrays += [pa.array(columns[f.name], f.type) for f in list(arrow_schema)[_FIXED_COLUMNS:]]
             yield pa.Table.from_arrays(arrays, schema=arrow_schema)
+
+
+def _canonical_json(raw_documents: list[bytes], chunk: int = 4096) -> pa.Array:
+    """`_doc` of each document (libbson's canonical Extended JSON), without holding a batch of Python strings."""
+    parts = [
+        pa.array(
+            [bsonjs.dumps(raw, mode=bsonjs.CANONICAL) for raw in raw_documents[i : i + chunk]], pa.string()
+        )
+        for i in range(0, len(raw_documents), chunk)
+    ]
+    return pa.concat_arrays(parts) if parts else pa.array([], pa.string())
 
 
 _FIXED_COLUMNS = 3  # `_id`, `_doc`, `_id_key`

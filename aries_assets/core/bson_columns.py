@@ -18,7 +18,6 @@ document where the count cannot settle it refuses the batch.
 
 from __future__ import annotations
 
-import io
 import json
 import re
 from collections import Counter
@@ -93,7 +92,7 @@ class ColumnarBatch:
 
 def columnar_batch(
     raw_documents: list[bytes],
-    docs: list[str],
+    docs: pa.Array,
     options: s.SchemaOptions,
     known_maps: set[s.Path],
 ) -> ColumnarBatch | None:
@@ -101,11 +100,15 @@ def columnar_batch(
     blob = b"".join(raw_documents)
     if any(key in blob for key in _WRAPPER_KEYS):
         return None  # a key that would read as Extended JSON syntax (or, rarely, bytes that look like one)
-    text = "\n".join(docs).encode()
+    # One document a line, read straight from an Arrow buffer: `_doc` never escapes a newline.
+    lines = pc.binary_join_element_wise(docs, "\n", "")
+    _, offsets_buffer, data = lines.buffers()
+    offsets = np.frombuffer(offsets_buffer, np.int32, len(lines) + 1, lines.offset * 4)
+    text = data[int(offsets[0]) : int(offsets[-1])] if len(lines) else pa.py_buffer(b"")
     try:
         table = pajson.read_json(
-            io.BytesIO(text),
-            read_options=pajson.ReadOptions(use_threads=False, block_size=max(len(text) + 1, 1 << 20)),
+            pa.BufferReader(text),
+            read_options=pajson.ReadOptions(use_threads=False, block_size=max(text.size + 1, 1 << 20)),
         )
         return _Walker(table, docs, options, known_maps).batch()
     except (pa.ArrowInvalid, Refused):
@@ -113,9 +116,9 @@ def columnar_batch(
 
 
 class _Walker:
-    def __init__(self, table: pa.Table, docs: list[str], options: s.SchemaOptions, known_maps: set[s.Path]):
+    def __init__(self, table: pa.Table, docs: pa.Array, options: s.SchemaOptions, known_maps: set[s.Path]):
         self.table = table
-        self.docs = pa.array(docs, pa.string())
+        self.docs = docs
         self.options = options
         self.known_maps = known_maps
         self.n = table.num_rows
