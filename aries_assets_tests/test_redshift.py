@@ -125,13 +125,24 @@ def test_the_postgres_runnable_statements_run_on_postgres(postgres_url):
     schema = inferred()
     redshift = loader()
     postgres = PostgresLoader(PostgresDialect(), lambda: psycopg2.connect(postgres_url))
-    data = pa.table({"_id": ["1", "2"], "_doc": ['{"a": 1}', '{"a": 2}'], "n": [1, 2], "name": ["x", "y"]})
+    data = pa.table(
+        {
+            "_id": ["1", "2"],
+            "_doc": ['{"a": 1}', '{"a": 2}'],
+            "_id_key": ['"1"', '"2"'],
+            "n": [1, 2],
+            "name": ["x", "y"],
+        }
+    )
     postgres.replace_bucket(TABLE, schema, "rebuild", "first", "h1", data, "")
     with postgres.transaction() as cursor:
         cursor.execute(
-            'CREATE TEMP TABLE "stg" AS SELECT "_id", "_doc", "n", "name" FROM "app"."we""ird; DROP TABLE x" LIMIT 0'
+            'CREATE TEMP TABLE "stg" AS SELECT "_id", "_doc", "_id_key", "n", "name" '
+            'FROM "app"."we""ird; DROP TABLE x" LIMIT 0'
         )
-        cursor.execute("""INSERT INTO "stg" VALUES ('2', '{"a": 3}', 20, 'z'), ('3', '{"a": 4}', 30, 'w')""")
+        cursor.execute(
+            """INSERT INTO "stg" VALUES ('2', '{"a": 3}', '"2"', 20, 'z'), ('3', '{"a": 4}', '"3"', 30, 'w')"""
+        )
         for statement in redshift.replace_sql(TABLE, schema, '"stg"', "first", "h2"):
             cursor.execute(
                 statement.replace('JSON_PARSE("_doc")', '"_doc"')
