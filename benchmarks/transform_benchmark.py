@@ -294,17 +294,16 @@ def write_bucket(batches) -> None:
 
 
 def _batches_from(path: str):
+    """Each batch as a list of documents, read one document at a time: only the batch is in memory."""
     with open(path, "rb") as source:
         for line in source:
-            yield list(_split(source.read(int(line))))
-
-
-def _split(blob: bytes):
-    view, offset = memoryview(blob), 0
-    while offset < len(blob):
-        length = int.from_bytes(view[offset : offset + 4], "little")
-        yield bytes(view[offset : offset + length])
-        offset += length
+            remaining, batch = int(line), []
+            while remaining:
+                head = source.read(4)
+                batch.append(head + source.read(int.from_bytes(head, "little") - 4))
+                remaining -= len(batch[-1])
+            yield batch
+            del batch
 
 
 def memory(sizes: list[int], make: Callable[[int], list[dict]], label: str) -> None:

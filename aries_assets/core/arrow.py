@@ -57,6 +57,8 @@ _KIND_BY_TYPE: dict[type, str] = {
     dict: s.DOCUMENT,
 }
 _OUTLIER = object()
+# Converted at a time: the transient copies (JSON text, decoded documents) are a few times this.
+CHUNK_BYTES = 4 * 1024 * 1024
 _NOT_DECIMAL = s.MAX_DECIMAL_PRECISION + 1  # NaN and infinities have no decimal form
 
 
@@ -178,10 +180,11 @@ def _decimal128_digits(value: Decimal128) -> tuple[int, int] | None:
 class _Batch:
     """A batch for the exact path: its BSON, decoded again when written, so no decoded value waits in memory."""
 
-    raw: bytes
+    raw: bytes  # compressed
+    raw_size: int
     ids: pa.Array
     keys: pa.Array
-    docs: pa.Array
+    docs: Any
     stats: s.TypeStats
 
 
@@ -209,7 +212,19 @@ class BucketConverter:
         self._needles = [p[-1].encode() + b"\x00" for p in self._exclude]
 
     def add(self, raw_documents: list[bytes]) -> None:
-        raw_documents = [bytes(raw) for raw in raw_documents]
+        """Convert a batch of raw BSON documents, a few megabytes at a time so memory follows the bucket."""
+        chunk: list[bytes] = []
+        size = 0
+        for raw in raw_documents:
+            chunk.append(bytes(raw))
+            size += len(raw)
+            if size >= CHUNK_BYTES:
+                self._add(chunk)
+                chunk, size = [], 0
+        if chunk:
+            self._add(chunk)
+
+    def _add(self, raw_documents: list[bytes]) -> None:
         if self._exclude:
             raw_documents = [self._without_excluded(raw) for raw in raw_documents]
         docs = _canonical_json(raw_documents)
@@ -218,6 +233,7 @@ class BucketConverter:
             batch = self._exact_batch(raw_documents, docs)
         self._stats.merge(batch.stats)
         self._stats.maps |= self._maps
+        batch.docs = PackedStrings.pack(batch.docs)  # `_doc` is the bulk of a waiting batch
         self._batches.append(batch)
 
     def _without_excluded(self, raw: bytes) -> bytes:
@@ -238,7 +254,8 @@ class BucketConverter:
             fields={path: _field_stats(path_values) for path, (_, path_values) in values.items()},
         )
         id_texts = pa.array([id_string(i) for i in ids], pa.string())
-        return _Batch(raw, id_texts, pa.array([id_key(i) for i in ids], pa.string()), docs, stats)
+        keys = pa.array([id_key(i) for i in ids], pa.string())
+        return _Batch(pa.compress(raw, _PACK_CODEC, asbytes=True), len(raw), id_texts, keys, docs, stats)
 
     def _values(self, documents: list[dict[str, Any]]) -> dict[s.Path, tuple[list[int], list[Any]]]:
         values: dict[s.Path, tuple[list[int], list[Any]]] = {}
@@ -292,16 +309,42 @@ class BucketConverter:
                 continue
             rows = len(batch.ids)
             # The walk gives what it gave when the statistics were counted: map decisions are per value.
-            path_values = self._values(bson.decode_all(batch.raw, CODEC_OPTIONS))
+            raw = pa.decompress(batch.raw, batch.raw_size, _PACK_CODEC, asbytes=True)
+            path_values = self._values(bson.decode_all(raw, CODEC_OPTIONS))
+            del raw
             columns: dict[str, list[Any]] = {}
             for path, candidates in by_path.items():
                 row_numbers, values = path_values.pop(path, ((), ()))
                 for column, column_values in _route(candidates, values, outliers).items():
                     columns[column] = _scatter(row_numbers, column_values, rows)
             del path_values
-            arrays = [batch.ids, batch.docs, batch.keys]
+            arrays = [batch.ids, batch.docs.unpack(), batch.keys]
             arrays += [pa.array(columns[f.name], f.type) for f in list(arrow_schema)[_FIXED_COLUMNS:]]
             yield pa.Table.from_arrays(arrays, schema=arrow_schema)
+
+
+_PACK_CODEC = "lz4"  # fast, and JSON text shrinks several times
+
+
+@dataclass(frozen=True)
+class PackedStrings:
+    """A string array compressed while its batch waits for the schema."""
+
+    length: int
+    offsets: pa.Buffer
+    data: pa.Buffer
+    data_size: int
+
+    @classmethod
+    def pack(cls, array: pa.Array) -> PackedStrings:
+        array = pa.concat_arrays([array])  # offsets from zero
+        _, offsets, data = array.buffers()
+        data = data or pa.py_buffer(b"")
+        return cls(len(array), offsets, pa.compress(data, _PACK_CODEC), data.size)
+
+    def unpack(self) -> pa.Array:
+        data = pa.decompress(self.data, self.data_size, _PACK_CODEC)
+        return pa.Array.from_buffers(pa.string(), self.length, [None, self.offsets, data])
 
 
 def _canonical_json(raw_documents: list[bytes], chunk: int = 4096) -> pa.Array:
@@ -351,7 +394,7 @@ def _columnar_table(
         for name, column_values in _route(candidates, python, outliers).items():
             full = _scatter(row_numbers.tolist(), column_values, batch.rows)
             columns[name] = pa.array(full, arrow_schema.field(name).type)
-    arrays = [batch.ids, batch.docs, batch.keys]
+    arrays = [batch.ids, batch.docs.unpack(), batch.keys]
     for f in list(arrow_schema)[_FIXED_COLUMNS:]:
         arrays.append(columns.get(f.name, pa.nulls(batch.rows, f.type)))
     return pa.Table.from_arrays(arrays, schema=arrow_schema)

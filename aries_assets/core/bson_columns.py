@@ -81,13 +81,13 @@ class Values:
 class ColumnarBatch:
     ids: pa.Array
     keys: pa.Array
-    docs: pa.Array
+    docs: Any  # pa.Array, or what the converter packs it into while the batch waits
     paths: dict[s.Path, Values] = field(default_factory=dict)
     stats: s.TypeStats = field(default_factory=s.TypeStats)
 
     @property
     def rows(self) -> int:
-        return len(self.docs)
+        return len(self.ids)
 
 
 def columnar_batch(
