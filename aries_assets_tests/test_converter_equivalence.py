@@ -27,7 +27,7 @@ from bson.max_key import MaxKey
 from bson.min_key import MinKey
 
 from aries_assets.core import schema as s
-from aries_assets.core.arrow import CODEC_OPTIONS, BucketConverter, ColumnarBatch
+from aries_assets.core.arrow import CODEC_OPTIONS, BucketConverter, ColumnarBatch, id_key
 from aries_assets_tests.test_messy import messy_documents
 
 UTC = datetime.UTC
@@ -262,3 +262,21 @@ def test_exclusion_gives_the_same_result_on_both_paths():
     options = s.SchemaOptions(exclude=("addresses.ssn", "ssn"))
     table, _ = assert_equivalent(documents, options, batch=3)
     assert not any("ssn" in d or "123-45" in d for d in table.column("_doc").to_pylist())
+
+
+def test_exact_batches_decoded_again_when_written(monkeypatch):
+    from aries_assets.core import arrow
+
+    documents = messy_documents()
+    kept = convert(documents, DEFAULTS, 5, fast=False)
+    monkeypatch.setattr(arrow, "KEEP_DECODED_BYTES", 0)
+    again = convert(documents, DEFAULTS, 5, fast=False, schema=s.resolve_schema(kept[0], None, DEFAULTS))
+    assert again[0].to_json() == kept[0].to_json() and again[2] == kept[2]
+    for name in kept[1].column_names:
+        assert comparable(again[1].column(name)) == comparable(kept[1].column(name)), name
+
+
+def test_id_key_is_json_util_canonical():
+    for value in [ObjectId(), "Zürich \"q\"", "", 0, -(2**31), 2**31 - 1, 2**31, -(2**31) - 1, Int64(5),
+                  2.5, {"a": 1}, [1], Decimal128("1.5"), datetime.datetime(2020, 1, 1, tzinfo=UTC), True]:  # fmt: skip
+        assert id_key(value) == json_util.dumps(value, json_options=json_util.CANONICAL_JSON_OPTIONS)

@@ -59,6 +59,8 @@ _KIND_BY_TYPE: dict[type, str] = {
 _OUTLIER = object()
 # Converted at a time: the transient copies (JSON text, decoded documents) are a few times this.
 CHUNK_BYTES = 4 * 1024 * 1024
+# Raw BSON of a bucket whose decoded values the exact path keeps (about ten times this in Python objects).
+KEEP_DECODED_BYTES = 8 * 1024 * 1024
 _NOT_DECIMAL = s.MAX_DECIMAL_PRECISION + 1  # NaN and infinities have no decimal form
 
 
@@ -86,6 +88,15 @@ def id_string(value: Any) -> str:
 
 def id_key(value: Any) -> str:
     """`_id` as canonical Extended JSON: unlike `id_string`, distinct ids never share a key (5, "5", Int64(5))."""
+    kind = type(value)
+    if kind is ObjectId:
+        return f'{{"$oid": "{value}"}}'
+    if kind is str:
+        return json.dumps(value)  # as json_util writes a string
+    if kind is int and -(2**31) <= value < 2**31:
+        return f'{{"$numberInt": "{value}"}}'
+    if kind is Int64 or kind is int:
+        return f'{{"$numberLong": "{int(value)}"}}'
     return json_util.dumps(value, json_options=KEY_JSON_OPTIONS)
 
 
@@ -180,8 +191,9 @@ def _decimal128_digits(value: Decimal128) -> tuple[int, int] | None:
 class _Batch:
     """A batch for the exact path: its BSON, decoded again when written, so no decoded value waits in memory."""
 
-    raw: bytes  # compressed
+    raw: bytes | None  # compressed; None while `values` are kept
     raw_size: int
+    values: dict[s.Path, tuple[list[int], list[Any]]] | None
     ids: pa.Array
     keys: pa.Array
     docs: Any
@@ -205,6 +217,7 @@ class BucketConverter:
     _maps: set[s.Path] = field(default_factory=set)
     _records: set[tuple] = field(default_factory=set)
     _stats: s.TypeStats = field(default_factory=s.TypeStats)
+    _kept_bytes: int = 0
 
     def __post_init__(self) -> None:
         self._exclude = [tuple(p.split(".")) for p in self.options.exclude]
@@ -255,7 +268,12 @@ class BucketConverter:
         )
         id_texts = pa.array([id_string(i) for i in ids], pa.string())
         keys = pa.array([id_key(i) for i in ids], pa.string())
-        return _Batch(pa.compress(raw, _PACK_CODEC, asbytes=True), len(raw), id_texts, keys, docs, stats)
+        if self._kept_bytes + len(raw) <= KEEP_DECODED_BYTES:
+            # A small bucket keeps its decoded values; a large one decodes them again when written.
+            self._kept_bytes += len(raw)
+            return _Batch(None, len(raw), values, id_texts, keys, docs, stats)
+        compressed = pa.compress(raw, _PACK_CODEC, asbytes=True)
+        return _Batch(compressed, len(raw), None, id_texts, keys, docs, stats)
 
     def _values(self, documents: list[dict[str, Any]]) -> dict[s.Path, tuple[list[int], list[Any]]]:
         values: dict[s.Path, tuple[list[int], list[Any]]] = {}
@@ -309,9 +327,12 @@ class BucketConverter:
                 continue
             rows = len(batch.ids)
             # The walk gives what it gave when the statistics were counted: map decisions are per value.
-            raw = pa.decompress(batch.raw, batch.raw_size, _PACK_CODEC, asbytes=True)
-            path_values = self._values(bson.decode_all(raw, CODEC_OPTIONS))
-            del raw
+            path_values = batch.values
+            if path_values is None:
+                raw = pa.decompress(batch.raw, batch.raw_size, _PACK_CODEC, asbytes=True)
+                path_values = self._values(bson.decode_all(raw, CODEC_OPTIONS))
+                del raw
+            batch.values = None
             columns: dict[str, list[Any]] = {}
             for path, candidates in by_path.items():
                 row_numbers, values = path_values.pop(path, ((), ()))
