@@ -61,6 +61,8 @@ _OUTLIER = object()
 CHUNK_BYTES = 4 * 1024 * 1024
 # Raw BSON of a bucket whose decoded values the exact path keeps (about ten times this in Python objects).
 KEEP_DECODED_BYTES = 8 * 1024 * 1024
+# A bucket whose chunks the columnar path refused this often in a row is messy throughout: stop trying.
+_GIVE_UP_AFTER = 2
 _NOT_DECIMAL = s.MAX_DECIMAL_PRECISION + 1  # NaN and infinities have no decimal form
 
 
@@ -218,6 +220,7 @@ class BucketConverter:
     _records: set[tuple] = field(default_factory=set)
     _stats: s.TypeStats = field(default_factory=s.TypeStats)
     _kept_bytes: int = 0
+    _refused: int = 0  # chunks in a row the columnar path refused
 
     def __post_init__(self) -> None:
         self._exclude = [tuple(p.split(".")) for p in self.options.exclude]
@@ -241,7 +244,10 @@ class BucketConverter:
         if self._exclude:
             raw_documents = [self._without_excluded(raw) for raw in raw_documents]
         docs = _canonical_json(raw_documents)
-        batch = columnar_batch(raw_documents, docs, self.options, self.known_maps) if self.fast else None
+        batch = None
+        if self.fast and self._refused < _GIVE_UP_AFTER:
+            batch = columnar_batch(raw_documents, docs, self.options, self.known_maps)
+            self._refused = 0 if batch is not None else self._refused + 1
         if batch is None:
             batch = self._exact_batch(raw_documents, docs)
         self._stats.merge(batch.stats)
