@@ -39,7 +39,7 @@ def test_create_table_uses_redshift_types_and_keys():
     assert '"_id" VARCHAR(2048) NOT NULL' in create and '"_doc" SUPER' in create
     assert '"name" VARCHAR(256) ENCODE ZSTD' in create and '"n" BIGINT,' in create
     assert '"_bucket" VARCHAR(2048) NOT NULL ENCODE RAW' in create
-    assert create.endswith('DISTKEY("_id") SORTKEY("_bucket", "_id")')
+    assert create.endswith('DISTKEY("_id_key") SORTKEY("_bucket", "_id_key")')
 
 
 def test_copy_reads_parquet_from_s3_with_a_role_and_no_keys():
@@ -63,10 +63,10 @@ def test_per_bucket_deletes_follow_the_sort_key():
     statements = loader().replace_sql(TABLE, inferred(), '"stg"', "first", "abc")
     assert statements[:2] == [
         'DELETE FROM "app"."we""ird; DROP TABLE x" WHERE "_bucket" = \'first\'',
-        'DELETE FROM "app"."we""ird; DROP TABLE x" WHERE "_id" IN (SELECT "_id" FROM "stg")',
+        'DELETE FROM "app"."we""ird; DROP TABLE x" WHERE "_id_key" IN (SELECT "_id_key" FROM "stg")',
     ]
     stage = loader().stage_sql('"stg"', TABLE, inferred(), "s3://lake/a.parquet")[0]
-    assert stage.endswith('DISTKEY("_id")')
+    assert stage.endswith('DISTKEY("_id_key")')
 
 
 def longer_names(longest: int) -> s.InferredSchema:
@@ -125,13 +125,24 @@ def test_the_postgres_runnable_statements_run_on_postgres(postgres_url):
     schema = inferred()
     redshift = loader()
     postgres = PostgresLoader(PostgresDialect(), lambda: psycopg2.connect(postgres_url))
-    data = pa.table({"_id": ["1", "2"], "_doc": ['{"a": 1}', '{"a": 2}'], "n": [1, 2], "name": ["x", "y"]})
+    data = pa.table(
+        {
+            "_id": ["1", "2"],
+            "_doc": ['{"a": 1}', '{"a": 2}'],
+            "_id_key": ['"1"', '"2"'],
+            "n": [1, 2],
+            "name": ["x", "y"],
+        }
+    )
     postgres.replace_bucket(TABLE, schema, "rebuild", "first", "h1", data, "")
     with postgres.transaction() as cursor:
         cursor.execute(
-            'CREATE TEMP TABLE "stg" AS SELECT "_id", "_doc", "n", "name" FROM "app"."we""ird; DROP TABLE x" LIMIT 0'
+            'CREATE TEMP TABLE "stg" AS SELECT "_id", "_doc", "_id_key", "n", "name" '
+            'FROM "app"."we""ird; DROP TABLE x" LIMIT 0'
         )
-        cursor.execute("""INSERT INTO "stg" VALUES ('2', '{"a": 3}', 20, 'z'), ('3', '{"a": 4}', 30, 'w')""")
+        cursor.execute(
+            """INSERT INTO "stg" VALUES ('2', '{"a": 3}', '"2"', 20, 'z'), ('3', '{"a": 4}', '"3"', 30, 'w')"""
+        )
         for statement in redshift.replace_sql(TABLE, schema, '"stg"', "first", "h2"):
             cursor.execute(
                 statement.replace('JSON_PARSE("_doc")', '"_doc"')

@@ -1,15 +1,18 @@
-"""BSON documents to Arrow: a lossless `_doc` plus typed columns that follow the collection schema.
+"""BSON documents to Arrow: a lossless `_doc`, an injective `_id_key`, and typed columns.
 
-One pass over a bucket decodes each document once: it renders `_doc`, counts
-the type statistics and keeps each field's values. Once the schema is settled
-(which needs the statistics of the whole bucket), the kept values become
-Arrow arrays. A value its column cannot hold is a counted outlier: null in
-the column, intact in `_doc`.
+One pass over a bucket renders each batch's `_doc`, counts the type statistics
+and keeps each field's values, as Arrow arrays where the batch allows it
+(`bson_columns`), as decoded Python values otherwise. Once the schema is
+settled (which needs the statistics of the whole bucket), the kept values
+become the typed columns. A value its column cannot hold is a counted
+outlier: null in the column, intact in `_doc`.
 """
 
 from __future__ import annotations
 
 import datetime
+import hashlib
+import json
 import struct
 import uuid
 from collections import Counter
@@ -26,11 +29,17 @@ from bson.codec_options import CodecOptions, DatetimeConversion
 from bson.datetime_ms import DatetimeMS
 
 from aries_assets.core import schema as s
+from aries_assets.core.bson_columns import ColumnarBatch, columnar_batch, fast_column, python_values
 from aries_assets.core.ordering import epoch_millis
 
 # Decode dates beyond Python's datetime range as DatetimeMS instead of failing.
 CODEC_OPTIONS = CodecOptions(tz_aware=True, datetime_conversion=DatetimeConversion.DATETIME_AUTO)
 ID_COLUMN, DOC_COLUMN = s.RESERVED_COLUMNS
+KEY_COLUMN = "_id_key"  # injective `_id`; inferred names never start with "_", so it cannot clash
+
+KEY_JSON_OPTIONS = json_util.JSONOptions(
+    json_mode=json_util.JSONMode.CANONICAL, datetime_conversion=DatetimeConversion.DATETIME_AUTO
+)
 
 _KIND_BY_TYPE: dict[type, str] = {
     bool: s.BOOL,
@@ -48,6 +57,12 @@ _KIND_BY_TYPE: dict[type, str] = {
     dict: s.DOCUMENT,
 }
 _OUTLIER = object()
+# Converted at a time: the transient copies (JSON text, decoded documents) are a few times this.
+CHUNK_BYTES = 4 * 1024 * 1024
+# Raw BSON of a bucket whose decoded values the exact path keeps (about ten times this in Python objects).
+KEEP_DECODED_BYTES = 8 * 1024 * 1024
+# A bucket whose chunks the columnar path refused this often in a row is messy throughout: stop trying.
+_GIVE_UP_AFTER = 2
 _NOT_DECIMAL = s.MAX_DECIMAL_PRECISION + 1  # NaN and infinities have no decimal form
 
 
@@ -71,6 +86,38 @@ def id_string(value: Any) -> str:
     if isinstance(value, (int, Int64)) and not isinstance(value, bool):
         return str(int(value))
     return json_util.dumps(value, json_options=json_util.CANONICAL_JSON_OPTIONS)
+
+
+def id_key(value: Any) -> str:
+    """`_id` as canonical Extended JSON: unlike `id_string`, distinct ids never share a key (5, "5", Int64(5))."""
+    kind = type(value)
+    if kind is ObjectId:
+        return f'{{"$oid": "{value}"}}'
+    if kind is str:
+        return json.dumps(value)  # as json_util writes a string
+    if kind is int and -(2**31) <= value < 2**31:
+        return f'{{"$numberInt": "{value}"}}'
+    if kind is Int64 or kind is int:
+        return f'{{"$numberLong": "{int(value)}"}}'
+    return json_util.dumps(value, json_options=KEY_JSON_OPTIONS)
+
+
+def options_fingerprint(options: s.SchemaOptions) -> str:
+    """A digest of every option that shapes a bucket file's content: store it, and rewrite on a mismatch.
+
+    Adding a path to `exclude` must scrub files written before; equal options in
+    another order give the same digest.
+    """
+    body = {
+        "exclude": sorted(set(options.exclude)),
+        "overrides": sorted(options.overrides.items()),
+        "max_depth": options.max_depth,
+        "max_columns": options.max_columns,
+        "outlier_share": options.outlier_share,
+        "evolution": options.evolution,
+        "infer": options.infer,
+    }
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
 def relaxed_json_value(value: Any) -> str:
@@ -144,56 +191,106 @@ def _decimal128_digits(value: Decimal128) -> tuple[int, int] | None:
 
 @dataclass
 class _Batch:
-    ids: list[str]
-    docs: list[str]
-    values: dict[s.Path, tuple[list[int], list[Any]]]  # sparse: rows and values per field path
+    """A batch for the exact path: its BSON, decoded again when written, so no decoded value waits in memory."""
+
+    raw: bytes | None  # compressed; None while `values` are kept
+    raw_size: int
+    values: dict[s.Path, tuple[list[int], list[Any]]] | None
+    ids: pa.Array
+    keys: pa.Array
+    docs: Any
+    stats: s.TypeStats
 
 
 @dataclass
 class BucketConverter:
-    """Collects one bucket's documents in a single decoding pass, then yields Arrow tables."""
+    """Converts one bucket batch by batch, then yields Arrow tables once the schema is settled.
+
+    Each batch takes the columnar path (`bson_columns`: no Python object per value)
+    when it can, and the exact path (decode, walk, convert in Python) otherwise;
+    both give the same `_doc`, columns, statistics and outliers. `fast=False`
+    forces the exact path, the reference the columnar one is tested against.
+    """
 
     options: s.SchemaOptions = field(default_factory=s.SchemaOptions)
     known_maps: set[s.Path] = field(default_factory=set)
-    _batches: list[_Batch] = field(default_factory=list)
+    fast: bool = True
+    _batches: list[_Batch | ColumnarBatch] = field(default_factory=list)
     _maps: set[s.Path] = field(default_factory=set)
     _records: set[tuple] = field(default_factory=set)
-    _stats: s.TypeStats | None = None
+    _stats: s.TypeStats = field(default_factory=s.TypeStats)
+    _kept_bytes: int = 0
+    _refused: int = 0  # chunks in a row the columnar path refused
 
     def __post_init__(self) -> None:
         self._exclude = [tuple(p.split(".")) for p in self.options.exclude]
+        # A document holds an excluded field only if its BSON holds the field's last key name.
+        self._needles = [p[-1].encode() + b"\x00" for p in self._exclude]
 
     def add(self, raw_documents: list[bytes]) -> None:
-        documents = bson.decode_all(b"".join(raw_documents), CODEC_OPTIONS)
+        """Convert a batch of raw BSON documents, a few megabytes at a time so memory follows the bucket."""
+        chunk: list[bytes] = []
+        size = 0
+        for raw in raw_documents:
+            chunk.append(bytes(raw))
+            size += len(raw)
+            if size >= CHUNK_BYTES:
+                self._add(chunk)
+                chunk, size = [], 0
+        if chunk:
+            self._add(chunk)
+
+    def _add(self, raw_documents: list[bytes]) -> None:
         if self._exclude:
-            for document in documents:
-                for path in self._exclude:
-                    _remove(document, path)
-            raw_documents = [bson.encode(d, codec_options=CODEC_OPTIONS) for d in documents]
-        batch = _Batch(
-            ids=[id_string(d["_id"]) for d in documents],
-            docs=[bsonjs.dumps(raw, mode=bsonjs.CANONICAL) for raw in raw_documents],
-            values={},
+            raw_documents = [self._without_excluded(raw) for raw in raw_documents]
+        docs = _canonical_json(raw_documents)
+        batch = None
+        if self.fast and self._refused < _GIVE_UP_AFTER:
+            batch = columnar_batch(raw_documents, docs, self.options, self.known_maps)
+            self._refused = 0 if batch is not None else self._refused + 1
+        if batch is None:
+            batch = self._exact_batch(raw_documents, docs)
+        self._stats.merge(batch.stats)
+        self._stats.maps |= self._maps
+        batch.docs = PackedStrings.pack(batch.docs)  # `_doc` is the bulk of a waiting batch
+        self._batches.append(batch)
+
+    def _without_excluded(self, raw: bytes) -> bytes:
+        if not any(needle in raw for needle in self._needles):
+            return raw
+        document = bson.decode(raw, CODEC_OPTIONS)
+        for path in self._exclude:
+            _remove(document, path)
+        return bson.encode(document, codec_options=CODEC_OPTIONS)
+
+    def _exact_batch(self, raw_documents: list[bytes], docs: pa.Array) -> _Batch:
+        raw = b"".join(raw_documents)
+        documents = bson.decode_all(raw, CODEC_OPTIONS)
+        values = self._values(documents)
+        ids = [d["_id"] for d in documents]
+        stats = s.TypeStats(
+            documents=len(documents),
+            fields={path: _field_stats(path_values) for path, (_, path_values) in values.items()},
         )
+        id_texts = pa.array([id_string(i) for i in ids], pa.string())
+        keys = pa.array([id_key(i) for i in ids], pa.string())
+        if self._kept_bytes + len(raw) <= KEEP_DECODED_BYTES:
+            # A small bucket keeps its decoded values; a large one decodes them again when written.
+            self._kept_bytes += len(raw)
+            return _Batch(None, len(raw), values, id_texts, keys, docs, stats)
+        compressed = pa.compress(raw, _PACK_CODEC, asbytes=True)
+        return _Batch(compressed, len(raw), None, id_texts, keys, docs, stats)
+
+    def _values(self, documents: list[dict[str, Any]]) -> dict[s.Path, tuple[list[int], list[Any]]]:
+        values: dict[s.Path, tuple[list[int], list[Any]]] = {}
         if self.options.infer:
             for row, document in enumerate(documents):
-                self._flatten(document, batch.values, row)
-        self._batches.append(batch)
-        self._stats = None
+                self._flatten(document, values, row)
+        return values
 
     @property
     def stats(self) -> s.TypeStats:
         """This bucket's type statistics, counted over everything added so far."""
-        if self._stats is None:
-            paths: dict[s.Path, list[Any]] = {}
-            for batch in self._batches:
-                for path, (_, values) in batch.values.items():
-                    paths.setdefault(path, []).extend(values)
-            self._stats = s.TypeStats(
-                documents=sum(len(b.ids) for b in self._batches),
-                fields={path: _field_stats(values) for path, values in paths.items()},
-                maps=set(self._maps),
-            )
         return self._stats
 
     def _flatten(self, document: dict[str, Any], values: dict, row: int) -> None:
@@ -231,21 +328,103 @@ class BucketConverter:
             by_path.setdefault(column.path, []).append(column)
         while self._batches:
             batch = self._batches.pop(0)  # release each batch's values as it is written
+            if isinstance(batch, ColumnarBatch):
+                yield _columnar_table(batch, by_path, arrow_schema, outliers)
+                continue
             rows = len(batch.ids)
+            # The walk gives what it gave when the statistics were counted: map decisions are per value.
+            path_values = batch.values
+            if path_values is None:
+                raw = pa.decompress(batch.raw, batch.raw_size, _PACK_CODEC, asbytes=True)
+                path_values = self._values(bson.decode_all(raw, CODEC_OPTIONS))
+                del raw
+            batch.values = None
             columns: dict[str, list[Any]] = {}
             for path, candidates in by_path.items():
-                row_numbers, values = batch.values.get(path, ((), ()))
+                row_numbers, values = path_values.pop(path, ((), ()))
                 for column, column_values in _route(candidates, values, outliers).items():
-                    if len(row_numbers) == rows:
-                        columns[column] = column_values  # every row has the field: already aligned
-                    else:
-                        full = [None] * rows
-                        for row, value in zip(row_numbers, column_values, strict=True):
-                            full[row] = value
-                        columns[column] = full
-            arrays = [pa.array(batch.ids, pa.string()), pa.array(batch.docs, pa.string())]
-            arrays += [pa.array(columns[f.name], f.type) for f in list(arrow_schema)[2:]]
+                    columns[column] = _scatter(row_numbers, column_values, rows)
+            del path_values
+            arrays = [batch.ids, batch.docs.unpack(), batch.keys]
+            arrays += [pa.array(columns[f.name], f.type) for f in list(arrow_schema)[_FIXED_COLUMNS:]]
             yield pa.Table.from_arrays(arrays, schema=arrow_schema)
+
+
+_PACK_CODEC = "lz4"  # fast, and JSON text shrinks several times
+
+
+@dataclass(frozen=True)
+class PackedStrings:
+    """A string array compressed while its batch waits for the schema."""
+
+    length: int
+    offsets: pa.Buffer
+    data: pa.Buffer
+    data_size: int
+
+    @classmethod
+    def pack(cls, array: pa.Array) -> PackedStrings:
+        array = pa.concat_arrays([array])  # offsets from zero
+        _, offsets, data = array.buffers()
+        data = data or pa.py_buffer(b"")
+        return cls(len(array), offsets, pa.compress(data, _PACK_CODEC), data.size)
+
+    def unpack(self) -> pa.Array:
+        data = pa.decompress(self.data, self.data_size, _PACK_CODEC)
+        return pa.Array.from_buffers(pa.string(), self.length, [None, self.offsets, data])
+
+
+def _canonical_json(raw_documents: list[bytes], chunk: int = 4096) -> pa.Array:
+    """`_doc` of each document (libbson's canonical Extended JSON), without holding a batch of Python strings."""
+    parts = [
+        pa.array(
+            [bsonjs.dumps(raw, mode=bsonjs.CANONICAL) for raw in raw_documents[i : i + chunk]], pa.string()
+        )
+        for i in range(0, len(raw_documents), chunk)
+    ]
+    return pa.concat_arrays(parts) if parts else pa.array([], pa.string())
+
+
+_FIXED_COLUMNS = 3  # `_id`, `_doc`, `_id_key`
+
+
+def _scatter(row_numbers, values: list[Any], rows: int) -> list[Any]:
+    if len(row_numbers) == rows:
+        return values  # every row has the field: already aligned
+    full = [None] * rows
+    for row, value in zip(row_numbers, values, strict=True):
+        full[row] = value
+    return full
+
+
+def _columnar_table(
+    batch: ColumnarBatch,
+    by_path: dict[s.Path, list[s.ColumnSpec]],
+    arrow_schema: pa.Schema,
+    outliers: Counter,
+) -> pa.Table:
+    """A columnar batch in the schema's columns: vectorised casts, the exact converters where they are needed."""
+    columns: dict[str, pa.Array] = {}
+    for path, candidates in by_path.items():
+        values = batch.paths.get(path)
+        if values is None:
+            continue
+        if len(candidates) == 1:
+            column = candidates[0]
+            fast = fast_column(values, column.type, column.accepts)
+            if fast is not None:
+                columns[column.name], count = fast
+                if count:
+                    outliers[column.name] += count
+                continue
+        row_numbers, python = python_values(values, CODEC_OPTIONS)
+        for name, column_values in _route(candidates, python, outliers).items():
+            full = _scatter(row_numbers.tolist(), column_values, batch.rows)
+            columns[name] = pa.array(full, arrow_schema.field(name).type)
+    arrays = [batch.ids, batch.docs.unpack(), batch.keys]
+    for f in list(arrow_schema)[_FIXED_COLUMNS:]:
+        arrays.append(columns.get(f.name, pa.nulls(batch.rows, f.type)))
+    return pa.Table.from_arrays(arrays, schema=arrow_schema)
 
 
 _NONE = type(None)
@@ -254,7 +433,7 @@ _NATIVE: dict[str, set[type]] = {
     s.T_BOOL: {bool},
     s.T_INT32: {int},
     s.T_INT64: {int, Int64},
-    s.T_DOUBLE: {float, int, Int64},
+    s.T_DOUBLE: {float},  # pyarrow refuses integers beyond 2**53; `float` rounds them as a double does
     s.T_STRING: {str},
     s.T_TIMESTAMP: {datetime.datetime},
     s.T_BINARY: {bytes},
@@ -292,12 +471,21 @@ def _route(candidates: list[s.ColumnSpec], values: list[Any], outliers: Counter)
     return routed
 
 
-def _remove(document: dict[str, Any], path: tuple[str, ...]) -> None:
-    for name in path[:-1]:
-        document = document.get(name)
-        if not isinstance(document, dict):
-            return
-    document.pop(path[-1], None)
+def _remove(value: Any, path: tuple[str, ...]) -> None:
+    """Remove `path` below `value` at any depth: through arrays (of arrays) and literal dotted keys."""
+    if type(value) is list:
+        for element in value:
+            _remove(element, path)
+        return
+    if not isinstance(value, dict):
+        return
+    for length in range(1, len(path) + 1):
+        name = ".".join(path[:length])
+        if name in value:
+            if length == len(path):
+                del value[name]
+            else:
+                _remove(value[name], path[length:])
 
 
 # --- column types -------------------------------------------------------------------------------
@@ -325,6 +513,7 @@ def arrow_schema_of(schema: s.InferredSchema) -> pa.Schema:
     fields = [
         pa.field(ID_COLUMN, pa.string(), nullable=False, metadata={"aries.type": "string"}),
         pa.field(DOC_COLUMN, pa.string(), nullable=False, metadata={"aries.type": "json"}),
+        pa.field(KEY_COLUMN, pa.string(), nullable=False, metadata={"aries.type": "json"}),
     ]
     for column in schema.columns:
         metadata = {"aries.path": column.dotted, "aries.type": column.type}

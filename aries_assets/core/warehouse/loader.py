@@ -39,7 +39,8 @@ from aries_assets.core.arrow import arrow_type
 LOADS_TABLE = "_aries_loads"
 MAX_IDENTIFIER_BYTES = 63
 # The column a document is found by across buckets (a document that moved is deleted by it).
-KEY_COLUMN = "_id"
+# Rows are matched by this column, not `_id`: `_id` text is the same for 5 and "5", the key is not.
+KEY_COLUMN = "_id_key"
 REBUILD_SUFFIX = "__aries_rebuild"
 
 
@@ -257,6 +258,7 @@ class Loader:
         columns = [
             ("_id", f"{d.id_type} NOT NULL"),
             ("_doc", d.json_type),
+            (KEY_COLUMN, d.id_type),  # nullable: added to tables that predate it, filled as buckets reload
             ("_bucket", f"{d.id_type} NOT NULL"),
         ]
         for column in schema.columns:
@@ -399,9 +401,10 @@ class Loader:
             return int(cursor.fetchone()[0])
 
     def bucket_ids(self, table: TableRef, bucket: str) -> list[str]:
+        """The `_id_key`s of a bucket's rows (compare with the file's `_id_key` column)."""
         with self.transaction() as cursor:
             cursor.execute(
-                f"SELECT {quote('_id')} FROM {self.table_sql(table)} WHERE {quote('_bucket')} = {literal(bucket)}"
+                f"SELECT {quote(KEY_COLUMN)} FROM {self.table_sql(table)} WHERE {quote('_bucket')} = {literal(bucket)}"
             )
             return [row[0] for row in cursor.fetchall()]
 
@@ -747,7 +750,8 @@ def oversize_documents(data: pa.Table, limit: int | None) -> list[str]:
 
 def _conform(data: pa.Table, schema: s.InferredSchema) -> pa.Table:
     """The file's columns in the collection schema's order; a column the file predates is null."""
-    arrays, names = [data.column("_id"), data.column("_doc")], ["_id", "_doc"]
+    arrays = [data.column("_id"), data.column("_doc"), data.column(KEY_COLUMN)]
+    names = ["_id", "_doc", KEY_COLUMN]
     for column in schema.columns:
         names.append(column.name)
         if column.name in data.column_names:
@@ -759,7 +763,12 @@ def _conform(data: pa.Table, schema: s.InferredSchema) -> pa.Table:
 
 def staged_types(schema: s.InferredSchema) -> dict[str, str]:
     """The staged columns and their Aries types: `_id`, `_doc` (JSON text), then the schema's."""
-    return {"_id": s.T_STRING, "_doc": s.T_JSON, **{c.name: c.type for c in schema.columns}}
+    return {
+        "_id": s.T_STRING,
+        "_doc": s.T_JSON,
+        KEY_COLUMN: s.T_STRING,
+        **{c.name: c.type for c in schema.columns},
+    }
 
 
 # A JSON "\u0000" escape, not preceded by an escaped backslash ("\\u0000" is text).

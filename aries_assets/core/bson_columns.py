@@ -1,0 +1,523 @@
+"""A bucket batch as Arrow columns without a Python object per value, for batches that allow it.
+
+The `_doc` column is canonical Extended JSON, in which every value names its BSON
+type. Parsing that text with Arrow's JSON reader (C++) gives each field path as
+one Arrow array, from which the type statistics and the typed columns follow with
+vectorised compute. A batch is taken only when the result is provably what the
+exact path (decode every document, walk it in Python) would give; otherwise
+`columnar_batch` returns None and the caller uses the exact path.
+
+What makes a batch refused: a key named like an Extended JSON wrapper (`$oid`,
+`$numberInt`...), a field holding two JSON shapes (a
+string here, a document there), duplicate keys, maps, documents deeper than
+`max_depth`, empty documents, arrays of documents or arrays, and the rarer BSON
+types (binary, regex, code, timestamps, min/max keys). A null and a missing field
+are both null in Arrow; the keys counted in the text tell them apart, and a
+document where the count cannot settle it refuses the batch.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.json as pajson
+from bson import Decimal128, Int64, ObjectId
+from bson.codec_options import CodecOptions
+from bson.datetime_ms import _millis_to_datetime
+
+from aries_assets.core import schema as s
+
+# Kind codes of one value: ABSENT and NULL first, then the kinds the statistics count.
+ABSENT, NULL = -1, 0
+CODES = {s.BOOL: 1, s.INT32: 2, s.INT64: 3, s.DOUBLE: 4, s.DECIMAL: 5, s.STRING: 6, s.OBJECTID: 7}
+CODES.update({s.DATE: 8, s.ARRAY: 9})
+KIND_OF_CODE = {code: kind for kind, code in CODES.items()}
+_NUMBER_WRAPPERS = {
+    "$numberInt": CODES[s.INT32],
+    "$numberLong": CODES[s.INT64],
+    "$numberDouble": CODES[s.DOUBLE],
+    "$numberDecimal": CODES[s.DECIMAL],
+}
+_KEY_SEPARATOR = '" : '  # how libbson writes a key; a string holding it shows as `\\" : `
+_PLAIN_KEY = re.compile(r"^[A-Za-z0-9_ .:/'-]+$")  # written as is in JSON, no escapes
+_WRAPPER_KEYS = [f"{name}\x00".encode() for name in ("$oid", "$date", *_NUMBER_WRAPPERS)]
+_NOT_DECIMAL = s.MAX_DECIMAL_PRECISION + 1
+_PLAIN_DECIMAL = r"^-?(?P<whole>[0-9]+)\.?(?P<fraction>[0-9]*)$"
+_QUANTIZE_DIGITS = 28  # decimal.DefaultContext.prec
+
+
+class Refused(Exception):
+    """This batch needs the exact path."""
+
+
+@dataclass
+class Values:
+    """One field path's values (or one array field's elements): kind codes and their text.
+
+    `text` is a string array (the value as Extended JSON writes it inside its
+    wrapper: digits, hex, epoch milliseconds) or a boolean array; `kinds` holds
+    a kind code per slot, ABSENT where the document lacks the field.
+    """
+
+    kinds: np.ndarray
+    text: pa.Array
+    elements: Values | None = None  # for arrays: every element, in order
+    offsets: np.ndarray | None = None  # for arrays: where each slot's elements start and end
+
+    def rows(self) -> np.ndarray:
+        return np.flatnonzero(self.kinds != ABSENT)
+
+
+@dataclass
+class ColumnarBatch:
+    ids: pa.Array
+    keys: pa.Array
+    docs: Any  # pa.Array, or what the converter packs it into while the batch waits
+    paths: dict[s.Path, Values] = field(default_factory=dict)
+    stats: s.TypeStats = field(default_factory=s.TypeStats)
+
+    @property
+    def rows(self) -> int:
+        return len(self.ids)
+
+
+def columnar_batch(
+    raw_documents: list[bytes],
+    docs: pa.Array,
+    options: s.SchemaOptions,
+    known_maps: set[s.Path],
+) -> ColumnarBatch | None:
+    """The batch as columns, or None when only the exact path can convert it."""
+    blob = b"".join(raw_documents)
+    if any(key in blob for key in _WRAPPER_KEYS):
+        return None  # a key that would read as Extended JSON syntax (or, rarely, bytes that look like one)
+    # One document a line, read straight from an Arrow buffer: `_doc` never escapes a newline.
+    lines = pc.binary_join_element_wise(docs, "\n", "")
+    _, offsets_buffer, data = lines.buffers()
+    offsets = np.frombuffer(offsets_buffer, np.int32, len(lines) + 1, lines.offset * 4)
+    text = data[int(offsets[0]) : int(offsets[-1])] if len(lines) else pa.py_buffer(b"")
+    try:
+        table = pajson.read_json(
+            pa.BufferReader(text),
+            read_options=pajson.ReadOptions(use_threads=False, block_size=max(text.size + 1, 1 << 20)),
+        )
+        return _Walker(table, docs, options, known_maps).batch()
+    except (pa.ArrowInvalid, Refused):
+        return None
+
+
+class _Walker:
+    def __init__(self, table: pa.Table, docs: pa.Array, options: s.SchemaOptions, known_maps: set[s.Path]):
+        self.table = table
+        self.docs = docs
+        self.options = options
+        self.known_maps = known_maps
+        self.n = table.num_rows
+        self.found_keys = np.zeros(self.n, np.int64)  # keys accounted for by non-null values
+        self.unknown: list[
+            tuple[s.Path, np.ndarray]
+        ] = []  # members null in a present parent: null or missing
+        self.paths: dict[s.Path, Values] = {}
+        self.maybe_empty: list[
+            tuple[np.ndarray, list[s.Path]]
+        ] = []  # records with no value but nulls, if any
+
+    def batch(self) -> ColumnarBatch:
+        present = np.ones(self.n, bool)
+        for name, column in zip(self.table.column_names, self.table.columns, strict=True):
+            self._member((name,), _combined(column), present)
+        self._settle_nulls()
+        for rows, children in self.maybe_empty:
+            has_null = np.zeros(self.n, bool)
+            for child in children:
+                if child in self.paths:
+                    has_null |= self.paths[child].kinds == NULL
+            if (rows & ~has_null).any():
+                raise Refused("an empty document")  # a value of its own at its path: the exact path keeps it
+        if ("_id",) not in self.paths:
+            raise Refused("no _id")
+        ids, keys = _ids(self.paths.pop(("_id",)))
+        stats = s.TypeStats(documents=self.n)
+        if self.options.infer:
+            stats.fields = {path: field_stats(values) for path, values in self.paths.items()}
+        else:
+            self.paths = {}
+        return ColumnarBatch(ids, keys, self.docs, self.paths, stats)
+
+    def _member(self, path: s.Path, array: pa.Array, parent: np.ndarray) -> None:
+        """A key of a document at `path`, present or not in each row where its parent is."""
+        valid = _valid(array) & parent
+        self.found_keys += valid
+        null_here = parent & ~valid
+        if null_here.any():
+            self.unknown.append((path, null_here))
+        kind = array.type
+        if pa.types.is_struct(kind) and kind.num_fields and all(f.name.startswith("$") for f in kind):
+            self.paths[path] = self._wrapped(array, valid, path)
+        elif pa.types.is_struct(kind):
+            self._record(path, array, valid)
+        elif pa.types.is_list(kind):
+            self.paths[path] = self._array(array, valid)
+        else:
+            self.paths[path] = _scalar(array, valid)
+
+    def _record(self, path: s.Path, array: pa.StructArray, valid: np.ndarray) -> None:
+        names = [f.name for f in array.type]
+        if (
+            not names
+            or len(path) >= self.options.max_depth
+            or path in self.known_maps
+            or any(s._DATA_KEY.match(n) for n in names)  # could be a map in some row: the exact path decides
+        ):
+            raise Refused(f"{path} is not a plain record")
+        children = array.flatten()
+        nonempty = np.zeros(self.n, bool)
+        for child in children:
+            nonempty |= _valid(child)
+        only_nulls = valid & ~nonempty
+        if only_nulls.any():  # `{}` or a document of nulls: told apart once nulls are settled
+            self.maybe_empty.append((only_nulls, [(*path, n) for n in names]))
+        for name, child in zip(names, children, strict=True):
+            self._member((*path, name), child, valid)
+
+    def _wrapped(self, array: pa.StructArray, valid: np.ndarray, path: s.Path) -> Values:
+        names = [f.name for f in array.type]
+        children = dict(zip(names, array.flatten(), strict=True))
+        kinds = np.where(valid, NULL, ABSENT).astype(np.int8)
+        if names == ["$oid"]:
+            kinds[valid] = CODES[s.OBJECTID]
+            self.found_keys += valid
+            return Values(kinds, children["$oid"])
+        if names == ["$date"]:
+            inner = children["$date"]
+            if [f.name for f in inner.type] != ["$numberLong"]:
+                raise Refused(f"{path}: a date beyond the canonical form")
+            kinds[valid] = CODES[s.DATE]
+            self.found_keys += 2 * valid
+            return Values(kinds, inner.flatten()[0])
+        if not set(names) <= set(_NUMBER_WRAPPERS):
+            raise Refused(f"{path}: {names}")
+        texts = []
+        for name in names:
+            child = children[name]
+            texts.append(child)
+            kinds[_valid(child)] = _NUMBER_WRAPPERS[name]
+        self.found_keys += valid
+        text = texts[0] if len(texts) == 1 else pc.coalesce(*texts)
+        return Values(kinds, text)
+
+    def _array(self, array: pa.ListArray, valid: np.ndarray) -> Values:
+        kinds = np.where(valid, CODES[s.ARRAY], ABSENT).astype(np.int8)
+        offsets = array.offsets.to_numpy(zero_copy_only=False)
+        flat = array.values
+        element_type = flat.type
+        flat_valid = _valid(flat)
+        if pa.types.is_struct(element_type) and element_type.num_fields:
+            if not all(f.name.startswith("$") for f in element_type):
+                raise Refused("an array of documents")
+            # Wrapper keys inside arrays count too; the walker's key tally is per row.
+            counter = np.zeros(len(flat), np.int64)
+            saved, self.found_keys = self.found_keys, counter
+            elements = self._wrapped(flat, flat_valid, ("[]",))
+            self.found_keys = saved
+            per_row = np.add.reduceat(np.append(counter, 0), offsets[:-1]) if len(flat) else 0
+            per_row = np.where(offsets[1:] > offsets[:-1], per_row, 0)
+            self.found_keys += per_row
+        elif pa.types.is_struct(element_type) or pa.types.is_list(element_type):
+            raise Refused("an array of documents or arrays")
+        else:
+            elements = _scalar(flat, flat_valid)
+        elements.kinds[elements.kinds == ABSENT] = NULL  # an array element is never missing, only null
+        return Values(kinds, pa.nulls(len(kinds), pa.string()), elements, offsets)
+
+    def _settle_nulls(self) -> None:
+        """Tell a null field from a missing one, from the keys each document's text holds.
+
+        The keys not accounted for by values are the null ones. Where a document
+        has both null and missing fields, `"name" : null` counted per name settles
+        which is which, when names are plain enough to find that way.
+        """
+        if not self.unknown:
+            return
+        if pc.any(pc.match_substring(self.docs, "\\" + _KEY_SEPARATOR)).as_py():
+            raise Refused("a key or string holding what looks like a key separator")
+        in_text = pc.count_substring(self.docs, _KEY_SEPARATOR).to_numpy(zero_copy_only=False)
+        null_keys = in_text - self.found_keys
+        candidates = np.zeros(self.n, np.int64)
+        for _, null_here in self.unknown:
+            candidates += null_here
+        none_null = null_keys == 0
+        all_null = null_keys == candidates
+        settled = none_null | all_null
+        by_name: dict[str, np.ndarray] = {}
+        if not settled.all():
+            if pc.any(pc.match_substring(self.docs, '\\"')).as_py():
+                raise Refused("cannot tell null fields from missing ones")
+            for path, null_here in self.unknown:
+                by_name[path[-1]] = by_name.get(path[-1], 0) + null_here
+        null_by_name: dict[str, np.ndarray] = {}
+        for name, expected in by_name.items():
+            if not _PLAIN_KEY.match(name):
+                raise Refused("cannot tell null fields from missing ones")
+            found = pc.count_substring(self.docs, f'"{name}" : null').to_numpy(zero_copy_only=False)
+            if ((found != 0) & (found != expected) & ~settled).any():
+                raise Refused("cannot tell null fields from missing ones")
+            null_by_name[name] = found == expected
+        resolved = np.zeros(self.n, np.int64)
+        nulls_of: list[tuple[s.Path, np.ndarray]] = []
+        for path, null_here in self.unknown:
+            by_key = null_by_name.get(path[-1])
+            is_null = np.where(settled, all_null & ~none_null, by_key if by_key is not None else False)
+            nulls = null_here & is_null
+            resolved += nulls
+            nulls_of.append((path, nulls))
+        if (resolved != null_keys).any():
+            raise Refused("cannot tell null fields from missing ones")
+        for path, nulls in nulls_of:
+            if not nulls.any():
+                continue
+            values = self.paths.get(path)
+            if values is None:  # a record that is null in some documents: a null value at its path
+                values = self.paths[path] = Values(np.full(self.n, ABSENT, np.int8), pa.nulls(self.n))
+            values.kinds[nulls] = NULL
+
+
+def _combined(column: pa.ChunkedArray) -> pa.Array:
+    return column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
+
+
+def _valid(array: pa.Array) -> np.ndarray:
+    if array.null_count == 0:
+        return np.ones(len(array), bool)
+    return array.is_valid().to_numpy(zero_copy_only=False)
+
+
+def _scalar(array: pa.Array, valid: np.ndarray) -> Values:
+    kinds = np.where(valid, NULL, ABSENT).astype(np.int8)
+    if pa.types.is_string(array.type):
+        kinds[valid] = CODES[s.STRING]
+    elif pa.types.is_boolean(array.type):
+        kinds[valid] = CODES[s.BOOL]
+    elif not pa.types.is_null(array.type):
+        raise Refused(f"a JSON {array.type}")  # canonical Extended JSON has no bare numbers
+    return Values(kinds, array)
+
+
+def _ids(values: Values) -> tuple[pa.Array, pa.Array]:
+    """`_id` text and `_id` key, as `arrow.id_string` and `arrow.id_key` write them."""
+    codes = set(np.unique(values.kinds).tolist())
+    text = values.text
+    if len(codes) != 1:
+        raise Refused("_id of several types")
+    (code,) = codes
+    if code == CODES[s.OBJECTID]:
+        return text, pc.binary_join_element_wise('{"$oid": "', text, '"}', "")
+    if code == CODES[s.STRING]:
+        return text, pa.array([json.dumps(v) for v in text.to_pylist()], pa.string())
+    if code in (CODES[s.INT32], CODES[s.INT64]):
+        wrapper = "$numberInt" if code == CODES[s.INT32] else "$numberLong"
+        return text, pc.binary_join_element_wise(f'{{"{wrapper}": "', text, '"}', "")
+    raise Refused("an _id of another type")
+
+
+# --- statistics ---------------------------------------------------------------------------------
+
+
+def _first_seen(kinds: np.ndarray) -> list[tuple[int, int]]:
+    """(code, count) of each kind present, in order of first appearance (as the exact path counts)."""
+    codes, first, counts = np.unique(kinds, return_index=True, return_counts=True)
+    return [(int(c), int(n)) for _, c, n in sorted(zip(first, codes, counts, strict=True)) if c > NULL]
+
+
+def field_stats(values: Values) -> s.FieldStats:
+    """What `arrow._field_stats` counts over the same values."""
+    stats = s.FieldStats()
+    present = values.kinds[values.kinds != ABSENT]
+    for code, count in _first_seen(present):
+        stats.kinds[KIND_OF_CODE[code]] = count
+    stats.nulls = int(np.count_nonzero(present == NULL))
+    _measure(stats, values)
+    if values.elements is not None and stats.kinds[s.ARRAY]:
+        elements = field_stats(values.elements)
+        stats.element_kinds = Counter(elements.kinds)
+        if elements.nulls:
+            stats.element_kinds["null"] = elements.nulls
+        stats.merge(s.FieldStats(int_min=elements.int_min, int_max=elements.int_max,
+                                 int_digits=elements.int_digits, scale=elements.scale,
+                                 max_bytes=elements.max_bytes))  # fmt: skip
+    return stats
+
+
+def _of_kind(values: Values, *codes: int) -> pa.Array:
+    mask = np.isin(values.kinds, codes)
+    return values.text.filter(pa.array(mask))
+
+
+def _measure(stats: s.FieldStats, values: Values) -> None:
+    if stats.kinds[s.INT32] or stats.kinds[s.INT64]:
+        ints = pc.cast(_of_kind(values, CODES[s.INT32], CODES[s.INT64]), pa.int64())
+        low, high = pc.min_max(ints).values()
+        stats.int_min, stats.int_max = low.as_py(), high.as_py()
+    if stats.kinds[s.STRING]:
+        stats.max_bytes = pc.max(pc.binary_length(_of_kind(values, CODES[s.STRING]))).as_py()
+    if stats.kinds[s.DOUBLE]:
+        floats = pc.cast(_of_kind(values, CODES[s.DOUBLE]), pa.float64()).to_pylist()
+        _digits(stats, (Decimal(repr(v)) for v in floats))
+    if stats.kinds[s.DECIMAL]:
+        _decimal_digits(stats, _of_kind(values, CODES[s.DECIMAL]))
+
+
+def _decimal_digits(stats: s.FieldStats, text: pa.Array) -> None:
+    """Digits of Decimal128 values from their text: plain forms vectorised, exponent forms in Python."""
+    parts = pc.extract_regex(text, _PLAIN_DECIMAL)
+    plain = parts.is_valid()
+    whole, fraction = pc.struct_field(parts, [0]), pc.struct_field(parts, [1])
+    if pc.any(plain).as_py():
+        # The coefficient has no leading zeros, so a plain form's integer digits are its integer part's.
+        int_digits = pc.if_else(pc.equal(whole, "0"), 0, pc.utf8_length(whole))
+        stats.int_digits = max(stats.int_digits, pc.max(int_digits).as_py())
+        stats.scale = max(stats.scale, pc.max(pc.utf8_length(fraction)).as_py())
+    if not pc.all(plain).as_py():
+        _digits(stats, map(Decimal, pc.unique(text.filter(pc.invert(plain))).to_pylist()))
+
+
+def _digits(stats: s.FieldStats, numbers) -> None:
+    """Integer digits and scale as the exact path counts them (Decimal128 digits: coefficient and exponent)."""
+    for number in numbers:
+        if not number.is_finite():
+            stats.scale = _NOT_DECIMAL
+            continue
+        _, digits, exponent = number.as_tuple()
+        stats.int_digits = max(stats.int_digits, max(0, len(digits) + exponent))
+        stats.scale = max(stats.scale, max(0, -exponent))
+
+
+# --- typed columns ------------------------------------------------------------------------------
+
+
+def python_values(values: Values, codec_options: CodecOptions) -> tuple[np.ndarray, list[Any]]:
+    """Rows and the values `bson.decode` would have given there: the bridge to the exact converters."""
+    rows = values.rows()
+    return rows, _python(values, rows, codec_options)
+
+
+def _python(values: Values, rows: np.ndarray, codec_options: CodecOptions) -> list[Any]:
+    kinds = values.kinds[rows].tolist()
+    text = values.text.take(pa.array(rows, pa.int64())).to_pylist() if len(rows) else []
+    if values.elements is not None:
+        offsets = values.offsets
+        element_list = _python(values.elements, np.arange(len(values.elements.kinds)), codec_options)
+        out: list[Any] = []
+        for row, kind in zip(rows.tolist(), kinds, strict=True):
+            out.append(None if kind == NULL else element_list[offsets[row] : offsets[row + 1]])
+        return out
+    return [_CONVERT[k](t, codec_options) for k, t in zip(kinds, text, strict=True)]
+
+
+_CONVERT: dict[int, Callable[[Any, CodecOptions], Any]] = {
+    NULL: lambda t, o: None,
+    CODES[s.BOOL]: lambda t, o: t,
+    CODES[s.STRING]: lambda t, o: t,
+    CODES[s.INT32]: lambda t, o: int(t),
+    CODES[s.INT64]: lambda t, o: Int64(int(t)),
+    CODES[s.DOUBLE]: lambda t, o: float(t),
+    CODES[s.DECIMAL]: lambda t, o: Decimal128(t),
+    CODES[s.OBJECTID]: lambda t, o: ObjectId(t),
+    CODES[s.DATE]: lambda t, o: _millis_to_datetime(int(t), o),
+}
+
+# Kinds a column type takes straight from the text with one Arrow cast, and how.
+_TIMESTAMP = pa.timestamp("ms", tz="UTC")
+
+
+def fast_column(values: Values, type_name: str, accepts: frozenset[str]) -> tuple[pa.Array, int] | None:
+    """The column and its outlier count by vectorised casts, or None when a value needs the exact converters."""
+    kinds = values.kinds
+    accepted = np.isin(kinds, [CODES[k] for k in accepts if k in CODES])
+    outliers = int(np.count_nonzero((kinds > NULL) & ~accepted))
+    codes = set(np.unique(kinds[accepted]).tolist())
+    if not codes:
+        return pa.nulls(len(kinds), _arrow_type(type_name)), outliers
+    target = _arrow_type(type_name)
+    text = values.text
+    try:
+        if type_name.startswith("list<"):
+            column = _fast_list(values, type_name[5:-1], target, accepted)
+        else:
+            column = _fast_scalar(text, codes, type_name, target)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        return None  # an inexact decimal, an overflow: the exact converters count it as an outlier
+    if column is None:
+        return None
+    if not accepted.all():
+        column = pc.if_else(pa.array(accepted), column, pa.nulls(len(kinds), target))
+    return column, outliers
+
+
+def _fast_scalar(text: pa.Array, codes: set[int], type_name: str, target: pa.DataType) -> pa.Array | None:
+    ints = {CODES[s.INT32], CODES[s.INT64]}
+    if type_name == s.T_STRING and codes <= {CODES[s.STRING], CODES[s.OBJECTID]} | ints:
+        return text
+    if type_name == s.T_STRING and codes == {CODES[s.BOOL]}:
+        return pc.if_else(text, "true", "false")
+    if type_name == s.T_BOOL and codes == {CODES[s.BOOL]}:
+        return text
+    if type_name in (s.T_INT32, s.T_INT64) and codes <= ints:
+        return pc.cast(text, target)
+    if type_name == s.T_DOUBLE and codes == {CODES[s.DOUBLE]}:
+        return pc.cast(text, target)
+    if type_name == s.T_TIMESTAMP and codes == {CODES[s.DATE]}:
+        return pc.cast(pc.cast(text, pa.int64()), target)
+    if pa.types.is_decimal(target) and codes <= {CODES[s.DECIMAL]} | ints:
+        # Arrow refuses a value with more digits than the scale keeps, or too many for the precision.
+        column = pc.cast(text, target)
+        # The exact path quantizes in Python's default context: more than 28 digits is an outlier there.
+        limit = pa.scalar(Decimal(10) ** (_QUANTIZE_DIGITS - target.scale), target)
+        if pc.any(pc.greater_equal(pc.abs(column), limit)).as_py():
+            return None
+        return column
+    return None
+
+
+def _fast_list(
+    values: Values, element_type: str, target: pa.DataType, accepted: np.ndarray
+) -> pa.Array | None:
+    elements = values.elements
+    codes = set(np.unique(elements.kinds).tolist()) - {NULL}
+    if codes and not codes <= {c for c in _LIST_ELEMENTS.get(element_type, ())}:
+        return None
+    if codes:
+        flat = _fast_scalar(elements.text, codes, element_type, target.value_type)
+        if flat is None:
+            return None
+    else:
+        flat = pa.nulls(len(elements.kinds), target.value_type)
+    validity = pa.array(values.kinds == CODES[s.ARRAY])
+    offsets = pa.array(values.offsets.astype(np.int32))
+    return pa.ListArray.from_arrays(offsets, flat, type=target, mask=pc.invert(validity))
+
+
+# Element kinds pyarrow ingests unchanged in the exact path (`arrow._NATIVE`), hence the same values.
+_LIST_ELEMENTS = {
+    s.T_STRING: {CODES[s.STRING]},
+    s.T_INT32: {CODES[s.INT32]},
+    s.T_INT64: {CODES[s.INT32], CODES[s.INT64]},
+    s.T_DOUBLE: {CODES[s.DOUBLE]},
+    s.T_BOOL: {CODES[s.BOOL]},
+    s.T_TIMESTAMP: {CODES[s.DATE]},
+}
+
+
+def _arrow_type(type_name: str) -> pa.DataType:
+    from aries_assets.core.arrow import arrow_type
+
+    return arrow_type(type_name)

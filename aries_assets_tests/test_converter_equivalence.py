@@ -1,0 +1,282 @@
+"""The columnar converter against the exact one: same `_doc` bytes, columns, statistics and outliers."""
+
+from __future__ import annotations
+
+import datetime
+import random
+import uuid
+from collections import Counter
+from pathlib import Path
+
+import bson
+import pyarrow as pa
+import pytest
+from bson import (
+    Binary,
+    Code,
+    DBRef,
+    Decimal128,
+    Int64,
+    ObjectId,
+    Regex,
+    Timestamp,
+    json_util,
+)
+from bson.datetime_ms import DatetimeMS
+from bson.max_key import MaxKey
+from bson.min_key import MinKey
+
+from aries_assets.core import schema as s
+from aries_assets.core.arrow import CODEC_OPTIONS, BucketConverter, ColumnarBatch, id_key
+from aries_assets_tests.test_messy import messy_documents
+
+UTC = datetime.UTC
+DEFAULTS = s.SchemaOptions()
+SAMPLES = Path(__file__).parent.parent / "aries_assets" / "demo" / "data"
+
+
+def convert(documents: list[dict], options: s.SchemaOptions, batch: int, fast: bool, schema=None):
+    converter = BucketConverter(options, fast=fast)
+    raws = [bson.encode(d, codec_options=CODEC_OPTIONS) for d in documents]
+    for start in range(0, len(raws), batch):
+        converter.add(raws[start : start + batch])
+    columnar = sum(isinstance(b, ColumnarBatch) for b in converter._batches)
+    schema = schema or s.resolve_schema(converter.stats, None, options)
+    outliers: Counter = Counter()
+    tables = list(converter.tables(schema, outliers))
+    return converter.stats, pa.concat_tables(tables) if tables else None, outliers, columnar
+
+
+def assert_equivalent(documents, options=DEFAULTS, batch=1000, schema=None, expect_columnar=None):
+    exact_stats, exact, exact_outliers, _ = convert(documents, options, batch, fast=False, schema=schema)
+    schema = schema or s.resolve_schema(exact_stats, None, options)
+    stats, table, outliers, columnar = convert(documents, options, batch, fast=True, schema=schema)
+    assert stats.to_json() == exact_stats.to_json()
+    assert [(p, dict(f.kinds), dict(f.element_kinds)) for p, f in sorted(stats.fields.items())] == [
+        (p, dict(f.kinds), dict(f.element_kinds)) for p, f in sorted(exact_stats.fields.items())
+    ]
+    assert outliers == exact_outliers
+    assert table.schema == exact.schema
+    for name in exact.column_names:
+        assert comparable(table.column(name)) == comparable(exact.column(name)), name
+    if expect_columnar is not None:
+        assert (columnar > 0) == expect_columnar, f"{columnar} columnar batches"
+    return table, columnar
+
+
+def comparable(column: pa.ChunkedArray) -> list[str]:
+    """Values as repr: -0.0 is not 0.0, NaN equals NaN; timestamps as epoch ms (some are beyond datetime)."""
+    kind = column.type
+    if pa.types.is_timestamp(kind):
+        column = column.cast(pa.int64())
+    elif pa.types.is_list(kind) and pa.types.is_timestamp(kind.value_type):
+        column = column.cast(pa.list_(pa.int64()))
+    return list(map(repr, column.to_pylist()))
+
+
+def events(count: int, seed: int = 1) -> list[dict]:
+    rng = random.Random(seed)
+    apps = [ObjectId() for _ in range(5)]
+    return [
+        {
+            "_id": ObjectId(),
+            "app_id": rng.choice(apps),
+            "type": rng.choice(["page_view", "track", "identify", "error"]),
+            "at": datetime.datetime(2026, 1, 1, tzinfo=UTC) + datetime.timedelta(seconds=i, milliseconds=i),
+            "bytes": rng.randint(100, 5_000_000),
+            "amount": Decimal128(f"{rng.randint(0, 99999)}.{rng.randint(0, 99):02d}"),
+            "context": {"ip": f"10.0.{rng.randint(0, 255)}.1", "library": {"name": "a.js", "version": "4"}},
+            "tags": rng.sample(["a", "b", "c", "d", "e"], 2),
+        }
+        for i in range(count)
+    ]
+
+
+def test_events_take_the_columnar_path():
+    assert_equivalent(events(500), batch=100, expect_columnar=True)
+
+
+def test_sample_datasets():
+    for path in sorted(SAMPLES.glob("*.jsonl")):
+        documents = [json_util.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        for batch in (7, 1000):
+            assert_equivalent(documents, batch=batch)
+
+
+def test_messy_documents():
+    assert_equivalent(messy_documents(), batch=5)
+    assert_equivalent(messy_documents(), batch=1000)
+
+
+def scalar_cases() -> dict[str, list]:
+    """Values per field, each list one field's values down the batch (None: missing)."""
+    return {
+        "ints": [0, -(2**31), 2**31 - 1, 7, None, 3],
+        "longs": [Int64(-(2**63)), Int64(2**63 - 1), Int64(0), 5, Int64(1), None],
+        "doubles": [0.1, -0.0, float("nan"), float("inf"), float("-inf"), 1e300],
+        "tiny": [5e-324, 2.5, -1.5, 1e-7, 123456789.125, None],
+        "decimals": [Decimal128("1.50"), Decimal128("-0"), Decimal128("1E+3"), Decimal128("0.001"),
+                     Decimal128("12345678901234567890.12"), Decimal128("-7.0")],
+        "dec_special": [Decimal128("NaN"), Decimal128("Infinity"), Decimal128("-Infinity"),
+                        Decimal128("1.2E-10"), Decimal128("9999999999999999999999999999999999"), None],
+        "dates": [datetime.datetime(1969, 12, 31, 23, 59, 59, 999000, tzinfo=UTC),
+                  datetime.datetime(1, 1, 1, tzinfo=UTC), datetime.datetime(9999, 12, 31, tzinfo=UTC),
+                  DatetimeMS(253402300800007), DatetimeMS(-62135596800001), None],
+        "strings": ["", "\x00nul", "עברית RTL \u202e", "emoji 🎉", 'quote " back \\ slash', "x" * 3000],
+        "bools": [True, False, None, True, False, True],
+        "oids": [ObjectId("000000000000000000000000"), ObjectId("ffffffffffffffffffffffff"),
+                 ObjectId(), None, ObjectId(), ObjectId()],
+        "nulls": [None, None, None, None, None, None],
+        "int_arrays": [[1, 2, 3], [], [None, 4], [2**31 - 1], None, [0]],
+        "string_arrays": [["a"], [], ["", "🎉"], None, ["x", None], ["y"]],
+        "double_arrays": [[1.5, -0.0], [float("nan")], [], None, [2.25], [1e-300]],
+        "date_arrays": [[datetime.datetime(2020, 1, 1, tzinfo=UTC)], [], None, [], [], []],
+        "record": [{"a": 1, "b": "x"}, {"a": 2}, None, {"b": "y", "c": {"d": True}}, {"a": 3}, {"b": "z"}],
+    }  # fmt: skip
+
+
+def scalar_documents(with_nulls: bool) -> list[dict]:
+    cases = scalar_cases()
+    documents = []
+    for row in range(6):
+        doc = {"_id": row}
+        for name, values in cases.items():
+            value = values[row]
+            if value is not None:
+                doc[name] = value
+            elif with_nulls:
+                doc[name] = None
+        documents.append(doc)
+    return documents
+
+
+@pytest.mark.parametrize("with_nulls", [False, True])
+def test_every_scalar_kind_on_the_columnar_path(with_nulls):
+    # With nulls, a string holding a quote leaves null and missing fields apart only for the exact path.
+    table, columnar = assert_equivalent(scalar_documents(with_nulls), batch=6, expect_columnar=not with_nulls)
+    assert table.column("_id_key").to_pylist()[:2] == ['{"$numberInt": "0"}', '{"$numberInt": "1"}']
+
+
+def test_nulls_and_missing_fields_in_one_document():
+    documents = [
+        {"_id": 1, "a": None, "b": "x", "r": {"c": None, "d": 1}},
+        {"_id": 2, "b": None, "r": {"d": None}},
+        {"_id": 3, "a": "y", "r": None},
+        {"_id": 4, "r": {"c": "z"}},
+    ]
+    table, columnar = assert_equivalent(documents, batch=10, expect_columnar=True)
+    stats = convert(documents, s.SchemaOptions(), 10, fast=True)[0]
+    assert (stats.fields[("a",)].nulls, stats.fields[("b",)].nulls, stats.fields[("r",)].nulls) == (1, 1, 1)
+    assert (stats.fields[("r", "c")].nulls, stats.fields[("r", "d")].nulls) == (1, 1)
+
+
+def test_each_field_alone_and_in_pairs():
+    """Every case as its own batch, so one refused field does not hide another's result."""
+    for name, values in scalar_cases().items():
+        for with_nulls in (False, True):
+            documents = []
+            for row, value in enumerate(values):
+                if value is not None or with_nulls:
+                    documents.append({"_id": f"r{row}", name: value})
+                else:
+                    documents.append({"_id": f"r{row}"})
+            assert_equivalent(documents, batch=6)
+
+
+def test_overrides_and_outliers_convert_like_the_exact_path():
+    documents = scalar_documents(with_nulls=True)
+    documents[0]["ints"] = "not a number"
+    documents.append({"_id": 100, "decimals": Decimal128("0.12345"), "ints": Int64(2**40), "dates": "soon"})
+    overrides = {
+        "ints": "string", "longs": "double", "decimals": "decimal(10,2)", "doubles": "decimal",
+        "dates": "string", "oids": "json", "bools": "int32", "int_arrays": "json", "tiny": "decimal(38,3)",
+        "strings": "binary", "dec_special": "string", "record.a": "bool",
+    }  # fmt: skip
+    for options in (
+        s.SchemaOptions(overrides=overrides),
+        s.SchemaOptions(outlier_share=0.3),
+        s.SchemaOptions(max_depth=1),
+        s.SchemaOptions(infer=False),
+    ):
+        assert_equivalent(documents, options, batch=3)
+
+
+def test_append_evolution_variants():
+    before = [{"_id": i, "n": i, "tags": ["a"]} for i in range(20)]
+    after = before + [{"_id": 100 + i, "n": f"s{i}", "tags": [i]} for i in range(20)]
+    options = s.SchemaOptions(evolution="append")
+    first = s.resolve_schema(convert(before, options, 1000, fast=False)[0], None, options)
+    stats = convert(after, options, 1000, fast=False)[0]
+    schema = s.resolve_schema(stats, first, options)
+    assert len(schema.columns) > 2
+    assert_equivalent(after, options, batch=10, schema=schema)
+
+
+def every_bson_type() -> list[dict]:
+    return [
+        {"_id": 1, "regex": Regex("^a.*$", "imx"), "code": Code("f()"), "scope": Code("g(x)", {"x": 1}),
+         "ref": DBRef("coll", ObjectId(), "db"), "min": MinKey(), "max": MaxKey(), "ts": Timestamp(1, 2)},
+        {"_id": 2, **{f"bin{t}": Binary(b"\x00\x01\xff", t) for t in (0, 1, 2, 3, 5, 6, 7, 8, 128)},
+         "uuid": Binary(uuid.uuid4().bytes, 4), "uuid3": Binary(uuid.uuid4().bytes, 3), "raw": b"bytes"},
+        {"_id": 3, "": "empty key", "dotted.key": 1, "$dollar": 2, "🎉": 3, "deep": _deep(60),
+         "empty_doc": {}, "empty_list": [], "nested_lists": [[1, [2]], []], "mixed": [1, "a", None, {"x": 1}]},
+        {"_id": 4, "ts": datetime.datetime(2020, 1, 1, tzinfo=UTC), "regex": "text", "min": 5},
+        {"_id": "5", "code": None, "map": {"2024-01-01": 1, "2024-01-02": 2}},
+        {"_id": Int64(7), "map": {"2024-01-03": 3}, "a": {"b": {"c": {"d": {"e": {"f": 1}}}}}},
+        {"_id": "7", "a": {"b": {"c": {"d": {"e": {"f": "deeper"}}}}}},
+        {"_id": {"a": 1}, "x": 1},
+        {"_id": '{"a": 1}', "x": 2},
+    ]  # fmt: skip
+
+
+def _deep(levels: int):
+    value: object = "bottom"
+    for level in range(levels):
+        value = {f"l{level}": value}
+    return value
+
+
+def test_every_bson_type():
+    assert_equivalent(every_bson_type(), batch=1)
+    assert_equivalent(every_bson_type(), batch=100)
+
+
+def test_hostile_names_in_clean_batches():
+    names = ["with space", "dotted.name", 'double"quote', "single'quote", "Ünïcödé", "名前", "Name", "name",
+             "DROP TABLE x; --", "tab\tname", "a/b\\c", "emoji🎉", "2fa", "select"]  # fmt: skip
+    documents = [{"_id": ObjectId(), **{n: f"{n}-{i}" for n in names}, "n": i} for i in range(30)]
+    table, _ = assert_equivalent(documents, batch=7, expect_columnar=True)
+    assert "with_space" in table.column_names
+
+
+def test_a_large_document():
+    documents = events(5) + [{"_id": ObjectId(), "blob": "x" * (2 * 1024 * 1024), "type": "big"}]
+    assert_equivalent(documents, batch=10, expect_columnar=True)
+
+
+def test_exclusion_gives_the_same_result_on_both_paths():
+    documents = [
+        {"_id": i, "addresses": [{"ssn": "123-45-6789", "city": "Rome"}, [{"ssn": "x"}]], "ssn": "top"}
+        for i in range(10)
+    ]
+    options = s.SchemaOptions(exclude=("addresses.ssn", "ssn"))
+    table, _ = assert_equivalent(documents, options, batch=3)
+    assert not any("ssn" in d or "123-45" in d for d in table.column("_doc").to_pylist())
+
+
+def test_exact_batches_decoded_again_when_written(monkeypatch):
+    from aries_assets.core import arrow
+
+    documents = messy_documents()
+    kept = convert(documents, DEFAULTS, 5, fast=False)
+    monkeypatch.setattr(arrow, "KEEP_DECODED_BYTES", 0)
+    again = convert(documents, DEFAULTS, 5, fast=False, schema=s.resolve_schema(kept[0], None, DEFAULTS))
+    assert again[0].to_json() == kept[0].to_json() and again[2] == kept[2]
+    for name in kept[1].column_names:
+        assert comparable(again[1].column(name)) == comparable(kept[1].column(name)), name
+
+
+def test_id_key_is_json_util_canonical():
+    for value in [ObjectId(), "Zürich \"q\"", "", 0, -(2**31), 2**31 - 1, 2**31, -(2**31) - 1, Int64(5),
+                  2.5, {"a": 1}, [1], Decimal128("1.5"), datetime.datetime(2020, 1, 1, tzinfo=UTC), True]:  # fmt: skip
+        assert id_key(value) == json_util.dumps(value, json_options=json_util.CANONICAL_JSON_OPTIONS)
