@@ -272,7 +272,8 @@ def build_collection(
         description=(
             f"Parquet bucket files of `{coll.label}` under `{collection_prefix(coll.database, coll.collection)}/` "
             "in the lake, one per partition, rewritten whole when any document in the bucket changes. "
-            "Columns: `_id` (string), `_doc` (the whole document as canonical Extended JSON) and the "
+            "Columns: `_id` (string), `_id_key` (the exact `_id`), `_doc` (the whole document as canonical "
+            "Extended JSON) and the "
             "inferred columns of the collection schema. Materializing a bucket here rewrites it through "
             "the collection's sync (with any other dirty bucket)."
         ),
@@ -433,7 +434,13 @@ def build_warehouse_asset(
 def column_schema(schema: InferredSchema) -> dg.TableSchema:
     columns = [
         dg.TableColumn(
-            "_id", "string", "`_id` as text", dg.TableColumnConstraints(nullable=False, unique=True)
+            "_id", "string", "`_id` as text, friendly for joins", dg.TableColumnConstraints(nullable=False)
+        ),
+        dg.TableColumn(
+            "_id_key",
+            "string",
+            '`_id` as canonical Extended JSON: distinct for every distinct `_id` (5 and "5" differ)',
+            dg.TableColumnConstraints(nullable=False, unique=True),
         ),
         dg.TableColumn(
             "_doc",

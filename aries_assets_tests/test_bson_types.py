@@ -248,16 +248,6 @@ def _sync_one(client, mongo_uri, database, workdir, docs, bucket_size=1):
     return url
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "Distinct `_id`s with the same `_id` text collide in the warehouse: aries_assets/core/arrow.py "
-        "id_string renders int 5 and string '5' both as '5' (likewise an ObjectId and its hex string), "
-        "and loader.py Loader.replace_sql deletes 'any row whose _id is staged', so loading one bucket "
-        "deletes the other document's row. Reproduce: {_id: 5}, {_id: '5'} with bucket_size 1 and a "
-        "duckdb:// warehouse; after `aries sync` the table holds one of them."
-    ),
-)
 def test_ids_with_the_same_text_are_all_in_the_warehouse(client, mongo_uri, database, workdir):
     oid = ObjectId()
     docs = [{"_id": 5}, {"_id": "5"}, {"_id": oid}, {"_id": str(oid)}]

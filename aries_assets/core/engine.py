@@ -499,7 +499,7 @@ class _CollectionSync:
 
     def _report_load(self, loader: Loader, table: TableRef, result: LoadedBucket, data: Any) -> None:
         in_table = loader.bucket_ids(table, result.bucket)
-        in_file = data.column("_id").to_pylist()
+        in_file = data.column("_id_key").to_pylist()
         missing, extra = set(in_file) - set(in_table), set(in_table) - set(in_file)
         self.outcome.loaded += 1
         self.reporter.bucket_loaded(result, len(in_file), len(in_table), len(missing), len(extra))

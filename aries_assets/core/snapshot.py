@@ -6,7 +6,6 @@ Plain functions over a pymongo collection and a Lake; the Dagster layer and
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -17,13 +16,13 @@ import pyarrow.parquet as pq
 from bson import json_util
 
 from aries_assets.core import schema as s
-from aries_assets.core.arrow import BucketConverter, arrow_schema_of
+from aries_assets.core.arrow import BucketConverter, arrow_schema_of, options_fingerprint
 from aries_assets.core.buckets import BucketDocuments
 from aries_assets.core.extract import DEFAULT_BATCH_BYTES, SourceCollection
 from aries_assets.core.lake import Lake, bucket_file, collection_prefix, schema_file
 
 # Bumped when the file layout changes, so existing bucket files are rewritten.
-FORMAT_VERSION = "3"
+FORMAT_VERSION = "4"  # 4: `_id_key`, excluded paths removed through arrays
 _ROW_GROUP_BYTES = 64 * 1024 * 1024
 
 META_FORMAT = "aries.format_version"
@@ -176,22 +175,6 @@ def reconcile_schema(
         if wrong_type or missing:
             mismatched.append(key)
     return SchemaState(schema, changed, mismatched)
-
-
-def options_fingerprint(options: s.SchemaOptions) -> str:
-    """What a file's content depends on besides the documents: a changed option means rewrite."""
-    body = json.dumps(
-        {
-            "overrides": sorted(options.overrides.items()),
-            "exclude": sorted(options.exclude),
-            "max_depth": options.max_depth,
-            "max_columns": options.max_columns,
-            "outlier_share": options.outlier_share,
-            "evolution": options.evolution,
-            "infer": options.infer,
-        }
-    )
-    return hashlib.sha256(body.encode()).hexdigest()[:16]
 
 
 def without(total: s.TypeStats, part: s.TypeStats) -> s.TypeStats:
