@@ -77,10 +77,9 @@ def check_targets(config) -> None:
             text = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
             url = expand_url(config.warehouse_url, "warehouse.url")
             text = scrub(text, url_password(url))
-            raise TargetUnreachable(
-                f"cannot reach the warehouse at {redact_uri(url)}: {text}; check warehouse.url and that the "
-                "server is running"
-            ) from None
+            if "the warehouse at" not in text:  # the loader's own errors already name it
+                text = f"cannot reach the warehouse at {redact_uri(url)}: {text}"
+            raise TargetUnreachable(f"{text}; check warehouse.url and that the server is running") from None
 
 
 def _progress(message: str) -> None:

@@ -197,7 +197,7 @@ def test_a_postgres_password_with_url_characters_connects(postgres_role, monkeyp
     monkeypatch.setenv("PGPASS", NASTY)
     loader = WarehouseResource(url=template).loader()
     schema = s.InferredSchema(version=1)
-    data = pa.table({"_id": ["1"], "_doc": ['{"_id": "1"}']})
+    data = pa.table({"_id": ["1"], "_id_key": ['"1"'], "_doc": ['{"_id": "1"}']})
     assert loader.replace_bucket(TableRef("app", "t"), schema, "rebuild", "b", "d", data, "").rows == 1
 
 
@@ -258,7 +258,7 @@ def test_no_password_in_messages_or_the_instance_when_postgres_is_unreachable(
     url = f"postgresql://aries:${{PGPASS}}@127.0.0.1:{free_port()}/warehouse"
     write_config(workdir, mongo_uri, database, warehouse={"url": url})
     code, out, err = run_cli("sync", "--workers", "1")
-    assert code == 1
+    assert code == 2  # refused before anything is written
     assert "cannot connect to the warehouse at postgresql://aries:***@127.0.0.1:" in out + err
     assert_no_canary(out, err, all_text_under(workdir))
 

@@ -65,7 +65,12 @@ def string_schema(*names: str) -> s.InferredSchema:
 
 def apps() -> pa.Table:
     return pa.table(
-        {"_id": ["a1", "a2"], "_doc": ['{"_id": "a1"}', '{"_id": "a2"}'], "name": ["alpha", "beta"]}
+        {
+            "_id": ["a1", "a2"],
+            "_id_key": ['"a1"', '"a2"'],
+            "_doc": ['{"_id": "a1"}', '{"_id": "a2"}'],
+            "name": ["alpha", "beta"],
+        }
     )
 
 
@@ -74,6 +79,7 @@ def events(bucket: int) -> pa.Table:
     return pa.table(
         {
             "_id": ids,
+            "_id_key": [f'"{i}"' for i in ids],
             "_doc": [f'{{"_id": "{i}"}}' for i in ids],
             "app_id": ["a1" if i % 5 else "a2" for i in range(ROWS_PER_BUCKET)],
         }

@@ -116,7 +116,7 @@ def test_no_password_is_stored_or_printed_anywhere(
     run("sync", "--workers", "1", expect=2)
     configure(pg=f"postgresql://{user}:{PG_PASSWORD}@/{database}?host=/nonexistent-socket-dir")
     coll.update_one({"_id": 5}, {"$set": {"name": "pg down"}})
-    run("sync", "--workers", "1", expect=1)
+    run("sync", "--workers", "1", expect=2)  # refused before anything is written
     configure(lake_url="s3://no-such-bucket/lake")
     run("sync", "--workers", "1", expect=None)
     run("status", "--json", expect=None)
@@ -133,7 +133,7 @@ def test_no_password_is_stored_or_printed_anywhere(
     found += _found(dump_tables(good_pg.replace("${ARIES_PG_PASSWORD}", PG_PASSWORD)), "the warehouse tables")
     with dg.DagsterInstance.get() as instance:
         runs = instance.get_runs()
-        assert len(runs) >= 4
+        assert len(runs) >= 3  # the failing syncs are refused before any run starts
         for record in runs:
             found += _found(repr(record.run_config) + repr(record.tags), f"run {record.run_id} config")
             for entry in instance.all_logs(record.run_id):

@@ -81,7 +81,7 @@ def test_sync_records_partitions_and_materializations(client, samples, workdir):
         metadata = event.asset_materialization.metadata
         assert metadata["dagster/row_count"].value <= BUCKET_SIZE
         column_names = [c.name for c in metadata["dagster/column_schema"].schema.columns]
-        assert column_names[:2] == ["_id", "_doc"]
+        assert column_names[:3] == ["_id", "_id_key", "_doc"]
 
 
 def test_second_sync_rewrites_nothing_and_changes_rewrite_only_their_bucket(

@@ -40,6 +40,7 @@ def bucket_rows(bucket: int, rows: int, gen: int) -> pa.Table:
     return pa.table(
         {
             "_id": ids,
+            "_id_key": [f'"{_id}"' for _id in ids],
             "_doc": [f'{{"_id": "{_id}", "v": {v}}}' for _id, v in zip(ids, values, strict=True)],
             "gen": pa.array([gen] * rows, pa.int32()),
             "v": pa.array(
@@ -234,6 +235,13 @@ def test_a_value_the_warehouse_refuses_names_table_and_bucket(postgres_url):
     schema = s.InferredSchema(
         version=1, columns=[s.ColumnSpec(("t",), "t", s.T_TIMESTAMP, s.accepted_kinds(s.T_TIMESTAMP))]
     )
-    beyond = pa.table({"_id": ["1"], "_doc": ["{}"], "t": pa.array([10**16], pa.timestamp("ms", tz="UTC"))})
+    beyond = pa.table(
+        {
+            "_id": ["1"],
+            "_id_key": ['"1"'],
+            "_doc": ["{}"],
+            "t": pa.array([10**16], pa.timestamp("ms", tz="UTC")),
+        }
+    )
     with pytest.raises(WarehouseError, match=r"app\.events bucket b0: .*out of range"):
         open_loader(postgres_url).replace_bucket(TABLE, schema, "rebuild", "b0", "d", beyond, "")

@@ -129,6 +129,7 @@ def typed_schema() -> s.InferredSchema:
 def typed_data() -> pa.Table:
     arrays = {
         "_id": pa.array([str(i) for i in range(ROWS)]),
+        "_id_key": pa.array([f'{{"$numberInt": "{i}"}}' for i in range(ROWS)]),
         "_doc": pa.array([f'{{"n": {i}}}' for i in range(ROWS)]),
     }
     for name, (type_name, values) in COLUMNS.items():
@@ -239,7 +240,12 @@ def test_postgres_names_the_nul_character_it_cannot_store(postgres_url):
         version=1, columns=[s.ColumnSpec(("txt",), "txt", s.T_STRING, s.accepted_kinds(s.T_STRING))]
     )
     data = pa.table(
-        {"_id": ["ok", "bad"], "_doc": ['{"txt": "a"}', '{"txt": "a\\u0000b"}'], "txt": ["a", "a\x00b"]}
+        {
+            "_id": ["ok", "bad"],
+            "_id_key": ['"ok"', '"bad"'],
+            "_doc": ['{"txt": "a"}', '{"txt": "a\\u0000b"}'],
+            "txt": ["a", "a\x00b"],
+        }
     )
     with pytest.raises(WarehouseError) as error:
         loader.replace_bucket(TABLE, schema, "rebuild", "b1", "d", data, "")
@@ -255,7 +261,9 @@ def test_postgres_names_the_nul_character_it_cannot_store(postgres_url):
         loader.replace_bucket(TABLE, no_columns, "rebuild", "b1", "d", only_doc, "")
 
     # An escaped backslash before "u0000" is text, not a NUL: it loads.
-    fine = pa.table({"_id": ["x"], "_doc": ['{"txt": "a\\\\u0000"}'], "txt": ["a\\u0000"]})
+    fine = pa.table(
+        {"_id": ["x"], "_id_key": ['"x"'], "_doc": ['{"txt": "a\\\\u0000"}'], "txt": ["a\\u0000"]}
+    )
     assert loader.replace_bucket(TABLE, schema, "rebuild", "b1", "d", fine, "").rows == 1
 
 
