@@ -113,3 +113,29 @@ def test_a_collection_with_a_locale_collation_is_refused_with_one_clear_line(
     assert code == 1
     assert f"{database}.names" in out and "collation is 'en'" in out
     assert not list((workdir / "lake").rglob("*.parquet")), "nothing is written"
+
+
+def test_a_file_schema_is_compared_with_the_collection_schema_by_columns_not_version():
+    """Two writers can each produce a different version N+1: the warehouse step must keep every
+    column of the collection schema, and add the file's own, whatever the version numbers say."""
+    from aries_assets.core import schema as s
+    from aries_assets.core import snapshot
+
+    def column(name: str, type_name: str) -> s.ColumnSpec:
+        return s.ColumnSpec((name,), name, type_name, s.accepted_kinds(type_name))
+
+    collection = s.InferredSchema(version=3, columns=[column("a", s.T_INT32), column("b", s.T_STRING)])
+    older_number = snapshot.BucketFile(
+        key="first",
+        format_version=snapshot.FORMAT_VERSION,
+        digest="x",
+        schema_version=2,  # an older number, but a column the collection schema lacks
+        columns={"a": s.T_INT32, "c": s.T_DOUBLE},
+        stats=s.TypeStats(),
+    )
+    widened = snapshot.file_schema(collection, older_number)
+    assert {c.name: c.type for c in widened.columns} == {"a": s.T_INT32, "b": s.T_STRING, "c": s.T_DOUBLE}
+    same_columns = snapshot.BucketFile(
+        "first", snapshot.FORMAT_VERSION, "x", 9, {"a": s.T_INT32}, s.TypeStats()
+    )
+    assert snapshot.file_schema(collection, same_columns) is collection
