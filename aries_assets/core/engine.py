@@ -91,28 +91,6 @@ class Reporter(Protocol):
     def keep_lingering(self) -> bool: ...
 
 
-class QuietReporter:
-    def message(self, text: str) -> None:
-        pass
-
-    def progress(self, documents: int, nbytes: int, total: int | None) -> None:
-        pass
-
-    def bucket_written(self, written: snapshot.WrittenBucket, bucket_range: str) -> None:
-        pass
-
-    def bucket_loaded(
-        self, loaded: LoadedBucket, in_file: int, in_table: int, missing: int, extra: int
-    ) -> None:
-        pass
-
-    def buckets_added(self, keys: list[str]) -> None:
-        pass
-
-    def keep_lingering(self) -> bool:
-        return True
-
-
 @dataclass
 class SyncOutcome:
     label: str

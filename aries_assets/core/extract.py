@@ -91,21 +91,6 @@ def scan_ids(source: SourceCollection, collection: Collection) -> Iterator[tuple
             yield raw_id(raw), b""
 
 
-def scan_bucket_ids(source: SourceCollection, collection: Collection, bucket: Bucket) -> Iterator[Any]:
-    """The `_id`s of one bucket's range, in BSON order."""
-    cursor = _range_cursor(collection, source.query, bucket.lower, bucket.upper, projection={"_id": 1})
-    for batch in cursor:
-        for raw in split_raw_batch(batch):
-            yield raw_id(raw)
-
-
-def scan_documents(source: SourceCollection, collection: Collection) -> Iterator[tuple[Any, bytes]]:
-    """Every matching document as (`_id`, raw BSON), in BSON `_id` order."""
-    for batch in _range_cursor(collection, source.query, MinKey(), MaxKey()):
-        for raw in split_raw_batch(batch):
-            yield raw_id(raw), raw
-
-
 def read_bucket(
     source: SourceCollection,
     collection: Collection,

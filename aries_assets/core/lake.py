@@ -23,8 +23,6 @@ from urllib.parse import urlsplit
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from aries_assets.core.buckets import BucketMap
-
 _SAFE_SEGMENT = re.compile(r"[^A-Za-z0-9_.=-]+")
 STATE_DIR = "_aries"  # Athena and Hive skip paths starting with "_"
 
@@ -286,15 +284,6 @@ class S3Lake:
 
 def schema_file(database: str, collection: str) -> str:
     return f"{collection_prefix(database, collection)}/{STATE_DIR}/schema.json"
-
-
-def load_bucket_map(lake: Lake, database: str, collection: str) -> BucketMap | None:
-    text = lake.read_text(bucket_map_file(database, collection))
-    return BucketMap.from_json(text) if text else None
-
-
-def save_bucket_map(lake: Lake, database: str, collection: str, bucket_map: BucketMap) -> None:
-    lake.write_text(bucket_map_file(database, collection), bucket_map.to_json())
 
 
 @dataclass(frozen=True)
