@@ -8,6 +8,8 @@ one bucket at a time from the UI; they go through the same engine.
 """
 
 import datetime
+import queue
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -96,6 +98,7 @@ def run_sync(
 ) -> engine.SyncOutcome:
     """The engine, run inside a Dagster step, its progress turned into Dagster events."""
     client = mongo.client()
+    reporter = reporter or DagsterReporter(context, coll)
     try:
         targets = engine.Targets(
             lake.open(),
@@ -114,7 +117,7 @@ def run_sync(
             client,
             targets,
             settings,
-            reporter or DagsterReporter(context, coll),
+            reporter,
             holder=f"run {context.run_id[:8]}",
             run_id=context.run_id,
             keys=(keys or []) + list(config.buckets) or None,
@@ -122,6 +125,45 @@ def run_sync(
         )
     finally:
         client.close()
+        reporter.close()
+
+
+class _EventLog:
+    """Dagster events written by a thread of their own, in order.
+
+    Each event is a write to the instance's storage (on SQLite a connection and a commit):
+    written inline, a first load's hundreds of events would hold up the read. `close`
+    waits until every event is stored, so the run ends with all of them recorded.
+    """
+
+    def __init__(self, context: dg.OpExecutionContext) -> None:
+        self.context = context
+        self._queue: queue.Queue = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def log(self, event: Any) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._write, name="aries dagster events", daemon=True)
+            self._thread.start()
+        self._queue.put(event)
+
+    def _write(self) -> None:
+        while (event := self._queue.get()) is not None:
+            if self._error is None:
+                try:
+                    self.context.log_event(event)
+                except BaseException as error:  # raised by close, in the run's own thread
+                    self._error = error
+
+    def close(self) -> None:
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
 
 
 class DagsterReporter:
@@ -137,6 +179,11 @@ class DagsterReporter:
         self.own_written: snapshot.WrittenBucket | None = None
         self.own_loaded: tuple | None = None
         self._checked_queue = 0.0
+        self._events = _EventLog(context)
+
+    def close(self) -> None:
+        """Every event recorded; called when the engine is done."""
+        self._events.close()
 
     def message(self, text: str) -> None:
         self.context.log.info(text)
@@ -157,11 +204,11 @@ class DagsterReporter:
         if self._is_own(key, written.key):
             self.own_written = written
             return
-        self.context.log_event(
+        self._events.log(
             dg.AssetMaterialization(key, partition=written.key, metadata=materialization_metadata(written))
         )
         for check in (conformance_check(written), drift_check(written), coverage_check(written)):
-            self.context.log_event(
+            self._events.log(
                 dg.AssetCheckEvaluation(
                     asset_key=key,
                     check_name=check.check_name,
@@ -179,7 +226,7 @@ class DagsterReporter:
         if self._is_own(key, loaded.bucket):
             self.own_loaded = (loaded, in_file, in_table, missing, extra)
             return
-        self.context.log_event(
+        self._events.log(
             dg.AssetMaterialization(
                 key,
                 partition=loaded.bucket,
@@ -201,7 +248,7 @@ class DagsterReporter:
             ("document_size", True, {"oversize_documents": 0}),
         ]
         for name, passed, metadata in checks:
-            self.context.log_event(
+            self._events.log(
                 dg.AssetCheckEvaluation(
                     asset_key=key, check_name=name, passed=passed, metadata=metadata, partition=loaded.bucket
                 )

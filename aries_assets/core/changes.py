@@ -89,6 +89,29 @@ def majority_time(client: MongoClient, source: SourceCollection) -> Timestamp:
         return session.operation_time
 
 
+def stream_start(client: MongoClient, lake: Lake, source: SourceCollection) -> Timestamp:
+    """Where a first load starts: the collection's own stream is marked first, then the cluster time.
+
+    The run that loads catches up from the saved resume token: every change after
+    the mark is in the stream, and every change before the returned time is in the
+    load's causal read. (Resuming after a token is an index lookup on every server;
+    starting at a time is a scan of the oplog on some.)
+    """
+    scope = collection_scope(source)
+    with scope.watch_target(client).watch(scope.pipeline(), max_await_time_ms=1) as stream:
+        stream.try_next()
+        token = stream.resume_token
+    start = majority_time(client, source)
+    if token is not None:
+        save_scope_token(lake, scope, token, {source.label})
+    return start
+
+
+def collection_scope(source: SourceCollection) -> StreamScope:
+    """The stream of one collection: a run catching up on its own changes reads it."""
+    return StreamScope(source.label, "collection", (source,))
+
+
 def oplog_start(client: MongoClient) -> Timestamp | None:
     """The oldest cluster time still in the oplog, where the user may read it (None otherwise).
 

@@ -34,7 +34,7 @@ from pymongo import MongoClient
 from aries_assets.core import catalog, snapshot
 from aries_assets.core import schema as s
 from aries_assets.core.buckets import BucketCutter, BucketDocuments, BucketMap
-from aries_assets.core.changes import StreamScope, majority_time, record_changes
+from aries_assets.core.changes import collection_scope, majority_time, record_changes, stream_start
 from aries_assets.core.extract import SourceCollection, check_collation, check_exists, range_documents
 from aries_assets.core.lake import Lake, LakeSpec, bucket_file, collection_prefix, remove_temporary_files
 from aries_assets.core.ledger import DirtyBucket, Lease, Ledger, LedgerStore, now_iso
@@ -168,11 +168,10 @@ def sync_collection(
             else:
                 idle_rounds += 1
             # Catch up on the collection's own changes: those during this round, or a first load.
-            scope = StreamScope(source.label, "collection", (source,))
             record_changes(
                 client,
                 targets.lake,
-                scope,
+                collection_scope(source),
                 idle_persist_seconds=0 if idle_rounds <= 1 else 10,
                 check_oplog=not sync.loaded_first,  # a first load's start was recorded moments ago
             )
@@ -257,7 +256,7 @@ class _CollectionSync:
         self.outcome.rounds += 1
         if first_load:
             mode = "first load"
-            start = majority_time(self.client, self.source)
+            start = stream_start(self.client, self.lake, self.source)
             # Changes from here on are caught up from the stream once the bucket map exists.
             self.store.update(lambda led: led.advance(start) if led.position is None else None)
             bucket_map = BucketMap(self.spec.bucket_size, [MinKey()])
@@ -558,6 +557,20 @@ def _worker_write(job: _WriteJob) -> snapshot.WrittenBucket:
     return job.run(_WORKER_LAKE)
 
 
+def _writer_context() -> multiprocessing.context.BaseContext:
+    """Writers forked from a server that imported the writing code once, not Dagster and the CLI.
+
+    A spawned writer re-imports the program that started it (Dagster included): seconds of
+    CPU per writer, taken from the read. The fork server is started once per process and
+    holds no thread or connection of ours, so forking it is safe.
+    """
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([__name__])
+    return context
+
+
 class _Writers:
     """Bucket writes, in this process or in up to `workers` processes, at most `workers` in flight.
 
@@ -584,7 +597,7 @@ class _Writers:
         if self._pool is None:
             self._pool = concurrent.futures.ProcessPoolExecutor(
                 max_workers=self.workers,
-                mp_context=multiprocessing.get_context("spawn"),
+                mp_context=_writer_context(),
                 initializer=_worker_start,
                 initargs=(self.lake_spec,),
             )
