@@ -8,7 +8,7 @@ from dagster_aws.s3 import S3Resource
 
 from aries_assets.config import AriesConfig, load_config
 from aries_assets.core.changes import scopes_of
-from aries_assets.factory import build_collection, source_of
+from aries_assets.factory import build_collection, build_serve_job, source_of
 from aries_assets.resources import LakeResource, MongoResource, WarehouseResource
 from aries_assets.sensors import build_change_sensor
 
@@ -33,17 +33,19 @@ def build_definitions(config: AriesConfig) -> dg.Definitions:
         warehouse_kind = resources["warehouse"].kind
     built = {c.label: build_collection(c, lake_kind, warehouse_kind, config.sync) for c in config.collections}
     by_label = {c.label: c for c in config.collections}
-    sensors = []
+    sensors, serve_jobs = [], []
     for scope in scopes_of([source_of(c) for c in config.collections], config.sync.change_streams):
         members = [by_label[m.label] for m in scope.members]
-        jobs = [built[c.label].job for c in members]
+        serve = build_serve_job(scope, members, config.sync, warehouse_kind is not None)
+        serve_jobs.append(serve)
+        jobs = [built[c.label].job for c in members] + [serve]
         sensors.append(build_change_sensor(scope, members, jobs, config.sync.lease_seconds))
     collections = list(built.values())
     return dg.Definitions(
         assets=[c.mongo for c in collections]
         + [c.lake for c in collections]
         + [c.warehouse for c in collections if c.warehouse],
-        jobs=[c.job for c in collections],
+        jobs=[c.job for c in collections] + serve_jobs,
         sensors=sensors,
         resources=resources,
     )

@@ -7,6 +7,8 @@ history show exactly what changed. The partitioned assets stay materializable
 one bucket at a time from the UI; they go through the same engine.
 """
 
+import contextlib
+import dataclasses
 import datetime
 import queue
 import threading
@@ -19,8 +21,10 @@ import dagster as dg
 from aries_assets import terminal
 from aries_assets.config import CollectionConfig, SyncOptions, dagster_name
 from aries_assets.core import engine, snapshot
+from aries_assets.core.changes import StreamScope, waiting_collections
 from aries_assets.core.extract import SourceCollection
 from aries_assets.core.lake import collection_prefix
+from aries_assets.core.ledger import RunHeartbeat
 from aries_assets.core.schema import InferredSchema
 from aries_assets.core.warehouse import TableRef
 from aries_assets.core.warehouse.loader import LoadedBucket
@@ -85,6 +89,34 @@ class SyncRunConfig(dg.Config):
     workers: int = 0  # parallel bucket writers; 0: the config's sync.workers
 
 
+def _client(mongo: MongoResource, lake: LakeResource, collections: list[CollectionConfig]):
+    try:
+        return mongo.client()
+    except Exception as error:
+        for coll in collections:
+            with contextlib.suppress(Exception):
+                engine.note_failure(lake.open(), source_of(coll), error)
+        raise
+
+
+def _targets(lake: LakeResource, warehouse: WarehouseResource | None) -> engine.Targets:
+    return engine.Targets(
+        lake.open(),
+        lake.spec(),
+        warehouse.loader() if warehouse is not None else None,
+        lake.glue() if lake.kind == "s3" else None,
+    )
+
+
+def _settings(options: SyncOptions, workers: int, linger_seconds: float) -> engine.SyncSettings:
+    return engine.SyncSettings(
+        workers=workers or options.workers,
+        lease_seconds=options.lease_seconds,
+        lease_wait_seconds=2 * options.lease_seconds,
+        linger_seconds=options.linger_seconds if linger_seconds < 0 else linger_seconds,
+    )
+
+
 def run_sync(
     context: dg.OpExecutionContext,
     coll: CollectionConfig,
@@ -97,26 +129,14 @@ def run_sync(
     reporter: "DagsterReporter | None" = None,
 ) -> engine.SyncOutcome:
     """The engine, run inside a Dagster step, its progress turned into Dagster events."""
-    client = mongo.client()
+    client = _client(mongo, lake, [coll])
     reporter = reporter or DagsterReporter(context, coll)
     try:
-        targets = engine.Targets(
-            lake.open(),
-            lake.spec(),
-            warehouse.loader() if warehouse is not None else None,
-            lake.glue() if lake.kind == "s3" else None,
-        )
-        settings = engine.SyncSettings(
-            workers=config.workers or options.workers,
-            lease_seconds=options.lease_seconds,
-            lease_wait_seconds=2 * options.lease_seconds,
-            linger_seconds=options.linger_seconds if config.linger_seconds < 0 else config.linger_seconds,
-        )
         return engine.sync_collection(
             spec_of(coll, warehouse is not None),
             client,
-            targets,
-            settings,
+            _targets(lake, warehouse),
+            _settings(options, config.workers, config.linger_seconds),
             reporter,
             holder=f"run {context.run_id[:8]}",
             run_id=context.run_id,
@@ -126,6 +146,133 @@ def run_sync(
     finally:
         client.close()
         reporter.close()
+
+
+class ServeRunConfig(dg.Config):
+    """Options of a run serving several collections of one change stream."""
+
+    collections: list[str] = []  # collection names (`<db>__<coll>`); empty: all of the stream's
+    linger_seconds: float = -1.0  # keep serving this long after the last change; -1: sync.linger_seconds
+
+
+def serve_collections(
+    context: dg.OpExecutionContext,
+    scope: StreamScope,
+    collections: list[CollectionConfig],
+    options: SyncOptions,
+    config: ServeRunConfig,
+    mongo: MongoResource,
+    lake: LakeResource,
+    warehouse: WarehouseResource | None,
+) -> dict[str, Any]:
+    """Sync each chosen collection that has work, in turn, each under its own lease, until quiet."""
+    chosen = [c for c in collections if not config.collections or c.name in config.collections]
+    unknown = set(config.collections) - {c.name for c in collections}
+    if unknown:
+        raise dg.Failure(f"no collection {sorted(unknown)[0]!r} in this change stream's config")
+    by_label = {c.label: c for c in chosen}
+    client = _client(mongo, lake, chosen)
+    try:
+        targets = _targets(lake, warehouse)
+        settings = _settings(options, 0, config.linger_seconds)
+        # Each collection once per pass: no lingering, no waiting for a lease, no stream reading
+        # (the sensor records the changes; this run follows its ledgers).
+        one_pass = dataclasses.replace(settings, linger_seconds=0, lease_wait_seconds=0, catch_up=False)
+        lingering = DagsterReporter(context, chosen[0]) if chosen else None
+        # Tells the sensor this run is alive while it holds no collection's lease.
+        heartbeat = RunHeartbeat(
+            targets.lake, context.run_id, f"run {context.run_id[:8]}", options.lease_seconds
+        )
+        heartbeat.acquire(0)
+
+        def sync_one(spec: engine.CollectionSpec) -> engine.SyncOutcome:
+            reporter = DagsterReporter(context, by_label[spec.source.label])
+            try:
+                return engine.sync_collection(
+                    spec, client, targets, one_pass, reporter, f"run {context.run_id[:8]}", context.run_id
+                )
+            finally:
+                reporter.close()
+
+        try:
+            results = engine.serve_collections(
+                [spec_of(c, warehouse is not None) for c in chosen],
+                targets.lake,
+                sync_one,
+                settings,
+                lingering.keep_lingering if lingering else lambda: False,
+                lambda: waiting_collections(targets.lake, scope),
+            )
+        finally:
+            heartbeat.release()
+    finally:
+        client.close()
+    failed = {label: r for label, r in results.items() if isinstance(r, Exception)}
+    for label, error in failed.items():
+        context.log.error(f"{label}: {type(error).__name__}: {error}")
+    if failed:
+        raise dg.Failure(
+            f"{len(failed)} of {len(chosen)} collections failed: "
+            + "; ".join(f"{label}: {type(e).__name__}: {e}" for label, e in failed.items())[:2000]
+            + ". Their buckets stay in the ledger; the sensor asks again after a backoff."
+        )
+    outcomes = [r for r in results.values() if isinstance(r, engine.SyncOutcome)]
+    return {
+        "collections_synced": len(outcomes),
+        "buckets_written": sum(o.written for o in outcomes),
+        "buckets_loaded": sum(o.loaded for o in outcomes),
+        "documents_read": sum(o.documents_read for o in outcomes),
+    }
+
+
+def serve_job_name(scope_name: str) -> str:
+    return "serve__" + dagster_name(scope_name)
+
+
+def serve_op_name(scope_name: str) -> str:
+    return "serve_" + dagster_name(scope_name)
+
+
+def build_serve_job(
+    scope: StreamScope, collections: list[CollectionConfig], options: SyncOptions, with_table: bool
+) -> dg.JobDefinition:
+    """A job serving many of one stream's collections in one run: one run start for all of them."""
+    scope_name = scope.name
+    description = (
+        f"Bring the collections of change stream `{scope_name}` up to date (all of them, or those named in "
+        "the run config), `sync.workers` at a time, each under its own lease as its own sync job would, and "
+        "keep following their ledgers until they have been quiet for sync.linger_seconds. The sensor "
+        "requests it whenever changes wait: one run start serves every collection of the stream."
+    )
+    name = serve_job_name(scope_name)
+    tags = {"aries/scope": scope_name}
+    if with_table:
+
+        @dg.op(name=serve_op_name(scope_name), description=description)
+        def serve_op(
+            context: dg.OpExecutionContext,
+            config: ServeRunConfig,
+            mongo: MongoResource,
+            lake: LakeResource,
+            warehouse: WarehouseResource,
+        ) -> dg.Output:
+            summary = serve_collections(context, scope, collections, options, config, mongo, lake, warehouse)
+            return dg.Output(summary, metadata=summary)
+
+    else:
+
+        @dg.op(name=serve_op_name(scope_name), description=description)
+        def serve_op(
+            context: dg.OpExecutionContext, config: ServeRunConfig, mongo: MongoResource, lake: LakeResource
+        ) -> dg.Output:
+            summary = serve_collections(context, scope, collections, options, config, mongo, lake, None)
+            return dg.Output(summary, metadata=summary)
+
+    @dg.job(name=name, description=description, tags=tags, executor_def=dg.in_process_executor)
+    def serve_job():
+        serve_op()
+
+    return serve_job
 
 
 class _EventLog:

@@ -10,6 +10,7 @@ a footer or the warehouse happens in the run.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import time
@@ -19,22 +20,20 @@ import dagster as dg
 
 from aries_assets.config import CollectionConfig
 from aries_assets.core.changes import StreamScope, record_changes
-from aries_assets.core.ledger import Lease
-from aries_assets.factory import job_name, mongo_key
+from aries_assets.core.ledger import Lease, LedgerStore, RunHeartbeat, now_iso
+from aries_assets.factory import job_name, mongo_key, serve_job_name
 from aries_assets.resources import LakeResource, MongoResource
 
 SENSOR_INTERVAL = 2  # seconds between ticks; a quiet tick is one short change-stream read
 MAX_SECONDS = 3.0  # stream reading per tick, well under Dagster's 60 s limit
 MAX_EVENTS = 20_000
 OBSERVE_EVERY = 60.0  # seconds between lag observations of a quiet collection
-BACKOFF_SECONDS = (5, 15, 30, 60, 120, 300)  # after 1, 2, ... consecutive failed runs
 ACTIVE = [
     dg.DagsterRunStatus.QUEUED,
     dg.DagsterRunStatus.NOT_STARTED,
     dg.DagsterRunStatus.STARTING,
     dg.DagsterRunStatus.STARTED,
 ]
-FAILED = {dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED}
 
 
 def sensor_name(scope: StreamScope) -> str:
@@ -87,57 +86,36 @@ def evaluate(
             f"{scope.name}: {changes.history_lost}; the collections are re-read by their runs"
         )
 
-    records = context.instance.get_run_records(
-        filters=dg.RunsFilter(tags={"aries/scope": scope.name}), limit=20 * len(collections) + 50
-    )
-    by_collection: dict[str, list[dg.RunRecord]] = {}
-    for record in records:  # newest first
-        by_collection.setdefault(record.dagster_run.tags.get("aries/collection", ""), []).append(record)
-
     now = time.time()
-    requests, observations = [], []
+    by_name = {c.name: c for c in collections}
+    active = context.instance.get_run_records(
+        filters=dg.RunsFilter(tags={"aries/scope": scope.name}, statuses=ACTIVE), limit=len(collections) + 50
+    )
+    covered: set[str] = set()  # collections an active run is serving
+    for record in active:
+        names = _served_by(record.dagster_run, by_name)
+        if not _repair_dead_run(context, record, store, [by_name[n] for n in names], lease_seconds, now):
+            covered |= names
+
+    own, shared, observations = [], [], []
     for coll in collections:
         ledger = recorded[coll.label].ledger
-        runs = by_collection.get(coll.name, [])
-        active = [r for r in runs if r.dagster_run.status in ACTIVE]
-        active = [r for r in active if not _repair_dead_run(context, r, store, coll, lease_seconds, now)]
         why = ledger.needs_work()
-        if why and not active:
-            wait = _backoff(runs, now)
+        if why and coll.name not in covered:
+            wait = ledger.retry_wait(now)
             if wait > 0:
-                context.log.info(f"{coll.label}: {why}; last runs failed, next try in {wait:.0f}s")
+                context.log.info(f"{coll.label}: {why}; the last runs failed, next try in {wait:.0f}s")
+            elif not ledger.loaded or ledger.reread:
+                own.append((coll, why))  # a whole-collection read: a run of its own
             else:
-                requests.append(
-                    dg.RunRequest(
-                        run_key=f"{coll.name}:{uuid.uuid4().hex[:12]}",
-                        job_name=job_name(coll),
-                        tags={
-                            "aries/collection": coll.name,
-                            "aries/scope": scope.name,
-                            "aries/trigger": "change stream",
-                            "aries/reason": why[:200],
-                        },
-                    )
-                )
+                shared.append((coll, why))
         seen = recorded[coll.label]
         if seen.events or now - observed.get(coll.name, 0) >= OBSERVE_EVERY:
             observed[coll.name] = now
-            observations.append(
-                dg.AssetObservation(
-                    mongo_key(coll),
-                    metadata={
-                        "replication_lag_seconds": seen.lag_seconds,
-                        "change_events": seen.events,
-                        "dirty_buckets": len(ledger.dirty),
-                        "waiting_for": why or "nothing: in step",
-                        "stream_position": ledger.position.as_datetime().isoformat()
-                        if ledger.position
-                        else "none",
-                        "last_run": dg.MetadataValue.json(ledger.last_run or {}),
-                        "observed_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-                    },
-                )
-            )
+            observations.append(_observation(coll, ledger, seen, why))
+    requests = [_collection_request(scope, coll, why) for coll, why in own]
+    if shared:
+        requests.append(_serve_request(scope, [coll for coll, _ in shared]))
     return dg.SensorResult(
         run_requests=requests,
         cursor=json.dumps({"observed": observed}),
@@ -145,40 +123,94 @@ def evaluate(
     )
 
 
-def _backoff(runs: list[dg.RunRecord], now: float) -> float:
-    """Seconds to wait before another try: longer after each consecutive failure."""
-    failures = 0
-    for record in runs:
-        if record.dagster_run.status not in FAILED:
-            break
-        failures += 1
-    if not failures:
-        return 0.0
-    ended = runs[0].end_time or runs[0].update_timestamp.timestamp()
-    delay = BACKOFF_SECONDS[min(failures, len(BACKOFF_SECONDS)) - 1]
-    return max(0.0, ended + delay - now)
+def _served_by(run: dg.DagsterRun, by_name: dict[str, CollectionConfig]) -> set[str]:
+    """The collections an active run of this scope is writing or will write."""
+    if run.job_name.startswith("serve__"):
+        ops = (run.run_config or {}).get("ops", {})
+        names = next(iter(ops.values()), {}).get("config", {}).get("collections", []) if ops else []
+        return {n for n in names if n in by_name} if names else set(by_name)
+    name = run.tags.get("aries/collection", "")
+    return {name} if name in by_name else set()
+
+
+def _collection_request(scope: StreamScope, coll: CollectionConfig, why: str) -> dg.RunRequest:
+    return dg.RunRequest(
+        run_key=f"{coll.name}:{uuid.uuid4().hex[:12]}",
+        job_name=job_name(coll),
+        tags={
+            "aries/collection": coll.name,
+            "aries/scope": scope.name,
+            "aries/trigger": "change stream",
+            "aries/reason": why[:200],
+        },
+    )
+
+
+def _serve_request(scope: StreamScope, waiting: list[CollectionConfig]) -> dg.RunRequest:
+    """One run serves every collection of the stream: it follows their ledgers until they are quiet."""
+    listed = ", ".join(c.name for c in waiting)
+    return dg.RunRequest(
+        run_key=f"serve:{uuid.uuid4().hex[:12]}",
+        job_name=serve_job_name(scope.name),
+        tags={
+            "aries/scope": scope.name,
+            "aries/trigger": "change stream",
+            "aries/reason": f"changes in {listed if len(listed) <= 180 else f'{len(waiting)} collections'}",
+        },
+    )
+
+
+def _observation(coll: CollectionConfig, ledger, seen, why: str | None) -> dg.AssetObservation:
+    return dg.AssetObservation(
+        mongo_key(coll),
+        metadata={
+            "replication_lag_seconds": seen.lag_seconds,
+            "change_events": seen.events,
+            "dirty_buckets": len(ledger.dirty),
+            "waiting_for": why or "nothing: in step",
+            "stream_position": ledger.position.as_datetime().isoformat() if ledger.position else "none",
+            "last_run": dg.MetadataValue.json(ledger.last_run or {}),
+            "observed_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        },
+    )
 
 
 def _repair_dead_run(
-    context, record: dg.RunRecord, lake, coll: CollectionConfig, lease_seconds: float, now: float
+    context, record: dg.RunRecord, lake, collections: list[CollectionConfig], lease_seconds: float, now: float
 ) -> bool:
-    """A run killed with its process never reports its end; once its lease has expired well past
-    the time a live run would have renewed it, mark it failed so the collection can run again."""
+    """A run killed with its process never reports its end (the default run launcher cannot watch
+    it). Once its lease, or its heartbeat for a run serving several collections, has expired well
+    past the time a live run would have renewed it, mark it failed so its collections run again."""
     run = record.dagster_run
     if run.status not in (dg.DagsterRunStatus.STARTED, dg.DagsterRunStatus.STARTING):
         return False
     started = record.start_time or record.create_timestamp.timestamp()
     if now - started < 3 * lease_seconds:
         return False
-    lease = Lease(lake, coll.database, coll.collection, "sensor").current()
-    if lease is not None and lease.run_id == run.run_id and not lease.expired:
+    if run.job_name.startswith("serve__"):
+        if RunHeartbeat.alive(lake, run.run_id):
+            return False
+    else:
+        coll = collections[0] if collections else None
+        lease = Lease(lake, coll.database, coll.collection, "sensor").current() if coll else None
+        if lease is not None and lease.run_id == run.run_id and not lease.expired:
+            return False
+        if lease is not None and lease.run_id == run.run_id and now - lease.expires_at < lease_seconds:
+            return False
+    # Its status may have moved on while the lease was read: a run that just finished is left alone.
+    current = context.instance.get_run_by_id(run.run_id)
+    if current is None or current.status not in (dg.DagsterRunStatus.STARTED, dg.DagsterRunStatus.STARTING):
         return False
-    if lease is not None and lease.run_id == run.run_id and now - lease.expires_at < lease_seconds:
-        return False
+    labels = ", ".join(c.label for c in collections) or "its collections"
     message = (
-        f"{coll.label}: run {run.run_id} stopped renewing its lease (its process died); "
-        "marked failed so the collection's buckets are retried"
+        f"{labels}: run {run.run_id} stopped renewing its lease (its process died); "
+        "marked failed so the buckets are retried"
     )
     context.log.warning(message)
     context.instance.report_run_failed(run, message)
+    for coll in collections:
+        with contextlib.suppress(Exception):
+            LedgerStore(lake, coll.database, coll.collection).update(
+                lambda led: led.note_run("failed", now_iso(), {"error": message})
+            )
     return True

@@ -43,10 +43,11 @@ def apply(defs: dg.Definitions, instance: dg.DagsterInstance, result: dg.SensorR
     for request in result.run_requests:
         job = defs.resolve_job_def(request.job_name)
         op = job.nodes[0].name
+        config = dict((request.run_config or {}).get("ops", {}).get(op, {}).get("config", {}))
         outcome = job.execute_in_process(
             instance=instance,
             tags=request.tags,
-            run_config={"ops": {op: {"config": {"linger_seconds": 0.0}}}},
+            run_config={"ops": {op: {"config": {**config, "linger_seconds": 0.0}}}},
             raise_on_error=False,
         )
         assert outcome.success == expect_success
@@ -86,8 +87,8 @@ def test_one_tick_records_the_changes_and_one_run_makes_the_lake_exact(client, d
         coll.insert_many([{"_id": ObjectId(), "n": 100 + i} for i in range(35)])  # fills bucket 3, opens more
         result = tick(defs, instance, sensor)
         (request,) = result.run_requests
-        assert request.job_name == f"sync__{database}__events"
-        assert request.tags["aries/collection"] == f"{database}__events"
+        assert request.job_name == f"serve__{database}", "a run serving the stream's collections"
+        assert request.tags["aries/scope"] == database
         ledger = ledger_of(workdir, database)
         assert sorted(ledger.dirty) == sorted(ledger.bucket_map().keys[:3])
 
@@ -199,3 +200,42 @@ def test_a_failed_run_is_requested_again_with_no_new_change(workdir):
             expected = mongo_documents(client, "app", "events")
         assert_same_documents(expected, lake_documents(workdir / "lake" / "app" / "events"))
         assert not ledger_of(workdir, "app").dirty
+
+
+def test_collections_changing_at_once_share_one_run_and_end_exact(client, mongo_uri, database, workdir):
+    """Many collections with changes in one tick: one run serves them all (one run start, not
+    one each); while it is queued or running, no collection of the stream is requested again."""
+    names = [f"c{i}" for i in range(12)]
+    for name in names:
+        client[database][name].insert_many([{"_id": i, "v": 0} for i in range(30)])
+    write_config(
+        workdir / "aries.yaml",
+        mongo_uri,
+        "./lake",
+        [{"database": database, "collection": n, "bucket_size": 10} for n in names],
+    )
+    assert run_cli("sync", "--workers", "1")[0] == 0
+    defs = build_definitions(load_config())
+    with dg.DagsterInstance.get() as instance:
+        for i, name in enumerate(names):
+            client[database][name].update_one({"_id": i}, {"$set": {"v": 1}})
+            client[database][name].insert_one({"_id": 100 + i, "v": 2})
+        result = tick(defs, instance, f"changes__{database}")
+        (request,) = result.run_requests
+        assert request.job_name == f"serve__{database}"
+        assert request.tags["aries/scope"] == database
+        # Queued, not started yet: further changes ask for nothing new.
+        instance.create_run_for_job(
+            defs.resolve_job_def(request.job_name), tags=request.tags, status=dg.DagsterRunStatus.NOT_STARTED
+        )
+        client[database]["c3"].update_one({"_id": 1}, {"$set": {"v": 3}})
+        assert tick(defs, instance, f"changes__{database}", result.cursor).run_requests == []
+        apply(defs, instance, result)
+        for name in names:
+            assert_same_documents(
+                mongo_documents(client, database, name), lake_documents(workdir / "lake" / database / name)
+            )
+            assert not ledger_of(workdir, database, name).dirty
+        for name in ("c0", "c11"):
+            materialized = instance.get_materialized_partitions(dg.AssetKey(["lake", database, name]))
+            assert set(ledger_of(workdir, database, name).bucket_map().keys) <= materialized

@@ -253,9 +253,28 @@ def load_scope_token(lake: Lake, scope: StreamScope, loaded: set[str]) -> dict[s
     return body.get("token")
 
 
-def save_scope_token(lake: Lake, scope: StreamScope, token: dict[str, Any] | None, members: set[str]) -> None:
-    body = {"token": token, "members": sorted(members) if token else [], "saved_at": now_iso()}
+def save_scope_token(
+    lake: Lake,
+    scope: StreamScope,
+    token: dict[str, Any] | None,
+    members: set[str],
+    waiting: list[str] | None = None,
+) -> None:
+    body = {
+        "token": token,
+        "members": sorted(members) if token else [],
+        "waiting": waiting or [],  # collections whose ledgers ask for work: what a serving run polls
+        "saved_at": now_iso(),
+    }
     lake.write_text(scope_file(scope), json_util.dumps(body, json_options=_CANONICAL))
+
+
+def waiting_collections(lake: Lake, scope: StreamScope) -> list[str] | None:
+    """The collections the scope's last recording found with work waiting (None: never recorded)."""
+    text = lake.read_text(scope_file(scope))
+    if not text:
+        return None
+    return list(json_util.loads(text, json_options=_CANONICAL).get("waiting", []))
 
 
 def scope_start(ledgers: dict[str, Ledger]) -> Timestamp | None:
@@ -319,6 +338,7 @@ def record_changes(
         if found.newest_wall is not None and not changes.caught_up:
             lag = max(0.0, (datetime.datetime.now(datetime.UTC) - found.newest_wall).total_seconds())
         recorded[label] = Recorded(ledger, marked, len(fresh), lag)
+    waiting = [label for label in stores if recorded[label].ledger.needs_work()]
     # Only now, with every change before it recorded: the token the next read resumes after.
-    save_scope_token(lake, scope, None if changes.history_lost else changes.token, loaded)
+    save_scope_token(lake, scope, None if changes.history_lost else changes.token, loaded, waiting)
     return recorded, changes

@@ -22,7 +22,7 @@ import concurrent.futures
 import contextlib
 import multiprocessing
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -37,7 +37,7 @@ from aries_assets.core.buckets import BucketCutter, BucketDocuments, BucketMap
 from aries_assets.core.changes import collection_scope, majority_time, record_changes, stream_start
 from aries_assets.core.extract import SourceCollection, check_collation, check_exists, range_documents
 from aries_assets.core.lake import Lake, LakeSpec, bucket_file, collection_prefix, remove_temporary_files
-from aries_assets.core.ledger import DirtyBucket, Lease, Ledger, LedgerStore, now_iso
+from aries_assets.core.ledger import DirtyBucket, Lease, LeaseHeld, Ledger, LedgerStore, now_iso
 from aries_assets.core.warehouse import TableRef
 from aries_assets.core.warehouse.loader import (
     BucketLoad,
@@ -71,6 +71,7 @@ class SyncSettings:
     lease_wait_seconds: float = 120.0
     linger_seconds: float = 0.0  # keep following the collection's changes this long after catching up
     catch_up_rounds: int = 50
+    catch_up: bool = True  # read the collection's own stream after each round (off when a sensor does)
 
 
 class Reporter(Protocol):
@@ -134,8 +135,12 @@ def sync_collection(
     outcome = SyncOutcome(source.label)
     store = LedgerStore(targets.lake, source.database, source.collection)
     lease = Lease(targets.lake, source.database, source.collection, holder, run_id, settings.lease_seconds)
-    check_exists(client, source, store.load().loaded)
-    check_collation(client, source)
+    try:
+        check_exists(client, source, store.load().loaded)
+        check_collation(client, source)
+    except Exception as error:  # MongoDB unreachable, the collection gone: counts for the backoff
+        _note_run(store, "failed", f"{type(error).__name__}: {error}", outcome)
+        raise
     lease.acquire(
         settings.lease_wait_seconds,
         on_wait=lambda other: reporter.message(
@@ -167,6 +172,8 @@ def sync_collection(
                     break
             else:
                 idle_rounds += 1
+            if not settings.catch_up and not sync.loaded_first:
+                break
             # Catch up on the collection's own changes: those during this round, or a first load.
             record_changes(
                 client,
@@ -194,6 +201,66 @@ def sync_collection(
     return outcome
 
 
+def serve_collections(
+    specs: list[CollectionSpec],
+    lake: Lake,
+    sync_one: Callable[[CollectionSpec], SyncOutcome],
+    settings: SyncSettings,
+    keep_lingering: Callable[[], bool],
+    waiting: Callable[[], list[str] | None] = lambda: None,
+) -> dict[str, SyncOutcome | Exception]:
+    """One run serving several collections whose changes a sensor records.
+
+    Each collection whose ledger asks for work, that is not waiting out a retry backoff and
+    whose lease is free, is synced by `sync_one` (the same `sync_collection`, under its own
+    lease), up to `settings.workers` collections at a time. A collection another writer holds
+    is left for later; one that fails does not stop the others. Between changes the run polls
+    `waiting()` (the sensor's list of collections with work: one small read) and reads only
+    those ledgers, every collection's when it is None. It keeps serving until every collection
+    has been quiet for `linger_seconds` (capped), or another run waits for a slot.
+    Returns each collection's last outcome, or its last error.
+    """
+    by_label = {spec.source.label: spec for spec in specs}
+    stores = {
+        label: LedgerStore(lake, s.source.database, s.source.collection) for label, s in by_label.items()
+    }
+    results: dict[str, SyncOutcome | Exception] = {}
+    in_flight: dict[str, concurrent.futures.Future] = {}
+    held: dict[str, float] = {}  # collections another writer holds: not asked again before then
+    started = time.monotonic()
+    cap = started + max(settings.linger_seconds * 10, MAX_LINGER_SECONDS)
+    deadline = started + settings.linger_seconds
+    candidates: list[str] | None = list(by_label)  # every ledger on the first pass
+    with concurrent.futures.ThreadPoolExecutor(max(1, settings.workers), "aries collection") as pool:
+        while True:
+            for label in candidates if candidates is not None else list(by_label):
+                if label in in_flight or label not in by_label or held.get(label, 0) > time.monotonic():
+                    continue
+                ledger = stores[label].load()
+                if ledger.needs_work() and ledger.retry_wait(time.time()) <= 0:
+                    in_flight[label] = pool.submit(sync_one, by_label[label])
+            if in_flight:
+                concurrent.futures.wait(
+                    in_flight.values(), timeout=0.5, return_when=concurrent.futures.FIRST_COMPLETED
+                )
+            for label in [label for label, future in in_flight.items() if future.done()]:
+                try:
+                    results[label] = in_flight.pop(label).result()
+                except LeaseHeld:
+                    held[label] = time.monotonic() + 5  # another writer has it: it does the work, or later
+                except Exception as error:  # the others go on; the error is the run's result
+                    results[label] = error
+                deadline = min(cap, time.monotonic() + settings.linger_seconds)
+            if in_flight:
+                candidates = waiting()
+                continue
+            now = time.monotonic()
+            if now >= deadline or now >= cap or not keep_lingering():
+                return results
+            time.sleep(0.3)
+            candidates = waiting()
+
+
 def _request(ledger: Ledger, now: Timestamp, full: bool, keys: list[str] | None) -> None:
     if full and ledger.loaded:
         ledger.reread = {"reason": "requested", "time": now}
@@ -209,19 +276,19 @@ def _request(ledger: Ledger, now: Timestamp, full: bool, keys: list[str] | None)
             ledger.mark(key, DirtyBucket(by_key[key].lower, by_key[key].upper, now))
 
 
+def note_failure(lake: Lake, source: SourceCollection, error: BaseException) -> None:
+    """A run that failed before it could start on the collection (MongoDB unreachable): noted in the
+    ledger all the same, so the next try waits out the backoff."""
+    store = LedgerStore(lake, source.database, source.collection)
+    _note_run(store, "failed", f"{type(error).__name__}: {error}", SyncOutcome(source.label))
+
+
 def _note_run(store: LedgerStore, status: str, error: str | None, outcome: SyncOutcome) -> None:
     def note(ledger: Ledger) -> None:
-        ledger.last_run = {
-            "status": status,
-            "at": now_iso(),
-            "mode": outcome.mode,
-            "written": outcome.written,
-            "loaded": outcome.loaded,
-        }
+        details: dict[str, Any] = {"mode": outcome.mode, "written": outcome.written, "loaded": outcome.loaded}
         if error:
-            ledger.last_run["error"] = error[:500]
-        if status == "ok":
-            ledger.last_run["last_success"] = ledger.last_run["at"]
+            details["error"] = error[:500]
+        ledger.note_run(status, now_iso(), details)
 
     # The outcome note is a courtesy; when it cannot be written the real failure is still raised.
     with contextlib.suppress(Exception):

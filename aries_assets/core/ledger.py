@@ -21,6 +21,7 @@ Beside it, `lease.json` names the one writer of the collection; see `Lease`.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
@@ -34,7 +35,7 @@ from typing import Any
 from bson import Timestamp, json_util
 
 from aries_assets.core.buckets import BucketMap
-from aries_assets.core.lake import STATE_DIR, Lake, bucket_map_file, collection_prefix
+from aries_assets.core.lake import STATE_DIR, Lake, bucket_map_file, collection_prefix, safe_segment
 from aries_assets.core.ordering import sort_key
 
 _CANONICAL = json_util.CANONICAL_JSON_OPTIONS
@@ -51,6 +52,9 @@ def ledger_file(database: str, collection: str) -> str:
 
 def lease_file(database: str, collection: str) -> str:
     return f"{collection_prefix(database, collection)}/{STATE_DIR}/lease.json"
+
+
+RETRY_BACKOFF_SECONDS = (5, 15, 30, 60, 120, 300)  # after 1, 2, ... runs that failed in a row
 
 
 def now_iso() -> str:
@@ -141,6 +145,29 @@ class Ledger:
         if self.dirty:
             return f"{len(self.dirty)} dirty buckets"
         return None
+
+    def note_run(self, status: str, at: str, details: dict[str, Any]) -> None:
+        """Record how a run ended; failures in a row are counted, for the retry backoff."""
+        previous = self.last_run
+        self.last_run = {"status": status, "at": at, **details}
+        if status == "ok":
+            self.last_run["last_success"] = at
+        else:
+            self.last_run["failures"] = int(previous.get("failures", 0)) + 1
+            if previous.get("last_success"):
+                self.last_run["last_success"] = previous["last_success"]
+
+    def retry_wait(self, now: float) -> float:
+        """Seconds before the next try, after runs that failed in a row (0: go ahead)."""
+        failures = int(self.last_run.get("failures", 0)) if self.last_run.get("status") == "failed" else 0
+        if not failures:
+            return 0.0
+        try:
+            ended = datetime.datetime.fromisoformat(self.last_run["at"]).timestamp()
+        except (KeyError, TypeError, ValueError):
+            return 0.0
+        delay = RETRY_BACKOFF_SECONDS[min(failures, len(RETRY_BACKOFF_SECONDS)) - 1]
+        return max(0.0, ended + delay - now)
 
     def dirty_keys(self) -> list[str]:
         """The current buckets overlapping any dirty range, in `_id` order."""
@@ -404,3 +431,31 @@ class Lease:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+class RunHeartbeat(Lease):
+    """A run's sign of life where others can see it: an expiring lease of its own, renewed in the
+    background and removed when the run ends. A run serving several collections holds no
+    collection's lease while it waits for changes; this tells a live run from a dead one."""
+
+    def __init__(self, lake: Lake, run_id: str, holder: str, ttl: float = 30.0) -> None:
+        super().__init__(lake, STATE_DIR, "runs", holder, run_id, ttl)
+        self.label = f"run {run_id}"
+        self.path = heartbeat_file(run_id)
+
+    def release(self) -> None:
+        super().release()
+        with contextlib.suppress(Exception):
+            self.lake.delete(self.path)
+
+    @classmethod
+    def alive(cls, lake: Lake, run_id: str) -> bool | None:
+        """True while the run renews its heartbeat; False once it expired; None if it never had one."""
+        text = lake.read_text(heartbeat_file(run_id))
+        if not text:
+            return None
+        return not LeaseInfo.from_json(text).expired
+
+
+def heartbeat_file(run_id: str) -> str:
+    return f"{STATE_DIR}/runs/{safe_segment(run_id)}.json"
