@@ -184,7 +184,8 @@ def test_one_tick_over_150_collections_stays_well_under_5_seconds(client, mongo_
         result = tick(defs, instance, f"changes__{database}")
         seconds = time.monotonic() - started
     assert seconds < 5, f"a tick over 150 collections took {seconds:.1f}s"
-    assert len(result.run_requests) == 150, "every changed collection gets its one run"
+    (request,) = result.run_requests  # the warm tick's run was never launched: one run serves all
+    assert request.job_name == f"serve__{database}"
     assert all(LedgerStore(lake, database, n).load().dirty for n in names)
 
 
