@@ -40,8 +40,7 @@ def test_range_leases_share_the_collection_and_a_collection_writer_excludes_them
     second.acquire(wait=0)  # another range of the same collection: at the same time
     with pytest.raises(LeaseHeld, match="range first"):
         Lease(lake, "db", "coll", "range run 3", range_key="first").acquire(wait=0)
-    with pytest.raises(LeaseHeld, match="range"):
-        Lease(lake, "db", "coll", "sync").acquire(wait=0.5)
+    assert Lease(lake, "db", "coll", "sync").try_acquire().range in ("first", "int-500")
     waited: list = []
     writer = Lease(lake, "db", "coll", "sync", ttl=5)
     releaser = threading.Timer(1.5, lambda: (first.release(), second.release()))
