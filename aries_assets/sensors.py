@@ -102,7 +102,8 @@ def evaluate(
         active = [r for r in runs if r.dagster_run.status in ACTIVE]
         active = [r for r in active if not _repair_dead_run(context, r, store, coll, lease_seconds, now)]
         why = ledger.needs_work()
-        if why and not active:
+        # A split first load's ranges are written by their range runs (a backfill); one run settles after.
+        if why and not active and not ledger.ranges:
             wait = _backoff(runs, now)
             if wait > 0:
                 context.log.info(f"{coll.label}: {why}; last runs failed, next try in {wait:.0f}s")
