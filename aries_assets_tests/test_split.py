@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import subprocess
 import sys
 import textwrap
@@ -136,7 +137,7 @@ def test_a_split_first_load_runs_its_ranges_at_once_and_a_sync_during_them_waits
     code, out, err = run_cli("split", f"{database}.events", "--runs", "4")
     assert code == 0, err
     name = f"{database}__events"
-    assert f"dagster job backfill -j load__{name}" in out
+    assert "dagster job backfill" in out and f"-j load__{name}" in out
 
     lake = LocalLake(workdir / "lake")
     ledger = LedgerStore(lake, database, "events").load()
@@ -177,7 +178,7 @@ def test_a_split_first_load_runs_its_ranges_at_once_and_a_sync_during_them_waits
             assert watch.live, "no range run took its lease"
             # Changes while the ranges load: the stream records them, the settling run writes them.
             coll = client[database].events
-            for i in range(200):
+            for i in range(30):
                 roll = rng.random()
                 if roll < 0.5:
                     coll.update_one({"_id": rng.randrange(total)}, {"$set": {"v": -i}})
@@ -189,6 +190,9 @@ def test_a_split_first_load_runs_its_ranges_at_once_and_a_sync_during_them_waits
             code, out, err = run_cli("sync", "--workers", "1", "--plain")
             assert code == 0, err
             assert "waiting for the lease held by" in err and "range" in err, err
+            # Changes inside a range being cut mark their documents, not the range: few rewrites.
+            written = int(re.search(r"(\d+) written", out).group(1))
+            assert written <= 35, out
             results = [run.communicate(timeout=300) for run in runs]
         assert all(o.strip().endswith("ok") for o, _ in results), results
         assert watch.most >= 2, "the range runs overlapped in time"

@@ -37,12 +37,15 @@ from typing import Any
 
 from bson import Timestamp, json_util
 
-from aries_assets.core.buckets import BucketMap
+from aries_assets.core.buckets import BucketMap, bucket_key
 from aries_assets.core.lake import STATE_DIR, Lake, bucket_map_file, collection_prefix
 from aries_assets.core.ordering import sort_key
 
 _CANONICAL = json_util.CANONICAL_JSON_OPTIONS
 LEDGER_VERSION = 1
+# Inside an unfinished range of a split first load, changes mark their `_id` (the range's buckets are
+# being cut); past this many such marks, whole buckets, so the ledger stays small.
+MAX_ID_MARKS = 10_000
 
 
 class LedgerConflict(RuntimeError):
@@ -77,6 +80,14 @@ class DirtyBucket:
     upper: Any  # MaxKey for the last bucket
     time: Timestamp  # cluster time of the newest change the bucket's file must include
     since: str = field(default_factory=now_iso)  # when it first became dirty
+
+    def overlaps(self, low: tuple, high: tuple) -> bool:
+        """Whether the mark touches the bucket [low, high) (sort keys). A mark whose bounds are equal
+        is one changed `_id`: it touches the one bucket holding it."""
+        lower, upper = sort_key(self.lower), sort_key(self.upper)
+        if lower == upper:
+            return low <= lower < high
+        return low < upper and lower < high
 
     def merge(self, other: DirtyBucket) -> None:
         """Widen to cover both marks (the bucket map may have changed between them)."""
@@ -173,14 +184,21 @@ class Ledger:
             return 0  # the first load reads everything after the position anyway
         bucket_map = self.bucket_map()
         buckets = bucket_map.buckets
+        fresh = self.range_bucket_keys()
+        id_marks = sum(1 for k in self.dirty if k.startswith("id:"))
         marked: dict[str, DirtyBucket] = {}
         for _id, when in ids_with_times:
             bucket = buckets[bucket_map.index_of(_id)]
-            mark = DirtyBucket(bucket.lower, bucket.upper, when)
-            if bucket.key in marked:
-                marked[bucket.key].merge(mark)
+            if bucket.key in fresh and id_marks < MAX_ID_MARKS:
+                # The range's run cuts this bucket as it reads: only the document's future bucket is stale.
+                key, mark = f"id:{bucket_key(_id)}", DirtyBucket(_id, _id, when)
+                id_marks += key not in self.dirty and key not in marked
             else:
-                marked[bucket.key] = mark
+                key, mark = bucket.key, DirtyBucket(bucket.lower, bucket.upper, when)
+            if key in marked:
+                marked[key].merge(mark)
+            else:
+                marked[key] = mark
         for key, mark in marked.items():
             self.mark(key, mark)
         return len(marked)
@@ -217,10 +235,8 @@ class Ledger:
         keys = []
         for bucket in bucket_map.buckets:
             low, high = sort_key(bucket.lower), sort_key(bucket.upper)
-            for mark in self.dirty.values():
-                if low < sort_key(mark.upper) and sort_key(mark.lower) < high:
-                    keys.append(bucket.key)
-                    break
+            if any(mark.overlaps(low, high) for mark in self.dirty.values()):
+                keys.append(bucket.key)
         return keys
 
     def newest_dirty_time(self) -> Timestamp | None:
@@ -240,8 +256,7 @@ class Ledger:
             mark = self.dirty.get(key)
             if mark is None or mark.time > seen.time:
                 continue
-            low, high = sort_key(mark.lower), sort_key(mark.upper)
-            overlapping = [b.key for b in buckets if sort_key(b.lower) < high and low < sort_key(b.upper)]
+            overlapping = [b.key for b in buckets if mark.overlaps(sort_key(b.lower), sort_key(b.upper))]
             if all(k in written for k in overlapping):
                 del self.dirty[key]
         if reread and self.reread and self.reread["time"] <= reread["time"]:
