@@ -1,4 +1,4 @@
-"""The `aries` command: `aries sync` (one-shot catch-up) and `aries demo`."""
+"""The `aries` command: `aries sync` (one-shot catch-up), `aries status`, `aries split` and `aries demo`."""
 
 from __future__ import annotations
 
@@ -176,6 +176,59 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 1 if any(s.problems for s in statuses) else 0
 
 
+def cmd_split(args: argparse.Namespace) -> int:
+    """Plan a very large collection's first load as `_id`-range runs, and say how to launch them."""
+    import dagster as dg
+
+    from aries_assets.core.changes import majority_time
+    from aries_assets.core.extract import check_collation, check_exists
+    from aries_assets.core.ledger import LeaseHeld, ledger_file
+    from aries_assets.core.split import plan_ranges, record_split
+    from aries_assets.definitions import build_definitions
+    from aries_assets.factory import load_job_name, source_of
+
+    config = load_config(args.config)
+    coll = next((c for c in config.collections if c.label == args.collection), None)
+    if coll is None:
+        known = ", ".join(c.label for c in config.collections)
+        raise ConfigError(f"{args.collection}: not a collection of the config; pick one of {known}")
+    check_mongo(config)
+    check_targets(config)
+    ensure_dagster_home()
+    defs = build_definitions(config)
+    lake = defs.resources["lake"].open()
+    source = source_of(coll)
+    client = defs.resources["mongo"].client()
+    try:
+        check_exists(client, source, False)
+        check_collation(client, source)
+        lowers = plan_ranges(client, source, args.runs)
+        now = majority_time(client, source)
+    finally:
+        client.close()
+    try:
+        buckets = record_split(lake, source, lowers, coll.bucket_size, now, holder="aries split")
+    except (ValueError, LeaseHeld) as error:
+        print(f"aries: {error}", file=sys.stderr)
+        return 2
+    keys = [b.key for b in buckets]
+    with dg.DagsterInstance.get() as instance:
+        instance.add_dynamic_partitions(coll.name, keys)
+    job = load_job_name(coll)
+    print(f"{coll.label}: first load split into {len(buckets)} `_id` ranges, recorded in "
+          f"{lake.uri(ledger_file(coll.database, coll.collection))}:")  # fmt: skip
+    for bucket in buckets:
+        print(f"  {bucket.key:<32} {bucket.describe()}")
+    print(
+        "Launch one run per range (a backfill; the run queue and launcher spread them over machines):\n"
+        f"  dagster job backfill -w workspace.yaml -j {job} --partitions {','.join(keys)} --noprompt\n"
+        f"or in the UI: Jobs > {job} > Partitions > select these {len(keys)} > Launch backfill.\n"
+        "Once every range is written, the sensor requests one sync run that settles the schema, Glue and "
+        "the warehouse; `aries status` shows the ranges still waiting."
+    )
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from aries_assets.demo.run import run_demo
 
@@ -207,6 +260,15 @@ def main(argv: list[str] | None = None) -> int:
     status_parser.add_argument("--config", help="config file (default: $ARIES_CONFIG or ./aries.yaml)")
     status_parser.add_argument("--json", action="store_true", help="machine-readable output")
     status_parser.set_defaults(func=cmd_status)
+    split_parser = sub.add_parser(
+        "split", help="plan a very large collection's first load as `_id`-range runs (a backfill)"
+    )
+    split_parser.add_argument("collection", help="<database>.<collection>, as in the config")
+    split_parser.add_argument(
+        "--runs", type=int, required=True, help="how many ranges (runs) to split it into"
+    )
+    split_parser.add_argument("--config", help="config file (default: $ARIES_CONFIG or ./aries.yaml)")
+    split_parser.set_defaults(func=cmd_split)
     demo_parser = sub.add_parser(
         "demo", help="embedded MongoDB with sample data, a trickle of changes, dagster dev"
     )

@@ -45,7 +45,7 @@ def build_definitions(config: AriesConfig) -> dg.Definitions:
         assets=[c.mongo for c in collections]
         + [c.lake for c in collections]
         + [c.warehouse for c in collections if c.warehouse],
-        jobs=[c.job for c in collections] + serve_jobs,
+        jobs=[c.job for c in collections] + [c.load_job for c in collections] + serve_jobs,
         sensors=sensors,
         resources=resources,
     )

@@ -5,6 +5,10 @@ every dirty bucket, and records a materialization (with its checks) for each
 bucket partition it wrote or loaded, so the partitions view, lineage and
 history show exactly what changed. The partitioned assets stay materializable
 one bucket at a time from the UI; they go through the same engine.
+
+The load job (`load__<db>__<coll>`) materializes lake partitions one run each:
+backfilled over the ranges of a split first load (`aries split`), its runs read
+their ranges at the same time, on as many machines as the run launcher offers.
 """
 
 import contextlib
@@ -39,6 +43,7 @@ class CollectionDefinitions:
     mongo: dg.AssetSpec
     lake: dg.AssetsDefinition
     job: dg.JobDefinition
+    load_job: Any  # an asset job, as dg.define_asset_job makes it (resolved by Definitions)
     warehouse: dg.AssetsDefinition | None = None
 
 
@@ -56,6 +61,10 @@ def warehouse_key(coll: CollectionConfig) -> dg.AssetKey:
 
 def job_name(coll: CollectionConfig) -> str:
     return f"sync__{coll.name}"
+
+
+def load_job_name(coll: CollectionConfig) -> str:
+    return f"load__{coll.name}"
 
 
 def op_name(coll: CollectionConfig) -> str:
@@ -313,6 +322,33 @@ class _EventLog:
             raise error
 
 
+def run_range(
+    context: dg.AssetExecutionContext,
+    coll: CollectionConfig,
+    options: SyncOptions,
+    mongo: MongoResource,
+    lake: LakeResource,
+    reporter: "DagsterReporter",
+) -> engine.SyncOutcome | None:
+    """The run's partition as a range of a split first load, beside the other ranges' runs;
+    None if the partition is no unfinished range."""
+    client = mongo.client()
+    try:
+        return engine.sync_range(
+            spec_of(coll, False),
+            client,
+            engine.Targets(lake.open(), lake.spec()),  # Glue and the warehouse: the settling run's
+            _settings(options, 0, 0),
+            reporter,
+            holder=f"run {context.run_id[:8]}",
+            run_id=context.run_id,
+            key=context.partition_key,
+        )
+    finally:
+        client.close()
+        reporter.close()
+
+
 class DagsterReporter:
     """Engine events as Dagster events: a materialization and checks per bucket partition."""
 
@@ -469,15 +505,17 @@ def build_collection(
             "Columns: `_id` (string), `_id_key` (the exact `_id`), `_doc` (the whole document as canonical "
             "Extended JSON) and the "
             "inferred columns of the collection schema. Materializing a bucket here rewrites it through "
-            "the collection's sync (with any other dirty bucket)."
+            "the collection's sync (with any other dirty bucket); a range of a split first load is read "
+            "by its own run, beside the other ranges."
         ),
         metadata={"collection": coll.label},
     )
     def lake_asset(context: dg.AssetExecutionContext, mongo: MongoResource, lake: LakeResource):
         # The engine writes this bucket (and any other dirty one, recorded as their own events).
         reporter = DagsterReporter(context, coll, own=lake_key(coll))
-        config = SyncRunConfig(linger_seconds=0)
-        run_sync(context, coll, options, config, mongo, lake, None, [context.partition_key], reporter)
+        if run_range(context, coll, options, mongo, lake, reporter) is None:
+            config = SyncRunConfig(linger_seconds=0)
+            run_sync(context, coll, options, config, mongo, lake, None, [context.partition_key], reporter)
         written = reporter.own_written
         if written is None:
             raise dg.Failure(
@@ -496,7 +534,26 @@ def build_collection(
         if with_table
         else None
     )
-    return CollectionDefinitions(partitions, mongo, lake_asset, job, warehouse_asset)
+    return CollectionDefinitions(partitions, mongo, lake_asset, job, build_load_job(coll), warehouse_asset)
+
+
+def build_load_job(coll: CollectionConfig) -> Any:
+    """Lake partitions one run each: the job a split first load's backfill runs, once per range.
+
+    Its runs carry `aries/split`, not `aries/collection`: the one-run-per-collection limit must
+    not queue the ranges one behind the other (the ranges share the collection's lease).
+    """
+    return dg.define_asset_job(
+        name=load_job_name(coll),
+        selection=dg.AssetSelection.assets(lake_key(coll)),
+        tags={"aries/split": coll.name},
+        executor_def=dg.in_process_executor,
+        description=(
+            f"Write `{coll.label}`'s lake bucket partitions, one run each. Backfill it over the ranges "
+            "`aries split` planned to spread a very large first load over machines; the sensor's sync "
+            "run then settles the schema, Glue and the warehouse."
+        ),
+    )
 
 
 def build_sync_job(

@@ -202,15 +202,27 @@ class BucketCutter:
     and a bucket in the middle is cut in pieces of that size once it holds
     SPLIT_FACTOR times as much. Every bucket whose range starts inside the span
     is handed back, empty ones included, so deleted documents leave their file.
-    The bucket map is updated in place as buckets are cut.
+    The bucket map is updated in place as buckets are cut. Buckets named in `fresh`
+    (the ranges of a split first load, read for the first time) are cut as soon as
+    they are full, like the newest bucket, and so are the pieces cut from them.
     """
 
-    def __init__(self, bucket_map: BucketMap, first: int, last: int, size: int, max_bytes: int) -> None:
+    def __init__(
+        self,
+        bucket_map: BucketMap,
+        first: int,
+        last: int,
+        size: int,
+        max_bytes: int,
+        fresh: frozenset[str] | set[str] = frozenset(),
+    ) -> None:
         self.map = bucket_map
         self.size, self.max_bytes = size, max_bytes
         self._i = first  # index in the map of the bucket being filled
         self._last = last  # index of the last bucket of the span
         self._new: set[str] = set()
+        self._fresh_keys = fresh
+        self._fresh = bucket_key(bucket_map.lowers[first]) in fresh  # the bucket being filled is fresh
         self._reset()
 
     def _reset(self) -> None:
@@ -245,8 +257,9 @@ class BucketCutter:
             done.append(self._emit(self._docs))
             self._reset()
             self._i += 1
+            self._fresh = bucket_key(self.map.lowers[self._i]) in self._fresh_keys
         is_newest = self._i == len(self.map.lowers) - 1
-        if is_newest:
+        if is_newest or self._fresh:
             if self._docs and (len(self._docs) >= self.size or self._bytes + len(raw) > self.max_bytes):
                 done.append(self._emit(self._docs))
                 self._reset()

@@ -14,6 +14,9 @@ Then it settles the collection schema (rewriting files that disagree),
 removes files no bucket names, updates Glue, loads every bucket the warehouse
 does not hold as it is in the lake, and only then clears the ledger entries it
 covered. Any failure leaves them dirty for the next run; nothing is lost.
+
+A first load split into `_id` ranges (`aries split`) is read by `sync_range`,
+one run per range, several at once; the next whole-collection run settles it.
 """
 
 from __future__ import annotations
@@ -33,11 +36,12 @@ from pymongo import MongoClient
 
 from aries_assets.core import catalog, snapshot
 from aries_assets.core import schema as s
-from aries_assets.core.buckets import BucketCutter, BucketDocuments, BucketMap
+from aries_assets.core.buckets import Bucket, BucketCutter, BucketDocuments, BucketMap
 from aries_assets.core.changes import collection_scope, majority_time, record_changes, stream_start
 from aries_assets.core.extract import SourceCollection, check_collation, check_exists, range_documents
 from aries_assets.core.lake import Lake, LakeSpec, bucket_file, collection_prefix, remove_temporary_files
 from aries_assets.core.ledger import DirtyBucket, Lease, LeaseHeld, Ledger, LedgerStore, now_iso
+from aries_assets.core.ordering import sort_key
 from aries_assets.core.warehouse import TableRef
 from aries_assets.core.warehouse.loader import (
     BucketLoad,
@@ -237,7 +241,8 @@ def serve_collections(
                 if label in in_flight or label not in by_label or held.get(label, 0) > time.monotonic():
                     continue
                 ledger = stores[label].load()
-                if ledger.needs_work() and ledger.retry_wait(time.time()) <= 0:
+                # A split first load's ranges belong to their range runs (a backfill).
+                if ledger.needs_work() and not ledger.ranges and ledger.retry_wait(time.time()) <= 0:
                     in_flight[label] = pool.submit(sync_one, by_label[label])
             if in_flight:
                 concurrent.futures.wait(
@@ -295,6 +300,65 @@ def _note_run(store: LedgerStore, status: str, error: str | None, outcome: SyncO
         store.update(note)
 
 
+# --- range runs of a split first load -----------------------------------------------------------
+
+
+def sync_range(
+    spec: CollectionSpec,
+    client: MongoClient,
+    targets: Targets,
+    settings: SyncSettings,
+    reporter: Reporter,
+    holder: str,
+    run_id: str | None,
+    key: str,
+) -> SyncOutcome | None:
+    """One range of a split first load, beside the other ranges' runs: read it once, cut it into
+    buckets and write them. None if `key` is no unfinished range: sync the bucket as usual then.
+
+    Collection-wide steps (schema, orphans, Glue, the warehouse) are left to the next
+    whole-collection run, which the ledger asks for while it is `unsettled`.
+    """
+    source = spec.source
+    store = LedgerStore(targets.lake, source.database, source.collection)
+    if key not in store.load().ranges:
+        return None
+    started = time.monotonic()
+    outcome = SyncOutcome(source.label, mode=f"split range {key}")
+    check_exists(client, source, True)
+    check_collation(client, source)
+    lease = Lease(
+        targets.lake,
+        source.database,
+        source.collection,
+        holder,
+        run_id,
+        settings.lease_seconds,
+        range_key=key,
+    )
+    lease.acquire(
+        settings.lease_wait_seconds,
+        on_wait=lambda other: reporter.message(
+            f"{source.label}: waiting for the lease held by {other.describe()}"
+        ),
+    )
+    try:
+        ledger = store.load()
+        if key not in ledger.ranges:
+            return None  # written meanwhile by a whole-collection run
+        sync = _CollectionSync(spec, client, targets, settings, reporter, store, lease, outcome)
+        sync.range_round(ledger, key)
+        _note_run(store, "ok", None, outcome)
+        sync.summarise()
+    except BaseException as error:
+        _note_run(store, "failed", f"{type(error).__name__}: {error}", outcome)
+        raise
+    finally:
+        lease.release()
+    outcome.seconds = time.monotonic() - started
+    return outcome
+
+
 class _CollectionSync:
     """One run's work on one collection; footers are read once and kept up to date in memory."""
 
@@ -320,6 +384,7 @@ class _CollectionSync:
         covered_dirty = {k: m for k, m in ledger.dirty.items()}
         covered_reread = dict(ledger.reread) if ledger.reread else None
         first_load = not ledger.loaded
+        fresh = ledger.range_bucket_keys()  # a split first load's ranges that no range run finished
         self.outcome.rounds += 1
         if first_load:
             mode = "first load"
@@ -337,12 +402,16 @@ class _CollectionSync:
                 mode = f"re-read: {ledger.reread['reason']}"
                 spans = [(0, len(bucket_map.lowers) - 1)]
             else:
-                mode = "changes"
+                mode = (
+                    "changes" if ledger.dirty or not ledger.unsettled else f"settle after {ledger.unsettled}"
+                )
                 spans = _spans(bucket_map, ledger.dirty_keys())
         self.outcome.mode = mode if self.outcome.rounds == 1 else self.outcome.mode
         self.reporter.message(f"{label}: {mode}")
         files = self._files(bucket_map.keys)
-        touched = self._pass(bucket_map, spans, after, first_load, skip_unchanged=mode.startswith("re-read"))
+        touched = self._pass(
+            bucket_map, spans, after, first_load, skip_unchanged=mode.startswith("re-read"), fresh=fresh
+        )
         if first_load:
             self._save_map(bucket_map, first_load=True)
             self.loaded_first = True
@@ -360,7 +429,13 @@ class _CollectionSync:
         loaded_ok = self._load_warehouse(bucket_map.keys)
         done = touched if loaded_ok is None else touched & loaded_ok
         self.lease.check()
-        self.store.update(lambda led: led.clear(covered_dirty, covered_reread, done))
+
+        def clear(led: Ledger) -> None:
+            led.clear(covered_dirty, covered_reread, done)
+            led.finish_ranges(touched)
+            led.settled()  # this round settled every bucket: nothing waits for a range run any more
+
+        self.store.update(clear)
         files = self.files or files
         self.outcome.buckets = len(bucket_map.keys)
         self.outcome.documents = sum(f.documents for f in files.values() if f is not None)
@@ -379,6 +454,37 @@ class _CollectionSync:
         self.outcome.documents = sum(f.documents for f in files.values() if f is not None)
         if self.schema is not None:
             self.outcome.schema_version = self.schema.version
+
+    def range_round(self, ledger: Ledger, key: str) -> None:
+        """A range run's one ordered read of its range, cut into buckets as they fill."""
+        span = ledger.ranges[key]
+        bucket_map = ledger.bucket_map()
+        bucket_map.bucket_size = self.spec.bucket_size
+        low, high = sort_key(span.lower), sort_key(span.upper)
+        # The range's bucket and any piece a run that died before this one cut from it.
+        inside = [i for i, lower in enumerate(bucket_map.lowers) if low <= sort_key(lower) < high]
+        keys = [bucket_map.keys[i] for i in inside]
+        covered = {k: m for k, m in ledger.dirty.items() if low <= sort_key(m.lower) < high}
+        after = max([span.time, *(m.time for m in covered.values())])
+        self.outcome.rounds += 1
+        self.reporter.message(
+            f"{self.source.label}: split first load, range {key} {Bucket(key, span.lower, span.upper).describe()}"
+        )
+        files = self._files(keys)
+        # As a first load: the map is saved once the range is read, before the range is marked done.
+        touched = self._pass(
+            bucket_map, [(inside[0], inside[-1])], after, True, skip_unchanged=False, fresh=frozenset(keys)
+        )
+        self._save_map(bucket_map)
+        self.lease.check()
+
+        def finish(led: Ledger) -> None:
+            led.clear(covered, None, touched)
+            led.finish_ranges(touched)
+
+        self.store.update(finish)
+        self.outcome.buckets = len(touched)
+        self.outcome.documents = sum(f.documents for k in touched if (f := files.get(k)) is not None)
 
     def summarise(self) -> None:
         self.reporter.message(
@@ -404,6 +510,7 @@ class _CollectionSync:
         first_load: bool,
         skip_unchanged: bool,
         force: bool = False,
+        fresh: frozenset[str] | set[str] = frozenset(),
     ) -> set[str]:
         """One ordered read per span; every bucket of a span is written (or found current)."""
         touched: set[str] = set()
@@ -416,13 +523,16 @@ class _CollectionSync:
         expected = sum(b - a + 1 for a, b in spans)
         if total is not None:
             expected = max(expected, total // max(1, self.spec.bucket_size))
-        # Writer processes cost a second or two to start: worth it only for several buckets.
-        workers = self.settings.workers if expected > 2 else 1
+        # Writer processes cost a second or two to start: worth it only for several buckets
+        # (a split range, read for the first time, is many).
+        workers = self.settings.workers if expected > 2 or fresh else 1
         with _Writers(workers, self.targets.lake_spec) as writers:
             for first, last in spans:
                 lower = bucket_map.lowers[first]
                 upper = bucket_map.lowers[last + 1] if last + 1 < len(bucket_map.lowers) else MaxKey()
-                cutter = BucketCutter(bucket_map, first, last, self.spec.bucket_size, self.spec.bucket_bytes)
+                cutter = BucketCutter(
+                    bucket_map, first, last, self.spec.bucket_size, self.spec.bucket_bytes, fresh
+                )
                 for _id, raw in range_documents(self.client, self.source, lower, upper, after):
                     read_docs += 1
                     read_bytes += len(raw)
@@ -479,7 +589,7 @@ class _CollectionSync:
         added = [k for k in bucket_map.keys if k not in known]
 
         def save(ledger: Ledger) -> None:
-            ledger.lowers, ledger.bucket_size = lowers, bucket_map.bucket_size
+            ledger.add_lowers(lowers, bucket_map.bucket_size)  # range runs add theirs at the same time
 
         self.store.update(save)
         if added:

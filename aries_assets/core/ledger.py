@@ -8,6 +8,9 @@ It lives in the lake at `<db>/<collection>/_aries/ledger.json` and holds
 - the **dirty buckets**: for each, the `_id` range it covered when the change was
   recorded and the cluster time of the newest change it must include;
 - a **re-read** request, when history was lost or a full pass was asked for;
+- for a first load split into `_id`-range runs (`aries split`): the **ranges** whose run
+  has not finished, and whether the collection-wide steps (schema, orphans, Glue, the
+  warehouse) still wait for a whole-collection run (**unsettled**);
 - the outcome of the last run, for `aries status` and the UI.
 
 Every update is a compare-and-swap on the file (`Lake.write_if`), so the sensor
@@ -22,6 +25,7 @@ Beside it, `lease.json` names the one writer of the collection; see `Lease`.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import json
 import os
@@ -34,12 +38,15 @@ from typing import Any
 
 from bson import Timestamp, json_util
 
-from aries_assets.core.buckets import BucketMap
+from aries_assets.core.buckets import BucketMap, bucket_key
 from aries_assets.core.lake import STATE_DIR, Lake, bucket_map_file, collection_prefix, safe_segment
 from aries_assets.core.ordering import sort_key
 
 _CANONICAL = json_util.CANONICAL_JSON_OPTIONS
 LEDGER_VERSION = 1
+# Inside an unfinished range of a split first load, changes mark their `_id` (the range's buckets are
+# being cut); past this many such marks, whole buckets, so the ledger stays small.
+MAX_ID_MARKS = 10_000
 
 
 class LedgerConflict(RuntimeError):
@@ -78,6 +85,14 @@ class DirtyBucket:
     time: Timestamp  # cluster time of the newest change the bucket's file must include
     since: str = field(default_factory=now_iso)  # when it first became dirty
 
+    def overlaps(self, low: tuple, high: tuple) -> bool:
+        """Whether the mark touches the bucket [low, high) (sort keys). A mark whose bounds are equal
+        is one changed `_id`: it touches the one bucket holding it."""
+        lower, upper = sort_key(self.lower), sort_key(self.upper)
+        if lower == upper:
+            return low <= lower < high
+        return low < upper and lower < high
+
     def merge(self, other: DirtyBucket) -> None:
         """Widen to cover both marks (the bucket map may have changed between them)."""
         if sort_key(other.upper) > sort_key(self.upper):
@@ -93,6 +108,8 @@ class Ledger:
     bucket_size: int = 0
     dirty: dict[str, DirtyBucket] = field(default_factory=dict)
     reread: dict[str, Any] | None = None  # {"reason": str, "time": Timestamp}
+    ranges: dict[str, DirtyBucket] = field(default_factory=dict)  # a split first load's unfinished ranges
+    unsettled: str | None = None  # why the collection-wide steps wait for a whole-collection run
     last_run: dict[str, Any] = field(default_factory=dict)  # outcome of the last run that finished
 
     # --- the bucket map ------------------------------------------------------------------------
@@ -106,6 +123,63 @@ class Ledger:
             raise ValueError(f"{self.collection}: no bucket map yet (first load pending)")
         return BucketMap(self.bucket_size, list(self.lowers))
 
+    def add_lowers(self, lowers: list[Any], bucket_size: int) -> None:
+        """Merge bucket boundaries into the map: boundaries never move, so runs writing different
+        ranges at once each add theirs and none is lost."""
+        self.bucket_size = bucket_size
+        if self.lowers is None:
+            self.lowers = list(lowers)
+            return
+        merged = self.bucket_map()
+        for lower in lowers:
+            merged.add_lower(lower)
+        self.lowers = merged.lowers
+
+    # --- a split first load ---------------------------------------------------------------------
+
+    def split(self, lowers: list[Any], bucket_size: int, now: Timestamp) -> list[str]:
+        """Record a first load split into `_id` ranges: each range is a bucket, dirty until its run
+        (or a whole-collection run) has written it; returns the ranges' keys."""
+        if self.loaded:
+            raise ValueError(
+                f"{self.collection}: it has a bucket map already (its first load ran or was split); "
+                "only a first load can be split"
+            )
+        self.lowers, self.bucket_size = list(lowers), bucket_size
+        self.advance(now)
+        for bucket in self.bucket_map().buckets:
+            self.mark(bucket.key, DirtyBucket(bucket.lower, bucket.upper, now))
+            self.ranges[bucket.key] = DirtyBucket(bucket.lower, bucket.upper, now)
+        self.unsettled = "a split first load"
+        return list(self.ranges)
+
+    def range_bucket_keys(self) -> set[str]:
+        """The buckets inside unfinished ranges: loaded for the first time, cut as soon as full."""
+        if not self.ranges or self.lowers is None:
+            return set()
+        spans = [(sort_key(r.lower), sort_key(r.upper)) for r in self.ranges.values()]
+        return {
+            b.key
+            for b in self.bucket_map().buckets
+            if any(low <= sort_key(b.lower) < high for low, high in spans)
+        }
+
+    def finish_ranges(self, written: set[str]) -> None:
+        """Drop the ranges whose every bucket was written (a range run's, or a whole-collection run's)."""
+        if not self.ranges:
+            return
+        buckets = self.bucket_map().buckets
+        for key, span in list(self.ranges.items()):
+            low, high = sort_key(span.lower), sort_key(span.upper)
+            inside = [b.key for b in buckets if low <= sort_key(b.lower) < high]
+            if all(k in written for k in inside):
+                del self.ranges[key]
+
+    def settled(self) -> None:
+        """A whole-collection run settled schema, orphans, Glue and warehouse after every range."""
+        if not self.ranges:
+            self.unsettled = None
+
     # --- changes --------------------------------------------------------------------------------
 
     def mark_ids(self, ids_with_times: list[tuple[Any, Timestamp]]) -> int:
@@ -114,14 +188,21 @@ class Ledger:
             return 0  # the first load reads everything after the position anyway
         bucket_map = self.bucket_map()
         buckets = bucket_map.buckets
+        fresh = self.range_bucket_keys()
+        id_marks = sum(1 for k in self.dirty if k.startswith("id:"))
         marked: dict[str, DirtyBucket] = {}
         for _id, when in ids_with_times:
             bucket = buckets[bucket_map.index_of(_id)]
-            mark = DirtyBucket(bucket.lower, bucket.upper, when)
-            if bucket.key in marked:
-                marked[bucket.key].merge(mark)
+            if bucket.key in fresh and id_marks < MAX_ID_MARKS:
+                # The range's run cuts this bucket as it reads: only the document's future bucket is stale.
+                key, mark = f"id:{bucket_key(_id)}", DirtyBucket(_id, _id, when)
+                id_marks += key not in self.dirty and key not in marked
             else:
-                marked[bucket.key] = mark
+                key, mark = bucket.key, DirtyBucket(bucket.lower, bucket.upper, when)
+            if key in marked:
+                marked[key].merge(mark)
+            else:
+                marked[key] = mark
         for key, mark in marked.items():
             self.mark(key, mark)
         return len(marked)
@@ -142,8 +223,12 @@ class Ledger:
             return "first load"
         if self.reread:
             return f"re-read: {self.reread['reason']}"
+        if self.ranges:
+            return f"split first load: {len(self.ranges)} ranges waiting for their range runs"
         if self.dirty:
             return f"{len(self.dirty)} dirty buckets"
+        if self.unsettled:
+            return f"settle after {self.unsettled}: schema, orphans, Glue, warehouse"
         return None
 
     def note_run(self, status: str, at: str, details: dict[str, Any]) -> None:
@@ -177,10 +262,8 @@ class Ledger:
         keys = []
         for bucket in bucket_map.buckets:
             low, high = sort_key(bucket.lower), sort_key(bucket.upper)
-            for mark in self.dirty.values():
-                if low < sort_key(mark.upper) and sort_key(mark.lower) < high:
-                    keys.append(bucket.key)
-                    break
+            if any(mark.overlaps(low, high) for mark in self.dirty.values()):
+                keys.append(bucket.key)
         return keys
 
     def newest_dirty_time(self) -> Timestamp | None:
@@ -200,8 +283,7 @@ class Ledger:
             mark = self.dirty.get(key)
             if mark is None or mark.time > seen.time:
                 continue
-            low, high = sort_key(mark.lower), sort_key(mark.upper)
-            overlapping = [b.key for b in buckets if sort_key(b.lower) < high and low < sort_key(b.upper)]
+            overlapping = [b.key for b in buckets if mark.overlaps(sort_key(b.lower), sort_key(b.upper))]
             if all(k in written for k in overlapping):
                 del self.dirty[key]
         if reread and self.reread and self.reread["time"] <= reread["time"]:
@@ -221,6 +303,11 @@ class Ledger:
                 for k, m in sorted(self.dirty.items())
             },
             "reread": self.reread,
+            "ranges": {
+                k: {"lower": r.lower, "upper": r.upper, "time": r.time, "since": r.since}
+                for k, r in sorted(self.ranges.items())
+            },
+            "unsettled": self.unsettled,
             "last_run": self.last_run,
         }
         return json_util.dumps(body, json_options=_CANONICAL, indent=1)
@@ -238,6 +325,11 @@ class Ledger:
                 for k, m in body.get("dirty", {}).items()
             },
             reread=body.get("reread"),
+            ranges={
+                k: DirtyBucket(r["lower"], r["upper"], r["time"], r.get("since", now_iso()))
+                for k, r in (body.get("ranges") or {}).items()
+            },
+            unsettled=body.get("unsettled"),
             last_run=body.get("last_run") or {},
         )
 
@@ -300,6 +392,7 @@ class LeaseInfo:
     pid: int
     run_id: str | None
     expires_at: float
+    range: str | None = None  # the range of a split first load this holder writes; None: the whole collection
 
     @property
     def expired(self) -> bool:
@@ -308,22 +401,64 @@ class LeaseInfo:
     def describe(self) -> str:
         left = self.expires_at - time.time()
         run = f", run {self.run_id}" if self.run_id else ""
+        part = f", range {self.range}" if self.range else ""
         state = f"expires in {left:.0f}s" if left > 0 else "expired"
-        return f"{self.holder} (pid {self.pid} on {self.host}{run}; {state})"
+        return f"{self.holder} (pid {self.pid} on {self.host}{run}{part}; {state})"
+
+    def to_dict(self) -> dict[str, Any]:
+        body = {k: v for k, v in self.__dict__.items() if k != "range" or v is not None}
+        return body | {"expires_at_iso": _iso(self.expires_at)}
 
     def to_json(self) -> str:
-        return json.dumps(self.__dict__ | {"expires_at_iso": _iso(self.expires_at)})
+        return json.dumps(self.to_dict())
+
+    @classmethod
+    def from_dict(cls, body: dict[str, Any]) -> LeaseInfo:
+        return cls(
+            body["holder"],
+            body["host"],
+            int(body["pid"]),
+            body.get("run_id"),
+            float(body["expires_at"]),
+            body.get("range"),
+        )
 
     @classmethod
     def from_json(cls, text: str) -> LeaseInfo:
-        body = json.loads(text)
-        return cls(
-            body["holder"], body["host"], int(body["pid"]), body.get("run_id"), float(body["expires_at"])
-        )
+        return cls.from_dict(json.loads(text))
 
 
 def _iso(seconds: float) -> str:
     return datetime.datetime.fromtimestamp(seconds, datetime.UTC).isoformat(timespec="seconds")
+
+
+@dataclass
+class _LeaseFile:
+    """`lease.json`: the collection writer (at the top level, as before ranges existed) and the
+    range runs of a split first load under `ranges`, one entry per range."""
+
+    writer: LeaseInfo | None = None
+    ranges: dict[str, LeaseInfo] = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, text: str | None) -> _LeaseFile:
+        if not text:
+            return cls()
+        body = json.loads(text)
+        writer = LeaseInfo.from_dict(body) if body.get("holder") else None
+        return cls(writer, {k: LeaseInfo.from_dict(v) for k, v in (body.get("ranges") or {}).items()})
+
+    def to_json(self) -> str:
+        body = self.writer.to_dict() if self.writer else {}
+        if self.ranges:
+            body["ranges"] = {k: v.to_dict() for k, v in sorted(self.ranges.items())}
+        return json.dumps(body)
+
+    def live_writer(self) -> LeaseInfo | None:
+        return self.writer if self.writer is not None and not self.writer.expired else None
+
+    def live_ranges(self) -> dict[str, LeaseInfo]:
+        return {k: v for k, v in self.ranges.items() if not v.expired}
 
 
 class Lease:
@@ -333,15 +468,24 @@ class Lease:
     If-None-Match / If-Match on S3). A holder that dies stops renewing, the lease
     expires after `ttl` seconds, and the next writer takes it over and repairs
     whatever was left half done (the ledger still lists the unfinished buckets).
+
+    With `range_key`, the lease is shared: the range runs of a split first load
+    hold the collection together, one entry per range in the same file, while a
+    collection writer waits until none is live (and they wait while it is).
+    Whoever takes over an expired holder rewrites the file, so a holder that was
+    only paused finds its entry gone at its next renewal and stops.
     """
 
+    ATTEMPTS = 50
+
     def __init__(self, lake: Lake, database: str, collection: str, holder: str, run_id: str | None = None,
-                 ttl: float = 30.0) -> None:  # fmt: skip
+                 ttl: float = 30.0, range_key: str | None = None) -> None:  # fmt: skip
         self.lake = lake
         self.label = f"{database}.{collection}"
         self.path = lease_file(database, collection)
         self.ttl = ttl
-        self.me = LeaseInfo(holder, socket.gethostname(), os.getpid(), run_id, 0.0)
+        self.range_key = range_key
+        self.me = LeaseInfo(holder, socket.gethostname(), os.getpid(), run_id, 0.0, range_key)
         self._version: str | None = None
         self._expires_at = 0.0
         self._stop = threading.Event()
@@ -349,37 +493,64 @@ class Lease:
         self.lost: str | None = None
 
     def current(self) -> LeaseInfo | None:
-        text, _ = self.lake.read_versioned(self.path)
-        return LeaseInfo.from_json(text) if text else None
+        """The collection writer named in the file (expired or not), if any."""
+        return self._read()[0].writer
+
+    def range_holders(self) -> dict[str, LeaseInfo]:
+        """The live range runs of a split first load, by range."""
+        return self._read()[0].live_ranges()
+
+    def _read(self) -> tuple[_LeaseFile, str | None]:
+        text, version = self.lake.read_versioned(self.path)
+        return _LeaseFile.parse(text), version
 
     def try_acquire(self) -> LeaseInfo | None:
         """Take the lease if it is free or expired; return the other holder if not."""
-        text, version = self.lake.read_versioned(self.path)
-        if text:
-            other = LeaseInfo.from_json(text)
-            if not other.expired and not self._is_me(other):
-                return other
-        mine = self._renewed()
-        new_version = self.lake.write_if(self.path, mine.to_json(), version)
-        if new_version is None:
-            return self.current() or mine  # someone else won the race
-        self._expires_at, self._version = mine.expires_at, new_version
-        return None
+        for attempt in range(self.ATTEMPTS):
+            found, version = self._read()
+            writer = found.live_writer()
+            if writer is not None and not self._is_me(writer):
+                return writer
+            mine = self._renewed()
+            if self.range_key is None:
+                live = [r for r in found.live_ranges().values() if not self._is_me(r)]
+                if live:
+                    return live[0]
+                updated = _LeaseFile(mine)  # expired range entries are dropped: their holders stop
+            else:
+                other = found.live_ranges().get(self.range_key)
+                if other is not None and not self._is_me(other):
+                    return other
+                updated = _LeaseFile(found.writer, found.live_ranges() | {self.range_key: mine})
+            new_version = self.lake.write_if(self.path, updated.to_json(), version)
+            if new_version is not None:
+                self._expires_at, self._version = mine.expires_at, new_version
+                return None
+            time.sleep(min(0.2, 0.01 * (attempt + 1)))  # another holder wrote the file first: read again
+        raise LeaseHeld(f"{self.label}: the lease at {self.lake.uri(self.path)} kept changing; try again")
 
     def acquire(self, wait: float, on_wait: Callable[[LeaseInfo], None] | None = None) -> None:
-        """Take the lease, waiting up to `wait` seconds (telling `on_wait` who holds it), then renew it."""
+        """Take the lease, waiting up to `wait` seconds (telling `on_wait` who holds it), then renew it.
+
+        A collection writer waits for range runs however long they take: each ends, or
+        expires once its holder dies, and new ones cannot start while it holds the lease.
+        """
         deadline = time.monotonic() + wait
         told: LeaseInfo | None = None
         while True:
             other = self.try_acquire()
             if other is None:
                 break
+            if other.range is not None and self.range_key is None:
+                deadline = max(deadline, time.monotonic() + wait)
             if time.monotonic() >= deadline:
                 raise LeaseHeld(
                     f"{self.label}: another writer holds the lease: {other.describe()}; "
                     "it is released when that writer finishes, or expires if it died; try again then"
                 )
-            if on_wait and (told is None or told.holder != other.holder or told.pid != other.pid):
+            if on_wait and (
+                told is None or (told.holder, told.pid, told.range) != (other.holder, other.pid, other.range)
+            ):
                 on_wait(other)
                 told = other
             time.sleep(min(1.0, max(0.05, other.expires_at - time.time())))
@@ -387,10 +558,12 @@ class Lease:
         self._thread.start()
 
     def _is_me(self, other: LeaseInfo) -> bool:
-        return (other.holder, other.host, other.pid) == (self.me.holder, self.me.host, self.me.pid)
+        mine = (self.me.holder, self.me.host, self.me.pid, self.me.range)
+        return (other.holder, other.host, other.pid, other.range) == mine
 
     def _renewed(self) -> LeaseInfo:
-        return LeaseInfo(self.me.holder, self.me.host, self.me.pid, self.me.run_id, time.time() + self.ttl)
+        me = self.me
+        return LeaseInfo(me.holder, me.host, me.pid, me.run_id, time.time() + self.ttl, me.range)
 
     def _heartbeat(self) -> None:
         while not self._stop.wait(self.ttl / 3):
@@ -403,14 +576,39 @@ class Lease:
                     return
 
     def renew(self) -> None:
+        if self.range_key is not None:
+            self._renew_range()
+            return
         mine = self._renewed()
-        new_version = self.lake.write_if(self.path, mine.to_json(), self._version)
+        new_version = self.lake.write_if(self.path, _LeaseFile(mine).to_json(), self._version)
         if new_version is None:
             other = self.current()
             self.lost = f"the lease was taken over by {other.describe() if other else 'nobody'}"
             self._stop.set()
             return
         self._expires_at, self._version = mine.expires_at, new_version
+
+    def _renew_range(self) -> None:
+        """Renew this range's entry; other range runs renew theirs in the same file, so read first."""
+        for attempt in range(self.ATTEMPTS):
+            found, version = self._read()
+            entry = found.ranges.get(self.range_key)
+            writer = found.live_writer()
+            if entry is None or not self._is_me(entry) or writer is not None:
+                taker = writer or entry
+                self.lost = (
+                    f"the lease was taken over by {taker.describe() if taker else 'a collection writer'}"
+                )
+                self._stop.set()
+                return
+            mine = self._renewed()
+            found.ranges[self.range_key] = mine
+            new_version = self.lake.write_if(self.path, found.to_json(), version)
+            if new_version is not None:
+                self._expires_at, self._version = mine.expires_at, new_version
+                return
+            time.sleep(min(0.2, 0.01 * (attempt + 1)))
+        raise LeaseHeld(f"{self.label}: the lease at {self.lake.uri(self.path)} kept changing while renewing")
 
     def check(self) -> None:
         """Raise if the lease was lost: the caller must not publish anything more."""
@@ -423,8 +621,19 @@ class Lease:
             self._thread.join(timeout=5)
         if self.lost:
             return
-        released = LeaseInfo(self.me.holder, self.me.host, self.me.pid, self.me.run_id, 0.0)
-        self.lake.write_if(self.path, released.to_json(), self._version)
+        if self.range_key is None:
+            released = dataclasses.replace(self.me, expires_at=0.0)
+            self.lake.write_if(self.path, _LeaseFile(released).to_json(), self._version)
+            return
+        for _ in range(self.ATTEMPTS):
+            found, version = self._read()
+            entry = found.ranges.get(self.range_key)
+            if entry is None or not self._is_me(entry):
+                return  # taken over meanwhile: nothing of ours to give back
+            del found.ranges[self.range_key]
+            if self.lake.write_if(self.path, found.to_json(), version) is not None:
+                return
+            time.sleep(0.02)
 
     def __enter__(self) -> Lease:
         return self

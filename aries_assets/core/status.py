@@ -64,9 +64,13 @@ def collection_status(
         status.stream_position = ledger.position.as_datetime().isoformat(timespec="seconds")
         if cluster_time is not None:
             status.lag_seconds = max(0.0, float(cluster_time.time - ledger.position.time))
-    holder = Lease(lake, source.database, source.collection, "status").current()
+    lease = Lease(lake, source.database, source.collection, "status")
+    holder = lease.current()
     if holder is not None and not holder.expired:
         status.lease = holder.describe()
+    ranges = lease.range_holders()
+    if ranges:
+        status.lease = f"{len(ranges)} range runs: " + "; ".join(r.describe() for r in ranges.values())
     if not ledger.loaded:
         return status
     keys = ledger.bucket_map().keys
