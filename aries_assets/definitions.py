@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import dagster as dg
-from dagster_aws.athena import AthenaClientResource
-from dagster_aws.s3 import S3Resource
 
 from aries_assets.config import AriesConfig, load_config
 from aries_assets.core.changes import scopes_of
@@ -19,11 +17,14 @@ def build_definitions(config: AriesConfig) -> dg.Definitions:
         "mongo": MongoResource(uri=config.mongo_uri),
         "lake": LakeResource(
             url=config.lake_url,
-            s3=S3Resource(endpoint_url=config.lake_endpoint_url, region_name=config.lake_region),
+            endpoint_url=config.lake_endpoint_url,
+            region_name=config.lake_region,
         ),
     }
     if config.lake_on_s3:
         # For users who query the lake where it is registered: Athena over the Glue tables.
+        from dagster_aws.athena import AthenaClientResource
+
         resources["athena"] = AthenaClientResource()
     warehouse_kind = None
     if config.warehouse_url:

@@ -8,8 +8,6 @@ from urllib.parse import unquote, urlsplit
 
 import dagster as dg
 import psycopg2
-from dagster_aws.redshift import RedshiftClientResource
-from dagster_aws.s3 import S3Resource
 from pydantic import Field as PydanticField
 from pymongo import MongoClient
 from pymongo.errors import OperationFailure, PyMongoError
@@ -59,32 +57,42 @@ class MongoResource(dg.ConfigurableResource):
 
 
 class LakeResource(dg.ConfigurableResource):
-    """Where bucket files go: a directory, or s3://bucket/prefix through dagster-aws's S3Resource."""
+    """Where bucket files go: a directory, or s3://bucket/prefix through dagster-aws's S3Resource.
+
+    dagster-aws takes seconds to import, paid by every run's process start: it is imported
+    only when the lake is on S3.
+    """
 
     url: str = PydanticField(description="directory path or s3://bucket/prefix")
-    s3: S3Resource
+    endpoint_url: str | None = PydanticField(default=None, description="S3: endpoint URL (MinIO, moto)")
+    region_name: str | None = PydanticField(default=None, description="S3: region")
 
     def open(self) -> Lake:
         url = expand_url(self.url, "lake.url")
         parts = urlsplit(url)
         if parts.scheme == "s3":
-            return S3Lake(self.expanded_s3().get_client(), parts.netloc, parts.path)
+            return S3Lake(self.s3().get_client(), parts.netloc, parts.path)
         return LocalLake(parts.path if parts.scheme == "file" else url)
 
     def spec(self) -> LakeSpec:
         """The lake as plain values, for writer processes that open it again."""
-        s3 = self.expanded_s3()
-        return LakeSpec(expand_url(self.url, "lake.url"), s3.endpoint_url, s3.region_name)
+        endpoint, region = self._expanded()
+        return LakeSpec(expand_url(self.url, "lake.url"), endpoint, region)
 
-    def expanded_s3(self) -> S3Resource:
-        """The S3 resource with its `${VAR}` references read from the environment, for this use only."""
-        endpoint, region = self.s3.endpoint_url, self.s3.region_name
-        return self.s3.model_copy(
-            update={
-                "endpoint_url": expand_url(endpoint, "lake.endpoint_url") if endpoint else endpoint,
-                "region_name": expand_env(region, "lake.region") if region else region,
-            }
+    def _expanded(self) -> tuple[str | None, str | None]:
+        """Endpoint and region with their `${VAR}` references read from the environment, for this use only."""
+        endpoint, region = self.endpoint_url, self.region_name
+        return (
+            expand_url(endpoint, "lake.endpoint_url") if endpoint else endpoint,
+            expand_env(region, "lake.region") if region else region,
         )
+
+    def s3(self):
+        """dagster-aws's S3Resource for the lake's endpoint and region."""
+        from dagster_aws.s3 import S3Resource
+
+        endpoint, region = self._expanded()
+        return S3Resource(endpoint_url=endpoint, region_name=region)
 
     @property
     def kind(self) -> str:
@@ -94,8 +102,8 @@ class LakeResource(dg.ConfigurableResource):
         """A Glue client in the lake's region and endpoint (same credentials as S3)."""
         import boto3
 
-        s3 = self.expanded_s3()
-        return boto3.client("glue", region_name=s3.region_name, endpoint_url=s3.endpoint_url)
+        endpoint, region = self._expanded()
+        return boto3.client("glue", region_name=region, endpoint_url=endpoint)
 
 
 class WarehouseResource(dg.ConfigurableResource):
@@ -129,8 +137,10 @@ class WarehouseResource(dg.ConfigurableResource):
         return expand_env(self.url, "warehouse.url").split(":", 1)[0].replace("postgresql", "postgres")
 
 
-def redshift_resource(url: str) -> RedshiftClientResource:
+def redshift_resource(url: str):
     """dagster-aws's Redshift resource for a redshift://user:password@host:port/database URL."""
+    from dagster_aws.redshift import RedshiftClientResource
+
     parts = urlsplit(url)
     return RedshiftClientResource(
         host=parts.hostname or "",
@@ -141,7 +151,7 @@ def redshift_resource(url: str) -> RedshiftClientResource:
     )
 
 
-def redshift_conn_args(resource: RedshiftClientResource) -> dict:
+def redshift_conn_args(resource) -> dict:
     """The connection RedshiftClientResource's client opens, for a transaction spanning several statements."""
     return {
         "host": resource.host,

@@ -16,7 +16,6 @@ import pytest
 import yaml
 from botocore.exceptions import BotoCoreError
 from bson import ObjectId
-from dagster_aws.s3 import S3Resource
 from pymongo import MongoClient
 
 from aries_assets.config import ConfigError, expand_url, load_config
@@ -92,7 +91,8 @@ def test_every_string_key_may_reference_the_environment(workdir, env):
 
     lake = LakeResource(
         url=config.lake_url,
-        s3=S3Resource(endpoint_url=config.lake_endpoint_url, region_name=config.lake_region),
+        endpoint_url=config.lake_endpoint_url,
+        region_name=config.lake_region,
     )
     store = lake.open()
     assert store.url == "s3://lake-bucket/raw"
