@@ -590,9 +590,11 @@ def _converter(type_name: str):
     """value -> what pyarrow ingests for this column type, or _OUTLIER."""
     if type_name.startswith("list<"):
         element = _converter(type_name[5:-1])
+        accepts = s.accepted_kinds(type_name[5:-1])
 
         def convert_list(values: list[Any]) -> Any:
-            out = [None if e is None else element(e) for e in values]
+            # An element its type does not take makes the whole array an outlier, as a scalar would be.
+            out = [None if e is None else element(e) if kind_of(e) in accepts else _OUTLIER for e in values]
             return _OUTLIER if any(e is _OUTLIER for e in out) else out
 
         return convert_list
