@@ -64,8 +64,9 @@ _KIND_BY_TYPE: dict[type, str] = {
     dict: s.DOCUMENT,
 }
 _OUTLIER = object()
-# Converted at a time: the transient copies (JSON text, decoded documents) are a few times this.
-CHUNK_BYTES = 4 * 1024 * 1024
+# Converted and written at a time (a row group): the transient copies (JSON text, decoded documents)
+# are a few times this, and the exact path's Python objects about ten times.
+CHUNK_BYTES = 2 * 1024 * 1024
 # Raw BSON of a bucket whose decoded values the exact path keeps (about ten times this in Python objects).
 KEEP_DECODED_BYTES = 8 * 1024 * 1024
 # A bucket whose chunks the columnar path refused this often in a row is messy throughout: stop trying.
