@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import json
 import random
 import uuid
 from collections import Counter
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import bson
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from bson import (
     Binary,
@@ -28,6 +30,7 @@ from bson.min_key import MinKey
 
 from aries_assets.core import schema as s
 from aries_assets.core.arrow import CODEC_OPTIONS, BucketConverter, ColumnarBatch, id_key
+from aries_assets.core.snapshot import convert_to_parquet
 from aries_assets_tests.test_messy import messy_documents
 
 UTC = datetime.UTC
@@ -280,3 +283,55 @@ def test_id_key_is_json_util_canonical():
     for value in [ObjectId(), "Zürich \"q\"", "", 0, -(2**31), 2**31 - 1, 2**31, -(2**31) - 1, Int64(5),
                   2.5, {"a": 1}, [1], Decimal128("1.5"), datetime.datetime(2020, 1, 1, tzinfo=UTC), True]:  # fmt: skip
         assert id_key(value) == json_util.dumps(value, json_options=json_util.CANONICAL_JSON_OPTIONS)
+
+
+def streamed(documents: list[dict], tmp_path, name: str, options: s.SchemaOptions = DEFAULTS):
+    """A bucket file written chunk by chunk, the way `write_bucket` writes one, read back whole."""
+    raws = [bson.encode(d, codec_options=CODEC_OPTIONS) for d in documents]
+    path = str(tmp_path / f"{name}.parquet")
+    converted = convert_to_parquet(path, raws, lambda stats: s.resolve_schema(stats, None, options), options)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(f"{name}.parquet.")], "a run file left"
+    return converted, pq.read_table(path), pq.read_metadata(path).metadata
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "steady",
+        "a field only at the end",
+        "a type that widens at the end",
+        "a type conflict at the end",
+        "messy",
+    ],
+)
+def test_a_bucket_streamed_in_chunks_is_the_exact_paths_file(case, tmp_path, monkeypatch):
+    """Written a small chunk at a time, while the schema still changes: the same file as the exact path's."""
+    from aries_assets.core import arrow
+
+    documents = events(300)
+    if case == "messy":  # schemas change from chunk to chunk
+        documents = messy_documents() + documents
+    elif case == "a field only at the end":  # carried over: the rows before hold no value for it
+        documents.append({"_id": ObjectId(), "blob": "x" * 5000, "bytes": Binary(b"\xff" * 10)})
+    elif case == "a type that widens at the end":  # converted again: an int32 column becomes int64
+        documents.append({"_id": ObjectId(), "bytes": Int64(2**40)})
+    elif case == "a type conflict at the end":
+        documents += [{"_id": ObjectId(), "type": i} for i in range(300)]
+    monkeypatch.setattr(arrow, "CHUNK_BYTES", 4096)
+    converted, table, metadata = streamed(documents, tmp_path, "bucket")
+    stats, exact, outliers, _ = convert(documents, DEFAULTS, 1000, fast=False)
+    assert converted.stats.to_json() == stats.to_json()
+    assert converted.outliers == dict(outliers)
+    assert table.schema.remove_metadata() == exact.schema.remove_metadata()
+    assert table.column("_doc").to_pylist() == exact.column("_doc").to_pylist()
+    for name in exact.column_names:
+        assert comparable(table.column(name)) == comparable(exact.column(name)), name
+    assert metadata[b"aries.type_stats"].decode() == stats.to_json()
+    assert json.loads(metadata[b"aries.outliers"]) == dict(outliers)
+    assert pq.ParquetFile(tmp_path / "bucket.parquet").num_row_groups > 1, "one row group per chunk"
+
+
+def test_an_empty_bucket_streams_to_a_file_with_no_rows(tmp_path):
+    converted, table, _ = streamed([], tmp_path, "empty")
+    assert table.num_rows == 0 and table.column_names == ["_id", "_doc", "_id_key"]
+    assert converted.stats.documents == 0

@@ -23,14 +23,13 @@ def test_crash_mid_write_keeps_the_previous_file_and_the_next_sync_repairs(
     before = path.read_bytes()
 
     coll.update_many({}, {"$set": {"v": "new"}})
-    original = BucketConverter.tables
+    original = BucketConverter.table
 
-    def crash_after_first_batch(self, schema, outliers):
-        tables = original(self, schema, outliers)
-        yield next(tables)
+    def crash_after_first_chunk(self, batch, schema, outliers):
+        original(self, batch, schema, outliers)
         raise MemoryError("simulated crash")
 
-    monkeypatch.setattr(BucketConverter, "tables", crash_after_first_batch)
+    monkeypatch.setattr(BucketConverter, "table", crash_after_first_chunk)
     code, out, err = run_cli("sync", "--workers", "1")
     assert code == 1 and f"{database}.docs" in out + err and "could not write bucket first" in out + err
     assert path.read_bytes() == before
@@ -38,7 +37,7 @@ def test_crash_mid_write_keeps_the_previous_file_and_the_next_sync_repairs(
     ledger = LedgerStore(LocalLake(workdir / "lake"), database, "docs").load()
     assert "first" in ledger.dirty, "the bucket stays dirty until a file covering the change is written"
 
-    monkeypatch.setattr(BucketConverter, "tables", original)
+    monkeypatch.setattr(BucketConverter, "table", original)
     assert run_cli("sync", "--workers", "1")[0] == 0  # no new change: the ledger alone asks for the rewrite
     assert set(pq.read_table(path).column("v").to_pylist()) == {"new"}
     assert not LedgerStore(LocalLake(workdir / "lake"), database, "docs").load().dirty

@@ -192,3 +192,18 @@ def test_id_strings():
     assert id_string("abc") == "abc"
     assert id_string(Int64(5)) == "5"
     assert id_string(2.5) == '{"$numberDouble": "2.5"}'
+
+
+def test_a_list_override_counts_arrays_its_elements_do_not_fit_as_outliers():
+    documents = [{"_id": 0, "tags": [1, 2]}, {"_id": 1, "tags": ["a", "b"]}, {"_id": 2, "tags": [3, None]}]
+    documents += [{"_id": 3, "tags": [2**40]}, {"_id": 4, "tags": [1.5]}, {"_id": 5, "tags": []}]
+    options = s.SchemaOptions(overrides={"tags": "list<int32>"})
+    for fast in (True, False):
+        converter = BucketConverter(options, fast=fast)
+        converter.add([bson.encode(d) for d in documents])
+        schema = s.resolve_schema(converter.stats, None, options)
+        outliers = Counter()
+        table = next(converter.tables(schema, outliers))
+        assert outliers == {"tags": 3}, fast
+        assert table.column("tags").to_pylist() == [[1, 2], None, [3, None], None, None, []]
+        assert json_util.loads(table.column("_doc").to_pylist()[1])["tags"] == ["a", "b"]

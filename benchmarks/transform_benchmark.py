@@ -28,7 +28,6 @@ import sys
 import tempfile
 import time
 import uuid
-from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
@@ -44,8 +43,8 @@ sys.path[:0] = [str(REPO), str(Path(__file__).resolve().parent)]
 from sync_benchmark import event  # noqa: E402
 
 from aries_assets.core import schema as s  # noqa: E402
-from aries_assets.core.arrow import BucketConverter, arrow_schema_of  # noqa: E402
 from aries_assets.core.extract import DEFAULT_BATCH_BYTES  # noqa: E402
+from aries_assets.core.snapshot import convert_to_parquet  # noqa: E402
 
 SAMPLE_DIRS = [
     REPO.parent / "shared" / "datasets" / "mongodb-sample",
@@ -155,16 +154,7 @@ def write_parquet(tables) -> int:
 
 
 def aries(batches: list[list[bytes]]) -> None:
-    converter = BucketConverter()
-    for batch in batches:
-        converter.add(batch)
-    schema = s.resolve_schema(converter.stats, None, s.SchemaOptions())
-    outliers: Counter = Counter()
-    buffer = io.BytesIO()
-    writer = pq.ParquetWriter(buffer, arrow_schema_of(schema), compression="zstd")
-    for table in converter.tables(schema, outliers):
-        writer.write_table(table)
-    writer.close()
+    write_bucket([raw for batch in batches for raw in batch])
 
 
 def _pymongoarrow_tables(batches: list[list[bytes]], with_doc: bool):
@@ -265,7 +255,7 @@ def rss_child(path: str) -> None:
     import psutil
 
     process = psutil.Process()
-    write_bucket([[bson.encode(d) for d in events(100)]])
+    write_bucket([bson.encode(d) for d in events(100)])
     baseline = peak = process.memory_info().rss
     done = threading.Event()
 
@@ -278,25 +268,24 @@ def rss_child(path: str) -> None:
     sampler = threading.Thread(target=sample)
     sampler.start()
     try:
-        write_bucket(_batches_from(path))
+        # The bucket's documents are held whole, as `BucketDocuments` holds them: they count in the growth.
+        write_bucket([raw for batch in _batches_from(path) for raw in batch])
     finally:
         done.set()
         sampler.join()
     print(json.dumps({"baseline": baseline, "peak": peak}))
 
 
-def write_bucket(batches) -> None:
-    converter = BucketConverter()
-    for batch in batches:
-        converter.add(batch)
-    schema = s.resolve_schema(converter.stats, None, s.SchemaOptions())
+def write_bucket(documents: list[bytes]) -> None:
+    """One bucket file as `snapshot.write_bucket` writes it: streamed chunk by chunk, the schema settled."""
+    options = s.SchemaOptions()
     with tempfile.TemporaryDirectory() as folder:
-        writer = pq.ParquetWriter(
-            os.path.join(folder, "b.parquet"), arrow_schema_of(schema), compression="zstd"
+        convert_to_parquet(
+            os.path.join(folder, "b.parquet"),
+            documents,
+            lambda stats: s.resolve_schema(stats, None, options),
+            options,
         )
-        for table in converter.tables(schema, Counter()):
-            writer.write_table(table)
-        writer.close()
 
 
 def _batches_from(path: str):

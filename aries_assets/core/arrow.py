@@ -13,10 +13,11 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
+import os
 import struct
 import uuid
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from typing import Any
@@ -31,6 +32,12 @@ from bson.datetime_ms import DatetimeMS
 from aries_assets.core import schema as s
 from aries_assets.core.bson_columns import ColumnarBatch, columnar_batch, fast_column, python_values
 from aries_assets.core.ordering import epoch_millis
+
+# Arrow's default allocator (mimalloc) keeps what a chunk freed mapped for the next, several times
+# the chunk: a bucket's memory follows its bytes only if freed memory goes back. The system
+# allocator gives it back; ARROW_DEFAULT_MEMORY_POOL, where set, still decides.
+if "ARROW_DEFAULT_MEMORY_POOL" not in os.environ:
+    pa.set_memory_pool(pa.system_memory_pool())
 
 # Decode dates beyond Python's datetime range as DatetimeMS instead of failing.
 CODEC_OPTIONS = CodecOptions(tz_aware=True, datetime_conversion=DatetimeConversion.DATETIME_AUTO)
@@ -57,8 +64,9 @@ _KIND_BY_TYPE: dict[type, str] = {
     dict: s.DOCUMENT,
 }
 _OUTLIER = object()
-# Converted at a time: the transient copies (JSON text, decoded documents) are a few times this.
-CHUNK_BYTES = 4 * 1024 * 1024
+# Converted and written at a time (a row group): the transient copies (JSON text, decoded documents)
+# are a few times this, and the exact path's Python objects about ten times.
+CHUNK_BYTES = 2 * 1024 * 1024
 # Raw BSON of a bucket whose decoded values the exact path keeps (about ten times this in Python objects).
 KEEP_DECODED_BYTES = 8 * 1024 * 1024
 # A bucket whose chunks the columnar path refused this often in a row is messy throughout: stop trying.
@@ -191,9 +199,9 @@ def _decimal128_digits(value: Decimal128) -> tuple[int, int] | None:
 
 @dataclass
 class _Batch:
-    """A batch for the exact path: its BSON, decoded again when written, so no decoded value waits in memory."""
+    """A batch for the exact path: its decoded values, or while it waits for the schema, its BSON compressed."""
 
-    raw: bytes | None  # compressed; None while `values` are kept
+    raw: bytes | None  # the batch's BSON, compressed while it waits; None while `values` are kept
     raw_size: int
     values: dict[s.Path, tuple[list[int], list[Any]]] | None
     ids: pa.Array
@@ -204,12 +212,14 @@ class _Batch:
 
 @dataclass
 class BucketConverter:
-    """Converts one bucket batch by batch, then yields Arrow tables once the schema is settled.
+    """Converts one bucket chunk by chunk into Arrow tables in a schema settled from its statistics.
 
-    Each batch takes the columnar path (`bson_columns`: no Python object per value)
+    Each chunk takes the columnar path (`bson_columns`: no Python object per value)
     when it can, and the exact path (decode, walk, convert in Python) otherwise;
     both give the same `_doc`, columns, statistics and outliers. `fast=False`
     forces the exact path, the reference the columnar one is tested against.
+    `chunks` + `table` stream a bucket (nothing kept between chunks); `add` +
+    `tables` keep every chunk until the whole bucket's schema is known.
     """
 
     options: s.SchemaOptions = field(default_factory=s.SchemaOptions)
@@ -221,26 +231,41 @@ class BucketConverter:
     _stats: s.TypeStats = field(default_factory=s.TypeStats)
     _kept_bytes: int = 0
     _refused: int = 0  # chunks in a row the columnar path refused
+    _layout: tuple | None = None  # (schema, arrow schema, columns by path) of the last `table` call
 
     def __post_init__(self) -> None:
         self._exclude = [tuple(p.split(".")) for p in self.options.exclude]
         # A document holds an excluded field only if its BSON holds the field's last key name.
         self._needles = [p[-1].encode() + b"\x00" for p in self._exclude]
 
-    def add(self, raw_documents: list[bytes]) -> None:
-        """Convert a batch of raw BSON documents, a few megabytes at a time so memory follows the bucket."""
+    def chunks(self, raw_documents: Iterable[bytes]) -> Iterator[_Batch | ColumnarBatch]:
+        """Convert CHUNK_BYTES of documents at a time; `stats` counts each chunk before it is yielded."""
         chunk: list[bytes] = []
         size = 0
         for raw in raw_documents:
             chunk.append(bytes(raw))
             size += len(raw)
             if size >= CHUNK_BYTES:
-                self._add(chunk)
+                yield self._convert(chunk)
                 chunk, size = [], 0
         if chunk:
-            self._add(chunk)
+            yield self._convert(chunk)
 
-    def _add(self, raw_documents: list[bytes]) -> None:
+    def add(self, raw_documents: list[bytes]) -> None:
+        """Convert a batch of raw BSON documents and keep it, compacted, until `tables` is called."""
+        for batch in self.chunks(raw_documents):
+            batch.docs = PackedStrings.pack(batch.docs)  # `_doc` is the bulk of a waiting batch
+            if isinstance(batch, _Batch):
+                if self._kept_bytes + batch.raw_size <= KEEP_DECODED_BYTES:
+                    # A small bucket keeps its decoded values; a large one decodes them again when written.
+                    self._kept_bytes += batch.raw_size
+                    batch.raw = None
+                else:
+                    batch.raw = pa.compress(batch.raw, _PACK_CODEC, asbytes=True)
+                    batch.values = None
+            self._batches.append(batch)
+
+    def _convert(self, raw_documents: list[bytes]) -> _Batch | ColumnarBatch:
         if self._exclude:
             raw_documents = [self._without_excluded(raw) for raw in raw_documents]
         docs = _canonical_json(raw_documents)
@@ -252,8 +277,7 @@ class BucketConverter:
             batch = self._exact_batch(raw_documents, docs)
         self._stats.merge(batch.stats)
         self._stats.maps |= self._maps
-        batch.docs = PackedStrings.pack(batch.docs)  # `_doc` is the bulk of a waiting batch
-        self._batches.append(batch)
+        return batch
 
     def _without_excluded(self, raw: bytes) -> bytes:
         if not any(needle in raw for needle in self._needles):
@@ -274,12 +298,7 @@ class BucketConverter:
         )
         id_texts = pa.array([id_string(i) for i in ids], pa.string())
         keys = pa.array([id_key(i) for i in ids], pa.string())
-        if self._kept_bytes + len(raw) <= KEEP_DECODED_BYTES:
-            # A small bucket keeps its decoded values; a large one decodes them again when written.
-            self._kept_bytes += len(raw)
-            return _Batch(None, len(raw), values, id_texts, keys, docs, stats)
-        compressed = pa.compress(raw, _PACK_CODEC, asbytes=True)
-        return _Batch(compressed, len(raw), None, id_texts, keys, docs, stats)
+        return _Batch(raw, len(raw), values, id_texts, keys, docs, stats)
 
     def _values(self, documents: list[dict[str, Any]]) -> dict[s.Path, tuple[list[int], list[Any]]]:
         values: dict[s.Path, tuple[list[int], list[Any]]] = {}
@@ -321,33 +340,38 @@ class BucketConverter:
                 slot[1].append(value)
 
     def tables(self, schema: s.InferredSchema, outliers: Counter) -> Iterator[pa.Table]:
-        """One Arrow table per collected batch, in the schema's columns; counts outliers by column."""
-        arrow_schema = arrow_schema_of(schema)
-        by_path: dict[s.Path, list[s.ColumnSpec]] = {}
-        for column in schema.columns:
-            by_path.setdefault(column.path, []).append(column)
+        """One Arrow table per kept batch, in the schema's columns; counts outliers by column."""
         while self._batches:
-            batch = self._batches.pop(0)  # release each batch's values as it is written
-            if isinstance(batch, ColumnarBatch):
-                yield _columnar_table(batch, by_path, arrow_schema, outliers)
-                continue
-            rows = len(batch.ids)
-            # The walk gives what it gave when the statistics were counted: map decisions are per value.
-            path_values = batch.values
-            if path_values is None:
-                raw = pa.decompress(batch.raw, batch.raw_size, _PACK_CODEC, asbytes=True)
-                path_values = self._values(bson.decode_all(raw, CODEC_OPTIONS))
-                del raw
-            batch.values = None
-            columns: dict[str, list[Any]] = {}
-            for path, candidates in by_path.items():
-                row_numbers, values = path_values.pop(path, ((), ()))
-                for column, column_values in _route(candidates, values, outliers).items():
-                    columns[column] = _scatter(row_numbers, column_values, rows)
-            del path_values
-            arrays = [batch.ids, batch.docs.unpack(), batch.keys]
-            arrays += [pa.array(columns[f.name], f.type) for f in list(arrow_schema)[_FIXED_COLUMNS:]]
-            yield pa.Table.from_arrays(arrays, schema=arrow_schema)
+            yield self.table(self._batches.pop(0), schema, outliers)  # release each batch as it is written
+
+    def table(self, batch: _Batch | ColumnarBatch, schema: s.InferredSchema, outliers: Counter) -> pa.Table:
+        """One converted batch as an Arrow table in the schema's columns; counts outliers by column."""
+        if self._layout is None or self._layout[0] is not schema:
+            by_path: dict[s.Path, list[s.ColumnSpec]] = {}
+            for column in schema.columns:
+                by_path.setdefault(column.path, []).append(column)
+            self._layout = (schema, arrow_schema_of(schema), by_path)
+        _, arrow_schema, by_path = self._layout
+        docs = batch.docs.unpack() if isinstance(batch.docs, PackedStrings) else batch.docs
+        if isinstance(batch, ColumnarBatch):
+            return _columnar_table(batch, docs, by_path, arrow_schema, outliers)
+        rows = len(batch.ids)
+        # The walk gives what it gave when the statistics were counted: map decisions are per value.
+        path_values = batch.values
+        if path_values is None:
+            raw = pa.decompress(batch.raw, batch.raw_size, _PACK_CODEC, asbytes=True)
+            path_values = self._values(bson.decode_all(raw, CODEC_OPTIONS))
+            del raw
+        batch.values = None
+        columns: dict[str, list[Any]] = {}
+        for path, candidates in by_path.items():
+            row_numbers, values = path_values.pop(path, ((), ()))
+            for column, column_values in _route(candidates, values, outliers).items():
+                columns[column] = _scatter(row_numbers, column_values, rows)
+        del path_values
+        arrays = [batch.ids, docs, batch.keys]
+        arrays += [pa.array(columns[f.name], f.type) for f in list(arrow_schema)[_FIXED_COLUMNS:]]
+        return pa.Table.from_arrays(arrays, schema=arrow_schema)
 
 
 _PACK_CODEC = "lz4"  # fast, and JSON text shrinks several times
@@ -374,15 +398,10 @@ class PackedStrings:
         return pa.Array.from_buffers(pa.string(), self.length, [None, self.offsets, data])
 
 
-def _canonical_json(raw_documents: list[bytes], chunk: int = 4096) -> pa.Array:
-    """`_doc` of each document (libbson's canonical Extended JSON), without holding a batch of Python strings."""
-    parts = [
-        pa.array(
-            [bsonjs.dumps(raw, mode=bsonjs.CANONICAL) for raw in raw_documents[i : i + chunk]], pa.string()
-        )
-        for i in range(0, len(raw_documents), chunk)
-    ]
-    return pa.concat_arrays(parts) if parts else pa.array([], pa.string())
+def _canonical_json(raw_documents: list[bytes]) -> pa.Array:
+    """`_doc` of each document (libbson's canonical Extended JSON), straight into Arrow: one string at a time."""
+    texts = (bsonjs.dumps(raw, mode=bsonjs.CANONICAL) for raw in raw_documents)
+    return pa.array(texts, pa.string(), size=len(raw_documents))
 
 
 _FIXED_COLUMNS = 3  # `_id`, `_doc`, `_id_key`
@@ -399,6 +418,7 @@ def _scatter(row_numbers, values: list[Any], rows: int) -> list[Any]:
 
 def _columnar_table(
     batch: ColumnarBatch,
+    docs: pa.Array,
     by_path: dict[s.Path, list[s.ColumnSpec]],
     arrow_schema: pa.Schema,
     outliers: Counter,
@@ -421,7 +441,7 @@ def _columnar_table(
         for name, column_values in _route(candidates, python, outliers).items():
             full = _scatter(row_numbers.tolist(), column_values, batch.rows)
             columns[name] = pa.array(full, arrow_schema.field(name).type)
-    arrays = [batch.ids, batch.docs.unpack(), batch.keys]
+    arrays = [batch.ids, docs, batch.keys]
     for f in list(arrow_schema)[_FIXED_COLUMNS:]:
         arrays.append(columns.get(f.name, pa.nulls(batch.rows, f.type)))
     return pa.Table.from_arrays(arrays, schema=arrow_schema)
@@ -571,9 +591,11 @@ def _converter(type_name: str):
     """value -> what pyarrow ingests for this column type, or _OUTLIER."""
     if type_name.startswith("list<"):
         element = _converter(type_name[5:-1])
+        accepts = s.accepted_kinds(type_name[5:-1])
 
         def convert_list(values: list[Any]) -> Any:
-            out = [None if e is None else element(e) for e in values]
+            # An element its type does not take makes the whole array an outlier, as a scalar would be.
+            out = [None if e is None else element(e) if kind_of(e) in accepts else _OUTLIER for e in values]
             return _OUTLIER if any(e is _OUTLIER for e in out) else out
 
         return convert_list

@@ -10,20 +10,21 @@ import json
 import os
 import time
 from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 from bson import json_util
 
 from aries_assets.core import schema as s
 from aries_assets.core.arrow import BucketConverter, arrow_schema_of, options_fingerprint
 from aries_assets.core.buckets import BucketDocuments
-from aries_assets.core.extract import DEFAULT_BATCH_BYTES, SourceCollection
+from aries_assets.core.extract import SourceCollection
 from aries_assets.core.lake import Lake, bucket_file, collection_prefix, schema_file
 
 # Bumped when the file layout changes, so existing bucket files are rewritten.
 FORMAT_VERSION = "4"  # 4: `_id_key`, excluded paths removed through arrays
-_ROW_GROUP_BYTES = 64 * 1024 * 1024
 
 META_FORMAT = "aries.format_version"
 META_DIGEST = "aries.content_sha256"
@@ -210,6 +211,141 @@ def is_current(found: BucketFile | None, digest: str, options: s.SchemaOptions) 
     )
 
 
+@dataclass
+class ConvertedFile:
+    """What converting a bucket into a Parquet file settled."""
+
+    schema: s.InferredSchema  # the schema the file follows
+    stats: s.TypeStats  # the bucket's statistics
+    outliers: dict[str, int]  # values kept only in `_doc`, by column
+
+
+def convert_to_parquet(
+    local_path: str,
+    documents: Sequence[bytes],
+    settle: Callable[[s.TypeStats], s.InferredSchema],
+    options: s.SchemaOptions,
+    known_maps: set[s.Path] | None = None,
+    metadata: dict[str, str] | None = None,
+) -> ConvertedFile:
+    """Write a bucket's documents to a Parquet file a chunk at a time, one row group per chunk.
+
+    The schema follows from the statistics of the whole bucket; each chunk is
+    written in the schema `settle` gives for the statistics so far and then
+    dropped, so memory is the documents plus one chunk. When the schema changes
+    on the way, the rows written before are carried over if it only added
+    columns those rows had no value for (null there); otherwise the bucket is
+    converted again in the settled schema.
+    """
+    runs = _SchemaRuns(local_path, metadata or {})
+    try:
+        converter = BucketConverter(options, set(known_maps or ()))
+        for batch in converter.chunks(documents):
+            schema = settle(converter.stats)
+            runs.write(converter.table(batch, schema, runs.outliers), schema, converter.stats)
+            del batch
+        stats = converter.stats
+        schema = settle(stats)
+        if not runs.finish(schema, stats):
+            runs.reset()  # a column changed under rows already written: convert again, in the settled schema
+            converter = BucketConverter(options, set(known_maps or ()))
+            for batch in converter.chunks(documents):
+                runs.write(converter.table(batch, schema, runs.outliers), schema, stats)
+                del batch
+            runs.finish(schema, stats)
+    finally:
+        runs.discard()
+    return ConvertedFile(schema, stats, dict(runs.outliers))
+
+
+def _same_columns(a: s.InferredSchema, b: s.InferredSchema) -> bool:
+    return a is b or arrow_schema_of(a).equals(arrow_schema_of(b), check_metadata=True)
+
+
+def _carries_over(written: s.InferredSchema, seen: set[s.Path], settled: s.InferredSchema) -> bool:
+    """Rows written in `written` are rows of `settled`: every column kept as it was, and each added
+    column's field absent from every row written so far."""
+    kept = {f.name: f for f in arrow_schema_of(written)}
+    final = {f.name: f for f in arrow_schema_of(settled)}
+    if any(name not in final or not final[name].equals(f, check_metadata=True) for name, f in kept.items()):
+        return False
+    return all(c.path not in seen for c in settled.columns if c.name not in kept)
+
+
+class _SchemaRuns:
+    """Runs of row groups, each written in one schema, joined into one file once the schema is settled."""
+
+    def __init__(self, local_path: str, metadata: dict[str, str]) -> None:
+        self.path = local_path
+        self.metadata = metadata
+        self.outliers: Counter = Counter()
+        self.runs: list[tuple[str, s.InferredSchema, set[s.Path]]] = []  # file, schema, paths seen by its end
+        self.writer: pq.ParquetWriter | None = None
+
+    def write(self, table: pa.Table, schema: s.InferredSchema, stats: s.TypeStats) -> None:
+        if self.writer is None or not _same_columns(self.runs[-1][1], schema):
+            self._close_writer()
+            path = self.path if not self.runs else f"{self.path}.run{len(self.runs)}"
+            self.writer = pq.ParquetWriter(
+                path, table.schema.with_metadata(self.metadata), compression="zstd"
+            )
+            self.runs.append((path, schema, set()))
+        self.writer.write_table(table)
+        self.runs[-1][2].update(stats.fields)
+
+    def finish(self, schema: s.InferredSchema, stats: s.TypeStats) -> bool:
+        """Close the bucket's file in `schema`; False when rows written cannot be carried over into it."""
+        late = {
+            META_SCHEMA_VERSION: str(schema.version),
+            META_STATS: stats.to_json(),
+            META_COLUMNS: json.dumps([[c.name, c.type] for c in schema.columns]),
+            META_OUTLIERS: json.dumps(dict(self.outliers)),
+        }
+        if len(self.runs) == 1 and _same_columns(self.runs[0][1], schema):
+            self.writer.add_key_value_metadata(late)  # known only now; the footer is written on close
+            self._close_writer()
+            return True
+        self._close_writer()
+        if not all(_carries_over(written, seen, schema) for _, written, seen in self.runs):
+            return False
+        arrow_schema = arrow_schema_of(schema).with_metadata(self.metadata)
+        joined = f"{self.path}.joined"
+        with pq.ParquetWriter(joined, arrow_schema, compression="zstd") as writer:
+            for path, _, _ in self.runs:
+                source = pq.ParquetFile(path)
+                for group in range(source.num_row_groups):
+                    table = source.read_row_group(group)
+                    arrays = [
+                        table.column(f.name)
+                        if f.name in table.column_names
+                        else pa.nulls(table.num_rows, f.type)
+                        for f in arrow_schema
+                    ]
+                    writer.write_table(pa.Table.from_arrays(arrays, schema=arrow_schema))
+                source.close()
+            writer.add_key_value_metadata(late)
+        os.replace(joined, self.path)
+        return True
+
+    def reset(self) -> None:
+        self._close_writer()
+        self.discard()
+        self.runs = []
+        self.outliers.clear()
+
+    def _close_writer(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+    def discard(self) -> None:
+        """Remove the runs' files but the bucket's own (whose owner removes it on failure)."""
+        self._close_writer()
+        for path in [p for p, _, _ in self.runs[1:]] + [f"{self.path}.joined"]:
+            if os.path.exists(path):
+                os.unlink(path)
+
+
 def write_bucket(
     source: SourceCollection,
     lake: Lake,
@@ -217,7 +353,6 @@ def write_bucket(
     options: s.SchemaOptions | None = None,
     collection_schema: s.InferredSchema | None = None,
     previous: BucketFile | None = None,
-    batch_bytes: int = DEFAULT_BATCH_BYTES,
 ) -> WrittenBucket:
     """Replace one bucket's Parquet file whole with these documents (read in `_id` order).
 
@@ -231,70 +366,55 @@ def write_bucket(
     started = time.monotonic()
     bucket = docs.bucket
     path = bucket_file(source.database, source.collection, bucket.key)
-    converter = BucketConverter(options, set(collection_schema.stats.maps) if collection_schema else set())
-    batch: list[bytes] = []
-    size = 0
-    for raw in docs.documents:
-        batch.append(raw)
-        size += len(raw)
-        if size >= batch_bytes:
-            converter.add(batch)
-            batch, size = [], 0
-    if batch:
-        converter.add(batch)
-    merged = s.TypeStats()
+    known_maps = set(collection_schema.stats.maps) if collection_schema else set()
+    others = s.TypeStats()
     if collection_schema is not None:
-        merged.merge(collection_schema.stats)
+        others.merge(collection_schema.stats)
         if previous is not None:
-            merged = without(merged, previous.stats)
-    merged.merge(converter.stats)
-    file_schema = s.resolve_schema(merged, collection_schema, options)
-    documents = converter.stats.documents
-    if is_current(previous, docs.digest, options) and previous.columns == {
-        c.name: c.type for c in file_schema.columns
-    }:
-        # Same documents, same columns: the file already says it (a change outside the filter, a retry).
-        return WrittenBucket(
-            key=bucket.key,
-            uri=lake.uri(path),
-            documents=documents,
-            bytes_in=docs.nbytes,
-            bytes_out=0,
-            digest=previous.digest,
-            schema=file_schema,
-            stats=converter.stats,
-            outliers={},
-            previous=previous,
-            seconds=time.monotonic() - started,
-            rewritten=False,
-        )
-    outliers: Counter = Counter()
+            others = without(others, previous.stats)
+
+    def settle(stats: s.TypeStats) -> s.InferredSchema:
+        merged = s.TypeStats()
+        merged.merge(others)
+        merged.merge(stats)
+        return s.resolve_schema(merged, collection_schema, options)
+
+    if is_current(previous, docs.digest, options):
+        # Same documents: if the columns are the same too, the file already says it (a change outside
+        # the filter, a retry). Counting the statistics costs a pass; writing nothing saves the rest.
+        converter = BucketConverter(options, known_maps)
+        for _ in converter.chunks(docs.documents):
+            pass
+        file_schema = settle(converter.stats)
+        if previous.columns == {c.name: c.type for c in file_schema.columns}:
+            return WrittenBucket(
+                key=bucket.key,
+                uri=lake.uri(path),
+                documents=converter.stats.documents,
+                bytes_in=docs.nbytes,
+                bytes_out=0,
+                digest=previous.digest,
+                schema=file_schema,
+                stats=converter.stats,
+                outliers={},
+                previous=previous,
+                seconds=time.monotonic() - started,
+                rewritten=False,
+            )
     metadata = {
         META_FORMAT: FORMAT_VERSION,
         META_DIGEST: docs.digest,
-        META_COUNT: str(documents),
+        META_COUNT: str(len(docs.documents)),
         META_COLLECTION: source.label,
         META_BUCKET: bucket.key,
         META_RANGE: json_util.dumps(
             [bucket.lower, bucket.upper], json_options=json_util.CANONICAL_JSON_OPTIONS
         ),
-        META_SCHEMA_VERSION: str(file_schema.version),
-        META_STATS: converter.stats.to_json(),
-        META_COLUMNS: json.dumps([[c.name, c.type] for c in file_schema.columns]),
         META_OPTIONS: options_fingerprint(options),
     }
-    arrow_schema = arrow_schema_of(file_schema)
     try:
         with lake.atomic_local_file(path) as local_path:
-            writer = pq.ParquetWriter(local_path, arrow_schema.with_metadata(metadata), compression="zstd")
-            try:
-                for table in converter.tables(file_schema, outliers):
-                    rows = max(1, int(table.num_rows * _ROW_GROUP_BYTES / max(1, table.nbytes)))
-                    writer.write_table(table, row_group_size=rows)
-                # The outlier counts are known only now; footer metadata is written on close.
-                writer.add_key_value_metadata({META_OUTLIERS: json.dumps(dict(outliers))})
-            finally:
-                writer.close()
+            converted = convert_to_parquet(local_path, docs.documents, settle, options, known_maps, metadata)
             bytes_out = os.path.getsize(local_path)
             # `id_coverage` from the read itself: the file holds every document read, before it is published.
             rows_in_file = pq.read_metadata(local_path).num_rows
@@ -309,13 +429,13 @@ def write_bucket(
     return WrittenBucket(
         key=bucket.key,
         uri=lake.uri(path),
-        documents=documents,
+        documents=converted.stats.documents,
         bytes_in=docs.nbytes,
         bytes_out=bytes_out,
         digest=docs.digest,
-        schema=file_schema,
-        stats=converter.stats,
-        outliers=dict(outliers),
+        schema=converted.schema,
+        stats=converted.stats,
+        outliers=converted.outliers,
         previous=previous,
         seconds=time.monotonic() - started,
     )
