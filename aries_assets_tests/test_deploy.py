@@ -182,7 +182,8 @@ def test_one_run_at_a_time_per_collection(deploy_instance: DagsterInstance) -> N
     queue = coordinator.get_run_queue_config()
     assert queue.max_concurrent_runs > 1
     assert [(limit["key"], limit["value"], limit["limit"]) for limit in queue.tag_concurrency_limits] == [
-        (COLLECTION_TAG, {"applyLimitPerUniqueValue": True}, 1)
+        (COLLECTION_TAG, {"applyLimitPerUniqueValue": True}, 1),
+        ("aries/split", {"applyLimitPerUniqueValue": True}, 10),
     ]
 
     code_server = GrpcServerCodeLocationOrigin(host="code", port=4000, location_name="aries")
