@@ -527,6 +527,7 @@ class _CollectionSync:
         # (a split range, read for the first time, is many).
         workers = self.settings.workers if expected > 2 or fresh else 1
         with _Writers(workers, self.targets.lake_spec) as writers:
+            writers.start()  # the writers start while the server prepares its first batch
             for first, last in spans:
                 lower = bucket_map.lowers[first]
                 upper = bucket_map.lowers[last + 1] if last + 1 < len(bucket_map.lowers) else MaxKey()
@@ -729,6 +730,10 @@ def _worker_start(spec: LakeSpec) -> None:
     _WORKER_LAKE = spec.open()
 
 
+def _worker_ready() -> None:
+    """Nothing: submitted once per writer so that the pool starts them all up front."""
+
+
 def _worker_write(job: _WriteJob) -> snapshot.WrittenBucket:
     assert _WORKER_LAKE is not None
     return job.run(_WORKER_LAKE)
@@ -767,17 +772,24 @@ class _Writers:
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
 
+    def start(self) -> None:
+        """Start the writer processes now, rather than when the first bucket is ready."""
+        if self.workers <= 1 or self._pool is not None:
+            return
+        self._pool = concurrent.futures.ProcessPoolExecutor(
+            max_workers=self.workers,
+            mp_context=_writer_context(),
+            initializer=_worker_start,
+            initargs=(self.lake_spec,),
+        )
+        for _ in range(self.workers):  # a pool starts its processes on demand: ask for all of them
+            self._pool.submit(_worker_ready)
+
     def submit(self, job: _WriteJob, lake: Lake) -> Iterator[snapshot.WrittenBucket]:
         if self.workers <= 1:
             yield job.run(lake)
             return
-        if self._pool is None:
-            self._pool = concurrent.futures.ProcessPoolExecutor(
-                max_workers=self.workers,
-                mp_context=_writer_context(),
-                initializer=_worker_start,
-                initargs=(self.lake_spec,),
-            )
+        self.start()
         while len(self._pending) >= self.workers:
             finished, _ = concurrent.futures.wait(
                 self._pending, return_when=concurrent.futures.FIRST_COMPLETED
