@@ -25,7 +25,7 @@ import dagster as dg
 from aries_assets import terminal
 from aries_assets.config import CollectionConfig, SyncOptions, dagster_name
 from aries_assets.core import engine, snapshot
-from aries_assets.core.changes import StreamScope, waiting_collections
+from aries_assets.core.changes import StreamScope, follow_changes, waiting_collections
 from aries_assets.core.extract import SourceCollection
 from aries_assets.core.lake import collection_prefix
 from aries_assets.core.ledger import RunHeartbeat
@@ -211,6 +211,7 @@ def serve_collections(
                 settings,
                 lingering.keep_lingering if lingering else lambda: False,
                 lambda: waiting_collections(targets.lake, scope),
+                lambda: follow_changes(client, targets.lake, scope),
             )
         finally:
             heartbeat.release()

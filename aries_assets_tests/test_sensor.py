@@ -6,6 +6,7 @@ one run per collection; the tests then run what it requested, as the daemon woul
 
 from __future__ import annotations
 
+import threading
 import time
 
 import dagster as dg
@@ -239,3 +240,30 @@ def test_collections_changing_at_once_share_one_run_and_end_exact(client, mongo_
         for name in ("c0", "c11"):
             materialized = instance.get_materialized_partitions(dg.AssetKey(["lake", database, name]))
             assert set(ledger_of(workdir, database, name).bucket_map().keys) <= materialized
+
+
+def test_a_serving_run_follows_the_stream_between_ticks(client, database, workdir, synced):
+    """A change made while the serving run lingers reaches the lake with no sensor tick at all."""
+    coll, defs, folder, sensor = synced
+    with dg.DagsterInstance.get() as instance:
+        coll.update_one({"_id": coll.find_one()["_id"]}, {"$set": {"n": -1}})
+        (request,) = tick(defs, instance, sensor).run_requests  # saves the stream's token too
+        job = defs.resolve_job_def(request.job_name)
+        op = job.nodes[0].name
+        late = ObjectId()
+
+        def change_later() -> None:
+            time.sleep(2)
+            coll.insert_one({"_id": late, "n": "late"})
+
+        writer = threading.Thread(target=change_later)
+        writer.start()
+        outcome = job.execute_in_process(
+            instance=instance,
+            tags=request.tags,
+            run_config={"ops": {op: {"config": {"linger_seconds": 4.0}}}},
+        )
+        writer.join()
+        assert outcome.success
+        assert any(str(late) in key for key in lake_documents(folder)), "written by the lingering run itself"
+        assert_same_documents(mongo_documents(client, database, "events"), lake_documents(folder))

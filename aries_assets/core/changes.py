@@ -342,3 +342,20 @@ def record_changes(
     # Only now, with every change before it recorded: the token the next read resumes after.
     save_scope_token(lake, scope, None if changes.history_lost else changes.token, loaded, waiting)
     return recorded, changes
+
+
+def follow_changes(client: MongoClient, lake: Lake, scope: StreamScope) -> bool:
+    """Record the scope's changes if any came after its saved token: what a run serving the scope
+    does between the sensor's ticks, so a change waits for neither. One round trip when there
+    are none; the sensor's own recording of the same changes only marks them twice."""
+    text = lake.read_text(scope_file(scope))
+    token = json_util.loads(text, json_options=_CANONICAL).get("token") if text else None
+    if token is None:
+        return False  # the sensor reads from positions until it has saved a token
+    with scope.watch_target(client).watch(
+        scope.pipeline(), max_await_time_ms=50, resume_after=token
+    ) as stream:
+        if stream.try_next() is None:
+            return False
+    record_changes(client, lake, scope, max_seconds=1.0)
+    return True

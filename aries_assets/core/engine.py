@@ -212,6 +212,7 @@ def serve_collections(
     settings: SyncSettings,
     keep_lingering: Callable[[], bool],
     waiting: Callable[[], list[str] | None] = lambda: None,
+    follow: Callable[[], object] = lambda: None,
 ) -> dict[str, SyncOutcome | Exception]:
     """One run serving several collections whose changes a sensor records.
 
@@ -220,7 +221,8 @@ def serve_collections(
     lease), up to `settings.workers` collections at a time. A collection another writer holds
     is left for later; one that fails does not stop the others. Between changes the run polls
     `waiting()` (the sensor's list of collections with work: one small read) and reads only
-    those ledgers, every collection's when it is None. It keeps serving until every collection
+    those ledgers, every collection's when it is None; `follow()` records the stream's newest
+    changes itself, so a change waits for no sensor tick. It keeps serving until every collection
     has been quiet for `linger_seconds` (capped), or another run waits for a slot.
     Returns each collection's last outcome, or its last error.
     """
@@ -263,6 +265,8 @@ def serve_collections(
             if now >= deadline or now >= cap or not keep_lingering():
                 return results
             time.sleep(0.3)
+            with contextlib.suppress(Exception):  # the sensor records the changes anyway
+                follow()
             candidates = waiting()
 
 
