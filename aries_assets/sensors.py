@@ -19,7 +19,7 @@ import dagster as dg
 
 from aries_assets.config import CollectionConfig
 from aries_assets.core.changes import StreamScope, record_changes
-from aries_assets.core.ledger import Lease
+from aries_assets.core.ledger import Lease, LeaseInfo
 from aries_assets.factory import job_name, mongo_key
 from aries_assets.resources import LakeResource, MongoResource
 
@@ -122,6 +122,7 @@ def evaluate(
         seen = recorded[coll.label]
         if seen.events or now - observed.get(coll.name, 0) >= OBSERVE_EVERY:
             observed[coll.name] = now
+            holder = Lease(store, coll.database, coll.collection, "sensor").current()
             observations.append(
                 dg.AssetObservation(
                     mongo_key(coll),
@@ -134,6 +135,7 @@ def evaluate(
                         if ledger.position
                         else "none",
                         "last_run": dg.MetadataValue.json(ledger.last_run or {}),
+                        "lease": holder.describe() if holder and not holder.expired else "free",
                         "observed_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
                     },
                 )
@@ -171,9 +173,7 @@ def _repair_dead_run(
     if now - started < 3 * lease_seconds:
         return False
     lease = Lease(lake, coll.database, coll.collection, "sensor").current()
-    if lease is not None and lease.run_id == run.run_id and not lease.expired:
-        return False
-    if lease is not None and lease.run_id == run.run_id and now - lease.expires_at < lease_seconds:
+    if not run_looks_dead(run.run_id, lease, lease_seconds, now):
         return False
     message = (
         f"{coll.label}: run {run.run_id} stopped renewing its lease (its process died); "
@@ -182,3 +182,18 @@ def _repair_dead_run(
     context.log.warning(message)
     context.instance.report_run_failed(run, message)
     return True
+
+
+def run_looks_dead(run_id: str, lease: LeaseInfo | None, lease_seconds: float, now: float) -> bool:
+    """Whether a run that started over `3 * lease_seconds` ago and still shows as in progress
+    has died, judged by the collection's lease.
+
+    A run that released its lease finished its work and is about to report its end: it is
+    dead only if that report is still missing `lease_seconds` later. A run whose lease
+    expired is dead once it has been expired for `lease_seconds`.
+    """
+    if lease is None or lease.run_id != run_id:
+        return True  # it never took the lease, or another writer has it since
+    if lease.released_at is not None:
+        return now - lease.released_at >= lease_seconds
+    return now - lease.expires_at >= lease_seconds

@@ -139,7 +139,7 @@ class Ledger:
         if self.reread:
             return f"re-read: {self.reread['reason']}"
         if self.dirty:
-            return f"{len(self.dirty)} dirty buckets"
+            return f"{len(self.dirty)} dirty bucket{'s' if len(self.dirty) != 1 else ''}"
         return None
 
     def dirty_keys(self) -> list[str]:
@@ -273,6 +273,7 @@ class LeaseInfo:
     pid: int
     run_id: str | None
     expires_at: float
+    released_at: float | None = None  # set by `release()`: the holder finished, it did not die
 
     @property
     def expired(self) -> bool:
@@ -290,8 +291,14 @@ class LeaseInfo:
     @classmethod
     def from_json(cls, text: str) -> LeaseInfo:
         body = json.loads(text)
+        released_at = body.get("released_at")
         return cls(
-            body["holder"], body["host"], int(body["pid"]), body.get("run_id"), float(body["expires_at"])
+            body["holder"],
+            body["host"],
+            int(body["pid"]),
+            body.get("run_id"),
+            float(body["expires_at"]),
+            float(released_at) if released_at is not None else None,
         )
 
 
@@ -396,7 +403,7 @@ class Lease:
             self._thread.join(timeout=5)
         if self.lost:
             return
-        released = LeaseInfo(self.me.holder, self.me.host, self.me.pid, self.me.run_id, 0.0)
+        released = LeaseInfo(self.me.holder, self.me.host, self.me.pid, self.me.run_id, 0.0, time.time())
         self.lake.write_if(self.path, released.to_json(), self._version)
 
     def __enter__(self) -> Lease:
