@@ -193,6 +193,8 @@ def serve_collections(
             targets.lake, context.run_id, f"run {context.run_id[:8]}", options.lease_seconds
         )
         heartbeat.acquire(0)
+        with contextlib.suppress(Exception):
+            RunHeartbeat.sweep(targets.lake)
 
         def sync_one(spec: engine.CollectionSpec) -> engine.SyncOutcome:
             reporter = DagsterReporter(context, by_label[spec.source.label])
@@ -641,7 +643,8 @@ def build_warehouse_asset(
         owners=list(coll.owners) or None,
         check_specs=checks,
         description=(
-            f"Table `{table.label}` in the warehouse: `_id`, `_doc` (the whole document as JSON), `_bucket` and "
+            f"Table `{table.label}` in the warehouse: `_id`, `_id_key` (the exact `_id`), `_doc` (the whole "
+            "document as JSON), `_bucket` and "
             f"the inferred columns of `{coll.label}`. Each partition replaces its bucket's rows in one transaction; "
             "the collection's sync loads every bucket whose lake file the table does not hold."
         ),
@@ -719,7 +722,7 @@ def materialization_metadata(written: snapshot.WrittenBucket) -> dict:
         "dagster/uri": written.uri,
         "dagster/column_schema": column_schema(schema),
         "schema_version": schema.version,
-        "schema_changes": "; ".join(schema.actions) or "none",
+        "schema_changes": schema_changes_text(written),
         "column_mapping": dg.MetadataValue.json({c.dotted: c.name for c in schema.columns}),
         "nonconforming_values": sum(written.outliers.values()),
         "bytes_read": written.bytes_in,
@@ -728,6 +731,15 @@ def materialization_metadata(written: snapshot.WrittenBucket) -> dict:
         "seconds": round(written.seconds, 3),
         "rewritten": written.rewritten,
     }
+
+
+def schema_changes_text(written: snapshot.WrittenBucket) -> str:
+    """What the collection schema's last version changed, if this write is the bucket's first under it;
+    a rewrite under the version it was last written with changed nothing."""
+    schema = written.schema
+    if written.previous and written.previous.schema_version == schema.version:
+        return f"none (schema v{schema.version} unchanged)"
+    return f"v{schema.version}: " + ("; ".join(schema.actions) or "none")
 
 
 def conformance_check(written: snapshot.WrittenBucket) -> dg.AssetCheckResult:

@@ -20,7 +20,7 @@ import dagster as dg
 
 from aries_assets.config import CollectionConfig
 from aries_assets.core.changes import StreamScope, record_changes
-from aries_assets.core.ledger import Lease, LedgerStore, RunHeartbeat, now_iso
+from aries_assets.core.ledger import Lease, LeaseInfo, LedgerStore, RunHeartbeat, now_iso
 from aries_assets.factory import job_name, mongo_key, serve_job_name
 from aries_assets.resources import LakeResource, MongoResource
 
@@ -113,7 +113,8 @@ def evaluate(
         seen = recorded[coll.label]
         if seen.events or now - observed.get(coll.name, 0) >= OBSERVE_EVERY:
             observed[coll.name] = now
-            observations.append(_observation(coll, ledger, seen, why))
+            holder = Lease(store, coll.database, coll.collection, "sensor").current()
+            observations.append(_observation(coll, ledger, seen, why, holder))
     requests = [_collection_request(scope, coll, why) for coll, why in own]
     if shared:
         requests.append(_serve_request(scope, [coll for coll, _ in shared]))
@@ -161,7 +162,7 @@ def _serve_request(scope: StreamScope, waiting: list[CollectionConfig]) -> dg.Ru
     )
 
 
-def _observation(coll: CollectionConfig, ledger, seen, why: str | None) -> dg.AssetObservation:
+def _observation(coll: CollectionConfig, ledger, seen, why: str | None, holder) -> dg.AssetObservation:
     return dg.AssetObservation(
         mongo_key(coll),
         metadata={
@@ -171,6 +172,7 @@ def _observation(coll: CollectionConfig, ledger, seen, why: str | None) -> dg.As
             "waiting_for": why or "nothing: in step",
             "stream_position": ledger.position.as_datetime().isoformat() if ledger.position else "none",
             "last_run": dg.MetadataValue.json(ledger.last_run or {}),
+            "lease": holder.describe() if holder and not holder.expired else "free",
             "observed_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         },
     )
@@ -189,15 +191,12 @@ def _repair_dead_run(
     if now - started < 3 * lease_seconds:
         return False
     if run.job_name.startswith("serve__"):
-        if RunHeartbeat.alive(lake, run.run_id):
-            return False
+        lease = RunHeartbeat.info(lake, run.run_id)
     else:
         coll = collections[0] if collections else None
         lease = Lease(lake, coll.database, coll.collection, "sensor").current() if coll else None
-        if lease is not None and lease.run_id == run.run_id and not lease.expired:
-            return False
-        if lease is not None and lease.run_id == run.run_id and now - lease.expires_at < lease_seconds:
-            return False
+    if not run_looks_dead(run.run_id, lease, lease_seconds, now):
+        return False
     # Its status may have moved on while the lease was read: a run that just finished is left alone.
     current = context.instance.get_run_by_id(run.run_id)
     if current is None or current.status not in (dg.DagsterRunStatus.STARTED, dg.DagsterRunStatus.STARTING):
@@ -215,3 +214,18 @@ def _repair_dead_run(
                 lambda led: led.note_run("failed", now_iso(), {"error": message})
             )
     return True
+
+
+def run_looks_dead(run_id: str, lease: LeaseInfo | None, lease_seconds: float, now: float) -> bool:
+    """Whether a run that started over `3 * lease_seconds` ago and still shows as in progress
+    has died, judged by the collection's lease.
+
+    A run that released its lease finished its work and is about to report its end: it is
+    dead only if that report is still missing `lease_seconds` later. A run whose lease
+    expired is dead once it has been expired for `lease_seconds`.
+    """
+    if lease is None or lease.run_id != run_id:
+        return True  # it never took the lease, or another writer has it since
+    if lease.released_at is not None:
+        return now - lease.released_at >= lease_seconds
+    return now - lease.expires_at >= lease_seconds

@@ -32,3 +32,18 @@ def test_definitions_per_collection(workdir, monkeypatch):
     assert defs.resolve_job_def("sync__app__events_2024_v2") is not None
     # The resource keeps the ${VAR} reference: the UI never shows the expanded value.
     assert defs.resources["mongo"].uri == "mongodb://${ARIES_TEST_HOST}:27017"
+
+
+def test_schema_changes_are_shown_only_on_the_first_write_under_a_version():
+    """A bucket rewritten under the schema version it had says so, rather than repeating the
+    changes that made that version (the UI once showed "added ..." on every rewrite)."""
+    from types import SimpleNamespace
+
+    from aries_assets.factory import schema_changes_text
+
+    schema = SimpleNamespace(version=2, actions=["added plan (string)"])
+    rewritten = SimpleNamespace(schema=schema, previous=SimpleNamespace(schema_version=2))
+    first_under_v2 = SimpleNamespace(schema=schema, previous=SimpleNamespace(schema_version=1))
+    new_bucket = SimpleNamespace(schema=schema, previous=None)
+    assert schema_changes_text(rewritten) == "none (schema v2 unchanged)"
+    assert schema_changes_text(first_under_v2) == schema_changes_text(new_bucket) == "v2: added plan (string)"

@@ -90,6 +90,10 @@ def test_one_tick_records_the_changes_and_one_run_makes_the_lake_exact(client, d
         (request,) = result.run_requests
         assert request.job_name == f"serve__{database}", "a run serving the stream's collections"
         assert request.tags["aries/scope"] == database
+        (observation,) = [e for e in result.asset_events if e.asset_key.path[-1] == "events"]
+        metadata = {k: v.value for k, v in observation.metadata.items()}
+        assert metadata["dirty_buckets"] == 3 and metadata["waiting_for"] == "3 dirty buckets"
+        assert metadata["lease"] == "free", "no run writes the collection yet"
         ledger = ledger_of(workdir, database)
         assert sorted(ledger.dirty) == sorted(ledger.bucket_map().keys[:3])
 
@@ -267,3 +271,26 @@ def test_a_serving_run_follows_the_stream_between_ticks(client, database, workdi
         assert outcome.success
         assert any(str(late) in key for key in lake_documents(folder)), "written by the lingering run itself"
         assert_same_documents(mongo_documents(client, database, "events"), lake_documents(folder))
+
+
+def test_a_run_that_released_its_lease_is_not_taken_for_dead(tmp_path):
+    """Between releasing its lease and reporting its success a run still shows as started;
+    a sensor tick in that moment must not mark it failed (it once did: a red run that succeeded)."""
+    from aries_assets.core.ledger import Lease
+    from aries_assets.sensors import run_looks_dead
+
+    lease = Lease(LocalLake(tmp_path / "lake"), "app", "events", "run abc", run_id="abc", ttl=30)
+    lease.acquire(wait=1)
+    held = lease.current()
+    lease.release()
+    released = lease.current()
+    assert released.released_at is not None and released.run_id == "abc"
+
+    now = released.released_at
+    assert not run_looks_dead("abc", released, 30, now + 1), "just finished: its success report follows"
+    assert run_looks_dead("abc", released, 30, now + 31), "released long ago and never reported: dead"
+    assert not run_looks_dead("abc", held, 30, now), "a live lease: alive"
+    assert not run_looks_dead("abc", held, 30, held.expires_at + 5), "expired moments ago: wait"
+    assert run_looks_dead("abc", held, 30, held.expires_at + 31), "expired long ago: dead"
+    assert run_looks_dead("abc", None, 30, now), "never took the lease"
+    assert run_looks_dead("other", released, 30, now), "another run holds or held it"

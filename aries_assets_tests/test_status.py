@@ -45,10 +45,10 @@ def test_status_reports_dirty_buckets_a_lease_and_lag(client, mongo_uri, databas
         (status,) = json.loads(out)
     finally:
         lease.release()
-    assert status["dirty_buckets"] == 1 and status["waiting_for"] == "1 dirty buckets"
+    assert status["dirty_buckets"] == 1 and status["waiting_for"] == "1 dirty bucket"
     assert "a test holder" in status["lease"]
     assert 99 <= status["lag_seconds"] <= 160
     assert not status["in_step"]
 
     code, out, _ = run_cli("status")  # the table form
-    assert database in out and "waiting: 1 dirty buckets" in out
+    assert database in out and "waiting: 1 dirty bucket" in out

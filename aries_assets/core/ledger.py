@@ -226,7 +226,7 @@ class Ledger:
         if self.ranges:
             return f"split first load: {len(self.ranges)} ranges waiting for their range runs"
         if self.dirty:
-            return f"{len(self.dirty)} dirty buckets"
+            return f"{len(self.dirty)} dirty bucket{'s' if len(self.dirty) != 1 else ''}"
         if self.unsettled:
             return f"settle after {self.unsettled}: schema, orphans, Glue, warehouse"
         return None
@@ -393,6 +393,7 @@ class LeaseInfo:
     run_id: str | None
     expires_at: float
     range: str | None = None  # the range of a split first load this holder writes; None: the whole collection
+    released_at: float | None = None  # set by `release()`: the holder finished, it did not die
 
     @property
     def expired(self) -> bool:
@@ -406,7 +407,7 @@ class LeaseInfo:
         return f"{self.holder} (pid {self.pid} on {self.host}{run}{part}; {state})"
 
     def to_dict(self) -> dict[str, Any]:
-        body = {k: v for k, v in self.__dict__.items() if k != "range" or v is not None}
+        body = {k: v for k, v in self.__dict__.items() if k not in ("range", "released_at") or v is not None}
         return body | {"expires_at_iso": _iso(self.expires_at)}
 
     def to_json(self) -> str:
@@ -421,6 +422,7 @@ class LeaseInfo:
             body.get("run_id"),
             float(body["expires_at"]),
             body.get("range"),
+            float(body["released_at"]) if body.get("released_at") is not None else None,
         )
 
     @classmethod
@@ -622,7 +624,7 @@ class Lease:
         if self.lost:
             return
         if self.range_key is None:
-            released = dataclasses.replace(self.me, expires_at=0.0)
+            released = dataclasses.replace(self.me, expires_at=0.0, released_at=time.time())
             self.lake.write_if(self.path, _LeaseFile(released).to_json(), self._version)
             return
         for _ in range(self.ATTEMPTS):
@@ -644,7 +646,7 @@ class Lease:
 
 class RunHeartbeat(Lease):
     """A run's sign of life where others can see it: an expiring lease of its own, renewed in the
-    background and removed when the run ends. A run serving several collections holds no
+    background and released when the run ends (swept a day later). A run serving several collections holds no
     collection's lease while it waits for changes; this tells a live run from a dead one."""
 
     def __init__(self, lake: Lake, run_id: str, holder: str, ttl: float = 30.0) -> None:
@@ -652,18 +654,20 @@ class RunHeartbeat(Lease):
         self.label = f"run {run_id}"
         self.path = heartbeat_file(run_id)
 
-    def release(self) -> None:
-        super().release()
-        with contextlib.suppress(Exception):
-            self.lake.delete(self.path)
+    @classmethod
+    def info(cls, lake: Lake, run_id: str) -> LeaseInfo | None:
+        """The run's heartbeat as last written (None if it never had one)."""
+        return _LeaseFile.parse(lake.read_text(heartbeat_file(run_id))).writer
 
     @classmethod
-    def alive(cls, lake: Lake, run_id: str) -> bool | None:
-        """True while the run renews its heartbeat; False once it expired; None if it never had one."""
-        text = lake.read_text(heartbeat_file(run_id))
-        if not text:
-            return None
-        return not LeaseInfo.from_json(text).expired
+    def sweep(cls, lake: Lake, older_than: float = 86_400.0) -> None:
+        """Remove the heartbeats of runs that ended (or died) over `older_than` seconds ago."""
+        for path in lake.list(f"{STATE_DIR}/runs/"):
+            with contextlib.suppress(Exception):
+                info = _LeaseFile.parse(lake.read_text(path)).writer
+                ended = (info.released_at or info.expires_at) if info else 0.0
+                if time.time() - ended > older_than:
+                    lake.delete(path)
 
 
 def heartbeat_file(run_id: str) -> str:
