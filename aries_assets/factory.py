@@ -440,6 +440,10 @@ class DagsterReporter:
                 )
             )
 
+    def wants_total(self) -> bool:
+        """Only a live display on a terminal shows an ETA; the run's log needs no total."""
+        return terminal.shows_totals
+
     def keep_lingering(self) -> bool:
         """Linger only while no other run waits for a slot."""
         if time.monotonic() - self._checked_queue < 5:

@@ -175,8 +175,10 @@ class LiveProgress:
 
     def start(self) -> None:
         self.progress.start()
+        terminal.shows_totals = True
 
     def stop(self) -> None:
+        terminal.shows_totals = False
         self.progress.stop()
 
     def listen(self, label: str, event: str, details: dict) -> None:

@@ -12,6 +12,7 @@ from typing import Any
 
 # (collection label, event name, details) -> None
 listener: Callable[[str, str, dict[str, Any]], None] | None = None
+shows_totals = False  # the listener draws progress against a total (an ETA): worth a count
 
 
 def tell(label: str, event: str, **details: Any) -> None:

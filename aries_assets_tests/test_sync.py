@@ -181,3 +181,48 @@ def test_a_terminal_gets_a_live_progress_display_and_a_pipe_plain_lines(client, 
     )
     assert piped.returncode == 0
     assert "docs/s" not in piped.stderr and f"[{database}.events]" in piped.stderr
+
+
+def test_a_terminal_gets_a_live_display_with_totals_and_plain_lines_otherwise(
+    client, mongo_uri, database, workdir
+):
+    """On a terminal: a live display per collection with done/total, MB, rate and time left
+    (the total costs a count, asked for only there). Piped: plain lines, no count."""
+    import os
+    import pty
+    import re
+    import subprocess
+    import sys
+
+    client[database].events.insert_many([{"_id": i, "v": "x" * 100} for i in range(3_000)])
+    write_config(
+        workdir / "aries.yaml",
+        mongo_uri,
+        "./lake",
+        [{"database": database, "collection": "events", "bucket_size": 500}],
+    )
+    command = [sys.executable, "-m", "aries_assets.cli", "sync", "--workers", "1"]
+    leader, follower = pty.openpty()
+    process = subprocess.Popen(
+        command, stdout=follower, stderr=follower, env={**os.environ, "COLUMNS": "200"}
+    )
+    os.close(follower)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:  # the terminal closed: the command ended
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(leader)
+    assert process.wait(timeout=120) == 0
+    shown = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", b"".join(chunks).decode(errors="replace"))
+    assert re.search(r"3000/3000 docs\s+[0-9.]+ MB\s+[0-9,]+ docs/s", shown), shown[-2000:]
+
+    client[database].events.insert_many([{"_id": 10_000 + i} for i in range(10)])
+    piped = subprocess.run(command + ["--full"], capture_output=True, text=True, timeout=120)
+    assert piped.returncode == 0, piped.stderr[-2000:]
+    assert "\x1b[" not in piped.stdout + piped.stderr, "no terminal codes when piped"
+    assert "3,010 docs" in piped.stdout

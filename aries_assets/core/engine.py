@@ -95,6 +95,10 @@ class Reporter(Protocol):
 
     def keep_lingering(self) -> bool: ...
 
+    def wants_total(self) -> bool:
+        """Whether progress is shown against a total (a count costs a scan on some servers)."""
+        ...
+
 
 @dataclass
 class SyncOutcome:
@@ -521,7 +525,7 @@ class _CollectionSync:
         if not spans:
             return touched
         total = None
-        if first_load or skip_unchanged:
+        if (first_load or skip_unchanged) and self.reporter.wants_total():
             total = self.source.open(self.client).estimated_document_count()
         read_docs = read_bytes = 0
         expected = sum(b - a + 1 for a, b in spans)
