@@ -352,6 +352,54 @@ def run_range(
         reporter.close()
 
 
+class _CheckSummary:
+    """Per-bucket check evaluations, and a summary per check once a run has checked many buckets.
+
+    Each evaluation is a write to the instance's storage (three per bucket): a first load of
+    hundreds of buckets would spend more time recording checks than writing files. The first
+    PER_BUCKET buckets of a run, and every failing bucket, get their own evaluation on their
+    partition; the others are counted into one evaluation per check when the run ends, whose
+    metadata says how many buckets it covers.
+    """
+
+    PER_BUCKET = 8
+
+    def __init__(self) -> None:
+        self._seen: dict[tuple[dg.AssetKey, str], int] = {}
+        self._held: dict[tuple[dg.AssetKey, str], list[dg.AssetCheckEvaluation]] = {}
+
+    def record(self, evaluation: dg.AssetCheckEvaluation) -> bool:
+        """Whether to record this evaluation now (else it goes into the summary)."""
+        check = (evaluation.asset_key, evaluation.check_name)
+        self._seen[check] = self._seen.get(check, 0) + 1
+        if self._seen[check] <= self.PER_BUCKET or not evaluation.passed:
+            return True
+        self._held.setdefault(check, []).append(evaluation)
+        return False
+
+    def summaries(self) -> list[dg.AssetCheckEvaluation]:
+        done = []
+        for (key, name), held in self._held.items():
+            done.append(
+                dg.AssetCheckEvaluation(
+                    asset_key=key,
+                    check_name=name,
+                    passed=True,  # a failing bucket was recorded on its own partition
+                    metadata={
+                        "buckets_checked": len(held),
+                        "buckets": dg.MetadataValue.text(
+                            ", ".join(e.partition or "" for e in held[:50])
+                            + (" ..." if len(held) > 50 else "")
+                        ),
+                        "note": "passed for every one of these buckets of the run; "
+                        "each bucket's own numbers are on its materialization",
+                    },
+                )
+            )
+        self._held.clear()
+        return done
+
+
 class DagsterReporter:
     """Engine events as Dagster events: a materialization and checks per bucket partition."""
 
@@ -366,9 +414,12 @@ class DagsterReporter:
         self.own_loaded: tuple | None = None
         self._checked_queue = 0.0
         self._events = _EventLog(context)
+        self._checks = _CheckSummary()
 
     def close(self) -> None:
         """Every event recorded; called when the engine is done."""
+        for evaluation in self._checks.summaries():
+            self._events.log(evaluation)
         self._events.close()
 
     def message(self, text: str) -> None:
@@ -394,16 +445,16 @@ class DagsterReporter:
             dg.AssetMaterialization(key, partition=written.key, metadata=materialization_metadata(written))
         )
         for check in (conformance_check(written), drift_check(written), coverage_check(written)):
-            self._events.log(
-                dg.AssetCheckEvaluation(
-                    asset_key=key,
-                    check_name=check.check_name,
-                    passed=check.passed,
-                    metadata=check.metadata,
-                    severity=check.severity,
-                    partition=written.key,
-                )
+            evaluation = dg.AssetCheckEvaluation(
+                asset_key=key,
+                check_name=check.check_name,
+                passed=check.passed,
+                metadata=check.metadata,
+                severity=check.severity,
+                partition=written.key,
             )
+            if self._checks.record(evaluation):
+                self._events.log(evaluation)
 
     def bucket_loaded(
         self, loaded: LoadedBucket, in_file: int, in_table: int, missing: int, extra: int
@@ -434,11 +485,11 @@ class DagsterReporter:
             ("document_size", True, {"oversize_documents": 0}),
         ]
         for name, passed, metadata in checks:
-            self._events.log(
-                dg.AssetCheckEvaluation(
-                    asset_key=key, check_name=name, passed=passed, metadata=metadata, partition=loaded.bucket
-                )
+            evaluation = dg.AssetCheckEvaluation(
+                asset_key=key, check_name=name, passed=passed, metadata=metadata, partition=loaded.bucket
             )
+            if self._checks.record(evaluation):
+                self._events.log(evaluation)
 
     def wants_total(self) -> bool:
         """Only a live display on a terminal shows an ETA; the run's log needs no total."""

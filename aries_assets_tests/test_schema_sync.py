@@ -136,3 +136,31 @@ def test_append_evolution_adds_a_column_and_leaves_the_old_one(client, mongo_uri
     assert first.stat().st_mtime_ns == untouched, "append never rewrites a bucket for a new column"
     newest = pq.read_table(sorted(folder.glob("int-*.parquet"))[-1])
     assert newest.column("n__string").to_pylist()[-1] == "s9"
+
+
+def test_a_run_of_many_buckets_records_checks_per_bucket_then_one_summary(
+    client, mongo_uri, database, workdir
+):
+    """The first buckets of a run, and any failing one, get their own check evaluation; the rest
+    are summed up in one evaluation per check, and every bucket still gets its materialization."""
+    coll = client[database].events
+    coll.insert_many([{"_id": i, "n": i} for i in range(200)])
+    write_config(
+        workdir / "aries.yaml",
+        mongo_uri,
+        "./lake",
+        [{"database": database, "collection": "events", "bucket_size": 10}],
+    )
+    assert run_cli("sync", "--workers", "1")[0] == 0
+    key = AssetKey(["lake", database, "events"])
+    with DagsterInstance.get() as instance:
+        assert len(instance.get_materialized_partitions(key)) == 20
+        history = instance.event_log_storage.get_asset_check_execution_history(
+            AssetCheckKey(key, "id_coverage"), limit=100
+        )
+        evaluations = [r.event.dagster_event.event_specific_data for r in history]
+        per_bucket = [e for e in evaluations if e.partition]
+        summaries = [e for e in evaluations if not e.partition]
+        assert len(per_bucket) == 8 and all(e.passed for e in per_bucket)
+        (summary,) = summaries
+        assert summary.passed and summary.metadata["buckets_checked"].value == 12
