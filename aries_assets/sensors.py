@@ -24,7 +24,7 @@ from aries_assets.core.ledger import Lease, LeaseInfo, LedgerStore, RunHeartbeat
 from aries_assets.factory import job_name, mongo_key, serve_job_name
 from aries_assets.resources import LakeResource, MongoResource
 
-SENSOR_INTERVAL = 2  # seconds between ticks; a quiet tick is one short change-stream read
+SENSOR_INTERVAL = 1  # seconds between ticks; a quiet tick is one short change-stream read
 MAX_SECONDS = 3.0  # stream reading per tick, well under Dagster's 60 s limit
 MAX_EVENTS = 20_000
 OBSERVE_EVERY = 60.0  # seconds between lag observations of a quiet collection
