@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import dagster as dg
 import duckdb
 from pymongo import MongoClient
 
@@ -129,3 +130,58 @@ def test_a_run_killed_with_kill_9_is_repaired_by_the_next_ticks(client, mongo_ur
             log,
         )
         assert not [p for p in folder.rglob("*.tmp")], "no temporary file left"
+
+
+def test_a_serving_run_killed_with_kill_9_is_repaired_by_the_next_ticks(client, mongo_uri, database, workdir):
+    """A run serving the stream dies while it rewrites buckets: it is marked failed (by the code
+    server that launched it, or by the sensor once its heartbeat expires), a new serving run is
+    requested, and the lake ends exact, with no command run."""
+    coll = client[database].events
+    coll.insert_many([{"_id": i, "v": 0, "pad": "x" * 2_000} for i in range(20_000)])
+    other = client[database].other
+    other.insert_many([{"_id": i, "v": 0} for i in range(100)])
+    config = workdir / "aries.yaml"
+    write_config(
+        config,
+        mongo_uri,
+        str(workdir / "lake"),
+        [
+            {"database": database, "collection": "events", "bucket_size": 500},
+            {"database": database, "collection": "other", "bucket_size": 50},
+        ],
+        sync={"lease_seconds": 5, "linger_seconds": 60},
+    )
+    assert run_cli("sync", "--workers", "1")[0] == 0
+    with running_daemon(workdir, config) as daemon:
+        log = workdir / "daemon.log"
+        time.sleep(5)  # the daemon is up and ticking
+        coll.update_many({}, {"$set": {"v": 1}})  # every bucket dirty: a long rewrite
+        other.update_one({"_id": 3}, {"$set": {"v": 1}})
+        deadline = time.monotonic() + 120
+        while not daemon.run_processes():
+            assert time.monotonic() < deadline, "no run started:\n" + log.read_text()[-3000:]
+            time.sleep(0.2)
+        time.sleep(3)
+        victims = daemon.run_processes()
+        assert victims, "the run finished before it could be killed"
+        for process in victims:
+            process.kill()
+        coll.update_one({"_id": 3}, {"$set": {"v": "after the kill"}})
+        other.insert_one({"_id": 1_000, "v": "after the kill"})
+        for name in ("events", "other"):
+            wait_until(
+                lambda name=name: assert_same_documents(
+                    mongo_documents(client, database, name),
+                    lake_documents(workdir / "lake" / database / name),
+                ),
+                240,
+                f"{name}: lake equal to MongoDB after the killed serving run",
+                log,
+            )
+        with dg.DagsterInstance.from_config(str(daemon.home)) as instance:
+            runs = instance.get_runs(filters=dg.RunsFilter(job_name=f"serve__{database}"))
+        statuses = [r.status for r in runs]
+        assert dg.DagsterRunStatus.FAILURE in statuses, f"the killed serving run is marked failed: {statuses}"
+        later = {dg.DagsterRunStatus.SUCCESS, dg.DagsterRunStatus.STARTED}
+        assert later & set(statuses), f"a later serving run did the work: {statuses}"
+        assert not [p for p in (workdir / "lake").rglob("*.tmp")], "no temporary file left"
