@@ -139,23 +139,10 @@ def sync_collection(
 ) -> SyncOutcome:
     """Under the collection's lease: do what its ledger asks until it asks nothing more."""
     source = spec.source
-    started = time.monotonic()
     outcome = SyncOutcome(source.label)
     store = LedgerStore(targets.lake, source.database, source.collection)
     lease = Lease(targets.lake, source.database, source.collection, holder, run_id, settings.lease_seconds)
-    try:
-        check_exists(client, source, store.load().loaded)
-        check_collation(client, source)
-    except Exception as error:  # MongoDB unreachable, the collection gone: counts for the backoff
-        _note_run(store, "failed", f"{type(error).__name__}: {error}", outcome)
-        raise
-    lease.acquire(
-        settings.lease_wait_seconds,
-        on_wait=lambda other: reporter.message(
-            f"{source.label}: waiting for the lease held by {other.describe()}"
-        ),
-    )
-    try:
+    with _writing(client, source, store, lease, settings, reporter, outcome, store.load().loaded):
         for leftover in remove_temporary_files(
             targets.lake, collection_prefix(source.database, source.collection)
         ):
@@ -198,15 +185,46 @@ def sync_collection(
         if outcome.rounds == 0:
             # Nothing changed in MongoDB; the warehouse may still lack buckets (added to the config, restored).
             sync.settle_targets(store.load())
-        _note_run(store, "ok", None, outcome)
         sync.summarise()
+    return outcome
+
+
+@contextlib.contextmanager
+def _writing(
+    client: MongoClient,
+    source: SourceCollection,
+    store: LedgerStore,
+    lease: Lease,
+    settings: SyncSettings,
+    reporter: Reporter,
+    outcome: SyncOutcome,
+    synced_before: bool,
+) -> Iterator[None]:
+    """A writer's frame: the collection checked, the lease taken (waiting for it, saying for whom),
+    how the run ended noted in the ledger (a failure counts for the retry backoff), the lease
+    given back."""
+    started = time.monotonic()
+    try:
+        check_exists(client, source, synced_before)
+        check_collation(client, source)
+    except Exception as error:  # MongoDB unreachable, the collection gone: counts for the backoff
+        _note_run(store, "failed", f"{type(error).__name__}: {error}", outcome)
+        raise
+    lease.acquire(
+        settings.lease_wait_seconds,
+        on_wait=lambda other: reporter.message(
+            f"{source.label}: waiting for the lease held by {other.describe()}"
+        ),
+    )
+    try:
+        yield
+        _note_run(store, "ok", None, outcome)
     except BaseException as error:
         _note_run(store, "failed", f"{type(error).__name__}: {error}", outcome)
         raise
     finally:
         lease.release()
-    outcome.seconds = time.monotonic() - started
-    return outcome
+        outcome.seconds = time.monotonic() - started
 
 
 def serve_collections(
@@ -331,10 +349,7 @@ def sync_range(
     store = LedgerStore(targets.lake, source.database, source.collection)
     if key not in store.load().ranges:
         return None
-    started = time.monotonic()
     outcome = SyncOutcome(source.label, mode=f"split range {key}")
-    check_exists(client, source, True)
-    check_collation(client, source)
     lease = Lease(
         targets.lake,
         source.database,
@@ -344,26 +359,13 @@ def sync_range(
         settings.lease_seconds,
         range_key=key,
     )
-    lease.acquire(
-        settings.lease_wait_seconds,
-        on_wait=lambda other: reporter.message(
-            f"{source.label}: waiting for the lease held by {other.describe()}"
-        ),
-    )
-    try:
+    with _writing(client, source, store, lease, settings, reporter, outcome, True):
         ledger = store.load()
         if key not in ledger.ranges:
             return None  # written meanwhile by a whole-collection run
         sync = _CollectionSync(spec, client, targets, settings, reporter, store, lease, outcome)
         sync.range_round(ledger, key)
-        _note_run(store, "ok", None, outcome)
         sync.summarise()
-    except BaseException as error:
-        _note_run(store, "failed", f"{type(error).__name__}: {error}", outcome)
-        raise
-    finally:
-        lease.release()
-    outcome.seconds = time.monotonic() - started
     return outcome
 
 
