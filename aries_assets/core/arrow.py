@@ -399,9 +399,9 @@ class PackedStrings:
 
 
 def _canonical_json(raw_documents: list[bytes]) -> pa.Array:
-    """`_doc` of each document (libbson's canonical Extended JSON), straight into Arrow: one string at a time."""
-    texts = (bsonjs.dumps(raw, mode=bsonjs.CANONICAL) for raw in raw_documents)
-    return pa.array(texts, pa.string(), size=len(raw_documents))
+    """`_doc` of each document (libbson's canonical Extended JSON), into Arrow."""
+    dumps, canonical = bsonjs.dumps, bsonjs.CANONICAL
+    return pa.array([dumps(raw, mode=canonical) for raw in raw_documents], pa.string())
 
 
 _FIXED_COLUMNS = 3  # `_id`, `_doc`, `_id_key`

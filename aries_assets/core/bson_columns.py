@@ -49,7 +49,10 @@ _NUMBER_WRAPPERS = {
 }
 _KEY_SEPARATOR = '" : '  # how libbson writes a key; a string holding it shows as `\\" : `
 _PLAIN_KEY = re.compile(r"^[A-Za-z0-9_ .:/'-]+$")  # written as is in JSON, no escapes
-_WRAPPER_KEYS = [f"{name}\x00".encode() for name in ("$oid", "$date", *_NUMBER_WRAPPERS)]
+# A key named like a wrapper, as BSON holds it (the name, then its terminating zero byte): one scan.
+_WRAPPER_KEY = re.compile(
+    rb"\$(?:" + b"|".join(re.escape(n[1:]).encode() for n in ("$oid", "$date", *_NUMBER_WRAPPERS)) + rb")\x00"
+)
 _NOT_DECIMAL = s.MAX_DECIMAL_PRECISION + 1
 _PLAIN_DECIMAL = r"^-?(?P<whole>[0-9]+)\.?(?P<fraction>[0-9]*)$"
 _QUANTIZE_DIGITS = 28  # decimal.DefaultContext.prec
@@ -98,7 +101,7 @@ def columnar_batch(
 ) -> ColumnarBatch | None:
     """The batch as columns, or None when only the exact path can convert it."""
     blob = b"".join(raw_documents)
-    if any(key in blob for key in _WRAPPER_KEYS):
+    if _WRAPPER_KEY.search(blob):
         return None  # a key that would read as Extended JSON syntax (or, rarely, bytes that look like one)
     # The documents back to back, read straight from `_doc`'s buffer: each is one JSON object, so
     # the reader needs no separator between them, and no copy of the text is made.

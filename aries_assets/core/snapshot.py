@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 from bson import json_util
 
 from aries_assets.core import schema as s
-from aries_assets.core.arrow import BucketConverter, arrow_schema_of, options_fingerprint
+from aries_assets.core.arrow import KEY_COLUMN, BucketConverter, arrow_schema_of, options_fingerprint
 from aries_assets.core.buckets import BucketDocuments
 from aries_assets.core.extract import SourceCollection
 from aries_assets.core.lake import Lake, bucket_file, collection_prefix, schema_file
@@ -272,6 +272,15 @@ def _carries_over(written: s.InferredSchema, seen: set[s.Path], settled: s.Infer
     return all(c.path not in seen for c in settled.columns if c.name not in kept)
 
 
+# One value per document: a dictionary would only be built to be thrown away.
+_UNIQUE_COLUMNS = frozenset(s.RESERVED_COLUMNS) | {KEY_COLUMN}
+
+
+def _parquet_writer(path: str, schema: pa.Schema) -> pq.ParquetWriter:
+    dictionary = [name for name in schema.names if name not in _UNIQUE_COLUMNS]
+    return pq.ParquetWriter(path, schema, compression="zstd", use_dictionary=dictionary)
+
+
 class _SchemaRuns:
     """Runs of row groups, each written in one schema, joined into one file once the schema is settled."""
 
@@ -286,9 +295,7 @@ class _SchemaRuns:
         if self.writer is None or not _same_columns(self.runs[-1][1], schema):
             self._close_writer()
             path = self.path if not self.runs else f"{self.path}.run{len(self.runs)}"
-            self.writer = pq.ParquetWriter(
-                path, table.schema.with_metadata(self.metadata), compression="zstd"
-            )
+            self.writer = _parquet_writer(path, table.schema.with_metadata(self.metadata))
             self.runs.append((path, schema, set()))
         self.writer.write_table(table)
         self.runs[-1][2].update(stats.fields)
@@ -310,7 +317,7 @@ class _SchemaRuns:
             return False
         arrow_schema = arrow_schema_of(schema).with_metadata(self.metadata)
         joined = f"{self.path}.joined"
-        with pq.ParquetWriter(joined, arrow_schema, compression="zstd") as writer:
+        with _parquet_writer(joined, arrow_schema) as writer:
             for path, _, _ in self.runs:
                 source = pq.ParquetFile(path)
                 for group in range(source.num_row_groups):
