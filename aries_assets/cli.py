@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from pathlib import Path
 
-from aries_assets.config import ConfigError, load_config
-from aries_assets.resources import MongoUnreachable
+from aries_assets.config import ConfigError, expand_env, expand_url, load_config
+from aries_assets.core import read_ahead
+from aries_assets.core.extract import MongoUnreachable, SourceCollection
+from aries_assets.core.lake import LakeSpec
 
 
 def ensure_dagster_home() -> str:
@@ -90,14 +93,34 @@ def cmd_sync(args: argparse.Namespace) -> int:
     from aries_assets.sync import default_workers, print_summary, sync
 
     config = load_config(args.config)
-    check_mongo(config)  # before anything is written, DAGSTER_HOME included
-    check_targets(config)
-    ensure_dagster_home()
-    workers = args.workers or config.sync.workers or default_workers()
-    live = sys.stderr.isatty() and not args.plain
-    reports = sync(config, workers=workers, progress=_progress, full=args.full, live=live)
+    _begin_first_read(config)
+    try:
+        check_mongo(config)  # before anything is written, DAGSTER_HOME included
+        check_targets(config)
+        ensure_dagster_home()
+        workers = args.workers or config.sync.workers or default_workers()
+        live = sys.stderr.isatty() and not args.plain
+        reports = sync(config, workers=workers, progress=_progress, full=args.full, live=live)
+    finally:
+        read_ahead.close_all()
     print_summary(reports)
     return 1 if any(r.failures for r in reports) else 0
+
+
+def _begin_first_read(config) -> None:
+    """A collection's first load begins reading now, while Dagster is imported (see `core.read_ahead`)."""
+    try:
+        uri = expand_url(config.mongo_uri, "mongo.uri")
+        lake = LakeSpec(
+            expand_url(config.lake_url, "lake.url"),
+            expand_url(config.lake_endpoint_url, "lake.endpoint_url") if config.lake_endpoint_url else None,
+            expand_env(config.lake_region, "lake.region") if config.lake_region else None,
+        )
+    except ConfigError:
+        return  # said in one line by the checks that follow
+    read_ahead.begin(
+        uri, lake, [SourceCollection(c.database, c.collection, c.query) for c in config.collections]
+    )
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -285,5 +308,20 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def console() -> None:
+    """The `aries` command: `main`, then a prompt exit.
+
+    By the time `main` returns, what the command wrote is durable: files renamed into
+    place, ledgers swapped, the instance's run records committed, writer processes
+    and leases ended. What the interpreter would still do (join pymongo's monitor
+    threads, tear down Dagster's objects) takes most of a second and changes nothing.
+    """
+    code = main()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code or 0)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    console()

@@ -13,15 +13,12 @@ from pymongo import MongoClient
 from pymongo.errors import OperationFailure, PyMongoError
 
 from aries_assets.config import expand_env, expand_url, redact_uri, scrub, url_password
+from aries_assets.core.extract import MongoUnreachable, open_client
 from aries_assets.core.lake import Lake, LakeSpec, LocalLake, S3Lake
 from aries_assets.core.warehouse import Loader, open_loader
 from aries_assets.core.warehouse.loader import WarehouseError
 
 SERVER_SELECTION_TIMEOUT_MS = 10_000
-
-
-class MongoUnreachable(RuntimeError):
-    """MongoDB did not answer; the message names the server, never the password."""
 
 
 class MongoResource(dg.ConfigurableResource):
@@ -33,12 +30,7 @@ class MongoResource(dg.ConfigurableResource):
         uri = expand_url(self.uri, "mongo.uri")
         client = None
         try:
-            client = MongoClient(
-                uri,
-                appname="aries",
-                serverSelectionTimeoutMS=SERVER_SELECTION_TIMEOUT_MS,
-                tz_aware=True,
-            )
+            client = open_client(uri, SERVER_SELECTION_TIMEOUT_MS)
             client.admin.command("ping")
         except PyMongoError as error:
             if client is not None:

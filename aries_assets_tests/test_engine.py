@@ -14,12 +14,15 @@ import pytest
 from bson import ObjectId
 from pymongo import monitoring
 
+from aries_assets.cli import ensure_dagster_home
 from aries_assets.config import load_config
+from aries_assets.core import read_ahead
 from aries_assets.core.changes import majority_time
 from aries_assets.core.extract import SourceCollection
-from aries_assets.core.lake import LocalLake
+from aries_assets.core.lake import LakeSpec, LocalLake
 from aries_assets.core.ledger import Lease, LeaseHeld, Ledger, LedgerStore
 from aries_assets.definitions import build_definitions
+from aries_assets.sync import sync
 from aries_assets_tests.support import (
     assert_same_documents,
     lake_documents,
@@ -71,6 +74,73 @@ def test_a_first_load_reads_the_collection_once(client, mongo_uri, database, wor
     # Besides the one ordered read, only point look-ups that fetch a cluster time (`_id: null`).
     reads = [f for f in counter.finds if f.get("filter") != {"_id": None}]
     assert len(reads) == 1, reads
+
+
+def test_a_read_begun_before_its_run_misses_no_change_made_before_the_run(
+    client, mongo_uri, database, workdir
+):
+    """`aries sync` begins a first load's read while Dagster starts: changes in between are not lost."""
+    events = client[database].events
+    events.insert_many([{"_id": i, "v": i} for i in range(1_000)])
+    write_config(
+        workdir / "aries.yaml",
+        mongo_uri,
+        "./lake",
+        [{"database": database, "collection": "events", "bucket_size": 100}],
+    )
+    counter = FindCounter(database)
+    monitoring.register(counter)
+    try:
+        source = SourceCollection(database, "events")
+        read_ahead.begin(mongo_uri, LakeSpec(str(workdir / "lake")), [source])
+        # The read's first batch (the whole collection) has arrived: what follows reaches the lake
+        # only through the stream, from the mark made before the read began.
+        begun = read_ahead.begun(source)
+        deadline = time.monotonic() + 30
+        while begun.read.batches.queue.empty() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        # After the read began, before the run that adopts it: every kind of change, in every range.
+        events.update_many({"_id": {"$in": [0, 450, 999]}}, {"$set": {"v": "changed"}})
+        events.delete_many({"_id": {"$in": [1, 500, 998]}})
+        events.insert_many(
+            [{"_id": -5, "v": "before"}, {"_id": 505.5, "v": "middle"}, {"_id": 5_000, "v": "after"}]
+        )
+        ensure_dagster_home()
+        reports = sync(load_config(str(workdir / "aries.yaml")), workers=2, progress=lambda _: None)
+    finally:
+        monitoring._LISTENERS.command_listeners.remove(counter)
+        read_ahead.close_all()
+    assert not reports[0].failures, reports[0].failures
+    assert reports[0].mode == "first load"
+    # The run adopted the read begun for it: one read of the whole collection, then range reads of
+    # the buckets the changes made dirty.
+    whole = [
+        f for f in counter.finds if f.get("filter") != {"_id": None} and "min" not in f and "max" not in f
+    ]
+    assert len(whole) == 1, whole
+    folder = workdir / "lake" / database / "events"
+    assert_same_documents(mongo_documents(client, database, "events"), lake_documents(folder))
+
+
+def test_no_read_is_begun_for_a_collection_already_loaded(client, mongo_uri, database, workdir):
+    client[database].events.insert_many([{"_id": i} for i in range(300)])
+    write_config(
+        workdir / "aries.yaml",
+        mongo_uri,
+        "./lake",
+        [{"database": database, "collection": "events", "bucket_size": 100}],
+    )
+    code, _, err = run_cli("sync")
+    assert code == 0, err
+    counter = FindCounter(database)
+    monitoring.register(counter)
+    try:
+        source = SourceCollection(database, "events")
+        read_ahead.begin(mongo_uri, LakeSpec(str(workdir / "lake")), [source])
+        assert read_ahead.take(source) is None
+    finally:
+        monitoring._LISTENERS.command_listeners.remove(counter)
+    assert counter.finds == []
 
 
 def test_two_syncs_at_once_on_a_fresh_dagster_home_give_one_exact_lake(client, mongo_uri, database, workdir):

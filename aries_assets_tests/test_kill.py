@@ -6,6 +6,7 @@ Each trial prints its seed; replay one with `ARIES_KILL_SEEDS=<seed> pytest -k k
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import signal
@@ -46,7 +47,8 @@ def killed_sync(workdir: Path, env: dict, delay: float) -> bool:
     )
     time.sleep(delay)
     alive = process.poll() is None
-    os.killpg(process.pid, signal.SIGKILL)
+    with contextlib.suppress(ProcessLookupError):  # it finished, and no process of its group is left
+        os.killpg(process.pid, signal.SIGKILL)
     process.wait()
     return alive
 

@@ -89,22 +89,39 @@ def majority_time(client: MongoClient, source: SourceCollection) -> Timestamp:
         return session.operation_time
 
 
-def stream_start(client: MongoClient, lake: Lake, source: SourceCollection) -> Timestamp:
-    """Where a first load starts: the collection's own stream is marked first, then the cluster time.
+@dataclass(frozen=True)
+class StreamMark:
+    """Where a first load starts: its collection's stream token, then the cluster time after it."""
 
-    The run that loads catches up from the saved resume token: every change after
-    the mark is in the stream, and every change before the returned time is in the
-    load's causal read. (Resuming after a token is an index lookup on every server;
-    starting at a time is a scan of the oplog on some.)
+    token: dict[str, Any] | None
+    start: Timestamp
+
+
+def mark_stream(client: MongoClient, source: SourceCollection) -> StreamMark:
+    """The collection's own stream marked first, then the cluster time: nothing is written yet.
+
+    Every change after the mark is in the stream, and every change before the
+    returned time is in a causal read at that time. (Resuming after a token is an
+    index lookup on every server; starting at a time is a scan of the oplog on some.)
     """
     scope = collection_scope(source)
     with scope.watch_target(client).watch(scope.pipeline(), max_await_time_ms=1) as stream:
         stream.try_next()
         token = stream.resume_token
-    start = majority_time(client, source)
-    if token is not None:
-        save_scope_token(lake, scope, token, {source.label})
-    return start
+    return StreamMark(token, majority_time(client, source))
+
+
+def adopt_mark(lake: Lake, source: SourceCollection, mark: StreamMark) -> Timestamp:
+    """Save the mark's token as the collection's own stream position (the lease holder only): the run
+    that loads catches up from it. Returns where the load's read starts."""
+    if mark.token is not None:
+        save_scope_token(lake, collection_scope(source), mark.token, {source.label})
+    return mark.start
+
+
+def stream_start(client: MongoClient, lake: Lake, source: SourceCollection) -> Timestamp:
+    """Where a first load starts, marked and saved now (see `mark_stream`)."""
+    return adopt_mark(lake, source, mark_stream(client, source))
 
 
 def collection_scope(source: SourceCollection) -> StreamScope:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import multiprocessing
+import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -34,10 +35,16 @@ from bson.max_key import MaxKey
 from bson.min_key import MinKey
 from pymongo import MongoClient
 
-from aries_assets.core import catalog, snapshot
+from aries_assets.core import catalog, read_ahead, snapshot
 from aries_assets.core import schema as s
 from aries_assets.core.buckets import Bucket, BucketCutter, BucketDocuments, BucketMap
-from aries_assets.core.changes import collection_scope, majority_time, record_changes, stream_start
+from aries_assets.core.changes import (
+    adopt_mark,
+    collection_scope,
+    majority_time,
+    record_changes,
+    stream_start,
+)
 from aries_assets.core.extract import SourceCollection, check_collation, check_exists, range_documents
 from aries_assets.core.lake import Lake, LakeSpec, bucket_file, collection_prefix, remove_temporary_files
 from aries_assets.core.ledger import DirtyBucket, Lease, LeaseHeld, Ledger, LedgerStore, now_iso
@@ -396,9 +403,15 @@ class _CollectionSync:
         first_load = not ledger.loaded
         fresh = ledger.range_bucket_keys()  # a split first load's ranges that no range run finished
         self.outcome.rounds += 1
+        ahead = read_ahead.take(self.source) if first_load else None
         if first_load:
             mode = "first load"
-            start = stream_start(self.client, self.lake, self.source)
+            # The stream marked and the read begun before this run started, if `aries sync` did.
+            start = (
+                adopt_mark(self.lake, self.source, ahead.mark)
+                if ahead
+                else stream_start(self.client, self.lake, self.source)
+            )
             # Changes from here on are caught up from the stream once the bucket map exists.
             self.store.update(lambda led: led.advance(start) if led.position is None else None)
             bucket_map = BucketMap(self.spec.bucket_size, [MinKey()])
@@ -419,9 +432,14 @@ class _CollectionSync:
         self.outcome.mode = mode if self.outcome.rounds == 1 else self.outcome.mode
         self.reporter.message(f"{label}: {mode}")
         files = self._files(bucket_map.keys)
-        touched = self._pass(
-            bucket_map, spans, after, first_load, skip_unchanged=mode.startswith("re-read"), fresh=fresh
-        )
+        try:
+            touched = self._pass(
+                bucket_map, spans, after, first_load, skip_unchanged=mode.startswith("re-read"), fresh=fresh,
+                documents=ahead.read.documents() if ahead else None,
+            )  # fmt: skip
+        finally:
+            if ahead:
+                ahead.close()
         if first_load:
             self._save_map(bucket_map, first_load=True)
             self.loaded_first = True
@@ -521,8 +539,12 @@ class _CollectionSync:
         skip_unchanged: bool,
         force: bool = False,
         fresh: frozenset[str] | set[str] = frozenset(),
+        documents: Iterator[tuple[Any, bytes]] | None = None,
     ) -> set[str]:
-        """One ordered read per span; every bucket of a span is written (or found current)."""
+        """One ordered read per span; every bucket of a span is written (or found current).
+
+        `documents`: the read of the one span, already begun (a first load's, see `read_ahead`).
+        """
         touched: set[str] = set()
         if not spans:
             return touched
@@ -533,18 +555,25 @@ class _CollectionSync:
         expected = sum(b - a + 1 for a, b in spans)
         if total is not None:
             expected = max(expected, total // max(1, self.spec.bucket_size))
-        # Writer processes cost a second or two to start: worth it only for several buckets
-        # (a split range, read for the first time, is many).
-        workers = self.settings.workers if expected > 2 or fresh else 1
+        # Writer processes cost a second or two to start: worth it only for several buckets (a split
+        # range, read for the first time, is many). A first load's size is unknown until it is read:
+        # its writers start once a bucket is cut with more documents still coming.
+        many = expected > 2 or bool(fresh)
+        workers = self.settings.workers if many or first_load else 1
         with _Writers(workers, self.targets.lake_spec) as writers:
-            writers.start()  # the writers start while the server prepares its first batch
+            if many:
+                writers.start()  # the writers start while the server prepares its first batch
+            elif workers > 1:
+                _warm_writers()
             for first, last in spans:
                 lower = bucket_map.lowers[first]
                 upper = bucket_map.lowers[last + 1] if last + 1 < len(bucket_map.lowers) else MaxKey()
                 cutter = BucketCutter(
                     bucket_map, first, last, self.spec.bucket_size, self.spec.bucket_bytes, fresh
                 )
-                for _id, raw in range_documents(self.client, self.source, lower, upper, after):
+                if documents is None:
+                    documents = range_documents(self.client, self.source, lower, upper, after)
+                for _id, raw in documents:
                     read_docs += 1
                     read_bytes += len(raw)
                     for done in cutter.add(_id, raw):
@@ -552,14 +581,17 @@ class _CollectionSync:
                     if read_docs % 2_000 == 0:
                         self.reporter.progress(read_docs, read_bytes, total)
                 for done in cutter.finish():
-                    self._submit(writers, done, bucket_map, first_load, not force, touched)
+                    self._submit(writers, done, bucket_map, first_load, not force, touched, last=True)
+                documents = None
             for written in writers.drain():
                 self._written(written, touched)
         self.reporter.progress(read_docs, read_bytes, total)
         self.outcome.documents_read += read_docs
         return touched
 
-    def _submit(self, writers, done: BucketDocuments, bucket_map, first_load, skip_current, touched) -> None:
+    def _submit(
+        self, writers, done: BucketDocuments, bucket_map, first_load, skip_current, touched, last=False
+    ) -> None:
         key = done.bucket.key
         previous = self.files.get(key) if self.files else None
         if done.new and not first_load:
@@ -569,9 +601,8 @@ class _CollectionSync:
             touched.add(key)
             return
         self.lease.check()
-        for written in writers.submit(
-            _WriteJob(self.source, done, self.spec.options, self.schema, previous), self.targets.lake
-        ):
+        job = _WriteJob(self.source, done, self.spec.options, self.schema, previous)
+        for written in writers.submit(job, self.targets.lake, inline=last):
             self._written(written, touched)
 
     def _written(self, written: snapshot.WrittenBucket, touched: set[str]) -> None:
@@ -735,8 +766,13 @@ class _WriteJob:
 _WORKER_LAKE: Lake | None = None
 
 
-def _worker_start(spec: LakeSpec) -> None:
+def _worker_start(spec: LakeSpec, environ: dict[str, str], cwd: str) -> None:
+    """A writer forked from the fork server has the server's environment and directory, as they were
+    when it started: take the run's own (credentials, a relative lake path)."""
     global _WORKER_LAKE
+    os.environ.clear()
+    os.environ.update(environ)
+    os.chdir(cwd)
     _WORKER_LAKE = spec.open()
 
 
@@ -759,8 +795,19 @@ def _writer_context() -> multiprocessing.context.BaseContext:
     if "forkserver" not in multiprocessing.get_all_start_methods():
         return multiprocessing.get_context("spawn")
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload([__name__])
+    # pandas too: pyarrow imports it on the first `pa.array` of a list, half a second per writer.
+    context.set_forkserver_preload([__name__, "pandas"])
     return context
+
+
+def _warm_writers() -> None:
+    """Start the fork server now: it imports the writing code while the server prepares its first
+    batch, so writers forked later start in milliseconds. Nothing waits for it."""
+    context = _writer_context()
+    if context.get_start_method() == "forkserver":
+        from multiprocessing import forkserver
+
+        forkserver.ensure_running()
 
 
 class _Writers:
@@ -790,13 +837,14 @@ class _Writers:
             max_workers=self.workers,
             mp_context=_writer_context(),
             initializer=_worker_start,
-            initargs=(self.lake_spec,),
+            initargs=(self.lake_spec, dict(os.environ), os.getcwd()),
         )
         for _ in range(self.workers):  # a pool starts its processes on demand: ask for all of them
             self._pool.submit(_worker_ready)
 
-    def submit(self, job: _WriteJob, lake: Lake) -> Iterator[snapshot.WrittenBucket]:
-        if self.workers <= 1:
+    def submit(self, job: _WriteJob, lake: Lake, inline: bool = False) -> Iterator[snapshot.WrittenBucket]:
+        """Hand the job to a writer; `inline` writes it here unless the writers already run."""
+        if self.workers <= 1 or (inline and self._pool is None):
             yield job.run(lake)
             return
         self.start()

@@ -7,6 +7,7 @@ type class, while a bucket of a mixed-type collection spans several classes.
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import struct
 import threading
@@ -20,6 +21,7 @@ from bson.codec_options import CodecOptions, DatetimeConversion
 from bson.max_key import MaxKey
 from bson.min_key import MinKey
 from bson.raw_bson import RawBSONDocument
+from pymongo import MongoClient
 from pymongo.collection import Collection
 from pymongo.read_concern import ReadConcern
 
@@ -37,6 +39,15 @@ DEFAULT_BATCH_BYTES = 32 * 1024 * 1024
 # Documents per server batch: small enough that converting one batch overlaps the server
 # producing the next, large enough that round trips do not count (the server caps batches at 16 MB).
 READ_BATCH = 10_000
+
+
+class MongoUnreachable(RuntimeError):
+    """MongoDB did not answer; the message names the server, never the password."""
+
+
+def open_client(uri: str, server_selection_ms: int = 10_000) -> MongoClient:
+    """A client as Aries uses one: named in the server's logs, dates tz-aware, a bounded wait for a server."""
+    return MongoClient(uri, appname="aries", serverSelectionTimeoutMS=server_selection_ms, tz_aware=True)
 
 
 @dataclass(frozen=True)
@@ -122,53 +133,85 @@ def range_documents(
     With `after`, the read is causally consistent with that cluster time: a change
     the ledger recorded is visible even when reading from a secondary that lags.
     """
-    with client.start_session(causal_consistency=True) as session:
+    yield from RangeRead(client, source, lower, upper, after).documents()
+
+
+class RangeRead:
+    """One ordered read of [lower, upper), begun at once: the server prepares its first batch from
+    here on, while the caller does something else (see `read_ahead`). Closed when read to the end,
+    or by `close`."""
+
+    def __init__(
+        self, client: Any, source: SourceCollection, lower: Any, upper: Any, after: Timestamp | None
+    ):
+        self.session = client.start_session(causal_consistency=True)
         if after is not None:
-            session.advance_operation_time(after)
-        cursor = _range_cursor(source.open(client), source.query, lower, upper, session=session)
-        for batch in _prefetched(cursor):
-            for raw in split_raw_batch(batch):
-                yield raw_id(raw), bytes(raw)
+            self.session.advance_operation_time(after)
+        try:
+            cursor = _range_cursor(source.open(client), source.query, lower, upper, session=self.session)
+            self.batches = _Prefetch(cursor)
+        except BaseException:
+            self.session.end_session()
+            raise
+
+    def documents(self) -> Iterator[tuple[Any, bytes]]:
+        try:
+            for batch in self.batches:
+                for raw in split_raw_batch(batch):
+                    yield raw_id(raw), bytes(raw)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        self.batches.close()
+        self.session.end_session()
 
 
 _DONE = object()
 
 
-def _prefetched(cursor: Any, depth: int = 2) -> Iterator[bytes]:
-    """The cursor's raw batches, fetched by a thread while the caller works on the previous one:
-    the server's time and ours overlap (the socket wait releases the GIL)."""
-    batches: queue.Queue = queue.Queue(maxsize=depth)
-    stop = threading.Event()
+class _Prefetch:
+    """The cursor's raw batches, fetched by a thread (from construction on) while the caller works
+    on the previous one: the server's time and ours overlap (the socket wait releases the GIL)."""
 
-    def fetch() -> None:
+    def __init__(self, cursor: Any, depth: int = 2) -> None:
+        self.cursor = cursor
+        self.queue: queue.Queue = queue.Queue(maxsize=depth)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._fetch, name="aries prefetch", daemon=True)
+        self.thread.start()
+
+    def _fetch(self) -> None:
         try:
-            for batch in cursor:
-                while not stop.is_set():
+            for batch in self.cursor:
+                while not self.stop.is_set():
                     try:
-                        batches.put(batch, timeout=0.5)
+                        self.queue.put(batch, timeout=0.5)
                         break
                     except queue.Full:
                         continue
-                if stop.is_set():
+                if self.stop.is_set():
                     return
-            batches.put(_DONE)
+            self.queue.put(_DONE)
         except BaseException as error:  # handed to the reader, raised there
-            batches.put(error)
+            self.queue.put(error)
 
-    thread = threading.Thread(target=fetch, name="aries prefetch", daemon=True)
-    thread.start()
-    try:
+    def __iter__(self) -> Iterator[bytes]:
         while True:
-            item = batches.get()
+            item = self.queue.get()
             if item is _DONE:
                 return
             if isinstance(item, BaseException):
                 raise item
             yield item
-    finally:
-        stop.set()
-        thread.join(timeout=5)
-        cursor.close()
+
+    def close(self) -> None:
+        self.stop.set()
+        with contextlib.suppress(queue.Empty):
+            while True:  # unblock a fetch waiting to hand over its last item
+                self.queue.get_nowait()
+        self.thread.join(timeout=5)
+        self.cursor.close()
 
 
 class UnsupportedCollection(RuntimeError):
