@@ -252,6 +252,16 @@ class BucketCutter:
     def add(self, _id: Any, raw: bytes) -> list[BucketDocuments]:
         """Take the next document; return the buckets this finished."""
         done: list[BucketDocuments] = []
+        if self._i + 1 == len(self.map.lowers):
+            # The newest bucket (all of a first load): no boundary ahead and never split, so no
+            # sort keys are needed, only the count and size that close it.
+            if self._docs and (len(self._docs) >= self.size or self._bytes + len(raw) > self.max_bytes):
+                done.append(self._emit(self._docs))
+                self._reset()
+                self._open(_id)
+            self._docs.append(raw)
+            self._bytes += len(raw)
+            return done
         key = sort_key(_id)
         while self._i + 1 < len(self.map.lowers) and key >= self.map._keys[self._i + 1]:
             done.append(self._emit(self._docs))
