@@ -29,7 +29,8 @@ from bson.max_key import MaxKey
 from bson.min_key import MinKey
 
 from aries_assets.core import schema as s
-from aries_assets.core.arrow import CODEC_OPTIONS, BucketConverter, ColumnarBatch, id_key
+from aries_assets.core.arrow import CODEC_OPTIONS, BucketConverter, ColumnarBatch, _canonical_json, id_key
+from aries_assets.core.bson_columns import _refused_by_sample
 from aries_assets.core.snapshot import convert_to_parquet
 from aries_assets_tests.test_messy import messy_documents
 
@@ -97,6 +98,27 @@ def events(count: int, seed: int = 1) -> list[dict]:
 
 def test_events_take_the_columnar_path():
     assert_equivalent(events(500), batch=100, expect_columnar=True)
+
+
+def test_a_chunk_of_maps_is_refused_from_a_sample_and_a_rare_map_by_the_walk():
+    """Maps keyed by data make Arrow's reader build a field per key: a sample turns them away first."""
+    rng = random.Random(3)
+    plain = events(1_000)
+    maps = [dict(d, scores={f"{rng.getrandbits(64):016x}": 1.5 for _ in range(3)}) for d in plain]
+
+    def chunk(documents):
+        return _canonical_json([bson.encode(d, codec_options=CODEC_OPTIONS) for d in documents])
+
+    assert _refused_by_sample(chunk(maps), DEFAULTS, set())
+    assert not _refused_by_sample(chunk(plain), DEFAULTS, set())
+    nested = [dict(d, items=[{"sku": "a"}]) for d in plain]  # arrays of documents: refused too
+    assert _refused_by_sample(chunk(nested), DEFAULTS, set())
+    # One map, in a document the sample skips: the walk refuses the chunk, the result is the same.
+    rare = list(plain)
+    rare[7] = maps[7]
+    assert not _refused_by_sample(chunk(rare), DEFAULTS, set())
+    assert_equivalent(rare, expect_columnar=False)
+    assert_equivalent(maps, expect_columnar=False)
 
 
 def test_sample_datasets():

@@ -110,6 +110,8 @@ def columnar_batch(
     offsets = np.frombuffer(offsets_buffer, np.int32, len(docs) + 1)
     text = data[int(offsets[0]) : int(offsets[-1])] if len(docs) else pa.py_buffer(b"")
     try:
+        if _refused_by_sample(docs, options, known_maps):
+            return None
         table = pajson.read_json(
             pa.BufferReader(text),
             read_options=pajson.ReadOptions(use_threads=False, block_size=max(text.size + 1, 1 << 20)),
@@ -119,6 +121,39 @@ def columnar_batch(
         return _Walker(table, docs, options, known_maps).batch()
     except (pa.ArrowInvalid, Refused):
         return None
+
+
+# Documents of a chunk parsed first, evenly spaced, to see whether the chunk can be taken at all.
+_SAMPLE = 64
+
+
+def _refused_by_sample(docs: pa.Array, options: s.SchemaOptions, known_maps: set[s.Path]) -> bool:
+    """True when a sample of the chunk already holds what the walk would refuse: a document keyed
+    by data (a map), an array of documents or arrays, nesting past `max_depth`. Arrow's reader
+    makes a field of every key it meets, so a chunk of maps keyed by ids costs it seconds and a
+    hundred MB before the refusal."""
+    if len(docs) <= _SAMPLE:
+        return False
+    rows = np.linspace(0, len(docs) - 1, _SAMPLE).astype(np.int64)
+    sample = "".join(docs.take(pa.array(rows)).to_pylist()).encode()
+    table = pajson.read_json(pa.BufferReader(sample), read_options=pajson.ReadOptions(use_threads=False))
+    stack: list[tuple[s.Path, pa.DataType]] = [((f.name,), f.type) for f in table.schema]
+    while stack:
+        path, kind = stack.pop()
+        wrapper = pa.types.is_struct(kind) and kind.num_fields and all(f.name.startswith("$") for f in kind)
+        if pa.types.is_list(kind):
+            element = kind.value_type
+            element_wrapper = pa.types.is_struct(element) and all(f.name.startswith("$") for f in element)
+            if pa.types.is_list(element) or (pa.types.is_struct(element) and not element_wrapper):
+                return True
+            continue
+        if not pa.types.is_struct(kind) or wrapper:
+            continue
+        names = [f.name for f in kind]
+        if len(path) >= options.max_depth or path in known_maps or any(s._DATA_KEY.match(n) for n in names):
+            return True
+        stack.extend(((*path, f.name), f.type) for f in kind)
+    return False
 
 
 class _Walker:
