@@ -24,6 +24,7 @@ from typing import Any
 
 import bson
 import bsonjs
+import numpy as np
 import pyarrow as pa
 from bson import Binary, Decimal128, Int64, ObjectId, Timestamp, json_util
 from bson.codec_options import CodecOptions, DatetimeConversion
@@ -401,7 +402,14 @@ class PackedStrings:
 def _canonical_json(raw_documents: list[bytes]) -> pa.Array:
     """`_doc` of each document (libbson's canonical Extended JSON), into Arrow."""
     dumps, canonical = bsonjs.dumps, bsonjs.CANONICAL
-    return pa.array([dumps(raw, mode=canonical) for raw in raw_documents], pa.string())
+    texts = [dumps(raw, mode=canonical) for raw in raw_documents]
+    joined = "".join(texts)
+    if not joined.isascii():  # (free: CPython records it) characters and bytes differ in number
+        return pa.array(texts, pa.string())
+    # One copy of the text, and the offsets from the lengths.
+    offsets = np.zeros(len(texts) + 1, np.int32)
+    np.cumsum(np.fromiter(map(len, texts), np.int64, len(texts)), out=offsets[1:], dtype=np.int32)
+    return pa.StringArray.from_buffers(len(texts), pa.py_buffer(offsets), pa.py_buffer(joined.encode("ascii")))
 
 
 _FIXED_COLUMNS = 3  # `_id`, `_doc`, `_id_key`
