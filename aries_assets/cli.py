@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
 from pathlib import Path
 
 from aries_assets.config import ConfigError, expand_env, expand_url, load_config
-from aries_assets.core import read_ahead
-from aries_assets.core.extract import MongoUnreachable, SourceCollection
-from aries_assets.core.lake import LakeSpec
+from aries_assets.core.extract import MongoUnreachable
 
 
 def ensure_dagster_home() -> str:
@@ -90,11 +89,13 @@ def _progress(message: str) -> None:
 
 
 def cmd_sync(args: argparse.Namespace) -> int:
-    from aries_assets.sync import default_workers, print_summary, sync
+    from aries_assets.core import read_ahead
 
     config = load_config(args.config)
-    _begin_first_read(config)
+    _begin_first_read(config)  # before Dagster is imported: that is what it overlaps
     try:
+        from aries_assets.sync import default_workers, print_summary, sync
+
         check_mongo(config)  # before anything is written, DAGSTER_HOME included
         check_targets(config)
         ensure_dagster_home()
@@ -109,6 +110,10 @@ def cmd_sync(args: argparse.Namespace) -> int:
 
 def _begin_first_read(config) -> None:
     """A collection's first load begins reading now, while Dagster is imported (see `core.read_ahead`)."""
+    from aries_assets.core import read_ahead
+    from aries_assets.core.extract import SourceCollection
+    from aries_assets.core.lake import LakeSpec
+
     try:
         uri = expand_url(config.mongo_uri, "mongo.uri")
         lake = LakeSpec(
@@ -318,8 +323,9 @@ def console() -> None:
     """
     code = main()
     logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):  # a reader that went away (`| head`)
+            stream.flush()
     os._exit(code or 0)
 
 

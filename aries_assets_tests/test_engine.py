@@ -17,7 +17,7 @@ from pymongo import monitoring
 from aries_assets.cli import ensure_dagster_home
 from aries_assets.config import load_config
 from aries_assets.core import read_ahead
-from aries_assets.core.changes import majority_time
+from aries_assets.core.changes import majority_time, stream_start
 from aries_assets.core.extract import SourceCollection
 from aries_assets.core.lake import LakeSpec, LocalLake
 from aries_assets.core.ledger import Lease, LeaseHeld, Ledger, LedgerStore
@@ -122,6 +122,40 @@ def test_a_read_begun_before_its_run_misses_no_change_made_before_the_run(
     assert_same_documents(mongo_documents(client, database, "events"), lake_documents(folder))
 
 
+def test_a_read_begun_before_another_writer_marked_the_stream_is_not_adopted(
+    client, mongo_uri, database, workdir
+):
+    """A writer that began the first load (and died) marked the stream after the read began: the
+    read may miss changes the ledger's position already counts as seen, so it is read again."""
+    events = client[database].events
+    events.insert_many([{"_id": i, "v": i} for i in range(500)])
+    write_config(
+        workdir / "aries.yaml",
+        mongo_uri,
+        "./lake",
+        [{"database": database, "collection": "events", "bucket_size": 100}],
+    )
+    source = SourceCollection(database, "events")
+    lake = LocalLake(workdir / "lake")
+    try:
+        read_ahead.begin(mongo_uri, LakeSpec(str(workdir / "lake")), [source])
+        begun = read_ahead.begun(source)
+        deadline = time.monotonic() + 30
+        while begun.read.batches.queue.empty() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        events.update_one({"_id": 250}, {"$set": {"v": "changed after the read began"}})
+        # Another writer's first load: it marks the stream after that change, then dies.
+        start = stream_start(client, lake, source)
+        LedgerStore(lake, database, "events").update(lambda led: led.advance(start))
+        ensure_dagster_home()
+        reports = sync(load_config(str(workdir / "aries.yaml")), workers=2, progress=lambda _: None)
+    finally:
+        read_ahead.close_all()
+    assert not reports[0].failures, reports[0].failures
+    folder = workdir / "lake" / database / "events"
+    assert_same_documents(mongo_documents(client, database, "events"), lake_documents(folder))
+
+
 def test_no_read_is_begun_for_a_collection_already_loaded(client, mongo_uri, database, workdir):
     client[database].events.insert_many([{"_id": i} for i in range(300)])
     write_config(
@@ -140,6 +174,7 @@ def test_no_read_is_begun_for_a_collection_already_loaded(client, mongo_uri, dat
         assert read_ahead.take(source) is None
     finally:
         monitoring._LISTENERS.command_listeners.remove(counter)
+        read_ahead.close_all()
     assert counter.finds == []
 
 

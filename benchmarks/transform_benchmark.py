@@ -1,6 +1,6 @@
 """Transform benchmark: raw BSON batches to a Parquet bucket, in memory on one core.
 
-    python benchmarks/transform_benchmark.py [--documents 100000] [--messy 50000] [--rss 10000,50000,100000]
+    python benchmarks/transform_benchmark.py [--documents 100000] [--messy 50000] [--rss 10000,100000,280000]
 
 Prints, in one run over the same in-memory batches: Aries (`BucketConverter`, the
 schema, Parquet), pymongoarrow (its own inferred schema, Parquet), pymongoarrow
@@ -335,7 +335,11 @@ def main() -> None:
     parser.add_argument("--documents", type=int, default=100_000)
     parser.add_argument("--messy", type=int, default=50_000)
     parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--rss", default="10000,50000,100000", help="bucket sizes for the memory rows")
+    parser.add_argument(
+        "--rss",
+        default="10000,100000,280000",
+        help="bucket sizes for the memory rows (280k events: ~64 MB, bucket_bytes)",
+    )
     parser.add_argument("--rss-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.rss_child:

@@ -27,11 +27,12 @@ import bsonjs
 import numpy as np
 import pyarrow as pa
 from bson import Binary, Decimal128, Int64, ObjectId, Timestamp, json_util
-from bson.codec_options import CodecOptions, DatetimeConversion
+from bson.codec_options import DatetimeConversion
 from bson.datetime_ms import DatetimeMS
 
 from aries_assets.core import schema as s
 from aries_assets.core.bson_columns import ColumnarBatch, columnar_batch, fast_column, python_values
+from aries_assets.core.extract import CODEC_OPTIONS
 from aries_assets.core.ordering import epoch_millis
 
 # Arrow's default allocator (mimalloc) keeps what a chunk freed mapped for the next, several times
@@ -40,8 +41,6 @@ from aries_assets.core.ordering import epoch_millis
 if "ARROW_DEFAULT_MEMORY_POOL" not in os.environ:
     pa.set_memory_pool(pa.system_memory_pool())
 
-# Decode dates beyond Python's datetime range as DatetimeMS instead of failing.
-CODEC_OPTIONS = CodecOptions(tz_aware=True, datetime_conversion=DatetimeConversion.DATETIME_AUTO)
 ID_COLUMN, DOC_COLUMN = s.RESERVED_COLUMNS
 KEY_COLUMN = "_id_key"  # injective `_id`; inferred names never start with "_", so it cannot clash
 
@@ -404,12 +403,16 @@ def _canonical_json(raw_documents: list[bytes]) -> pa.Array:
     dumps, canonical = bsonjs.dumps, bsonjs.CANONICAL
     texts = [dumps(raw, mode=canonical) for raw in raw_documents]
     joined = "".join(texts)
-    if not joined.isascii():  # (free: CPython records it) characters and bytes differ in number
-        return pa.array(texts, pa.string())
+    if not joined.isascii() or len(joined) >= 2**31:  # (isascii is free: CPython records it)
+        return pa.array(
+            texts, pa.string()
+        )  # characters and bytes differ in number, or int32 offsets overflow
     # One copy of the text, and the offsets from the lengths.
     offsets = np.zeros(len(texts) + 1, np.int32)
     np.cumsum(np.fromiter(map(len, texts), np.int64, len(texts)), out=offsets[1:], dtype=np.int32)
-    return pa.StringArray.from_buffers(len(texts), pa.py_buffer(offsets), pa.py_buffer(joined.encode("ascii")))
+    return pa.StringArray.from_buffers(
+        len(texts), pa.py_buffer(offsets), pa.py_buffer(joined.encode("ascii"))
+    )
 
 
 _FIXED_COLUMNS = 3  # `_id`, `_doc`, `_id_key`

@@ -26,8 +26,7 @@ from bson import Timestamp, json_util
 from pymongo import MongoClient
 from pymongo.errors import OperationFailure, PyMongoError
 
-from aries_assets.core.arrow import CODEC_OPTIONS
-from aries_assets.core.extract import SourceCollection
+from aries_assets.core.extract import CODEC_OPTIONS, SourceCollection
 from aries_assets.core.lake import STATE_DIR, Lake, safe_segment
 from aries_assets.core.ledger import Ledger, LedgerStore, now_iso
 

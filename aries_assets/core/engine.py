@@ -403,42 +403,48 @@ class _CollectionSync:
         first_load = not ledger.loaded
         fresh = ledger.range_bucket_keys()  # a split first load's ranges that no range run finished
         self.outcome.rounds += 1
+        # The read `aries sync` began for this first load, if it did (see `read_ahead`); not if a
+        # writer marked the stream since: its mark may be newer than the read.
         ahead = read_ahead.take(self.source) if first_load else None
-        if first_load:
-            mode = "first load"
-            # The stream marked and the read begun before this run started, if `aries sync` did.
-            start = (
-                adopt_mark(self.lake, self.source, ahead.mark)
-                if ahead
-                else stream_start(self.client, self.lake, self.source)
-            )
-            # Changes from here on are caught up from the stream once the bucket map exists.
-            self.store.update(lambda led: led.advance(start) if led.position is None else None)
-            bucket_map = BucketMap(self.spec.bucket_size, [MinKey()])
-            spans = [(0, 0)]
-            after = start
-        else:
-            bucket_map = ledger.bucket_map()
-            bucket_map.bucket_size = self.spec.bucket_size
-            after = ledger.newest_dirty_time()
-            if ledger.reread:
-                mode = f"re-read: {ledger.reread['reason']}"
-                spans = [(0, len(bucket_map.lowers) - 1)]
-            else:
-                mode = (
-                    "changes" if ledger.dirty or not ledger.unsettled else f"settle after {ledger.unsettled}"
-                )
-                spans = _spans(bucket_map, ledger.dirty_keys())
-        self.outcome.mode = mode if self.outcome.rounds == 1 else self.outcome.mode
-        self.reporter.message(f"{label}: {mode}")
-        files = self._files(bucket_map.keys)
+        if ahead is not None and ledger.position is not None:
+            ahead.close()
+            ahead = None
         try:
+            if first_load:
+                mode = "first load"
+                start = (
+                    adopt_mark(self.lake, self.source, ahead.mark)
+                    if ahead
+                    else stream_start(self.client, self.lake, self.source)
+                )
+                # Changes from here on are caught up from the stream once the bucket map exists.
+                self.store.update(lambda led: led.advance(start) if led.position is None else None)
+                bucket_map = BucketMap(self.spec.bucket_size, [MinKey()])
+                spans = [(0, 0)]
+                after = start
+            else:
+                bucket_map = ledger.bucket_map()
+                bucket_map.bucket_size = self.spec.bucket_size
+                after = ledger.newest_dirty_time()
+                if ledger.reread:
+                    mode = f"re-read: {ledger.reread['reason']}"
+                    spans = [(0, len(bucket_map.lowers) - 1)]
+                else:
+                    mode = (
+                        "changes"
+                        if ledger.dirty or not ledger.unsettled
+                        else f"settle after {ledger.unsettled}"
+                    )
+                    spans = _spans(bucket_map, ledger.dirty_keys())
+            self.outcome.mode = mode if self.outcome.rounds == 1 else self.outcome.mode
+            self.reporter.message(f"{label}: {mode}")
+            files = self._files(bucket_map.keys)
             touched = self._pass(
                 bucket_map, spans, after, first_load, skip_unchanged=mode.startswith("re-read"), fresh=fresh,
                 documents=ahead.read.documents() if ahead else None,
             )  # fmt: skip
         finally:
-            if ahead:
+            if ahead is not None:
                 ahead.close()
         if first_load:
             self._save_map(bucket_map, first_load=True)

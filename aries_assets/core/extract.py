@@ -11,7 +11,7 @@ import contextlib
 import queue
 import struct
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,9 +25,10 @@ from pymongo import MongoClient
 from pymongo.collection import Collection
 from pymongo.read_concern import ReadConcern
 
-from aries_assets.core.arrow import CODEC_OPTIONS
 from aries_assets.core.buckets import Bucket
 
+# Decode dates beyond Python's datetime range as DatetimeMS instead of failing.
+CODEC_OPTIONS = CodecOptions(tz_aware=True, datetime_conversion=DatetimeConversion.DATETIME_AUTO)
 _ID_INDEX = [("_id", 1)]
 _RAW_OPTIONS = CodecOptions(
     document_class=RawBSONDocument, tz_aware=True, datetime_conversion=DatetimeConversion.DATETIME_AUTO
@@ -139,20 +140,32 @@ def range_documents(
 class RangeRead:
     """One ordered read of [lower, upper), begun at once: the server prepares its first batch from
     here on, while the caller does something else (see `read_ahead`). Closed when read to the end,
-    or by `close`."""
+    or by `close`; with `owns_client`, the client is closed with it."""
 
     def __init__(
-        self, client: Any, source: SourceCollection, lower: Any, upper: Any, after: Timestamp | None
+        self,
+        client: Any,
+        source: SourceCollection,
+        lower: Any,
+        upper: Any,
+        after: Timestamp | None,
+        owns_client: bool = False,
     ):
-        self.session = client.start_session(causal_consistency=True)
-        if after is not None:
-            self.session.advance_operation_time(after)
+        session = client.start_session(causal_consistency=True)
         try:
-            cursor = _range_cursor(source.open(client), source.query, lower, upper, session=self.session)
-            self.batches = _Prefetch(cursor)
+            if after is not None:
+                session.advance_operation_time(after)
+            cursor = _range_cursor(source.open(client), source.query, lower, upper, session=session)
         except BaseException:
-            self.session.end_session()
+            session.end_session()
             raise
+
+        def release() -> None:
+            session.end_session()
+            if owns_client:
+                client.close()
+
+        self.batches = _Prefetch(cursor, release)
 
     def documents(self) -> Iterator[tuple[Any, bytes]]:
         try:
@@ -164,7 +177,6 @@ class RangeRead:
 
     def close(self) -> None:
         self.batches.close()
-        self.session.end_session()
 
 
 _DONE = object()
@@ -172,10 +184,14 @@ _DONE = object()
 
 class _Prefetch:
     """The cursor's raw batches, fetched by a thread (from construction on) while the caller works
-    on the previous one: the server's time and ours overlap (the socket wait releases the GIL)."""
+    on the previous one: the server's time and ours overlap (the socket wait releases the GIL).
 
-    def __init__(self, cursor: Any, depth: int = 2) -> None:
+    The thread that uses the cursor also closes it, and calls `release` (a cursor is not
+    thread-safe): when the read ends, or once the call in flight returns after `close`."""
+
+    def __init__(self, cursor: Any, release: Callable[[], None] | None = None, depth: int = 2) -> None:
         self.cursor = cursor
+        self.release = release
         self.queue: queue.Queue = queue.Queue(maxsize=depth)
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._fetch, name="aries prefetch", daemon=True)
@@ -184,17 +200,27 @@ class _Prefetch:
     def _fetch(self) -> None:
         try:
             for batch in self.cursor:
-                while not self.stop.is_set():
-                    try:
-                        self.queue.put(batch, timeout=0.5)
-                        break
-                    except queue.Full:
-                        continue
-                if self.stop.is_set():
+                if not self._hand_over(batch):
                     return
-            self.queue.put(_DONE)
+            self._hand_over(_DONE)
         except BaseException as error:  # handed to the reader, raised there
-            self.queue.put(error)
+            self._hand_over(error)
+        finally:
+            with contextlib.suppress(Exception):
+                self.cursor.close()
+            if self.release is not None:
+                with contextlib.suppress(Exception):
+                    self.release()
+
+    def _hand_over(self, item: Any) -> bool:
+        """Queue `item` for the reader; False once the reader has closed the read."""
+        while not self.stop.is_set():
+            try:
+                self.queue.put(item, timeout=0.5)
+                return True
+            except queue.Full:
+                continue
+        return False
 
     def __iter__(self) -> Iterator[bytes]:
         while True:
@@ -206,12 +232,11 @@ class _Prefetch:
             yield item
 
     def close(self) -> None:
+        """Stop fetching. Nothing waits: the thread ends (and closes the cursor) when its call returns."""
         self.stop.set()
         with contextlib.suppress(queue.Empty):
-            while True:  # unblock a fetch waiting to hand over its last item
+            while True:  # unblock a fetch waiting to hand over an item
                 self.queue.get_nowait()
-        self.thread.join(timeout=5)
-        self.cursor.close()
 
 
 class UnsupportedCollection(RuntimeError):

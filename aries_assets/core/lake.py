@@ -17,11 +17,8 @@ import unicodedata
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import urlsplit
-
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 _SAFE_SEGMENT = re.compile(r"[^A-Za-z0-9_.=-]+")
 STATE_DIR = "_aries"  # Athena and Hive skip paths starting with "_"
@@ -51,6 +48,10 @@ def bucket_file(database: str, collection: str, key: str) -> str:
 
 def bucket_map_file(database: str, collection: str) -> str:
     return f"{collection_prefix(database, collection)}/{STATE_DIR}/buckets.json"
+
+
+if TYPE_CHECKING:  # pyarrow is imported where files are read, not by every user of the lake
+    import pyarrow as pa
 
 
 class Lake(Protocol):
@@ -129,6 +130,9 @@ class LocalLake:
             Path(tmp).write_text(text, encoding="utf-8")
 
     def parquet_metadata(self, path: str) -> dict[str, str] | None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
         try:
             metadata = pq.read_metadata(self._path(path)).metadata or {}
         except (FileNotFoundError, pa.ArrowInvalid):
@@ -136,6 +140,8 @@ class LocalLake:
         return {k.decode(): v.decode() for k, v in metadata.items()}
 
     def read_table(self, path: str, columns: list[str] | None = None) -> pa.Table:
+        import pyarrow.parquet as pq
+
         return pq.read_table(self._path(path), columns=columns)
 
     def list(self, prefix: str) -> list[str]:
@@ -236,6 +242,9 @@ class S3Lake:
         footer_length = int.from_bytes(tail[-8:-4], "little")
         if footer_length + 8 > len(tail):
             tail = self._read_range(path, f"bytes=-{footer_length + 8}")
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
         try:
             metadata = pq.read_metadata(pa.BufferReader(b"PAR1" + tail)).metadata or {}
         except pa.ArrowInvalid:
@@ -243,6 +252,9 @@ class S3Lake:
         return {k.decode(): v.decode() for k, v in metadata.items()}
 
     def read_table(self, path: str, columns: list[str] | None = None) -> pa.Table:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
         response = self.client.get_object(Bucket=self.bucket, Key=self._key(path))
         return pq.read_table(pa.BufferReader(response["Body"].read()), columns=columns)
 

@@ -17,11 +17,11 @@ time: memory stays the few batches the read fetches ahead.
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass
 
 from bson.max_key import MaxKey
 from bson.min_key import MinKey
-from pymongo import MongoClient
 
 from aries_assets.core.changes import StreamMark, mark_stream
 from aries_assets.core.extract import RangeRead, SourceCollection, open_client
@@ -32,95 +32,110 @@ from aries_assets.core.ledger import Lease, LedgerStore
 # ledger read, two round trips and the query sent, far less than this.
 BEGIN_WAIT_SECONDS = 15.0
 HEAD_START_SECONDS = 0.5
+# A read not adopted by then is dropped: its cursor may be near the server's idle timeout, and
+# the collections synced before it took longer than a head start is worth.
+MAX_AGE_SECONDS = 120.0
 
 
 @dataclass
 class FirstRead:
     source: SourceCollection
-    client: MongoClient
     mark: StreamMark
-    read: RangeRead
+    read: RangeRead  # owns its client: closing it closes the client
+    begun_at: float
 
     def close(self) -> None:
+        self.read.close()
+
+
+class _Beginning:
+    """One `begin`: its thread, and the read it began, until taken or closed."""
+
+    def __init__(self, uri: str, lake: LakeSpec, sources: list[SourceCollection]) -> None:
+        self.reads: dict[str, FirstRead] = {}  # by collection label
+        self.closed = False
+        self.lock = threading.Lock()
+        self.thread = threading.Thread(
+            target=self._begin, args=(uri, lake, sources), name="aries read-ahead", daemon=True
+        )
+        self.thread.start()
+
+    def _begin(self, uri: str, lake_spec: LakeSpec, sources: list[SourceCollection]) -> None:
         try:
-            self.read.close()
-        finally:
-            self.client.close()
+            lake = lake_spec.open()
+            for source in sources:
+                ledger = LedgerStore(lake, source.database, source.collection).load()
+                if ledger.loaded or ledger.ranges or ledger.position is not None:
+                    continue  # loaded, split, or a first load begun: nothing to read ahead
+                holder = Lease(lake, source.database, source.collection, "read-ahead").current()
+                if holder is not None and not holder.expired and holder.released_at is None:
+                    continue  # another writer is loading it now
+                client = open_client(uri)
+                try:
+                    mark = mark_stream(client, source)
+                    read = RangeRead(client, source, MinKey(), MaxKey(), mark.start, owns_client=True)
+                except BaseException:
+                    client.close()
+                    raise
+                with self.lock:
+                    if not self.closed:
+                        self.reads[source.label] = FirstRead(source, mark, read, time.monotonic())
+                        return
+                read.close()  # closed meanwhile: nobody will take it
+                return
+        except Exception:  # noqa: BLE001 - only a head start: the run reads as usual and reports any error
+            return
+
+    def take(self, source: SourceCollection) -> FirstRead | None:
+        self.thread.join(BEGIN_WAIT_SECONDS)
+        with self.lock:
+            first = self.reads.pop(source.label, None)
+        if first is None:
+            return None
+        if first.source != source or time.monotonic() - first.begun_at > MAX_AGE_SECONDS:
+            first.close()  # another filter than the run's, or too old to trust its cursor
+            return None
+        return first
+
+    def close(self) -> None:
+        with self.lock:
+            self.closed = True
+            left = list(self.reads.values())
+            self.reads.clear()
+        for first in left:
+            first.close()
 
 
-_reads: dict[str, FirstRead] = {}
-_lock = threading.Lock()
-_beginning: threading.Thread | None = None
-_closed = threading.Event()  # set by `close_all`: a read begun after it is closed at once
+_current: _Beginning | None = None
 
 
 def begin(uri: str, lake: LakeSpec, sources: list[SourceCollection]) -> None:
     """In the background: begin the read of the first of `sources` whose ledger asks for a first load."""
-    global _beginning
-    _closed.clear()
-    _beginning = threading.Thread(
-        target=_begin, args=(uri, lake, sources), name="aries read-ahead", daemon=True
-    )
-    _beginning.start()
+    global _current
+    if _current is not None:
+        _current.close()
+    _current = _Beginning(uri, lake, sources)
     # Beginning takes milliseconds with the process otherwise idle, several times that beside the
     # imports that follow: wait a moment for it, not for a server that does not answer.
-    _beginning.join(HEAD_START_SECONDS)
-
-
-def _begin(uri: str, lake_spec: LakeSpec, sources: list[SourceCollection]) -> None:
-    try:
-        lake = lake_spec.open()
-        for source in sources:
-            ledger = LedgerStore(lake, source.database, source.collection).load()
-            if ledger.loaded or ledger.ranges:
-                continue
-            holder = Lease(lake, source.database, source.collection, "read-ahead").current()
-            if holder is not None and not holder.expired and holder.released_at is None:
-                return  # another writer is loading it now: this run will find it loaded
-            client = open_client(uri)
-            try:
-                mark = mark_stream(client, source)
-                first = FirstRead(
-                    source, client, mark, RangeRead(client, source, MinKey(), MaxKey(), mark.start)
-                )
-            except BaseException:
-                client.close()
-                raise
-            with _lock:
-                unused = [_reads.pop(source.label, None)]  # begun twice in one process: the newer stands
-                if _closed.is_set():
-                    unused.append(first)  # begun after `close_all`: nobody will take it
-                else:
-                    _reads[source.label] = first
-            for read in unused:
-                if read is not None:
-                    read.close()
-            return
-    except Exception:  # noqa: BLE001 - only a head start: the run reads as usual and reports any error
-        return
+    _current.thread.join(HEAD_START_SECONDS)
 
 
 def begun(source: SourceCollection) -> FirstRead | None:
-    """The read begun for `source`, if any, once beginning is over; it stays to be taken."""
-    if _beginning is not None:
-        _beginning.join(BEGIN_WAIT_SECONDS)
-    with _lock:
-        return _reads.get(source.label)
+    """The read begun for `source`, once beginning is over, left to be taken."""
+    if _current is None:
+        return None
+    _current.thread.join(BEGIN_WAIT_SECONDS)
+    with _current.lock:
+        first = _current.reads.get(source.label)
+    return first if first is not None and first.source == source else None
 
 
 def take(source: SourceCollection) -> FirstRead | None:
-    """The read begun for `source`, now the caller's to use and close; None if there is none."""
-    if begun(source) is None:
-        return None
-    with _lock:
-        return _reads.pop(source.label, None)
+    """The read begun for `source` (collection and filter), now the caller's to use and close."""
+    return _current.take(source) if _current is not None else None
 
 
 def close_all() -> None:
     """Close the reads nobody took, and one still being begun once it is (nothing waits for it)."""
-    with _lock:
-        _closed.set()
-        left = list(_reads.values())
-        _reads.clear()
-    for first in left:
-        first.close()
+    if _current is not None:
+        _current.close()

@@ -6,6 +6,7 @@ Plain functions over a pymongo collection and a Lake; the Dagster layer and
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
@@ -277,8 +278,17 @@ _UNIQUE_COLUMNS = frozenset(s.RESERVED_COLUMNS) | {KEY_COLUMN}
 
 
 def _parquet_writer(path: str, schema: pa.Schema) -> pq.ParquetWriter:
-    dictionary = [name for name in schema.names if name not in _UNIQUE_COLUMNS]
-    return pq.ParquetWriter(path, schema, compression="zstd", use_dictionary=dictionary)
+    return pq.ParquetWriter(path, schema, compression="zstd", use_dictionary=_dictionary_columns(schema))
+
+
+@functools.lru_cache(maxsize=64)
+def _dictionary_columns(schema: pa.Schema) -> list[str]:
+    """Every Parquet leaf column (`tags.list.element` for a list) but the one-per-document ones."""
+    buffer = pa.BufferOutputStream()
+    pq.write_table(schema.empty_table(), buffer)
+    leaves = pq.ParquetFile(pa.BufferReader(buffer.getvalue())).schema
+    paths = [leaves.column(i).path for i in range(len(leaves))]
+    return [p for p in paths if p.split(".", 1)[0] not in _UNIQUE_COLUMNS]
 
 
 class _SchemaRuns:
