@@ -19,7 +19,7 @@ import uuid
 import dagster as dg
 
 from aries_assets.config import CollectionConfig
-from aries_assets.core.changes import StreamScope, record_changes
+from aries_assets.core.changes import StreamScope, each_at_once, record_changes
 from aries_assets.core.ledger import Lease, LeaseInfo, LedgerStore, RunHeartbeat, now_iso
 from aries_assets.factory import job_name, mongo_key, serve_job_name
 from aries_assets.resources import LakeResource, MongoResource
@@ -97,7 +97,7 @@ def evaluate(
         if not _repair_dead_run(context, record, store, [by_name[n] for n in names], lease_seconds, now):
             covered |= names
 
-    own, shared, observations = [], [], []
+    own, shared, to_observe = [], [], []
     for coll in collections:
         ledger = recorded[coll.label].ledger
         why = ledger.needs_work()
@@ -113,8 +113,14 @@ def evaluate(
         seen = recorded[coll.label]
         if seen.events or now - observed.get(coll.name, 0) >= OBSERVE_EVERY:
             observed[coll.name] = now
-            holder = Lease(store, coll.database, coll.collection, "sensor").current()
-            observations.append(_observation(coll, ledger, seen, why, holder))
+            to_observe.append((coll, ledger, seen, why))
+    holders = each_at_once(
+        lambda item: Lease(store, item[0].database, item[0].collection, "sensor").current(), to_observe
+    )
+    observations = [
+        _observation(coll, ledger, seen, why, holder)
+        for (coll, ledger, seen, why), holder in zip(to_observe, holders, strict=True)
+    ]
     requests = [_collection_request(scope, coll, why) for coll, why in own]
     if shared:
         requests.append(_serve_request(scope, [coll for coll, _ in shared]))

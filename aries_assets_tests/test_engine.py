@@ -17,7 +17,7 @@ from pymongo import monitoring
 from aries_assets.cli import ensure_dagster_home
 from aries_assets.config import load_config
 from aries_assets.core import read_ahead
-from aries_assets.core.changes import majority_time, stream_start
+from aries_assets.core.changes import majority_time, record_changes, scopes_of, stream_start
 from aries_assets.core.extract import SourceCollection
 from aries_assets.core.lake import LakeSpec, LocalLake
 from aries_assets.core.ledger import Lease, LeaseHeld, Ledger, LedgerStore
@@ -292,6 +292,42 @@ def test_one_tick_over_150_collections_stays_well_under_5_seconds(client, mongo_
     (request,) = result.run_requests  # the warm tick's run was never launched: one run serves all
     assert request.job_name == f"serve__{database}"
     assert all(LedgerStore(lake, database, n).load().dirty for n in names)
+
+
+class RemoteLake(LocalLake):
+    """A local lake answering as slowly as S3 does: tens of milliseconds a request."""
+
+    DELAY = 0.03
+
+    def read_versioned(self, path):
+        time.sleep(self.DELAY)
+        return super().read_versioned(path)
+
+    def write_if(self, path, text, version):
+        time.sleep(self.DELAY)
+        return super().write_if(path, text, version)
+
+
+def test_recording_150_collections_on_a_slow_lake_reads_their_ledgers_at_once(client, database, workdir):
+    """One after another, 150 ledgers at 30 ms a request would take 9 s; a tick has 5."""
+    names = [f"c{i:03d}" for i in range(150)]
+    lake = RemoteLake(workdir / "lake")
+    for name in names:
+        client[database][name].insert_one({"_id": 0, "v": 0})
+    now = majority_time(client, SourceCollection(database, names[0]))  # as a first load leaves it
+    for name in names:
+        LedgerStore(LocalLake(workdir / "lake"), database, name).update(lambda led: _loaded(led, now))
+    scope = scopes_of([SourceCollection(database, n) for n in names], "database")[0]
+    for name in names[::2]:
+        client[database][name].insert_one({"_id": 1, "v": 1})
+    started = time.monotonic()
+    recorded, changes = record_changes(client, lake, scope, idle_persist_seconds=3600)
+    seconds = time.monotonic() - started
+    assert changes is not None and changes.caught_up
+    assert [n for n in names if recorded[f"{database}.{n}"].events] == names[::2]
+    assert all(LedgerStore(lake, database, n).load().dirty for n in names[::2])
+    assert not any(LedgerStore(lake, database, n).load().dirty for n in names[1::2])
+    assert seconds < 3, f"recording 150 collections on a slow lake took {seconds:.1f}s"
 
 
 def _loaded(ledger: Ledger, now) -> None:

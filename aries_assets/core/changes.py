@@ -16,9 +16,10 @@ changed. No silent gap.
 
 from __future__ import annotations
 
+import concurrent.futures
 import datetime
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -321,7 +322,7 @@ def record_changes(
     some servers): only for a position the caller recorded moments ago.
     """
     stores = {m.label: LedgerStore(lake, m.database, m.collection) for m in scope.members}
-    ledgers = {label: store.load() for label, store in stores.items()}
+    ledgers = dict(zip(stores, each_at_once(LedgerStore.load, stores.values()), strict=True))
     start = scope_start(ledgers)
     recorded: dict[str, Recorded] = {}
     if start is None:
@@ -329,7 +330,8 @@ def record_changes(
     loaded = {label for label, led in ledgers.items() if led.loaded and led.position is not None}
     token = load_scope_token(lake, scope, loaded)
     changes = read_changes(client, scope, start, max_events, max_seconds, token, check_oplog)
-    for label, store in stores.items():
+    updates = []  # (label, the change to its ledger, events): each ledger its own compare-and-swap
+    for label in stores:
         ledger = ledgers[label]
         found = changes.by_collection[label]
         lost = changes.history_lost or found.lost
@@ -349,15 +351,32 @@ def record_changes(
             led.advance(changes.position)
             return marked
 
-        ledger, marked = store.update(record)
+        updates.append((label, record, len(fresh)))
+    done = each_at_once(lambda update: stores[update[0]].update(update[1]), updates)
+    for (label, _, events), (ledger, marked) in zip(updates, done, strict=True):
+        found = changes.by_collection[label]
         lag = 0.0
         if found.newest_wall is not None and not changes.caught_up:
             lag = max(0.0, (datetime.datetime.now(datetime.UTC) - found.newest_wall).total_seconds())
-        recorded[label] = Recorded(ledger, marked, len(fresh), lag)
+        recorded[label] = Recorded(ledger, marked, events, lag)
     waiting = [label for label in stores if recorded[label].ledger.needs_work()]
     # Only now, with every change before it recorded: the token the next read resumes after.
     save_scope_token(lake, scope, None if changes.history_lost else changes.token, loaded, waiting)
     return recorded, changes
+
+
+# Ledgers read or swapped at once: on S3 each is a round trip of tens of milliseconds, and a
+# scope of 150 collections would take seconds one after another.
+LAKE_CONCURRENCY = 16
+
+
+def each_at_once(function: Callable[[Any], Any], items: Iterable[Any]) -> list[Any]:
+    """`function` of each item, in order, with up to LAKE_CONCURRENCY of them in flight."""
+    items = list(items)
+    if len(items) <= 2:
+        return [function(item) for item in items]
+    with concurrent.futures.ThreadPoolExecutor(min(LAKE_CONCURRENCY, len(items)), "aries lake") as pool:
+        return list(pool.map(function, items))
 
 
 def follow_changes(client: MongoClient, lake: Lake, scope: StreamScope) -> bool:
