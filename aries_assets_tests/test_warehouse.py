@@ -154,4 +154,12 @@ def test_the_sensor_refreshes_lake_and_table_together(client, mongo_uri, databas
         assert len(result.run_requests) == 1, "one run for the collection"
         apply(defs, instance, result)  # writes, settles the schema, rebuilds and reloads the table
         assert_table_equals_mongo(url, database, coll)
-        assert tick(defs, instance, f"changes__{database}", result.cursor).run_requests == []
+        # Then the ticks go quiet. A tick that stopped at its time bound on a loaded machine leaves
+        # the rest of the changes to the next, whose run finds lake and table already exact.
+        for _ in range(3):
+            result = tick(defs, instance, f"changes__{database}", result.cursor)
+            if not result.run_requests:
+                break
+            apply(defs, instance, result)
+        assert result.run_requests == []
+        assert_table_equals_mongo(url, database, coll)
