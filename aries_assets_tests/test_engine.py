@@ -217,6 +217,49 @@ HOLD_LEASE = textwrap.dedent(
 )
 
 
+WRITERS_OF_A_RUN = textwrap.dedent(
+    """
+    import sys, time
+    from aries_assets.core import engine
+    from aries_assets.core.lake import LakeSpec
+    writers = engine._Writers(2, LakeSpec(sys.argv[1]))
+    writers.start()
+    while len(writers._pool._processes) < 2:
+        time.sleep(0.05)
+    print(*writers._pool._processes, flush=True)
+    time.sleep(600)
+    """
+)
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has exited
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads process states from /proc")
+def test_bucket_writers_die_with_their_run(tmp_path):
+    """Orphaned by a kill -9, a writer would publish its bucket after the lease passed on, over a
+    newer file: the writers of a run that dies exit too."""
+    run = subprocess.Popen(
+        [sys.executable, "-c", WRITERS_OF_A_RUN, str(tmp_path)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        writers = [int(pid) for pid in run.stdout.readline().split()]
+        assert len(writers) == 2 and all(_running(pid) for pid in writers)
+        run.kill()
+        run.wait()
+        deadline = time.monotonic() + 10
+        while any(_running(pid) for pid in writers) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not [pid for pid in writers if _running(pid)], "a writer outlived its run"
+    finally:
+        run.kill()
+
+
 def test_a_lease_whose_holder_died_expires_and_the_next_writer_takes_it(tmp_path):
     holder = subprocess.Popen(
         [sys.executable, "-c", HOLD_LEASE, str(tmp_path), "3"], stdout=subprocess.PIPE, text=True

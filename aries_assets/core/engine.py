@@ -25,6 +25,7 @@ import concurrent.futures
 import contextlib
 import multiprocessing
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -772,14 +773,28 @@ class _WriteJob:
 _WORKER_LAKE: Lake | None = None
 
 
-def _worker_start(spec: LakeSpec, environ: dict[str, str], cwd: str) -> None:
+def _worker_start(spec: LakeSpec, environ: dict[str, str], cwd: str, lifeline: Any) -> None:
     """A writer forked from the fork server has the server's environment and directory, as they were
     when it started: take the run's own (credentials, a relative lake path)."""
     global _WORKER_LAKE
+    _exit_with_run(lifeline)
     os.environ.clear()
     os.environ.update(environ)
     os.chdir(cwd)
     _WORKER_LAKE = spec.open()
+
+
+def _exit_with_run(lifeline: Any) -> None:
+    """A writer must not outlive its run. Orphaned by a `kill -9`, it would finish its bucket and
+    publish the file after the run's lease has passed to another writer, over a newer file of the
+    same bucket. The run holds the other end of `lifeline`: when the run dies, it reads EOF."""
+
+    def watch() -> None:
+        with contextlib.suppress(EOFError, OSError):
+            lifeline.recv()
+        os._exit(1)
+
+    threading.Thread(target=watch, name="aries lifeline", daemon=True).start()
 
 
 def _worker_ready() -> None:
@@ -834,16 +849,23 @@ class _Writers:
     def __exit__(self, *exc: object) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
+            for end in self._lifelines:
+                end.close()
 
     def start(self) -> None:
         """Start the writer processes now, rather than when the first bucket is ready."""
         if self.workers <= 1 or self._pool is not None:
             return
+        context = _writer_context()
+        # Writers get the reading end; this process alone holds the writing end, closed by the
+        # kernel if it dies, so the writers die with it (see `_exit_with_run`).
+        self._lifelines = context.Pipe(duplex=False)
+        lifeline = self._lifelines[0]
         self._pool = concurrent.futures.ProcessPoolExecutor(
             max_workers=self.workers,
-            mp_context=_writer_context(),
+            mp_context=context,
             initializer=_worker_start,
-            initargs=(self.lake_spec, dict(os.environ), os.getcwd()),
+            initargs=(self.lake_spec, dict(os.environ), os.getcwd(), lifeline),
         )
         for _ in range(self.workers):  # a pool starts its processes on demand: ask for all of them
             self._pool.submit(_worker_ready)
