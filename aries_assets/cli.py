@@ -9,7 +9,7 @@ import os
 import sys
 from pathlib import Path
 
-from aries_assets.config import ConfigError, expand_env, expand_url, load_config
+from aries_assets.config import ConfigError, expand_url, lake_spec, load_config
 from aries_assets.core.extract import MongoUnreachable
 
 
@@ -111,21 +111,13 @@ def cmd_sync(args: argparse.Namespace) -> int:
 def _begin_first_read(config) -> None:
     """A collection's first load begins reading now, while Dagster is imported (see `core.read_ahead`)."""
     from aries_assets.core import read_ahead
-    from aries_assets.core.extract import SourceCollection
-    from aries_assets.core.lake import LakeSpec
 
     try:
         uri = expand_url(config.mongo_uri, "mongo.uri")
-        lake = LakeSpec(
-            expand_url(config.lake_url, "lake.url"),
-            expand_url(config.lake_endpoint_url, "lake.endpoint_url") if config.lake_endpoint_url else None,
-            expand_env(config.lake_region, "lake.region") if config.lake_region else None,
-        )
+        lake = lake_spec(config.lake_url, config.lake_endpoint_url, config.lake_region)
     except ConfigError:
         return  # said in one line by the checks that follow
-    read_ahead.begin(
-        uri, lake, [SourceCollection(c.database, c.collection, c.query) for c in config.collections]
-    )
+    read_ahead.begin(uri, lake, [c.source for c in config.collections])
 
 
 def cmd_status(args: argparse.Namespace) -> int:

@@ -18,6 +18,8 @@ from urllib.parse import quote, unquote, urlsplit
 import yaml
 from bson import json_util
 
+from aries_assets.core.extract import SourceCollection
+from aries_assets.core.lake import LakeSpec
 from aries_assets.core.schema import OVERRIDE_TYPES, SchemaOptions, parse_decimal
 
 DEFAULT_CONFIG = "aries.yaml"
@@ -140,6 +142,19 @@ class CollectionConfig:
     def name(self) -> str:
         """The collection's Dagster name: `<db>__<coll>`."""
         return f"{dagster_name(self.database)}__{dagster_name(self.collection)}"
+
+    @property
+    def source(self) -> SourceCollection:
+        return SourceCollection(self.database, self.collection, self.query)
+
+
+def lake_spec(url: str, endpoint_url: str | None, region: str | None) -> LakeSpec:
+    """The lake as plain values, its `${VAR}` references read from the environment for this use only."""
+    return LakeSpec(
+        expand_url(url, "lake.url"),
+        expand_url(endpoint_url, "lake.endpoint_url") if endpoint_url else None,
+        expand_env(region, "lake.region") if region else None,
+    )
 
 
 @dataclass(frozen=True)

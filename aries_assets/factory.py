@@ -76,7 +76,7 @@ def table_of(coll: CollectionConfig) -> TableRef:
 
 
 def source_of(coll: CollectionConfig) -> SourceCollection:
-    return SourceCollection(coll.database, coll.collection, coll.query)
+    return coll.source
 
 
 def spec_of(coll: CollectionConfig, with_table: bool) -> engine.CollectionSpec:

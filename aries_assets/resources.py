@@ -12,7 +12,7 @@ from pydantic import Field as PydanticField
 from pymongo import MongoClient
 from pymongo.errors import OperationFailure, PyMongoError
 
-from aries_assets.config import expand_env, expand_url, redact_uri, scrub, url_password
+from aries_assets.config import expand_env, expand_url, lake_spec, redact_uri, scrub, url_password
 from aries_assets.core.extract import MongoUnreachable, open_client
 from aries_assets.core.lake import Lake, LakeSpec, LocalLake, S3Lake
 from aries_assets.core.warehouse import Loader, open_loader
@@ -68,23 +68,14 @@ class LakeResource(dg.ConfigurableResource):
 
     def spec(self) -> LakeSpec:
         """The lake as plain values, for writer processes that open it again."""
-        endpoint, region = self._expanded()
-        return LakeSpec(expand_url(self.url, "lake.url"), endpoint, region)
-
-    def _expanded(self) -> tuple[str | None, str | None]:
-        """Endpoint and region with their `${VAR}` references read from the environment, for this use only."""
-        endpoint, region = self.endpoint_url, self.region_name
-        return (
-            expand_url(endpoint, "lake.endpoint_url") if endpoint else endpoint,
-            expand_env(region, "lake.region") if region else region,
-        )
+        return lake_spec(self.url, self.endpoint_url, self.region_name)
 
     def s3(self):
         """dagster-aws's S3Resource for the lake's endpoint and region."""
         from dagster_aws.s3 import S3Resource
 
-        endpoint, region = self._expanded()
-        return S3Resource(endpoint_url=endpoint, region_name=region)
+        spec = self.spec()
+        return S3Resource(endpoint_url=spec.endpoint_url, region_name=spec.region)
 
     @property
     def kind(self) -> str:
@@ -94,8 +85,8 @@ class LakeResource(dg.ConfigurableResource):
         """A Glue client in the lake's region and endpoint (same credentials as S3)."""
         import boto3
 
-        endpoint, region = self._expanded()
-        return boto3.client("glue", region_name=region, endpoint_url=endpoint)
+        spec = self.spec()
+        return boto3.client("glue", region_name=spec.region, endpoint_url=spec.endpoint_url)
 
 
 class WarehouseResource(dg.ConfigurableResource):

@@ -19,7 +19,8 @@ import uuid
 import dagster as dg
 
 from aries_assets.config import CollectionConfig
-from aries_assets.core.changes import StreamScope, each_at_once, record_changes
+from aries_assets.core.changes import StreamScope, record_changes
+from aries_assets.core.lake import each_at_once
 from aries_assets.core.ledger import Lease, LeaseInfo, LedgerStore, RunHeartbeat, now_iso
 from aries_assets.factory import job_name, mongo_key, serve_job_name
 from aries_assets.resources import LakeResource, MongoResource

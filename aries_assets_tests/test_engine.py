@@ -51,16 +51,27 @@ class FindCounter(monitoring.CommandListener):
         pass
 
 
-def test_a_first_load_reads_the_collection_once(client, mongo_uri, database, workdir):
-    client[database].events.insert_many(
-        [{"_id": ObjectId(), "n": i, "s": "x" * (i % 50)} for i in range(2_500)]
-    )
+def events_config(workdir, mongo_uri: str, database: str) -> None:
     write_config(
         workdir / "aries.yaml",
         mongo_uri,
         "./lake",
         [{"database": database, "collection": "events", "bucket_size": 100}],
     )
+
+
+def first_batch_arrived(first: read_ahead.FirstRead) -> None:
+    """Wait until the read begun ahead holds its first batch: its view of the collection is taken."""
+    deadline = time.monotonic() + 30
+    while first.read.batches.queue.empty() and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+def test_a_first_load_reads_the_collection_once(client, mongo_uri, database, workdir):
+    client[database].events.insert_many(
+        [{"_id": ObjectId(), "n": i, "s": "x" * (i % 50)} for i in range(2_500)]
+    )
+    events_config(workdir, mongo_uri, database)
     counter = FindCounter(database)
     monitoring.register(counter)
     try:
@@ -82,12 +93,7 @@ def test_a_read_begun_before_its_run_misses_no_change_made_before_the_run(
     """`aries sync` begins a first load's read while Dagster starts: changes in between are not lost."""
     events = client[database].events
     events.insert_many([{"_id": i, "v": i} for i in range(1_000)])
-    write_config(
-        workdir / "aries.yaml",
-        mongo_uri,
-        "./lake",
-        [{"database": database, "collection": "events", "bucket_size": 100}],
-    )
+    events_config(workdir, mongo_uri, database)
     counter = FindCounter(database)
     monitoring.register(counter)
     try:
@@ -95,10 +101,7 @@ def test_a_read_begun_before_its_run_misses_no_change_made_before_the_run(
         read_ahead.begin(mongo_uri, LakeSpec(str(workdir / "lake")), [source])
         # The read's first batch (the whole collection) has arrived: what follows reaches the lake
         # only through the stream, from the mark made before the read began.
-        begun = read_ahead.begun(source)
-        deadline = time.monotonic() + 30
-        while begun.read.batches.queue.empty() and time.monotonic() < deadline:
-            time.sleep(0.01)
+        first_batch_arrived(read_ahead.begun(source))
         # After the read began, before the run that adopts it: every kind of change, in every range.
         events.update_many({"_id": {"$in": [0, 450, 999]}}, {"$set": {"v": "changed"}})
         events.delete_many({"_id": {"$in": [1, 500, 998]}})
@@ -129,20 +132,12 @@ def test_a_read_begun_before_another_writer_marked_the_stream_is_not_adopted(
     read may miss changes the ledger's position already counts as seen, so it is read again."""
     events = client[database].events
     events.insert_many([{"_id": i, "v": i} for i in range(500)])
-    write_config(
-        workdir / "aries.yaml",
-        mongo_uri,
-        "./lake",
-        [{"database": database, "collection": "events", "bucket_size": 100}],
-    )
+    events_config(workdir, mongo_uri, database)
     source = SourceCollection(database, "events")
     lake = LocalLake(workdir / "lake")
     try:
         read_ahead.begin(mongo_uri, LakeSpec(str(workdir / "lake")), [source])
-        begun = read_ahead.begun(source)
-        deadline = time.monotonic() + 30
-        while begun.read.batches.queue.empty() and time.monotonic() < deadline:
-            time.sleep(0.01)
+        first_batch_arrived(read_ahead.begun(source))
         events.update_one({"_id": 250}, {"$set": {"v": "changed after the read began"}})
         # Another writer's first load: it marks the stream after that change, then dies.
         start = stream_start(client, lake, source)
@@ -158,12 +153,7 @@ def test_a_read_begun_before_another_writer_marked_the_stream_is_not_adopted(
 
 def test_no_read_is_begun_for_a_collection_already_loaded(client, mongo_uri, database, workdir):
     client[database].events.insert_many([{"_id": i} for i in range(300)])
-    write_config(
-        workdir / "aries.yaml",
-        mongo_uri,
-        "./lake",
-        [{"database": database, "collection": "events", "bucket_size": 100}],
-    )
+    events_config(workdir, mongo_uri, database)
     code, _, err = run_cli("sync")
     assert code == 0, err
     counter = FindCounter(database)

@@ -16,10 +16,9 @@ changed. No silent gap.
 
 from __future__ import annotations
 
-import concurrent.futures
 import datetime
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -28,7 +27,7 @@ from pymongo import MongoClient
 from pymongo.errors import OperationFailure, PyMongoError
 
 from aries_assets.core.extract import CODEC_OPTIONS, SourceCollection
-from aries_assets.core.lake import STATE_DIR, Lake, safe_segment
+from aries_assets.core.lake import STATE_DIR, Lake, each_at_once, safe_segment
 from aries_assets.core.ledger import Ledger, LedgerStore, now_iso
 
 _CANONICAL = json_util.CANONICAL_JSON_OPTIONS
@@ -363,20 +362,6 @@ def record_changes(
     # Only now, with every change before it recorded: the token the next read resumes after.
     save_scope_token(lake, scope, None if changes.history_lost else changes.token, loaded, waiting)
     return recorded, changes
-
-
-# Ledgers read or swapped at once: on S3 each is a round trip of tens of milliseconds, and a
-# scope of 150 collections would take seconds one after another.
-LAKE_CONCURRENCY = 16
-
-
-def each_at_once(function: Callable[[Any], Any], items: Iterable[Any]) -> list[Any]:
-    """`function` of each item, in order, with up to LAKE_CONCURRENCY of them in flight."""
-    items = list(items)
-    if len(items) <= 2:
-        return [function(item) for item in items]
-    with concurrent.futures.ThreadPoolExecutor(min(LAKE_CONCURRENCY, len(items)), "aries lake") as pool:
-        return list(pool.map(function, items))
 
 
 def follow_changes(client: MongoClient, lake: Lake, scope: StreamScope) -> bool:
