@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import time
+
+import bson
 from bson import ObjectId
 from bson.max_key import MaxKey
 from bson.min_key import MinKey
@@ -84,3 +87,26 @@ def test_bucket_reads_cross_type_ranges(client, database):
     assert len(batch) == 2
     second = plan.bucket_map.buckets[1]
     assert [len(b) for b in read_bucket(source, coll, second, batch_bytes=1)] == [1, 1]
+
+
+def test_a_read_fetches_ahead_by_bytes_and_loses_nothing(client, database, monkeypatch):
+    """A read fetches ahead of its reader while it works, up to `ahead_bytes` of raw BSON (the
+    read begun before Dagster loads takes a bucket's worth), then waits; read on, every document
+    comes once, in order."""
+    from aries_assets.core import extract
+
+    monkeypatch.setattr(extract, "READ_BATCH", 100)  # server batches of ~100 KB
+    coll = client[database].ahead
+    coll.insert_many([{"_id": i, "pad": "x" * 1000} for i in range(2000)])
+    source = SourceCollection(database, "ahead")
+    read = extract.RangeRead(client, source, MinKey(), MaxKey(), None, ahead_bytes=350_000)
+    try:
+        deadline = time.monotonic() + 10
+        while read.batches.waiting_bytes < 300_000 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.3)  # room for one more batch, were the bound not kept
+        waiting = read.batches.waiting_bytes
+        assert 300_000 <= waiting <= 350_000, "fetched ahead, up to the bound"
+        assert [bson.decode(raw)["_id"] for _, raw in read.documents()] == list(range(2000))
+    finally:
+        read.close()

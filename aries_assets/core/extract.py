@@ -7,8 +7,8 @@ type class, while a bucket of a mixed-type collection spans several classes.
 
 from __future__ import annotations
 
+import collections
 import contextlib
-import queue
 import struct
 import threading
 from collections.abc import Callable, Iterator
@@ -40,6 +40,8 @@ DEFAULT_BATCH_BYTES = 32 * 1024 * 1024
 # Documents per server batch: small enough that converting one batch overlaps the server
 # producing the next, large enough that round trips do not count (the server caps batches at 16 MB).
 READ_BATCH = 10_000
+# Raw BSON a read fetches ahead of its reader: a few batches, so the server never waits on us.
+PREFETCH_BYTES = 16 * 1024 * 1024
 
 
 class MongoUnreachable(RuntimeError):
@@ -150,6 +152,7 @@ class RangeRead:
         upper: Any,
         after: Timestamp | None,
         owns_client: bool = False,
+        ahead_bytes: int = PREFETCH_BYTES,
     ):
         session = client.start_session(causal_consistency=True)
         try:
@@ -165,7 +168,7 @@ class RangeRead:
             if owns_client:
                 client.close()
 
-        self.batches = _Prefetch(cursor, release)
+        self.batches = _Prefetch(cursor, release, ahead_bytes)
 
     def documents(self) -> Iterator[tuple[Any, bytes]]:
         try:
@@ -186,13 +189,21 @@ class _Prefetch:
     """The cursor's raw batches, fetched by a thread (from construction on) while the caller works
     on the previous one: the server's time and ours overlap (the socket wait releases the GIL).
 
+    The thread fetches ahead while the batches waiting for the caller hold less than
+    `ahead_bytes` (always at least one batch): memory is bounded by bytes, not by batches.
+
     The thread that uses the cursor also closes it, and calls `release` (a cursor is not
     thread-safe): when the read ends, or once the call in flight returns after `close`."""
 
-    def __init__(self, cursor: Any, release: Callable[[], None] | None = None, depth: int = 2) -> None:
+    def __init__(
+        self, cursor: Any, release: Callable[[], None] | None = None, ahead_bytes: int = PREFETCH_BYTES
+    ) -> None:
         self.cursor = cursor
         self.release = release
-        self.queue: queue.Queue = queue.Queue(maxsize=depth)
+        self.ahead_bytes = ahead_bytes
+        self.waiting: collections.deque = collections.deque()
+        self.waiting_bytes = 0
+        self.changed = threading.Condition()
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._fetch, name="aries prefetch", daemon=True)
         self.thread.start()
@@ -200,11 +211,11 @@ class _Prefetch:
     def _fetch(self) -> None:
         try:
             for batch in self.cursor:
-                if not self._hand_over(batch):
+                if not self._hand_over(batch, len(batch)):
                     return
-            self._hand_over(_DONE)
+            self._hand_over(_DONE, 0)
         except BaseException as error:  # handed to the reader, raised there
-            self._hand_over(error)
+            self._hand_over(error, 0)
         finally:
             with contextlib.suppress(Exception):
                 self.cursor.close()
@@ -212,19 +223,26 @@ class _Prefetch:
                 with contextlib.suppress(Exception):
                     self.release()
 
-    def _hand_over(self, item: Any) -> bool:
-        """Queue `item` for the reader; False once the reader has closed the read."""
-        while not self.stop.is_set():
-            try:
-                self.queue.put(item, timeout=0.5)
-                return True
-            except queue.Full:
-                continue
-        return False
+    def _hand_over(self, item: Any, size: int) -> bool:
+        """Queue `item` for the reader once there is room; False once the reader has closed the read."""
+        with self.changed:
+            while self.waiting and self.waiting_bytes + size > self.ahead_bytes and not self.stop.is_set():
+                self.changed.wait()
+            if self.stop.is_set():
+                return False
+            self.waiting.append((item, size))
+            self.waiting_bytes += size
+            self.changed.notify_all()
+            return True
 
     def __iter__(self) -> Iterator[bytes]:
         while True:
-            item = self.queue.get()
+            with self.changed:
+                while not self.waiting:
+                    self.changed.wait()
+                item, size = self.waiting.popleft()
+                self.waiting_bytes -= size
+                self.changed.notify_all()
             if item is _DONE:
                 return
             if isinstance(item, BaseException):
@@ -232,11 +250,13 @@ class _Prefetch:
             yield item
 
     def close(self) -> None:
-        """Stop fetching. Nothing waits: the thread ends (and closes the cursor) when its call returns."""
-        self.stop.set()
-        with contextlib.suppress(queue.Empty):
-            while True:  # unblock a fetch waiting to hand over an item
-                self.queue.get_nowait()
+        """Stop fetching and drop what waits. Nothing waits for the thread: it ends (and closes the
+        cursor) when its call in flight returns."""
+        with self.changed:
+            self.stop.set()
+            self.waiting.clear()
+            self.waiting_bytes = 0
+            self.changed.notify_all()
 
 
 class UnsupportedCollection(RuntimeError):

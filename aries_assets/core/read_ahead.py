@@ -11,7 +11,7 @@ Only reading is begun, and nothing is written: the collection's stream is marked
 takes the lease adopts both (`take`), saving the mark as the first load's start,
 as if it had made them itself. A read nobody adopts (the ledger no longer asks for
 a first load, the run failed first) is closed by `close_all`. One collection at a
-time: memory stays the few batches the read fetches ahead.
+time: memory stays what the read fetches ahead (`AHEAD_BYTES`).
 """
 
 from __future__ import annotations
@@ -35,6 +35,9 @@ HEAD_START_SECONDS = 0.5
 # A read not adopted by then is dropped: its cursor may be near the server's idle timeout, and
 # the collections synced before it took longer than a head start is worth.
 MAX_AGE_SECONDS = 120.0
+# Raw BSON fetched ahead while the process starts: seconds of a server's reading, bounded by bytes
+# (a bucket's worth by default), not the few batches a read in a run fetches ahead of its writer.
+AHEAD_BYTES = 64 * 1024 * 1024
 
 
 @dataclass
@@ -73,7 +76,15 @@ class _Beginning:
                 client = open_client(uri)
                 try:
                     mark = mark_stream(client, source)
-                    read = RangeRead(client, source, MinKey(), MaxKey(), mark.start, owns_client=True)
+                    read = RangeRead(
+                        client,
+                        source,
+                        MinKey(),
+                        MaxKey(),
+                        mark.start,
+                        owns_client=True,
+                        ahead_bytes=AHEAD_BYTES,
+                    )
                 except BaseException:
                     client.close()
                     raise
