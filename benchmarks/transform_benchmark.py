@@ -11,6 +11,8 @@ messy set (MongoDB's sample datasets next to the repository, in
 `../shared/datasets/mongodb-sample`, else generated, plus maps, hostile names, type
 conflicts, Decimal128, UUIDs and a 2 MB document). Then the peak RSS of writing
 one bucket, in a fresh process per bucket size, against the bucket's raw size.
+Everything runs with the allocators a bucket writer starts with
+(`engine.WRITER_MEMORY_ENV`).
 
 pymongoarrow pins its own pyarrow; where it is not installed its rows say so.
 """
@@ -43,6 +45,7 @@ sys.path[:0] = [str(REPO), str(Path(__file__).resolve().parent)]
 from sync_benchmark import event  # noqa: E402
 
 from aries_assets.core import schema as s  # noqa: E402
+from aries_assets.core.engine import WRITER_MEMORY_ENV  # noqa: E402
 from aries_assets.core.extract import DEFAULT_BATCH_BYTES  # noqa: E402
 from aries_assets.core.snapshot import convert_to_parquet  # noqa: E402
 
@@ -342,11 +345,16 @@ def main() -> None:
     )
     parser.add_argument("--rss-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if any(name not in os.environ for name in WRITER_MEMORY_ENV):
+        # Allocators are chosen when a process starts: run as a bucket writer does (every contender alike).
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**WRITER_MEMORY_ENV, **os.environ})
     if args.rss_child:
         rss_child(args.rss_child)
         return
 
+    allocators = ", ".join(f"{k}={os.environ.get(k)}" for k in WRITER_MEMORY_ENV)
     print(f"one core, in memory; pyarrow {pa.__version__}, python {sys.version.split()[0]}")
+    print(f"allocators as in a bucket writer: {allocators}")
     report("events", events(args.documents), args.repeat)
     documents, origin = messy(args.messy)
     report(f"messy ({origin} + generated hostile cases)", documents, args.repeat)
