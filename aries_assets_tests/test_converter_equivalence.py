@@ -353,6 +353,26 @@ def test_a_bucket_streamed_in_chunks_is_the_exact_paths_file(case, tmp_path, mon
     assert pq.ParquetFile(tmp_path / "bucket.parquet").num_row_groups > 1, "one row group per chunk"
 
 
+def test_the_exact_path_decodes_a_chunk_in_parts(tmp_path, monkeypatch):
+    """Decoded, documents take several times their BSON: a chunk the columnar path refused is
+    decoded a part at a time, and the file is the one a single pass gives."""
+    from aries_assets.core import arrow
+
+    documents = messy_documents()
+    raws = [bson.encode(d, codec_options=CODEC_OPTIONS) for d in documents]
+    monkeypatch.setattr(arrow, "EXACT_CHUNK_BYTES", 2048)
+    batches = list(BucketConverter(DEFAULTS).chunks(raws))
+    assert all(not isinstance(b, ColumnarBatch) for b in batches)
+    assert len(batches) > 1 and max(b.raw_size for b in batches) < 2048 + max(map(len, raws))
+    assert sum(len(b.ids) for b in batches) == len(raws)
+    converted, table, _ = streamed(documents, tmp_path, "bucket")
+    stats, exact, outliers, _ = convert(documents, DEFAULTS, 10**6, fast=False)
+    assert converted.stats.to_json() == stats.to_json() and converted.outliers == dict(outliers)
+    assert table.column("_doc").to_pylist() == exact.column("_doc").to_pylist()
+    for name in exact.column_names:
+        assert comparable(table.column(name)) == comparable(exact.column(name)), name
+
+
 def test_an_empty_bucket_streams_to_a_file_with_no_rows(tmp_path):
     converted, table, _ = streamed([], tmp_path, "empty")
     assert table.num_rows == 0 and table.column_names == ["_id", "_doc", "_id_key"]

@@ -37,7 +37,9 @@ from aries_assets.core.ordering import epoch_millis
 
 # Arrow's default allocator (mimalloc) keeps what a chunk freed mapped for the next, several times
 # the chunk: a bucket's memory follows its bytes only if freed memory goes back. The system
-# allocator gives it back; ARROW_DEFAULT_MEMORY_POOL, where set, still decides.
+# allocator gives it back; ARROW_DEFAULT_MEMORY_POOL, where set, still decides. (Set here, it
+# covers what Python asks Arrow for; writer processes start with it set, which covers Arrow's
+# C++ internals too: see `engine.WRITER_MEMORY_ENV`.)
 if "ARROW_DEFAULT_MEMORY_POOL" not in os.environ:
     pa.set_memory_pool(pa.system_memory_pool())
 
@@ -69,6 +71,8 @@ _OUTLIER = object()
 CHUNK_BYTES = 2 * 1024 * 1024
 # Raw BSON of a bucket whose decoded values the exact path keeps (about ten times this in Python objects).
 KEEP_DECODED_BYTES = 8 * 1024 * 1024
+# BSON the exact path decodes at a time: Python objects take several times the bytes.
+EXACT_CHUNK_BYTES = 512 * 1024
 # A bucket whose chunks the columnar path refused this often in a row is messy throughout: stop trying.
 _GIVE_UP_AFTER = 2
 _NOT_DECIMAL = s.MAX_DECIMAL_PRECISION + 1  # NaN and infinities have no decimal form
@@ -246,10 +250,10 @@ class BucketConverter:
             chunk.append(bytes(raw))
             size += len(raw)
             if size >= CHUNK_BYTES:
-                yield self._convert(chunk)
+                yield from self._convert(chunk)
                 chunk, size = [], 0
         if chunk:
-            yield self._convert(chunk)
+            yield from self._convert(chunk)
 
     def add(self, raw_documents: list[bytes]) -> None:
         """Convert a batch of raw BSON documents and keep it, compacted, until `tables` is called."""
@@ -265,7 +269,7 @@ class BucketConverter:
                     batch.values = None
             self._batches.append(batch)
 
-    def _convert(self, raw_documents: list[bytes]) -> _Batch | ColumnarBatch:
+    def _convert(self, raw_documents: list[bytes]) -> Iterator[_Batch | ColumnarBatch]:
         if self._exclude:
             raw_documents = [self._without_excluded(raw) for raw in raw_documents]
         docs = _canonical_json(raw_documents)
@@ -273,11 +277,23 @@ class BucketConverter:
         if self.fast and self._refused < _GIVE_UP_AFTER:
             batch = columnar_batch(raw_documents, docs, self.options, self.known_maps)
             self._refused = 0 if batch is not None else self._refused + 1
-        if batch is None:
-            batch = self._exact_batch(raw_documents, docs)
-        self._stats.merge(batch.stats)
-        self._stats.maps |= self._maps
-        return batch
+        if batch is not None:
+            self._stats.merge(batch.stats)
+            self._stats.maps |= self._maps
+            yield batch
+            return
+        # Decoded, a document takes several times its BSON: the exact path takes a chunk in parts.
+        start = 0
+        while start < len(raw_documents):
+            end, size = start, 0
+            while end < len(raw_documents) and (end == start or size < EXACT_CHUNK_BYTES):
+                size += len(raw_documents[end])
+                end += 1
+            batch = self._exact_batch(raw_documents[start:end], docs.slice(start, end - start))
+            self._stats.merge(batch.stats)
+            self._stats.maps |= self._maps
+            yield batch
+            start = end
 
     def _without_excluded(self, raw: bytes) -> bytes:
         if not any(needle in raw for needle in self._needles):
