@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import dagster as dg
 
 from aries_assets.config import AriesConfig, load_config
@@ -9,6 +11,12 @@ from aries_assets.core.changes import scopes_of
 from aries_assets.factory import build_collection, build_serve_job, source_of
 from aries_assets.resources import LakeResource, MongoResource, WarehouseResource
 from aries_assets.sensors import build_change_sensor
+
+# Dagster hands a sensor's owners (we set none) on when it binds the sensor's resources, and then
+# warns that the parameter is in beta, at every command: nothing a user can act on.
+warnings.filterwarnings(
+    "ignore", message="Parameter `owners` of initializer `SensorDefinition", category=dg.BetaWarning
+)
 
 
 def build_definitions(config: AriesConfig) -> dg.Definitions:

@@ -181,6 +181,7 @@ def test_a_terminal_gets_a_live_progress_display_and_a_pipe_plain_lines(client, 
     )
     assert piped.returncode == 0
     assert "docs/s" not in piped.stderr and f"[{database}.events]" in piped.stderr
+    assert "Warning" not in piped.stderr + on_terminal.stdout, "no library warnings for the user to read"
 
 
 def test_a_terminal_gets_a_live_display_with_totals_and_plain_lines_otherwise(
