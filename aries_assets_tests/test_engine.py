@@ -64,7 +64,7 @@ def events_config(workdir, mongo_uri: str, database: str) -> None:
 def first_batch_arrived(first: read_ahead.FirstRead) -> None:
     """Wait until the read begun ahead holds its first batch: its view of the collection is taken."""
     deadline = time.monotonic() + 30
-    while first.read.batches.queue.empty() and time.monotonic() < deadline:
+    while not first.read.batches.waiting and time.monotonic() < deadline:
         time.sleep(0.01)
 
 
