@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 
 import bson
@@ -110,3 +111,16 @@ def test_a_read_fetches_ahead_by_bytes_and_loses_nothing(client, database, monke
         assert [bson.decode(raw)["_id"] for _, raw in read.documents()] == list(range(2000))
     finally:
         read.close()
+
+
+def test_a_closed_read_ends_its_documents_instead_of_waiting(client, database):
+    client[database].closed.insert_many([{"_id": i} for i in range(10)])
+    from aries_assets.core import extract
+
+    read = extract.RangeRead(client, SourceCollection(database, "closed"), MinKey(), MaxKey(), None)
+    read.close()
+    done = []
+    reader = threading.Thread(target=lambda: done.append(list(read.batches)), daemon=True)
+    reader.start()
+    reader.join(5)
+    assert done, "iterating a closed read waits forever"

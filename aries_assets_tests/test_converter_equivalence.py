@@ -360,13 +360,13 @@ def test_the_exact_path_decodes_a_chunk_in_parts(tmp_path, monkeypatch):
 
     documents = messy_documents()
     raws = [bson.encode(d, codec_options=CODEC_OPTIONS) for d in documents]
+    stats, exact, outliers, _ = convert(documents, DEFAULTS, 10**6, fast=False)  # in one part
     monkeypatch.setattr(arrow, "EXACT_CHUNK_BYTES", 2048)
     batches = list(BucketConverter(DEFAULTS).chunks(raws))
     assert all(not isinstance(b, ColumnarBatch) for b in batches)
     assert len(batches) > 1 and max(b.raw_size for b in batches) < 2048 + max(map(len, raws))
     assert sum(len(b.ids) for b in batches) == len(raws)
     converted, table, _ = streamed(documents, tmp_path, "bucket")
-    stats, exact, outliers, _ = convert(documents, DEFAULTS, 10**6, fast=False)
     assert converted.stats.to_json() == stats.to_json() and converted.outliers == dict(outliers)
     assert table.column("_doc").to_pylist() == exact.column("_doc").to_pylist()
     for name in exact.column_names:

@@ -238,8 +238,10 @@ class _Prefetch:
     def __iter__(self) -> Iterator[bytes]:
         while True:
             with self.changed:
-                while not self.waiting:
+                while not self.waiting and not self.stop.is_set():
                     self.changed.wait()
+                if not self.waiting:
+                    return  # closed: nothing more comes
                 item, size = self.waiting.popleft()
                 self.waiting_bytes -= size
                 self.changed.notify_all()
