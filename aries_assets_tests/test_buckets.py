@@ -92,8 +92,8 @@ def test_bucket_reads_cross_type_ranges(client, database):
 
 def test_a_read_fetches_ahead_by_bytes_and_loses_nothing(client, database, monkeypatch):
     """A read fetches ahead of its reader while it works, up to `ahead_bytes` of raw BSON (the
-    read begun before Dagster loads takes a bucket's worth), then waits; read on, every document
-    comes once, in order."""
+    read begun before Dagster loads takes a bucket's worth, and a run's share once adopted), then
+    waits; read on, every document comes once, in order."""
     from aries_assets.core import extract
 
     monkeypatch.setattr(extract, "READ_BATCH", 100)  # server batches of ~100 KB
@@ -108,7 +108,19 @@ def test_a_read_fetches_ahead_by_bytes_and_loses_nothing(client, database, monke
         time.sleep(0.3)  # room for one more batch, were the bound not kept
         waiting = read.batches.waiting_bytes
         assert 300_000 <= waiting <= 350_000, "fetched ahead, up to the bound"
-        assert [bson.decode(raw)["_id"] for _, raw in read.documents()] == list(range(2000))
+        # Adopted by a run, the read fetches ahead as a run's read does.
+        read.fetch_ahead(150_000)
+        batches = iter(read.batches)
+        seen = [next(batches)]
+        time.sleep(0.3)
+        assert read.batches.waiting_bytes <= waiting - len(seen[0]), "no fetch while over the new bound"
+        while read.batches.waiting_bytes > 150_000:
+            seen.append(next(batches))
+        time.sleep(0.3)
+        assert 100_000 <= read.batches.waiting_bytes <= 150_000
+        seen += list(batches)
+        ids = [bson.decode(raw)["_id"] for batch in seen for raw in extract.split_raw_batch(batch)]
+        assert ids == list(range(2000))
     finally:
         read.close()
 

@@ -19,7 +19,7 @@ from aries_assets.cli import ensure_dagster_home
 from aries_assets.config import load_config
 from aries_assets.core import engine, read_ahead
 from aries_assets.core.changes import majority_time, record_changes, scopes_of, stream_start
-from aries_assets.core.extract import SourceCollection
+from aries_assets.core.extract import PREFETCH_BYTES, SourceCollection
 from aries_assets.core.lake import LakeSpec, LocalLake
 from aries_assets.core.ledger import Lease, LeaseHeld, Ledger, LedgerStore
 from aries_assets.definitions import build_definitions
@@ -124,6 +124,21 @@ def test_a_read_begun_before_its_run_misses_no_change_made_before_the_run(
     assert len(whole) == 1, whole
     folder = workdir / "lake" / database / "events"
     assert_same_documents(mongo_documents(client, database, "events"), lake_documents(folder))
+
+
+def test_a_read_begun_ahead_fetches_a_buckets_worth_and_a_runs_share_once_taken(
+    client, mongo_uri, database, workdir
+):
+    client[database].events.insert_many([{"_id": i} for i in range(100)])
+    source = SourceCollection(database, "events")
+    try:
+        read_ahead.begin(mongo_uri, LakeSpec(str(workdir / "lake")), [source])
+        assert read_ahead.begun(source).read.batches.ahead_bytes == read_ahead.AHEAD_BYTES
+        taken = read_ahead.take(source)
+        assert taken.read.batches.ahead_bytes == PREFETCH_BYTES < read_ahead.AHEAD_BYTES
+        assert [raw_id for raw_id, _ in taken.read.documents()] == list(range(100))
+    finally:
+        read_ahead.close_all()
 
 
 def test_a_read_begun_before_another_writer_marked_the_stream_is_not_adopted(

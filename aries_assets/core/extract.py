@@ -178,6 +178,10 @@ class RangeRead:
         finally:
             self.close()
 
+    def fetch_ahead(self, ahead_bytes: int) -> None:
+        """From now on fetch up to `ahead_bytes` of raw BSON ahead of the reader."""
+        self.batches.limit(ahead_bytes)
+
     def close(self) -> None:
         self.batches.close()
 
@@ -234,6 +238,12 @@ class _Prefetch:
             self.waiting_bytes += size
             self.changed.notify_all()
             return True
+
+    def limit(self, ahead_bytes: int) -> None:
+        """Fetch ahead up to `ahead_bytes` from now on (what already waits stays)."""
+        with self.changed:
+            self.ahead_bytes = ahead_bytes
+            self.changed.notify_all()
 
     def __iter__(self) -> Iterator[bytes]:
         while True:

@@ -24,7 +24,7 @@ from bson.max_key import MaxKey
 from bson.min_key import MinKey
 
 from aries_assets.core.changes import StreamMark, mark_stream
-from aries_assets.core.extract import RangeRead, SourceCollection, open_client
+from aries_assets.core.extract import PREFETCH_BYTES, RangeRead, SourceCollection, open_client
 from aries_assets.core.lake import LakeSpec
 from aries_assets.core.ledger import Lease, LedgerStore
 
@@ -106,6 +106,7 @@ class _Beginning:
         if first.source != source or time.monotonic() - first.begun_at > MAX_AGE_SECONDS:
             first.close()  # another filter than the run's, or too old to trust its cursor
             return None
+        first.read.fetch_ahead(PREFETCH_BYTES)  # a run's read now, beside its writers' buckets
         return first
 
     def close(self) -> None:
