@@ -26,7 +26,7 @@ from aries_assets_tests.test_warehouse import assert_table_equals_mongo
 OUTAGE_SECONDS = 45
 
 
-def wait_until(check, timeout: float, what: str, log=None) -> None:
+def wait_until(check, timeout: float, what: str, log=None, diagnose=None) -> None:
     deadline = time.monotonic() + timeout
     last_error = None
     while time.monotonic() < deadline:
@@ -37,7 +37,39 @@ def wait_until(check, timeout: float, what: str, log=None) -> None:
             last_error = error
         time.sleep(2)
     tail = log.read_text()[-3000:] if log and log.exists() else ""
-    raise AssertionError(f"{what} not reached in {timeout:.0f}s: {last_error}\n{tail}")
+    state = diagnose() if diagnose else ""
+    raise AssertionError(f"{what} not reached in {timeout:.0f}s: {str(last_error)[:600]}\n{state}\n{tail}")
+
+
+def lake_and_runs(folder, home) -> str:
+    """What a failure needs to be understood after the temporary directory is gone: the ledger, each
+    file's time, digest and values, and what each run materialized."""
+    import datetime
+    import json
+
+    import pyarrow.parquet as pq
+
+    lines = []
+    ledger = folder / "_aries" / "ledger.json"
+    if ledger.exists():
+        body = json.loads(ledger.read_text())
+        body.pop("lowers", None)
+        lines.append(f"ledger: {json.dumps(body)[:2000]}")
+    for path in sorted(folder.glob("*.parquet"), key=lambda p: p.stat().st_mtime):
+        meta = {k.decode(): v.decode() for k, v in (pq.read_metadata(path).metadata or {}).items()}
+        values = sorted(set(map(str, pq.read_table(path, columns=["v"]).column("v").to_pylist())))
+        when = datetime.datetime.fromtimestamp(path.stat().st_mtime).strftime("%H:%M:%S.%f")[:12]
+        digest = meta.get("aries.content_sha256", "")[:12]
+        lines.append(f"file {path.name}: {when} digest {digest} v {values[:5]}")
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        for run in instance.get_runs():
+            written = []
+            for entry in instance.all_logs(run.run_id, of_type=dg.DagsterEventType.ASSET_MATERIALIZATION):
+                materialization = entry.dagster_event.event_specific_data.materialization
+                if materialization.asset_key.path[-1] == folder.name:
+                    written.append(materialization.partition)
+            lines.append(f"run {run.run_id[:8]} {run.job_name} {run.status.value}: {written}")
+    return "\n".join(lines)
 
 
 def test_mongodb_down_after_a_burst_converges_with_no_command(workdir):
@@ -177,6 +209,7 @@ def test_a_serving_run_killed_with_kill_9_is_repaired_by_the_next_ticks(client, 
                 240,
                 f"{name}: lake equal to MongoDB after the killed serving run",
                 log,
+                diagnose=lambda name=name: lake_and_runs(workdir / "lake" / database / name, daemon.home),
             )
         with dg.DagsterInstance.from_config(str(daemon.home)) as instance:
             runs = instance.get_runs(filters=dg.RunsFilter(job_name=f"serve__{database}"))
