@@ -69,6 +69,10 @@ def lake_and_runs(folder, home) -> str:
                 if materialization.asset_key.path[-1] == folder.name:
                     written.append(materialization.partition)
             lines.append(f"run {run.run_id[:8]} {run.job_name} {run.status.value}: {written}")
+            for entry in instance.all_logs(run.run_id):
+                if entry.user_message and folder.name in entry.user_message and ":" in entry.user_message:
+                    when = datetime.datetime.fromtimestamp(entry.timestamp).strftime("%H:%M:%S.%f")[:12]
+                    lines.append(f"  {when} {entry.user_message[:300]}")
     return "\n".join(lines)
 
 

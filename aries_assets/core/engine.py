@@ -392,6 +392,7 @@ class _CollectionSync:
         self.lease: Lease = lease
         self.outcome: SyncOutcome = outcome
         self.files: dict[str, snapshot.BucketFile | None] | None = None
+        self.unchanged: list[str] = []  # buckets read this round whose documents their files already hold
         self.loaded_first = False  # this run did the collection's first load
         self.schema: s.InferredSchema | None = snapshot.load_schema(self.lake, self.source)
 
@@ -440,6 +441,7 @@ class _CollectionSync:
             self.outcome.mode = mode if self.outcome.rounds == 1 else self.outcome.mode
             self.reporter.message(f"{label}: {mode}")
             files = self._files(bucket_map.keys)
+            self.unchanged = []
             touched = self._pass(
                 bucket_map, spans, after, first_load, skip_unchanged=mode.startswith("re-read"), fresh=fresh,
                 documents=ahead.read.documents() if ahead else None,
@@ -447,6 +449,14 @@ class _CollectionSync:
         finally:
             if ahead is not None:
                 ahead.close()
+        dirty_unchanged = [k for k in self.unchanged if k in covered_dirty]
+        if dirty_unchanged:
+            # A recorded change whose bucket reads as its file already is: a change undone before the
+            # read, or a no-op. Said, so that a read that missed a change would not pass unseen.
+            shown = ", ".join(dirty_unchanged[:10]) + (" ..." if len(dirty_unchanged) > 10 else "")
+            self.reporter.message(
+                f"{label}: {len(dirty_unchanged)} changed buckets read the same as their files: {shown}"
+            )
         if first_load:
             self._save_map(bucket_map, first_load=True)
             self.loaded_first = True
@@ -606,6 +616,7 @@ class _CollectionSync:
             self._save_map(bucket_map)
         if skip_current and snapshot.is_current(previous, done.digest, self.spec.options):
             touched.add(key)
+            self.unchanged.append(key)
             return
         self.lease.check()
         job = _WriteJob(self.source, done, self.spec.options, self.schema, previous)
