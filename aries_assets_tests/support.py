@@ -91,3 +91,13 @@ def assert_same_documents(expected: dict[str, bytes], actual: dict[str, bytes]) 
     assert not extra, f"{len(extra)} documents in the lake but not in MongoDB, e.g. {extra[:3]}"
     for key, raw in expected.items():
         assert actual[key] == raw, f"document {key} differs: {bson.decode(raw)} != {bson.decode(actual[key])}"
+
+
+def events_config(workdir, mongo_uri: str, database: str, bucket_size: int = 100) -> None:
+    """`aries.yaml` in `workdir` for one collection, `<database>.events`, lake at ./lake."""
+    write_config(
+        workdir / "aries.yaml",
+        mongo_uri,
+        "./lake",
+        [{"database": database, "collection": "events", "bucket_size": bucket_size}],
+    )

@@ -26,6 +26,7 @@ from aries_assets.definitions import build_definitions
 from aries_assets.sync import sync
 from aries_assets_tests.support import (
     assert_same_documents,
+    events_config,
     lake_documents,
     mongo_documents,
     run_cli,
@@ -50,15 +51,6 @@ class FindCounter(monitoring.CommandListener):
 
     def failed(self, event):
         pass
-
-
-def events_config(workdir, mongo_uri: str, database: str) -> None:
-    write_config(
-        workdir / "aries.yaml",
-        mongo_uri,
-        "./lake",
-        [{"database": database, "collection": "events", "bucket_size": 100}],
-    )
 
 
 def first_batch_arrived(first: read_ahead.FirstRead) -> None:

@@ -12,6 +12,7 @@ from dagster import AssetCheckKey, AssetKey, DagsterInstance
 from aries_assets.demo.data import load_samples
 from aries_assets_tests.support import (
     assert_same_documents,
+    events_config,
     lake_documents,
     lake_tables,
     mongo_documents,
@@ -145,12 +146,7 @@ def test_a_run_of_many_buckets_records_checks_per_bucket_then_one_summary(
     are summed up in one evaluation per check, and every bucket still gets its materialization."""
     coll = client[database].events
     coll.insert_many([{"_id": i, "n": i} for i in range(200)])
-    write_config(
-        workdir / "aries.yaml",
-        mongo_uri,
-        "./lake",
-        [{"database": database, "collection": "events", "bucket_size": 10}],
-    )
+    events_config(workdir, mongo_uri, database, bucket_size=10)
     assert run_cli("sync", "--workers", "1")[0] == 0
     key = AssetKey(["lake", database, "events"])
     with DagsterInstance.get() as instance:

@@ -23,6 +23,7 @@ from aries_assets.definitions import build_definitions
 from aries_assets.demo.mongo_server import embedded_mongo, free_port
 from aries_assets_tests.support import (
     assert_same_documents,
+    events_config,
     lake_documents,
     mongo_documents,
     run_cli,
@@ -64,12 +65,7 @@ def ledger_of(workdir, database, collection="events"):
 def synced(client, mongo_uri, database, workdir):
     coll = client[database].events
     coll.insert_many([{"_id": ObjectId(), "n": i, "tags": ["a"]} for i in range(50)])
-    write_config(
-        workdir / "aries.yaml",
-        mongo_uri,
-        "./lake",
-        [{"database": database, "collection": "events", "bucket_size": 20}],
-    )
+    events_config(workdir, mongo_uri, database, bucket_size=20)
     assert run_cli("sync", "--workers", "1")[0] == 0
     defs = build_definitions(load_config())
     return coll, defs, workdir / "lake" / database / "events", f"changes__{database}"

@@ -11,6 +11,7 @@ from dagster import AssetKey, DagsterInstance
 from aries_assets.demo.data import SAMPLE_NAMESPACES, load_samples
 from aries_assets_tests.support import (
     assert_same_documents,
+    events_config,
     lake_documents,
     lake_tables,
     mongo_documents,
@@ -234,12 +235,7 @@ def test_a_change_undone_before_the_read_rewrites_nothing_and_says_so(client, mo
     run says which buckets: a read that missed a change would not pass unseen."""
     coll = client[database].events
     coll.insert_many([{"_id": i, "v": 0} for i in range(300)])
-    write_config(
-        workdir / "aries.yaml",
-        mongo_uri,
-        "./lake",
-        [{"database": database, "collection": "events", "bucket_size": 100}],
-    )
+    events_config(workdir, mongo_uri, database)
     assert run_cli("sync", "--workers", "1")[0] == 0
     folder = workdir / "lake" / database / "events"
     before = {f.name: f.stat().st_mtime_ns for f in folder.glob("*.parquet")}

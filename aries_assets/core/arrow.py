@@ -273,26 +273,24 @@ class BucketConverter:
         if self._exclude:
             raw_documents = [self._without_excluded(raw) for raw in raw_documents]
         docs = _canonical_json(raw_documents)
-        batch = None
+        columnar = None
         if self.fast and self._refused < _GIVE_UP_AFTER:
-            batch = columnar_batch(raw_documents, docs, self.options, self.known_maps)
-            self._refused = 0 if batch is not None else self._refused + 1
-        if batch is not None:
+            columnar = columnar_batch(raw_documents, docs, self.options, self.known_maps)
+            self._refused = 0 if columnar is not None else self._refused + 1
+        for batch in [columnar] if columnar is not None else self._exact_parts(raw_documents, docs):
             self._stats.merge(batch.stats)
             self._stats.maps |= self._maps
             yield batch
-            return
-        # Decoded, a document takes several times its BSON: the exact path takes a chunk in parts.
+
+    def _exact_parts(self, raw_documents: list[bytes], docs: pa.Array) -> Iterator[_Batch]:
+        """Decoded, a document takes several times its BSON: the exact path takes a chunk in parts."""
         start = 0
         while start < len(raw_documents):
             end, size = start, 0
             while end < len(raw_documents) and (end == start or size < EXACT_CHUNK_BYTES):
                 size += len(raw_documents[end])
                 end += 1
-            batch = self._exact_batch(raw_documents[start:end], docs.slice(start, end - start))
-            self._stats.merge(batch.stats)
-            self._stats.maps |= self._maps
-            yield batch
+            yield self._exact_batch(raw_documents[start:end], docs.slice(start, end - start))
             start = end
 
     def _without_excluded(self, raw: bytes) -> bytes:
