@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import threading
 import time
 
@@ -10,8 +11,8 @@ from bson import ObjectId
 from bson.max_key import MaxKey
 from bson.min_key import MinKey
 
-from aries_assets.core.buckets import BucketMap, bucket_key, plan_buckets
-from aries_assets.core.extract import SourceCollection, read_bucket, scan_ids
+from aries_assets.core.buckets import BucketCutter, BucketMap, bucket_key, plan_buckets
+from aries_assets.core.extract import SourceCollection, raw_id, read_bucket, scan_ids
 
 
 def ids(values):
@@ -45,6 +46,47 @@ def test_a_swollen_middle_bucket_is_split_in_bucket_size_pieces():
     assert plan.counts[bucket_key("m08")] == 1
     assert plan.counts[bucket_key("zz")] == 1
     assert sum(plan.counts.values()) == len(names)
+
+
+def _cut(bucket_map: BucketMap, raws: list[bytes], batch_sizes: list[int] | None, max_bytes: int):
+    """The buckets a cutter hands back for `raws`, one by one or in batches of these sizes."""
+    cutter = BucketCutter(bucket_map, 0, len(bucket_map.lowers) - 1, 5, max_bytes)
+    done = []
+    if batch_sizes is None:
+        for raw in raws:
+            done += cutter.add(raw_id(raw), raw)
+    else:
+        start = 0
+        for size in batch_sizes:
+            done += cutter.add_many(raws[start : start + size], raw_id)
+            start += size
+        assert start >= len(raws)
+    done += cutter.finish()
+    return [(d.bucket, d.documents, d.nbytes, d.digest, d.new) for d in done], list(bucket_map.lowers)
+
+
+def test_buckets_cut_from_batches_are_those_cut_one_document_at_a_time():
+    """A read hands the cutter whole server batches. Wherever the batches break, and whether a bucket
+    closes by count or by size, the buckets, their documents and digests, and the map are the same as
+    placing the documents one at a time."""
+    rng = random.Random(7)
+    mixed = [bson.encode({"_id": i, "pad": "x" * rng.choice([0, 10, 200, 900])}) for i in range(230)]
+    even = [bson.encode({"_id": i, "pad": "x" * 100}) for i in range(230)]
+    size = len(even[0])
+    # Buckets closed by count; by size; with one document over the size alone. Then a size one byte
+    # short of 3 documents, and exactly 3.
+    cases = [(mixed, max_bytes) for max_bytes in (10**9, 1_500, 300)]
+    cases += [(even, 3 * size - 1), (even, 3 * size)]
+    # A first load (the newest bucket fills); changes to middle buckets, which swell and split.
+    for lowers in ([MinKey()], [MinKey(), 40, 100], [MinKey(), 120]):
+        for raws, max_bytes in cases:
+            expected = _cut(BucketMap(5, list(lowers)), raws, None, max_bytes)
+            assert len(expected[0]) > 10
+            for sizes in ([230], [1] * 230, [rng.randint(1, 17) for _ in range(60)], [0, 7, 0, 223]):
+                got = _cut(BucketMap(5, list(lowers)), raws, sizes, max_bytes)
+                assert got == expected, (lowers, max_bytes, sizes)
+            by_doc = [bson.decode(raw)["_id"] for _, docs, *_ in expected[0] for raw in docs]
+            assert by_doc == list(range(230)), "every document once, in order"
 
 
 def test_digests_change_with_content_only():
@@ -103,23 +145,23 @@ def test_a_read_fetches_ahead_by_bytes_and_loses_nothing(client, database, monke
     read = extract.RangeRead(client, source, MinKey(), MaxKey(), None, ahead_bytes=350_000)
     try:
         deadline = time.monotonic() + 10
-        while read.batches.waiting_bytes < 300_000 and time.monotonic() < deadline:
+        while read.prefetch.waiting_bytes < 300_000 and time.monotonic() < deadline:
             time.sleep(0.05)
         time.sleep(0.3)  # room for one more batch, were the bound not kept
-        waiting = read.batches.waiting_bytes
+        waiting = read.prefetch.waiting_bytes
         assert 300_000 <= waiting <= 350_000, "fetched ahead, up to the bound"
         # Adopted by a run, the read fetches ahead as a run's read does.
         read.fetch_ahead(150_000)
-        batches = iter(read.batches)
+        batches = iter(read.prefetch)
         seen = [next(batches)]
         time.sleep(0.3)
-        assert read.batches.waiting_bytes <= waiting - len(seen[0]), "no fetch while over the new bound"
-        while read.batches.waiting_bytes > 150_000:
+        assert read.prefetch.waiting_bytes <= waiting - len(seen[0]), "no fetch while over the new bound"
+        while read.prefetch.waiting_bytes > 150_000:
             seen.append(next(batches))
         time.sleep(0.3)
-        assert 100_000 <= read.batches.waiting_bytes <= 150_000
+        assert 100_000 <= read.prefetch.waiting_bytes <= 150_000
         seen += list(batches)
-        ids = [bson.decode(raw)["_id"] for batch in seen for raw in extract.split_raw_batch(batch)]
+        ids = [bson.decode(raw)["_id"] for batch in seen for raw in extract.raw_documents(batch)]
         assert ids == list(range(2000))
     finally:
         read.close()
@@ -132,7 +174,7 @@ def test_a_closed_read_ends_its_documents_instead_of_waiting(client, database):
     read = extract.RangeRead(client, SourceCollection(database, "closed"), MinKey(), MaxKey(), None)
     read.close()
     done = []
-    reader = threading.Thread(target=lambda: done.append(list(read.batches)), daemon=True)
+    reader = threading.Thread(target=lambda: done.append(list(read.prefetch)), daemon=True)
     reader.start()
     reader.join(5)
     assert done, "iterating a closed read waits forever"

@@ -56,7 +56,7 @@ class FindCounter(monitoring.CommandListener):
 def first_batch_arrived(first: read_ahead.FirstRead) -> None:
     """Wait until the read begun ahead holds its first batch: its view of the collection is taken."""
     deadline = time.monotonic() + 30
-    while not first.read.batches.waiting and time.monotonic() < deadline:
+    while not first.read.prefetch.waiting and time.monotonic() < deadline:
         time.sleep(0.01)
 
 
@@ -125,9 +125,9 @@ def test_a_read_begun_ahead_fetches_a_buckets_worth_and_a_runs_share_once_taken(
     source = SourceCollection(database, "events")
     try:
         read_ahead.begin(mongo_uri, LakeSpec(str(workdir / "lake")), [source])
-        assert read_ahead.begun(source).read.batches.ahead_bytes == read_ahead.AHEAD_BYTES
+        assert read_ahead.begun(source).read.prefetch.ahead_bytes == read_ahead.AHEAD_BYTES
         taken = read_ahead.take(source)
-        assert taken.read.batches.ahead_bytes == PREFETCH_BYTES < read_ahead.AHEAD_BYTES
+        assert taken.read.prefetch.ahead_bytes == PREFETCH_BYTES < read_ahead.AHEAD_BYTES
         assert [raw_id for raw_id, _ in taken.read.documents()] == list(range(100))
     finally:
         read_ahead.close_all()

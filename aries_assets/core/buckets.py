@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import bisect
 import hashlib
+import itertools
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -274,7 +275,9 @@ class BucketCutter:
                 done.append(self._emit(self._docs))
                 self._reset()
                 self._open(_id)
-        elif len(self._docs) >= SPLIT_FACTOR * self.size or self._bytes >= SPLIT_FACTOR * self.max_bytes:
+        elif len(self._docs) > 1 and (
+            len(self._docs) >= SPLIT_FACTOR * self.size or self._bytes >= SPLIT_FACTOR * self.max_bytes
+        ):  # (a bucket of one document is not split, however large)
             cut, running = 0, 0
             while cut < len(self._docs) - 1 and cut < self.size and running < self.max_bytes:
                 running += len(self._docs[cut])
@@ -289,6 +292,36 @@ class BucketCutter:
         self._ids.append(_id)
         self._keys.append(key)
         self._bytes += len(raw)
+        return done
+
+    def add_many(self, documents: list[bytes], id_of: Callable[[bytes], Any]) -> list[BucketDocuments]:
+        """`add` for each of `documents` (raw BSON, in `_id` order); return the buckets this finished.
+
+        Filling the newest bucket (all of a first load) needs no `_id` but the one that opens the
+        next bucket: whole runs of documents are taken at once, by count and size. Elsewhere,
+        each document is placed by its `_id` (`id_of` reads it from the raw BSON)."""
+        done: list[BucketDocuments] = []
+        i, n = 0, len(documents)
+        while i < n:
+            if self._i + 1 != len(self.map.lowers):
+                done += self.add(id_of(documents[i]), documents[i])
+                i += 1
+                continue
+            if self._docs and (
+                len(self._docs) >= self.size or self._bytes + len(documents[i]) > self.max_bytes
+            ):
+                done.append(self._emit(self._docs))
+                self._reset()
+                self._open(id_of(documents[i]))
+            # As many as fit: at most the room left by count, and by size (at least one, as `add`).
+            run = documents[i : i + self.size - len(self._docs)]
+            sizes = list(itertools.accumulate(map(len, run)))
+            fits = bisect.bisect_right(sizes, self.max_bytes - self._bytes)
+            fits = max(fits, 0 if self._docs else 1)
+            taken = run[:fits]
+            self._docs += taken
+            self._bytes += sum(map(len, taken))
+            i += fits
         return done
 
     def finish(self) -> list[BucketDocuments]:

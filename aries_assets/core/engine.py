@@ -46,7 +46,7 @@ from aries_assets.core.changes import (
     record_changes,
     stream_start,
 )
-from aries_assets.core.extract import SourceCollection, check_collation, check_exists, range_documents
+from aries_assets.core.extract import SourceCollection, check_collation, check_exists, range_batches, raw_id
 from aries_assets.core.lake import Lake, LakeSpec, bucket_file, collection_prefix, remove_temporary_files
 from aries_assets.core.ledger import DirtyBucket, Lease, LeaseHeld, Ledger, LedgerStore, now_iso
 from aries_assets.core.ordering import sort_key
@@ -444,7 +444,7 @@ class _CollectionSync:
             self.unchanged = []
             touched = self._pass(
                 bucket_map, spans, after, first_load, skip_unchanged=mode.startswith("re-read"), fresh=fresh,
-                documents=ahead.read.documents() if ahead else None,
+                batches=ahead.read.batches() if ahead else None,
             )  # fmt: skip
         finally:
             if ahead is not None:
@@ -556,11 +556,11 @@ class _CollectionSync:
         skip_unchanged: bool,
         force: bool = False,
         fresh: frozenset[str] | set[str] = frozenset(),
-        documents: Iterator[tuple[Any, bytes]] | None = None,
+        batches: Iterator[list[bytes]] | None = None,
     ) -> set[str]:
         """One ordered read per span; every bucket of a span is written (or found current).
 
-        `documents`: the read of the one span, already begun (a first load's, see `read_ahead`).
+        `batches`: the read of the one span, already begun (a first load's, see `read_ahead`).
         """
         touched: set[str] = set()
         if not spans:
@@ -588,18 +588,17 @@ class _CollectionSync:
                 cutter = BucketCutter(
                     bucket_map, first, last, self.spec.bucket_size, self.spec.bucket_bytes, fresh
                 )
-                if documents is None:
-                    documents = range_documents(self.client, self.source, lower, upper, after)
-                for _id, raw in documents:
-                    read_docs += 1
-                    read_bytes += len(raw)
-                    for done in cutter.add(_id, raw):
+                if batches is None:
+                    batches = range_batches(self.client, self.source, lower, upper, after)
+                for raws in batches:
+                    read_docs += len(raws)
+                    read_bytes += sum(map(len, raws))
+                    for done in cutter.add_many(raws, raw_id):
                         self._submit(writers, done, bucket_map, first_load, not force, touched)
-                    if read_docs % 2_000 == 0:
-                        self.reporter.progress(read_docs, read_bytes, total)
+                    self.reporter.progress(read_docs, read_bytes, total)
                 for done in cutter.finish():
                     self._submit(writers, done, bucket_map, first_load, not force, touched, last=True)
-                documents = None
+                batches = None
             for written in writers.drain():
                 self._written(written, touched)
         self.reporter.progress(read_docs, read_bytes, total)

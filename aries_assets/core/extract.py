@@ -70,14 +70,15 @@ class SourceCollection:
         return client[self.database].get_collection(self.collection, read_concern=ReadConcern("majority"))
 
 
-def split_raw_batch(batch: bytes) -> Iterator[memoryview]:
-    """The documents of a server batch (concatenated BSON documents)."""
-    view = memoryview(batch)
-    offset, end = 0, len(batch)
+def raw_documents(batch: bytes) -> list[bytes]:
+    """The documents of a server batch (concatenated BSON documents), each its own bytes."""
+    documents = []
+    offset, end, unpack = 0, len(batch), _LENGTH.unpack_from
     while offset < end:
-        (length,) = _LENGTH.unpack_from(batch, offset)
-        yield view[offset : offset + length]
+        (length,) = unpack(batch, offset)
+        documents.append(batch[offset : offset + length])
         offset += length
+    return documents
 
 
 def raw_id(raw: memoryview | bytes) -> Any:
@@ -104,7 +105,7 @@ def scan_ids(source: SourceCollection, collection: Collection) -> Iterator[tuple
     """Every `_id` matching the source filter, in BSON order (covered by the `_id` index)."""
     cursor = _range_cursor(collection, source.query, MinKey(), MaxKey(), projection={"_id": 1})
     for batch in cursor:
-        for raw in split_raw_batch(batch):
+        for raw in raw_documents(batch):
             yield raw_id(raw), b""
 
 
@@ -118,8 +119,8 @@ def read_bucket(
     pending: list[bytes] = []
     size = 0
     for batch in _range_cursor(collection, source.query, bucket.lower, bucket.upper):
-        for raw in split_raw_batch(batch):
-            pending.append(bytes(raw))
+        for raw in raw_documents(batch):
+            pending.append(raw)
             size += len(raw)
             if size >= batch_bytes:
                 yield pending
@@ -128,15 +129,16 @@ def read_bucket(
         yield pending
 
 
-def range_documents(
+def range_batches(
     client: Any, source: SourceCollection, lower: Any, upper: Any, after: Timestamp | None = None
-) -> Iterator[tuple[Any, bytes]]:
-    """Every matching document of [lower, upper) as (`_id`, raw BSON), in `_id` order, in one read.
+) -> Iterator[list[bytes]]:
+    """Every matching document of [lower, upper) as raw BSON, in `_id` order, in one read, a server
+    batch at a time.
 
     With `after`, the read is causally consistent with that cluster time: a change
     the ledger recorded is visible even when reading from a secondary that lags.
     """
-    yield from RangeRead(client, source, lower, upper, after).documents()
+    yield from RangeRead(client, source, lower, upper, after).batches()
 
 
 class RangeRead:
@@ -168,22 +170,28 @@ class RangeRead:
             if owns_client:
                 client.close()
 
-        self.batches = _Prefetch(cursor, release, ahead_bytes)
+        self.prefetch = _Prefetch(cursor, release, ahead_bytes)
 
-    def documents(self) -> Iterator[tuple[Any, bytes]]:
+    def batches(self) -> Iterator[list[bytes]]:
+        """The documents, a server batch at a time: the per-document work is the caller's to do
+        where it needs it (a first load reads one `_id` per bucket, not one per document)."""
         try:
-            for batch in self.batches:
-                for raw in split_raw_batch(batch):
-                    yield raw_id(raw), bytes(raw)
+            for batch in self.prefetch:
+                yield raw_documents(batch)
         finally:
             self.close()
 
+    def documents(self) -> Iterator[tuple[Any, bytes]]:
+        for documents in self.batches():
+            for raw in documents:
+                yield raw_id(raw), raw
+
     def fetch_ahead(self, ahead_bytes: int) -> None:
         """From now on fetch up to `ahead_bytes` of raw BSON ahead of the reader."""
-        self.batches.limit(ahead_bytes)
+        self.prefetch.limit(ahead_bytes)
 
     def close(self) -> None:
-        self.batches.close()
+        self.prefetch.close()
 
 
 _DONE = object()
