@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import gc
 import multiprocessing
 import os
 import threading
@@ -577,7 +578,7 @@ class _CollectionSync:
         # its writers start once a bucket is cut with more documents still coming.
         many = expected > 2 or bool(fresh)
         workers = self.settings.workers if many or first_load else 1
-        with _Writers(workers, self.targets.lake_spec) as writers:
+        with _Writers(workers, self.targets.lake_spec) as writers, _heap_frozen():
             if many:
                 writers.start()  # the writers start while the server prepares its first batch
             elif workers > 1:
@@ -783,6 +784,18 @@ class _WriteJob:
 _WORKER_LAKE: Lake | None = None
 
 
+@contextlib.contextmanager
+def _heap_frozen() -> Iterator[None]:
+    """The objects alive now (Dagster's, a few hundred thousand in a run) out of the collector's way
+    while a read runs: the collections that reading a million short-lived objects sets off would
+    scan them all, again and again (pymongo's raw batches took 2.6x as long in a run as alone)."""
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
 def _worker_start(spec: LakeSpec, environ: dict[str, str], cwd: str, lifeline: Any) -> None:
     """A writer forked from the fork server has the server's environment and directory, as they were
     when it started: take the run's own (credentials, a relative lake path)."""
@@ -792,6 +805,7 @@ def _worker_start(spec: LakeSpec, environ: dict[str, str], cwd: str, lifeline: A
     os.environ.update(environ)
     os.chdir(cwd)
     _WORKER_LAKE = spec.open()
+    gc.freeze()  # what the fork server imported lives as long as the writer: see `_heap_frozen`
 
 
 def _exit_with_run(lifeline: Any) -> None:
