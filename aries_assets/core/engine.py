@@ -151,7 +151,12 @@ def sync_collection(
     outcome = SyncOutcome(source.label)
     store = LedgerStore(targets.lake, source.database, source.collection)
     lease = Lease(targets.lake, source.database, source.collection, holder, run_id, settings.lease_seconds)
-    with _writing(client, source, store, lease, settings, reporter, outcome, store.load().loaded):
+    loaded = store.load().loaded
+    if not loaded and settings.workers > 1:
+        # A first load: the writers' imports run now, while this process waits on MongoDB (checks,
+        # the lease, the first batch), not beside the read and the writing once the documents come.
+        _warm_writers()
+    with _writing(client, source, store, lease, settings, reporter, outcome, loaded):
         for leftover in remove_temporary_files(
             targets.lake, collection_prefix(source.database, source.collection)
         ):
