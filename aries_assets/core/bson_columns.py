@@ -100,8 +100,7 @@ def columnar_batch(
     known_maps: set[s.Path],
 ) -> ColumnarBatch | None:
     """The batch as columns, or None when only the exact path can convert it."""
-    blob = b"".join(raw_documents)
-    if _WRAPPER_KEY.search(blob):
+    if _WRAPPER_KEY.search(b"".join(raw_documents)):  # (the joined copy is freed at once)
         return None  # a key that would read as Extended JSON syntax (or, rarely, bytes that look like one)
     # The documents back to back, read straight from `_doc`'s buffer: each is one JSON object, so
     # the reader needs no separator between them, and no copy of the text is made.
