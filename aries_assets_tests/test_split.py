@@ -75,10 +75,21 @@ def test_a_range_lease_taken_over_by_a_collection_writer_is_lost(tmp_path):
 
 RANGE_RUN = textwrap.dedent(
     """
-    import sys
+    import os, sys, time
     import dagster as dg
     from aries_assets.config import load_config
+    from aries_assets.core import engine
     from aries_assets.definitions import build_definitions
+    if len(sys.argv) > 4:
+        # Each bucket written, the run holds (and renews its lease) until the file named exists.
+        write = engine._WriteJob.run
+        def held(job, lake):
+            written = write(job, lake)
+            deadline = time.monotonic() + 120
+            while not os.path.exists(sys.argv[4]) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            return written
+        engine._WriteJob.run = held
     defs = build_definitions(load_config(sys.argv[1]))
     job = defs.resolve_job_def(sys.argv[2])
     print("ready", flush=True)
@@ -154,9 +165,18 @@ def test_a_split_first_load_runs_its_ranges_at_once_and_a_sync_during_them_waits
         # The sensor leaves a split first load to its range runs.
         assert tick(defs, instance, f"changes__{database}").run_requests == []
 
+    release = workdir / "release-the-range-runs"
     runs = [
         subprocess.Popen(
-            [sys.executable, "-c", RANGE_RUN, str(workdir / "aries.yaml"), f"load__{name}", key],
+            [
+                sys.executable,
+                "-c",
+                RANGE_RUN,
+                str(workdir / "aries.yaml"),
+                f"load__{name}",
+                key,
+                str(release),
+            ],
             cwd=workdir,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
@@ -165,6 +185,7 @@ def test_a_split_first_load_runs_its_ranges_at_once_and_a_sync_during_them_waits
         )
         for key in keys
     ]
+    sync = None
     try:
         for run in runs:
             assert run.stdout.readline().strip() == "ready", run.stderr.read()
@@ -186,10 +207,20 @@ def test_a_split_first_load_runs_its_ranges_at_once_and_a_sync_during_them_waits
                     coll.insert_one({"_id": total + i, "v": i})
                 else:
                     coll.delete_one({"_id": rng.randrange(total)})
-            # A whole-collection sync started now waits for the range runs, then settles.
-            code, out, err = run_cli("sync", "--workers", "1", "--plain")
-            assert code == 0, err
-            assert "waiting for the lease held by" in err and "range" in err, err
+            # A whole-collection sync started now waits for the range runs (held after a bucket each,
+            # however fast this machine is), then settles once they are done.
+            sync = subprocess.Popen(
+                [sys.executable, "-m", "aries_assets.cli", "sync", "--workers", "1", "--plain"],
+                cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            )  # fmt: skip
+            waiting = sync.stderr.readline()
+            while waiting and "waiting for the lease held by" not in waiting:
+                waiting = sync.stderr.readline()
+            assert "range" in waiting, f"the sync did not wait for the range runs: {waiting!r}"
+            assert watch.live, "the range runs still hold the lease"
+            release.touch()
+            out, err = sync.communicate(timeout=300)
+            assert sync.returncode == 0, err
             # Changes inside a range being cut mark their documents, not the range: few rewrites.
             written = int(re.search(r"(\d+) written", out).group(1))
             assert written <= 35, out
@@ -197,8 +228,9 @@ def test_a_split_first_load_runs_its_ranges_at_once_and_a_sync_during_them_waits
         assert all(o.strip().endswith("ok") for o, _ in results), results
         assert watch.most >= 2, "the range runs overlapped in time"
     finally:
-        for run in runs:
-            run.kill()
+        release.touch()
+        for process in [*runs, *([sync] if sync else [])]:
+            process.kill()
 
     folder = workdir / "lake" / database / "events"
     assert_same_documents(mongo_documents(client, database, "events"), lake_documents(folder))
