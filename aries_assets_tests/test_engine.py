@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import dagster as dg
@@ -415,3 +417,34 @@ def _loaded(ledger: Ledger, now) -> None:
     from bson.min_key import MinKey
 
     ledger.lowers, ledger.bucket_size, ledger.position = [MinKey()], 50_000, now
+
+
+def test_a_pass_keeps_the_heap_frozen_while_another_pass_ends():
+    """Freezing the heap is process-wide; a serving run reads several collections in threads. A short
+    pass ending must not give back the heap under a long one, nor an inner pass under an outer."""
+    seen = {}
+    long_began, short_ended = threading.Event(), threading.Event()
+
+    def long_pass():
+        with engine._heap_frozen():
+            long_began.set()
+            short_ended.wait(10)
+            seen["long, after the short one ended"] = gc.get_freeze_count()
+
+    def short_pass():
+        long_began.wait(10)
+        with engine._heap_frozen():
+            seen["short"] = gc.get_freeze_count()
+        short_ended.set()
+
+    threads = [threading.Thread(target=long_pass), threading.Thread(target=short_pass)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(20)
+    assert seen["short"] > 0 and seen["long, after the short one ended"] > 0
+    with engine._heap_frozen():
+        with engine._heap_frozen():
+            pass
+        assert gc.get_freeze_count() > 0, "the outer pass is still frozen"
+    assert gc.get_freeze_count() == 0, "the last pass to end gives the heap back"

@@ -302,6 +302,7 @@ class BucketCutter:
         each document is placed by its `_id` (`id_of` reads it from the raw BSON)."""
         done: list[BucketDocuments] = []
         i, n = 0, len(documents)
+        ends: list[int] | None = None  # ends[k]: bytes of documents[:k], once the newest bucket is met
         while i < n:
             if self._i + 1 != len(self.map.lowers):
                 done += self.add(id_of(documents[i]), documents[i])
@@ -313,15 +314,15 @@ class BucketCutter:
                 done.append(self._emit(self._docs))
                 self._reset()
                 self._open(id_of(documents[i]))
+            if ends is None:
+                ends = [0, *itertools.accumulate(map(len, documents))]
             # As many as fit: at most the room left by count, and by size (at least one, as `add`).
-            run = documents[i : i + self.size - len(self._docs)]
-            sizes = list(itertools.accumulate(map(len, run)))
-            fits = bisect.bisect_right(sizes, self.max_bytes - self._bytes)
-            fits = max(fits, 0 if self._docs else 1)
-            taken = run[:fits]
-            self._docs += taken
-            self._bytes += sum(map(len, taken))
-            i += fits
+            room = min(n, i + self.size - len(self._docs))
+            end = bisect.bisect_right(ends, ends[i] + self.max_bytes - self._bytes, i, room + 1) - 1
+            end = max(end, i if self._docs else i + 1)
+            self._docs += documents[i:end]
+            self._bytes += ends[end] - ends[i]
+            i = end
         return done
 
     def finish(self) -> list[BucketDocuments]:

@@ -155,7 +155,8 @@ def sync_collection(
     if not loaded and settings.workers > 1:
         # A first load: the writers' imports run now, while this process waits on MongoDB (checks,
         # the lease, the first batch), not beside the read and the writing once the documents come.
-        _warm_writers()
+        with contextlib.suppress(Exception):  # only a head start: starting the writers says what failed
+            _warm_writers()
     with _writing(client, source, store, lease, settings, reporter, outcome, loaded):
         for leftover in remove_temporary_files(
             targets.lake, collection_prefix(source.database, source.collection)
@@ -789,16 +790,29 @@ class _WriteJob:
 _WORKER_LAKE: Lake | None = None
 
 
+_frozen = {"passes": 0}
+_frozen_lock = threading.Lock()
+
+
 @contextlib.contextmanager
 def _heap_frozen() -> Iterator[None]:
     """The objects alive now (Dagster's, a few hundred thousand in a run) out of the collector's way
     while a read runs: the collections that reading a million short-lived objects sets off would
-    scan them all, again and again (pymongo's raw batches took 2.6x as long in a run as alone)."""
-    gc.freeze()
+    scan them all, again and again (pymongo's raw batches took 2.6x as long in a run as alone).
+
+    Freezing is process-wide, and a serving run reads several collections at once, in threads:
+    the heap is frozen by the first pass to begin and given back by the last to end."""
+    with _frozen_lock:
+        _frozen["passes"] += 1
+        if _frozen["passes"] == 1:
+            gc.freeze()
     try:
         yield
     finally:
-        gc.unfreeze()
+        with _frozen_lock:
+            _frozen["passes"] -= 1
+            if _frozen["passes"] == 0:
+                gc.unfreeze()
 
 
 def _worker_start(spec: LakeSpec, environ: dict[str, str], cwd: str, lifeline: Any) -> None:
