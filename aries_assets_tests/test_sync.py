@@ -245,3 +245,41 @@ def test_a_change_undone_before_the_read_rewrites_nothing_and_says_so(client, mo
     assert code == 0, err
     assert "1 changed buckets read the same as their files: int-100" in out + err
     assert {f.name: f.stat().st_mtime_ns for f in folder.glob("*.parquet")} == before
+
+
+def test_a_changed_bucket_that_reads_unchanged_is_read_again_before_its_mark_is_cleared(
+    client, mongo_uri, database, workdir, monkeypatch
+):
+    """A read that does not see a change the stream showed (a lagging server, a visibility bug) would
+    clear the bucket's mark on its word alone, and the lake would stay stale with nothing left to
+    repair it. Such a bucket is read once more a moment later: the change is written, and the run
+    warns. The fault: the run's first read returns one document as it was before its change."""
+    import bson
+
+    from aries_assets.core import engine
+
+    coll = client[database].events
+    coll.insert_many([{"_id": i, "v": 0} for i in range(300)])
+    events_config(workdir, mongo_uri, database)
+    assert run_cli("sync", "--workers", "1")[0] == 0
+    before = bson.encode(coll.find_one({"_id": 150}))
+    coll.update_one({"_id": 150}, {"$set": {"v": 1}})
+    reads = []
+    real_read = engine.range_batches
+
+    def first_read_lags(*args, **kwargs):
+        reads.append(args[2:4])
+        for batch in real_read(*args, **kwargs):
+            lagging = len(reads) == 1
+            yield [before if lagging and bson.decode(raw)["_id"] == 150 else raw for raw in batch]
+
+    monkeypatch.setattr(engine, "range_batches", first_read_lags)
+    monkeypatch.setattr(engine, "SECOND_READ_PAUSE_SECONDS", 0)
+    code, out, err = run_cli("sync", "--workers", "1")
+    assert code == 0, err
+    assert len(reads) == 2, "the bucket was read a second time"
+    assert "WARNING: 1 changed buckets read the same as their files, then differently" in out + err
+    assert "int-100" in out + err
+    assert_same_documents(
+        mongo_documents(client, database, "events"), lake_documents(workdir / "lake" / database / "events")
+    )

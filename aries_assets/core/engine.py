@@ -458,12 +458,7 @@ class _CollectionSync:
                 ahead.close()
         dirty_unchanged = [k for k in self.unchanged if k in covered_dirty]
         if dirty_unchanged:
-            # A recorded change whose bucket reads as its file already is: a change undone before the
-            # read, or a no-op. Said, so that a read that missed a change would not pass unseen.
-            shown = ", ".join(dirty_unchanged[:10]) + (" ..." if len(dirty_unchanged) > 10 else "")
-            self.reporter.message(
-                f"{label}: {len(dirty_unchanged)} changed buckets read the same as their files: {shown}"
-            )
+            touched |= self._read_unchanged_again(bucket_map, dirty_unchanged, after)
         if first_load:
             self._save_map(bucket_map, first_load=True)
             self.loaded_first = True
@@ -543,6 +538,31 @@ class _CollectionSync:
             f"{self.source.label}: {self.outcome.written} buckets written, {self.outcome.loaded} loaded, "
             f"{self.outcome.documents:,} documents in {self.outcome.buckets} buckets"
         )
+
+    def _read_unchanged_again(
+        self, bucket_map: BucketMap, keys: list[str], after: Timestamp | None
+    ) -> set[str]:
+        """Dirty buckets that read the same as their files: a change undone before the read, or a no-op.
+        Or a read that did not see a change it was told of. Their marks would be cleared on the word of
+        that read alone, so they are read once more, a moment later, before the marks go."""
+        _pause_before_second_read()
+        self.unchanged = []
+        touched = self._pass(bucket_map, _spans(bucket_map, keys), after, False, False)
+        label, still = self.source.label, [k for k in keys if k in self.unchanged]
+        if still:
+            shown = ", ".join(still[:10]) + (" ..." if len(still) > 10 else "")
+            self.reporter.message(
+                f"{label}: {len(still)} changed buckets read the same as their files: {shown}"
+            )
+        differed = [k for k in keys if k not in still]
+        if differed:
+            self.reporter.message(
+                f"{label}: WARNING: {len(differed)} changed buckets read the same as their files, then "
+                f"differently a moment later, and are written now: {', '.join(differed[:10])}. A read "
+                "did not see a change the change stream had shown; please report it with your server's "
+                "version and read preference"
+            )
+        return touched
 
     # --- reading and writing ----------------------------------------------------------------------
 
@@ -788,6 +808,14 @@ class _WriteJob:
 
 
 _WORKER_LAKE: Lake | None = None
+
+
+# How long a run waits before reading again the dirty buckets that read the same as their files.
+SECOND_READ_PAUSE_SECONDS = 1.0
+
+
+def _pause_before_second_read() -> None:
+    time.sleep(SECOND_READ_PAUSE_SECONDS)
 
 
 _frozen = {"passes": 0}
