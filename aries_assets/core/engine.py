@@ -544,10 +544,15 @@ class _CollectionSync:
     ) -> set[str]:
         """Dirty buckets that read the same as their files: a change undone before the read, or a no-op.
         Or a read that did not see a change it was told of. Their marks would be cleared on the word of
-        that read alone, so they are read once more, a moment later, before the marks go."""
-        _pause_before_second_read()
-        self.unchanged = []
-        touched = self._pass(bucket_map, _spans(bucket_map, keys), after, False, False)
+        that read alone, so they are read once more, a moment later, before the marks go.
+
+        Not for a collection with a `query`: every change outside the filter marks a bucket that then
+        reads the same, and would cost a second read each time."""
+        touched: set[str] = set()
+        if not self.source.query:
+            _pause_before_second_read()
+            self.unchanged = []
+            touched = self._pass(bucket_map, _spans(bucket_map, keys), after, False, False)
         label, still = self.source.label, [k for k in keys if k in self.unchanged]
         if still:
             shown = ", ".join(still[:10]) + (" ..." if len(still) > 10 else "")
