@@ -147,8 +147,8 @@ def run_sync(
             _targets(lake, warehouse),
             _settings(options, config.workers, config.linger_seconds),
             reporter,
-            holder=f"run {context.run_id[:8]}",
-            run_id=context.run_id,
+            holder=f"run {context.run.run_id[:8]}",
+            run_id=context.run.run_id,
             keys=(keys or []) + list(config.buckets) or None,
             full=config.full,
         )
@@ -190,7 +190,7 @@ def serve_collections(
         lingering = DagsterReporter(context, chosen[0]) if chosen else None
         # Tells the sensor this run is alive while it holds no collection's lease.
         heartbeat = RunHeartbeat(
-            targets.lake, context.run_id, f"run {context.run_id[:8]}", options.lease_seconds
+            targets.lake, context.run.run_id, f"run {context.run.run_id[:8]}", options.lease_seconds
         )
         heartbeat.acquire(0)
         with contextlib.suppress(Exception):
@@ -200,7 +200,13 @@ def serve_collections(
             reporter = DagsterReporter(context, by_label[spec.source.label])
             try:
                 return engine.sync_collection(
-                    spec, client, targets, one_pass, reporter, f"run {context.run_id[:8]}", context.run_id
+                    spec,
+                    client,
+                    targets,
+                    one_pass,
+                    reporter,
+                    f"run {context.run.run_id[:8]}",
+                    context.run.run_id,
                 )
             finally:
                 reporter.close()
@@ -343,8 +349,8 @@ def run_range(
             engine.Targets(lake.open(), lake.spec()),  # Glue and the warehouse: the settling run's
             _settings(options, 0, 0),
             reporter,
-            holder=f"run {context.run_id[:8]}",
-            run_id=context.run_id,
+            holder=f"run {context.run.run_id[:8]}",
+            run_id=context.run.run_id,
             key=context.partition_key,
         )
     finally:

@@ -283,3 +283,38 @@ def test_a_changed_bucket_that_reads_unchanged_is_read_again_before_its_mark_is_
     assert_same_documents(
         mongo_documents(client, database, "events"), lake_documents(workdir / "lake" / database / "events")
     )
+
+
+def test_a_bucket_materialized_by_name_is_rewritten_after_one_read(
+    client, mongo_uri, database, workdir, monkeypatch
+):
+    """A partition materialized from the UI is rewritten, even if its file is current (the run failed
+    with "bucket was not written"), and read once: no change was recorded, so a bucket that reads
+    the same as its file is no sign of a missed one."""
+    from aries_assets.config import load_config
+    from aries_assets.core import engine
+    from aries_assets.definitions import build_definitions
+    from aries_assets.factory import load_job_name
+
+    coll = client[database].events
+    coll.insert_many([{"_id": i, "v": 0} for i in range(300)])
+    events_config(workdir, mongo_uri, database)
+    assert run_cli("sync", "--workers", "1")[0] == 0
+    reads = []
+    real_read = engine.range_batches
+
+    def counted(*args, **kwargs):
+        reads.append(args[2:4])
+        yield from real_read(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "range_batches", counted)
+    defs = build_definitions(load_config())
+    (entry,) = load_config().collections
+    with DagsterInstance.get() as instance:
+        result = defs.resolve_job_def(load_job_name(entry)).execute_in_process(
+            instance=instance, partition_key="int-100", raise_on_error=False
+        )
+    assert result.success
+    assert reads == [(100, 200)]
+    materialization = result.asset_materializations_for_node(f"lake__{entry.name}")
+    assert [m.partition for m in materialization] == ["int-100"]

@@ -166,6 +166,7 @@ def sync_collection(
             now = majority_time(client, source)
             store.update(lambda led: _request(led, now, full, keys))
         sync = _CollectionSync(spec, client, targets, settings, reporter, store, lease, outcome)
+        sync.requested = frozenset(keys or ())
         # Lingering ends once the collection has been quiet for linger_seconds, or at the cap.
         deadline = time.monotonic() + settings.linger_seconds
         cap = time.monotonic() + max(settings.linger_seconds * 10, MAX_LINGER_SECONDS)
@@ -401,6 +402,7 @@ class _CollectionSync:
         self.files: dict[str, snapshot.BucketFile | None] | None = None
         self.unchanged: list[str] = []  # buckets read this round whose documents their files already hold
         self.loaded_first = False  # this run did the collection's first load
+        self.requested: frozenset[str] = frozenset()  # buckets asked for by name (a partition run)
         self.schema: s.InferredSchema | None = snapshot.load_schema(self.lake, self.source)
 
     # --- one round: read, write, settle, load, clear --------------------------------------------
@@ -546,20 +548,23 @@ class _CollectionSync:
         Or a read that did not see a change it was told of. Their marks would be cleared on the word of
         that read alone, so they are read once more, a moment later, before the marks go.
 
-        Not for a collection with a `query`: every change outside the filter marks a bucket that then
-        reads the same, and would cost a second read each time."""
+        Not for a collection with a `query` (every change outside the filter marks a bucket that then
+        reads the same, and would cost a second read each time), nor for buckets asked for by name
+        (a partition materialized from the UI: no change was recorded)."""
         touched: set[str] = set()
-        if not self.source.query:
+        again = [] if self.source.query else [k for k in keys if k not in self.requested]
+        if again:
             _pause_before_second_read()
             self.unchanged = []
-            touched = self._pass(bucket_map, _spans(bucket_map, keys), after, False, False)
-        label, still = self.source.label, [k for k in keys if k in self.unchanged]
+            touched = self._pass(bucket_map, _spans(bucket_map, again), after, False, False)
+        label = self.source.label
+        still = [k for k in keys if k not in again or k in self.unchanged]
         if still:
             shown = ", ".join(still[:10]) + (" ..." if len(still) > 10 else "")
             self.reporter.message(
                 f"{label}: {len(still)} changed buckets read the same as their files: {shown}"
             )
-        differed = [k for k in keys if k not in still]
+        differed = [k for k in again if k not in self.unchanged]
         if differed:
             self.reporter.message(
                 f"{label}: WARNING: {len(differed)} changed buckets read the same as their files, then "
@@ -645,7 +650,13 @@ class _CollectionSync:
         if done.new and not first_load:
             # The map first, then the file: a crash in between leaves the old file whole.
             self._save_map(bucket_map)
-        if skip_current and snapshot.is_current(previous, done.digest, self.spec.options):
+        # A bucket asked for by name (materialized from the UI) is written even if its file is current:
+        # that is what was asked, and its run reports the file it wrote.
+        if (
+            skip_current
+            and key not in self.requested
+            and snapshot.is_current(previous, done.digest, self.spec.options)
+        ):
             touched.add(key)
             self.unchanged.append(key)
             return
