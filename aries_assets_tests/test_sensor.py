@@ -11,11 +11,11 @@ import time
 
 import dagster as dg
 import pytest
-from bson import ObjectId
+from bson import ObjectId, Timestamp
 from pymongo import MongoClient
 
 from aries_assets.config import load_config
-from aries_assets.core.changes import StreamScope, record_changes
+from aries_assets.core.changes import StreamScope, majority_time, record_changes
 from aries_assets.core.extract import SourceCollection
 from aries_assets.core.lake import LocalLake
 from aries_assets.core.ledger import LedgerStore
@@ -118,6 +118,31 @@ def test_an_idle_collection_still_advances_its_position(client, database, workdi
     assert changes.caught_up
     after = ledger_of(workdir, database)
     assert after.position > before and not after.dirty
+
+
+def test_a_change_delivered_after_the_position_passed_its_time_is_still_recorded(
+    client, database, workdir, synced
+):
+    """SecantusDB answers a majority read with an operation time past the events of an update_many it
+    is still publishing: a tick caught up at that time moved the position past changes the stream
+    delivered only later, and a filter on the position dropped them. 11 buckets were left stale with
+    a clean ledger (the kill -9 test, twice on CI). Resumed after its token, the stream records every
+    change it delivers."""
+    coll, defs, folder, sensor = synced
+    lake = LocalLake(workdir / "lake")
+    scope = StreamScope(database, "database", (SourceCollection(database, "events"),))
+    record_changes(client, lake, scope, idle_persist_seconds=0)  # the scope's token is saved
+    first = coll.find_one(sort=[("_id", 1)])
+    coll.update_one({"_id": first["_id"]}, {"$set": {"n": -1}})
+    # As the tick would have: the position moved past the change before the stream delivered it.
+    store = LedgerStore(lake, database, "events")
+    changed_at = majority_time(client, SourceCollection(database, "events"))
+    store.update(lambda led: led.advance(Timestamp(changed_at.time + 60, 0)))
+    record_changes(client, lake, scope)
+    assert "first" in ledger_of(workdir, database).dirty, "the change is recorded"
+    with dg.DagsterInstance.get() as instance:
+        apply(defs, instance, tick(defs, instance, sensor))
+    assert_same_documents(mongo_documents(client, database, "events"), lake_documents(folder))
 
 
 def test_lost_history_is_recovered_by_rewriting_only_changed_buckets(workdir):

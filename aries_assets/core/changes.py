@@ -337,7 +337,18 @@ def record_changes(
         if not ledger.loaded or ledger.position is None:
             recorded[label] = Recorded(ledger, 0, 0, 0.0)
             continue
-        fresh = [(i, t) for i, t in found.ids if t is None or t > ledger.position]
+        # Read from a time (no token), the stream starts at the oldest position of the scope: changes
+        # at or before a collection's own position it recorded already. Resumed after the scope's
+        # token, what another stream (a run's catch-up) recorded is skipped by the newest time
+        # recorded, not by the position: the position moves to the server's majority time, which
+        # may be ahead of changes the stream has yet to deliver (SecantusDB publishes an
+        # update_many's events after answering reads at a later time). Filtered on the position,
+        # they were dropped, and their buckets stayed stale with a clean ledger.
+        if token is None:
+            fresh = [(i, t) for i, t in found.ids if t is None or t > ledger.position]
+        else:
+            seen = ledger.recorded_through
+            fresh = [(i, t) for i, t in found.ids if t is None or seen is None or t > seen]
         moved = changes.position.time - ledger.position.time
         if not fresh and not lost and moved < idle_persist_seconds:
             recorded[label] = Recorded(ledger, 0, 0, 0.0)
@@ -347,6 +358,11 @@ def record_changes(
             if lost:
                 led.reread = {"reason": lost, "time": changes.position}
             marked = led.mark_ids([(i, t or changes.position) for i, t in fresh])
+            times = [t for _, t in fresh if t is not None]
+            if times:
+                led.recorded_through = max(
+                    [*times, *([led.recorded_through] if led.recorded_through else [])]
+                )
             led.advance(changes.position)
             return marked
 

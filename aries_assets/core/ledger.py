@@ -104,6 +104,9 @@ class DirtyBucket:
 class Ledger:
     collection: str
     position: Timestamp | None = None
+    # The newest cluster time of a change recorded here, whichever stream delivered it (the
+    # position may be ahead of changes not yet delivered: it moves to the server's majority time).
+    recorded_through: Timestamp | None = None
     lowers: list[Any] | None = None  # the bucket map; None until the first load
     bucket_size: int = 0
     dirty: dict[str, DirtyBucket] = field(default_factory=dict)
@@ -296,6 +299,7 @@ class Ledger:
             "version": LEDGER_VERSION,
             "collection": self.collection,
             "position": self.position,
+            "recorded_through": self.recorded_through,
             "bucket_size": self.bucket_size,
             "lowers": self.lowers,
             "dirty": {
@@ -318,6 +322,7 @@ class Ledger:
         return cls(
             collection=body["collection"],
             position=body.get("position"),
+            recorded_through=body.get("recorded_through"),
             lowers=body.get("lowers"),
             bucket_size=int(body.get("bucket_size") or 0),
             dirty={
