@@ -21,7 +21,7 @@ from aries_assets.cli import ensure_dagster_home
 from aries_assets.config import load_config
 from aries_assets.core import engine, read_ahead
 from aries_assets.core.changes import majority_time, record_changes, scopes_of, stream_start
-from aries_assets.core.extract import PREFETCH_BYTES, SourceCollection
+from aries_assets.core.extract import PREFETCH_BYTES, SourceCollection, raw_id
 from aries_assets.core.lake import LakeSpec, LocalLake
 from aries_assets.core.ledger import Lease, LeaseHeld, Ledger, LedgerStore
 from aries_assets.definitions import build_definitions
@@ -130,7 +130,7 @@ def test_a_read_begun_ahead_fetches_a_buckets_worth_and_a_runs_share_once_taken(
         assert read_ahead.begun(source).read.prefetch.ahead_bytes == read_ahead.AHEAD_BYTES
         taken = read_ahead.take(source)
         assert taken.read.prefetch.ahead_bytes == PREFETCH_BYTES < read_ahead.AHEAD_BYTES
-        assert [raw_id for raw_id, _ in taken.read.documents()] == list(range(100))
+        assert [raw_id(raw) for batch in taken.read.batches() for raw in batch] == list(range(100))
     finally:
         read_ahead.close_all()
 

@@ -28,7 +28,7 @@ from pymongo.errors import OperationFailure, PyMongoError
 
 from aries_assets.core.extract import CODEC_OPTIONS, SourceCollection
 from aries_assets.core.lake import STATE_DIR, Lake, each_at_once, safe_segment
-from aries_assets.core.ledger import Ledger, LedgerStore, now_iso
+from aries_assets.core.ledger import Ledger, LedgerStore, later, now_iso
 
 _CANONICAL = json_util.CANONICAL_JSON_OPTIONS
 
@@ -359,10 +359,7 @@ def record_changes(
                 led.reread = {"reason": lost, "time": changes.position}
             marked = led.mark_ids([(i, t or changes.position) for i, t in fresh])
             times = [t for _, t in fresh if t is not None]
-            if times:
-                led.recorded_through = max(
-                    [*times, *([led.recorded_through] if led.recorded_through else [])]
-                )
+            led.recorded_through = later(led.recorded_through, max(times) if times else None)
             led.advance(changes.position)
             return marked
 

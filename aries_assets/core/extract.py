@@ -181,11 +181,6 @@ class RangeRead:
         finally:
             self.close()
 
-    def documents(self) -> Iterator[tuple[Any, bytes]]:
-        for documents in self.batches():
-            for raw in documents:
-                yield raw_id(raw), raw
-
     def fetch_ahead(self, ahead_bytes: int) -> None:
         """From now on fetch up to `ahead_bytes` of raw BSON ahead of the reader."""
         self.prefetch.limit(ahead_bytes)
