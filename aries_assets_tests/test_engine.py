@@ -20,7 +20,7 @@ from pymongo import monitoring
 from aries_assets.cli import ensure_dagster_home
 from aries_assets.config import load_config
 from aries_assets.core import engine, read_ahead
-from aries_assets.core.changes import majority_time, record_changes, scopes_of, stream_start
+from aries_assets.core.changes import record_changes, scopes_of, stream_start
 from aries_assets.core.extract import PREFETCH_BYTES, SourceCollection, raw_id
 from aries_assets.core.lake import LakeSpec, LocalLake
 from aries_assets.core.ledger import Lease, LeaseHeld, Ledger, LedgerStore
@@ -351,12 +351,11 @@ def test_the_ledger_never_loses_a_concurrent_mark(tmp_path):
 def test_one_tick_over_150_collections_stays_well_under_5_seconds(client, mongo_uri, database, workdir):
     names = [f"c{i:03d}" for i in range(150)]
     lake = LocalLake(workdir / "lake")
-    now = majority_time(client, SourceCollection(database, names[0]))
     for name in names:
         client[database][name].insert_one({"_id": 0, "v": 0})
-        # As a first load leaves it: a bucket map and a position.
-        store = LedgerStore(lake, database, name)
-        store.update(lambda led: _loaded(led, now))
+        # As a first load leaves it: its own stream's token, a bucket map and a position.
+        start = stream_start(client, lake, SourceCollection(database, name))
+        LedgerStore(lake, database, name).update(lambda led, start=start: _loaded(led, start))
     write_config(
         workdir / "aries.yaml", mongo_uri, "./lake", [{"database": database, "collection": n} for n in names]
     )
@@ -395,11 +394,11 @@ def test_recording_150_collections_on_a_slow_lake_reads_their_ledgers_at_once(cl
     """One after another, 150 ledgers at 30 ms a request would take 9 s; a tick has 5."""
     names = [f"c{i:03d}" for i in range(150)]
     lake = RemoteLake(workdir / "lake")
+    local = LocalLake(workdir / "lake")
     for name in names:
         client[database][name].insert_one({"_id": 0, "v": 0})
-    now = majority_time(client, SourceCollection(database, names[0]))  # as a first load leaves it
-    for name in names:
-        LedgerStore(LocalLake(workdir / "lake"), database, name).update(lambda led: _loaded(led, now))
+        start = stream_start(client, local, SourceCollection(database, name))  # as a first load leaves it
+        LedgerStore(local, database, name).update(lambda led, start=start: _loaded(led, start))
     scope = scopes_of([SourceCollection(database, n) for n in names], "database")[0]
     for name in names[::2]:
         client[database][name].insert_one({"_id": 1, "v": 1})

@@ -163,27 +163,32 @@ class ScopeChanges:
 def read_changes(
     client: MongoClient,
     scope: StreamScope,
-    start: Timestamp,
+    start: Timestamp | None,
     max_events: int = 20_000,
     max_seconds: float = 3.0,
     token: dict[str, Any] | None = None,
     check_oplog: bool = True,
 ) -> ScopeChanges:
-    """Read the scope's changes after `token`, or from `start`, until caught up, `max_events` or `max_seconds`."""
+    """Read the scope's changes after `token`, or from `start`, or (neither) from now, until caught
+    up, `max_events` or `max_seconds`."""
     now = majority_time(client, scope.members[0])
     labels = {(m.database, m.collection): m.label for m in scope.members}
-    result = ScopeChanges({m.label: CollectionChanges() for m in scope.members}, start, False)
+    result = ScopeChanges({m.label: CollectionChanges() for m in scope.members}, start or now, False)
     deadline = time.monotonic() + max_seconds
     last: Timestamp | None = None
     operation = None
-    if token is None and check_oplog:
+    if token is None and start is not None and check_oplog:
         # A time, unlike a token, is not checked by every server: check it against the oplog.
         oldest = oplog_start(client)
         if oldest is not None and start < oldest:
             result.history_lost = "the stream position is no longer in the oplog"
             result.position = now
             return result
-    where = {"resume_after": token} if token is not None else {"start_at_operation_time": start}
+    where: dict[str, Any] = {}
+    if token is not None:
+        where = {"resume_after": token}
+    elif start is not None:
+        where = {"start_at_operation_time": start}
     try:
         with scope.watch_target(client).watch(
             scope.pipeline(), max_await_time_ms=100, batch_size=5000, **where
@@ -253,20 +258,13 @@ def scope_file(scope: StreamScope) -> str:
     return f"{STATE_DIR}/streams/{safe_segment(f'{scope.kind}-{scope.name}')}.json"
 
 
-def load_scope_token(lake: Lake, scope: StreamScope, loaded: set[str]) -> dict[str, Any] | None:
-    """The scope's resume token, if every collection now recording was recording when it was saved.
-
-    A collection that joined since (a first load finished, a new entry in the config)
-    has changes before the token that nobody recorded: then the stream starts from
-    the oldest position instead.
-    """
+def load_scope_token(lake: Lake, scope: StreamScope) -> tuple[dict[str, Any] | None, set[str]]:
+    """The scope's resume token, and the collections whose every change before it is recorded."""
     text = lake.read_text(scope_file(scope))
     if not text:
-        return None
+        return None, set()
     body = json_util.loads(text, json_options=_CANONICAL)
-    if not loaded <= set(body.get("members", [])):
-        return None
-    return body.get("token")
+    return body.get("token"), set(body.get("members", []))
 
 
 def save_scope_token(
@@ -294,7 +292,8 @@ def waiting_collections(lake: Lake, scope: StreamScope) -> list[str] | None:
 
 
 def scope_start(ledgers: dict[str, Ledger]) -> Timestamp | None:
-    """Where the scope's stream starts: the oldest position among collections that can record.
+    """The oldest position among collections that can record (a time to start a stream at, when
+    there is no token to resume after).
 
     A collection still in its first load is left out: its load run catches it up
     from its own position when the bucket map exists.
@@ -312,55 +311,146 @@ def record_changes(
     idle_persist_seconds: float = 10.0,
     check_oplog: bool = True,
 ) -> tuple[dict[str, Recorded], ScopeChanges | None]:
-    """Read the scope's stream from its oldest position and record the changes in every ledger.
+    """Read the scope's stream after its token and record the changes in every ledger.
 
     A ledger's position moves only in the same write that records its dirty
-    buckets, so a crash between reading and recording reads the changes again.
-    An idle ledger's position is saved only when it moved `idle_persist_seconds`.
-    `check_oplog=False` skips checking a start time against the oplog (it costs a scan on
+    buckets, and the token only after every ledger is written, so a crash between
+    reading and recording reads the changes again. An idle ledger's position is
+    saved only when it moved `idle_persist_seconds`.
+
+    **Joining.** A collection whose changes before the scope's token nobody recorded (the
+    scope's first read, a first load that finished since, a new entry in the config)
+    joins through its own stream: its first load saved that stream's token, so after
+    this read of the scope, its own stream is read from there until caught up. Both are
+    resumed after tokens. A stream started at a time is not exact on every server:
+    SecantusDB places a start time past writes still being committed, and loses them.
+    So a scope with no token is opened at the present, never at its oldest position;
+    only a collection with no token of its own (a split first load) still starts at its
+    position. `check_oplog=False` skips checking that time against the oplog (a scan on
     some servers): only for a position the caller recorded moments ago.
     """
     stores = {m.label: LedgerStore(lake, m.database, m.collection) for m in scope.members}
     ledgers = dict(zip(stores, each_at_once(LedgerStore.load, stores.values()), strict=True))
-    start = scope_start(ledgers)
-    recorded: dict[str, Recorded] = {}
-    if start is None:
-        return {label: Recorded(led, 0, 0, 0.0) for label, led in ledgers.items()}, None
     loaded = {label for label, led in ledgers.items() if led.loaded and led.position is not None}
-    token = load_scope_token(lake, scope, loaded)
-    changes = read_changes(client, scope, start, max_events, max_seconds, token, check_oplog)
-    updates = []  # (label, the change to its ledger, events): each ledger its own compare-and-swap
-    for label in stores:
-        ledger = ledgers[label]
+    if not loaded:
+        return {label: Recorded(led, 0, 0, 0.0) for label, led in ledgers.items()}, None
+    deadline = time.monotonic() + max_seconds
+    token, members = load_scope_token(lake, scope)
+    members &= loaded
+    if token is None and scope.kind == "collection":
+        # The collection's own stream, with no token: a first load split into ranges, a lake of an
+        # older Aries, a lost history. Start at its position.
+        changes = read_changes(
+            client, scope, scope_start(ledgers), max_events, max_seconds, None, check_oplog
+        )
+        recorded = _record(stores, ledgers, changes, idle_persist_seconds, by_position=True)
+        joined = set() if changes.history_lost else loaded
+    else:
+        changes = read_changes(client, scope, None, max_events, max_seconds, token)
+        joining = loaded - members
+        recorded = _record(stores, ledgers, changes, idle_persist_seconds, False, joining)
+        joined = set(members)
+        if joining and not changes.history_lost:
+            by_label = {m.label: m for m in scope.members}
+            order = sorted(joining)  # at once, as ledgers are read: a tick over 150 new collections
+
+            def join(label: str) -> tuple[bool, Recorded] | None:
+                if time.monotonic() >= deadline and label != order[0]:
+                    return None  # joins on the next read
+                return _join(client, lake, by_label[label], stores[label], max_events, deadline)
+
+            for label, outcome in zip(order, each_at_once(join, order), strict=True):
+                if outcome is None:
+                    continue
+                caught_up, after = outcome
+                before = recorded[label]
+                recorded[label] = Recorded(
+                    after.ledger,
+                    before.marked + after.marked,
+                    before.events + after.events,
+                    max(before.lag_seconds, after.lag_seconds),
+                )
+                if caught_up:
+                    joined.add(label)
+    waiting = [label for label in stores if recorded[label].ledger.needs_work()]
+    # Only now, with every change before it recorded: the token the next read resumes after.
+    save_scope_token(lake, scope, None if changes.history_lost else changes.token, joined, waiting)
+    return recorded, changes
+
+
+def _join(
+    client: MongoClient,
+    lake: Lake,
+    source: SourceCollection,
+    store: LedgerStore,
+    max_events: int,
+    deadline: float,
+) -> tuple[bool, Recorded]:
+    """Catch a collection joining its scope up from its own stream. True once that stream, read
+    after the scope's, is caught up: then every change before the scope's new token is recorded."""
+    own = collection_scope(source)
+    token, _ = load_scope_token(lake, own)
+    ledger = store.load()
+    if token is None and ledger.reread:
+        # Its re-read reads every change up to its read; the scope's stream has the rest.
+        return True, Recorded(ledger, 0, 0, 0.0)
+    seconds = max(0.5, deadline - time.monotonic())
+    # No token of its own: a split first load, or a lake of an older Aries. Only its position is left.
+    changes = read_changes(client, own, None if token else ledger.position, max_events, seconds, token)
+    recorded = _record({source.label: store}, {source.label: ledger}, changes, 0.0, token is None)
+    save_scope_token(lake, own, None if changes.history_lost else changes.token, {source.label})
+    return changes.caught_up or bool(changes.history_lost), recorded[source.label]
+
+
+def _record(
+    stores: dict[str, LedgerStore],
+    ledgers: dict[str, Ledger],
+    changes: ScopeChanges,
+    idle_persist_seconds: float,
+    by_position: bool,
+    joining: set[str] = frozenset(),
+) -> dict[str, Recorded]:
+    """Write one read's changes into each loaded ledger (each its own compare-and-swap).
+
+    Changes another stream recorded already are skipped. Read after a token, that is by
+    `recorded_through`, the newest cluster time recorded: a stream delivers in cluster time
+    order and each stream's recorded changes run on from its token, so every change up to
+    that time is recorded. (Not by the position: it moves to the server's majority time,
+    which may be ahead of changes the stream has yet to deliver; SecantusDB publishes an
+    update_many's events after answering reads at a later time.) Read from a time, the
+    stream starts at the oldest position of the scope: changes at or before a collection's
+    own position are recorded already.
+
+    For a collection `joining` the scope, changes before the scope's token were not read
+    by this stream: its changes are marked, but neither its `recorded_through` nor its
+    position moves; its own stream, read next, moves them.
+    """
+    recorded: dict[str, Recorded] = {}
+    updates = []  # (label, the change to its ledger, events)
+    for label, ledger in ledgers.items():
         found = changes.by_collection[label]
         lost = changes.history_lost or found.lost
         if not ledger.loaded or ledger.position is None:
             recorded[label] = Recorded(ledger, 0, 0, 0.0)
             continue
-        # Read from a time (no token), the stream starts at the oldest position of the scope: changes
-        # at or before a collection's own position it recorded already. Resumed after the scope's
-        # token, what another stream (a run's catch-up) recorded is skipped by the newest time
-        # recorded, not by the position: the position moves to the server's majority time, which
-        # may be ahead of changes the stream has yet to deliver (SecantusDB publishes an
-        # update_many's events after answering reads at a later time). Filtered on the position,
-        # they were dropped, and their buckets stayed stale with a clean ledger.
-        if token is None:
+        if by_position:
             fresh = [(i, t) for i, t in found.ids if t is None or t > ledger.position]
         else:
             seen = ledger.recorded_through
             fresh = [(i, t) for i, t in found.ids if t is None or seen is None or t > seen]
         moved = changes.position.time - ledger.position.time
-        if not fresh and not lost and moved < idle_persist_seconds:
+        if not fresh and not lost and (moved < idle_persist_seconds or label in joining):
             recorded[label] = Recorded(ledger, 0, 0, 0.0)
             continue
 
-        def record(led: Ledger, fresh=fresh, lost=lost) -> int:
+        def record(led: Ledger, fresh=fresh, lost=lost, label=label) -> int:
             if lost:
                 led.reread = {"reason": lost, "time": changes.position}
             marked = led.mark_ids([(i, t or changes.position) for i, t in fresh])
-            times = [t for _, t in fresh if t is not None]
-            led.recorded_through = later(led.recorded_through, max(times) if times else None)
-            led.advance(changes.position)
+            if label not in joining:
+                times = [t for _, t in fresh if t is not None]
+                led.recorded_through = later(led.recorded_through, max(times) if times else None)
+                led.advance(changes.position)
             return marked
 
         updates.append((label, record, len(fresh)))
@@ -371,10 +461,7 @@ def record_changes(
         if found.newest_wall is not None and not changes.caught_up:
             lag = max(0.0, (datetime.datetime.now(datetime.UTC) - found.newest_wall).total_seconds())
         recorded[label] = Recorded(ledger, marked, events, lag)
-    waiting = [label for label in stores if recorded[label].ledger.needs_work()]
-    # Only now, with every change before it recorded: the token the next read resumes after.
-    save_scope_token(lake, scope, None if changes.history_lost else changes.token, loaded, waiting)
-    return recorded, changes
+    return recorded
 
 
 def follow_changes(client: MongoClient, lake: Lake, scope: StreamScope) -> bool:
@@ -384,7 +471,7 @@ def follow_changes(client: MongoClient, lake: Lake, scope: StreamScope) -> bool:
     text = lake.read_text(scope_file(scope))
     token = json_util.loads(text, json_options=_CANONICAL).get("token") if text else None
     if token is None:
-        return False  # the sensor reads from positions until it has saved a token
+        return False  # nothing recorded yet: the sensor's first read saves one
     with scope.watch_target(client).watch(
         scope.pipeline(), max_await_time_ms=50, resume_after=token
     ) as stream:
