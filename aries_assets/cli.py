@@ -200,7 +200,7 @@ def cmd_split(args: argparse.Namespace) -> int:
     """Plan a very large collection's first load as `_id`-range runs, and say how to launch them."""
     import dagster as dg
 
-    from aries_assets.core.changes import majority_time
+    from aries_assets.core.changes import adopt_mark, mark_stream
     from aries_assets.core.extract import check_collation, check_exists
     from aries_assets.core.ledger import LeaseHeld, ledger_file
     from aries_assets.core.split import plan_ranges, record_split
@@ -223,14 +223,17 @@ def cmd_split(args: argparse.Namespace) -> int:
         check_exists(client, source, False)
         check_collation(client, source)
         lowers = plan_ranges(client, source, args.runs)
-        now = majority_time(client, source)
+        # The collection's own stream is marked before its ranges are read, as a first load's is: the
+        # sensor joins it to the shared stream from that token, not from a time.
+        mark = mark_stream(client, source)
     finally:
         client.close()
     try:
-        buckets = record_split(lake, source, lowers, coll.bucket_size, now, holder="aries split")
+        buckets = record_split(lake, source, lowers, coll.bucket_size, mark.start, holder="aries split")
     except (ValueError, LeaseHeld) as error:
         print(f"aries: {error}", file=sys.stderr)
         return 2
+    adopt_mark(lake, source, mark)
     keys = [b.key for b in buckets]
     with dg.DagsterInstance.get() as instance:
         instance.add_dynamic_partitions(coll.name, keys)

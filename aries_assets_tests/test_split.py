@@ -16,6 +16,8 @@ import pytest
 from bson.max_key import MaxKey
 
 from aries_assets.config import load_config
+from aries_assets.core.changes import collection_scope, load_scope_token
+from aries_assets.core.extract import SourceCollection
 from aries_assets.core.lake import LocalLake
 from aries_assets.core.ledger import Lease, LeaseHeld, LedgerStore, lease_file
 from aries_assets.core.ordering import sort_key
@@ -147,6 +149,9 @@ def test_a_split_first_load_runs_its_ranges_at_once_and_a_sync_during_them_waits
     )
     code, out, err = run_cli("split", f"{database}.events", "--runs", "4")
     assert code == 0, err
+    own = collection_scope(SourceCollection(database, "events"))
+    marked, _ = load_scope_token(LocalLake(workdir / "lake"), own)
+    assert marked is not None, "its own stream is marked, as a first load's is: the sensor joins it by token"
     name = f"{database}__events"
     assert "dagster job backfill" in out and f"-j load__{name}" in out
 
@@ -244,4 +249,6 @@ def test_a_split_first_load_runs_its_ranges_at_once_and_a_sync_during_them_waits
         assert len(records) == 4 and all(r.dagster_run.status == dg.DagsterRunStatus.SUCCESS for r in records)
         # Nothing left: the sensor asks for no run.
         assert tick(defs, instance, f"changes__{database}").run_requests == []
+    before, _ = load_scope_token(lake, own)
     assert run_cli("split", f"{database}.events", "--runs", "4")[0] == 2, "a loaded collection is not split"
+    assert load_scope_token(lake, own)[0] == before, "a refused split leaves the stream's token as it was"
