@@ -100,15 +100,19 @@ def sync(
                                 "config": {"full": full, "linger_seconds": 0.0, "workers": workers}
                             }
                         },
-                        # The run's full log is in the instance; the terminal gets sync's own lines.
-                        "loggers": {"console": {"config": {"log_level": "ERROR"}}},
+                        # The run's full log, tracebacks included, is in the instance; the terminal
+                        # gets sync's own lines and one line per failure.
+                        "loggers": {"console": {"config": {"log_level": "CRITICAL"}}},
                     },
                 )
                 if result.success:
                     reports.append(CollectionReport.of(result.output_for_node(op_name(coll))))
                 else:
                     error = _first_error(result)
-                    progress(f"[{coll.label}] FAILED: {error}")
+                    progress(
+                        f"[{coll.label}] FAILED: {error} (the full log: run {result.run_id[:8]} "
+                        "in the Dagster UI)"
+                    )
                     reports.append(CollectionReport(coll.label, failures=[error]))
     finally:
         terminal.listener = previous
