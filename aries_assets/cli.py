@@ -200,7 +200,7 @@ def cmd_split(args: argparse.Namespace) -> int:
     """Plan a very large collection's first load as `_id`-range runs, and say how to launch them."""
     import dagster as dg
 
-    from aries_assets.core.changes import adopt_mark, mark_stream
+    from aries_assets.core.changes import mark_stream
     from aries_assets.core.extract import check_collation, check_exists
     from aries_assets.core.ledger import LeaseHeld, ledger_file
     from aries_assets.core.split import plan_ranges, record_split
@@ -229,11 +229,10 @@ def cmd_split(args: argparse.Namespace) -> int:
     finally:
         client.close()
     try:
-        buckets = record_split(lake, source, lowers, coll.bucket_size, mark.start, holder="aries split")
+        buckets = record_split(lake, source, lowers, coll.bucket_size, mark, holder="aries split")
     except (ValueError, LeaseHeld) as error:
         print(f"aries: {error}", file=sys.stderr)
         return 2
-    adopt_mark(lake, source, mark)
     keys = [b.key for b in buckets]
     with dg.DagsterInstance.get() as instance:
         instance.add_dynamic_partitions(coll.name, keys)

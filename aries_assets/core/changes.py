@@ -193,19 +193,27 @@ def read_changes(
         with scope.watch_target(client).watch(
             scope.pipeline(), max_await_time_ms=100, batch_size=5000, **where
         ) as stream:
+            resume_at = None  # set when the read stops before a change it took from the stream
             while True:
-                # At least one read, however slow opening the stream was.
-                if result.events and (result.events >= max_events or time.monotonic() >= deadline):
+                # At least one read, however slow opening the stream was. Past the limit the read
+                # ends only between cluster times: every change of a transaction carries one, and
+                # a change at the newest time recorded is taken for one recorded already.
+                full = result.events and (result.events >= max_events or time.monotonic() >= deadline)
+                if full and last is None:
                     break
+                before = stream.resume_token
                 change = stream.try_next()
                 if change is None:
                     result.caught_up = True
+                    break
+                when = change.get("clusterTime")
+                if full and when != last:
+                    resume_at = before  # the next read starts with this change
                     break
                 result.events += 1
                 operation = change["operationType"]
                 ns = change.get("ns") or {}
                 label = labels.get((ns.get("db"), ns.get("coll")))
-                when = change.get("clusterTime")
                 last = when or last
                 if operation == "invalidate":
                     # The stream ends after a drop or rename; the next read starts just past it.
@@ -225,7 +233,7 @@ def read_changes(
                     wall = change.get("wallTime")
                     if isinstance(wall, datetime.datetime):
                         changes.newest_wall = wall if wall.tzinfo else wall.replace(tzinfo=datetime.UTC)
-            result.token = stream.resume_token
+            result.token = resume_at or stream.resume_token
     except OperationFailure as error:
         if error.code in HISTORY_LOST_CODES:
             result.history_lost = f"the stream position is no longer in the oplog ({error.code})"
@@ -324,10 +332,10 @@ def record_changes(
     this read of the scope, its own stream is read from there until caught up. Both are
     resumed after tokens. A stream started at a time is not exact on every server:
     SecantusDB places a start time past writes still being committed, and loses them.
-    So a scope with no token is opened at the present, never at its oldest position;
-    only a collection with no token of its own (a split first load) still starts at its
-    position. `check_oplog=False` skips checking that time against the oplog (a scan on
-    some servers): only for a position the caller recorded moments ago.
+    So a scope with no token is opened at the present, never at its oldest position; only
+    a collection with no token of its own (a lake of an older Aries, a lost history) starts
+    at its position. `check_oplog=False` skips checking that time against the oplog (a
+    scan on some servers): only for a position the caller recorded moments ago.
     """
     stores = {m.label: LedgerStore(lake, m.database, m.collection) for m in scope.members}
     ledgers = dict(zip(stores, each_at_once(LedgerStore.load, stores.values()), strict=True))
@@ -357,7 +365,10 @@ def record_changes(
             def join(label: str) -> tuple[bool, Recorded] | None:
                 if time.monotonic() >= deadline and label != order[0]:
                     return None  # joins on the next read
-                return _join(client, lake, by_label[label], stores[label], max_events, deadline)
+                try:
+                    return _join(client, lake, by_label[label], stores[label], max_events, deadline)
+                except PyMongoError:
+                    return None  # its own stream failed: it joins on a later read, the others now
 
             for label, outcome in zip(order, each_at_once(join, order), strict=True):
                 if outcome is None:
@@ -391,11 +402,10 @@ def _join(
     own = collection_scope(source)
     token, _ = load_scope_token(lake, own)
     ledger = store.load()
-    if token is None and ledger.reread:
-        # Its re-read reads every change up to its read; the scope's stream has the rest.
-        return True, Recorded(ledger, 0, 0, 0.0)
     seconds = max(0.5, deadline - time.monotonic())
-    # No token of its own: a split first load, or a lake of an older Aries. Only its position is left.
+    # No token of its own (a lake of an older Aries, a lost history): only its position is left. A
+    # re-read waiting does not make that read needless: it may have read a bucket already when a
+    # change before the scope's token came.
     changes = read_changes(client, own, None if token else ledger.position, max_events, seconds, token)
     recorded = _record({source.label: store}, {source.label: ledger}, changes, 0.0, token is None)
     save_scope_token(lake, own, None if changes.history_lost else changes.token, {source.label})

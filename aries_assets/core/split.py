@@ -12,11 +12,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from bson import Timestamp
 from bson.min_key import MinKey
 from pymongo import MongoClient
 
 from aries_assets.core.buckets import Bucket, BucketMap
+from aries_assets.core.changes import StreamMark, adopt_mark
 from aries_assets.core.extract import SourceCollection
 from aries_assets.core.lake import Lake
 from aries_assets.core.ledger import Lease, LedgerStore
@@ -51,17 +51,21 @@ def plan_ranges(client: MongoClient, source: SourceCollection, runs: int) -> lis
 
 
 def record_split(
-    lake: Lake, source: SourceCollection, lowers: list[Any], bucket_size: int, now: Timestamp, holder: str
+    lake: Lake, source: SourceCollection, lowers: list[Any], bucket_size: int, mark: StreamMark, holder: str
 ) -> list[Bucket]:
     """Make `lowers` the bucket map of a collection not yet loaded, each range waiting for its run.
 
     Taken under the collection's lease, so a first load in progress is never split
-    under it; refused (ValueError, LeaseHeld) once a first load has started.
+    under it; refused (ValueError, LeaseHeld) once a first load has started. The
+    collection's own stream is marked (`mark`, taken before its ranges are read), as a
+    first load's is, before the ledger shows it loaded: the sensor joins it by token.
     """
     store = LedgerStore(lake, source.database, source.collection)
     lease = Lease(lake, source.database, source.collection, holder)
     lease.acquire(wait=0)
     try:
+        store.load().split(lowers, bucket_size, mark.start)  # refused here, before the mark is saved
+        now = adopt_mark(lake, source, mark)
         store.update(lambda ledger: ledger.split(lowers, bucket_size, now))
     finally:
         lease.release()
