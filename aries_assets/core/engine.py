@@ -434,6 +434,11 @@ class _CollectionSync:
                 spans = [(0, 0)]
                 after = start
             else:
+                if ledger.position is None:
+                    # A lake written before the ledger: nothing recorded its changes. Its stream is
+                    # marked now, as a first load's, and the re-read it asks for reads after the mark.
+                    start = stream_start(self.client, self.lake, self.source)
+                    self.store.update(lambda led: led.advance(start) if led.position is None else None)
                 bucket_map = ledger.bucket_map()
                 bucket_map.bucket_size = self.spec.bucket_size
                 after = ledger.newest_dirty_time()
