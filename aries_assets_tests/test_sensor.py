@@ -15,10 +15,17 @@ from bson import ObjectId, Timestamp
 from pymongo import MongoClient
 
 from aries_assets.config import load_config
-from aries_assets.core.changes import StreamScope, load_scope_token, majority_time, record_changes
+from aries_assets.core.changes import (
+    StreamScope,
+    collection_scope,
+    load_scope_token,
+    majority_time,
+    record_changes,
+    scope_file,
+)
 from aries_assets.core.extract import SourceCollection
-from aries_assets.core.lake import LocalLake
-from aries_assets.core.ledger import LedgerStore
+from aries_assets.core.lake import LocalLake, bucket_map_file
+from aries_assets.core.ledger import LedgerStore, ledger_file
 from aries_assets.definitions import build_definitions
 from aries_assets.demo.mongo_server import embedded_mongo, free_port
 from aries_assets_tests.support import (
@@ -168,6 +175,70 @@ def test_a_collection_joins_its_database_stream_through_its_own_stream_not_from_
     assert "first" in ledger_of(workdir, database).dirty, "the change is recorded"
     assert load_scope_token(lake, scope)[1] == {source.label}, "the collection has joined the stream"
     coll.update_one({"_id": first["_id"]}, {"$set": {"n": -2}})
+    with dg.DagsterInstance.get() as instance:
+        apply(defs, instance, tick(defs, instance, sensor))
+    assert_same_documents(mongo_documents(client, database, "events"), lake_documents(folder))
+
+
+def test_a_collection_with_no_token_of_its_own_joins_from_its_position_even_with_a_re_read_waiting(
+    client, database, workdir, synced
+):
+    """A lake of an older Aries, or a lost history, leaves a collection no token of its own. Its re-read
+    may have read a bucket before a change that came before the scope's token: the join reads its
+    changes from its position all the same, rather than leave them to the re-read."""
+    coll, defs, folder, sensor = synced
+    lake = LocalLake(workdir / "lake")
+    source = SourceCollection(database, "events")
+    (workdir / "lake" / scope_file(collection_scope(source))).unlink()
+    store = LedgerStore(lake, database, "events")
+    store.update(lambda led: setattr(led, "reread", {"reason": "test", "time": led.position}))
+    first = coll.find_one(sort=[("_id", 1)])
+    coll.update_one({"_id": first["_id"]}, {"$set": {"n": -1}})
+    record_changes(client, lake, StreamScope(database, "database", (source,)))
+    assert "first" in ledger_of(workdir, database).dirty, "the change before the scope's token is recorded"
+
+
+def test_a_lake_of_an_older_aries_is_re_read_and_then_follows_the_stream(client, database, workdir, synced):
+    """A lake written before the ledger has a bucket map and no stream position. Its upgrade re-reads
+    the collection once; the run marks its stream first, so its changes are recorded from then on
+    (with no position, no stream ever recorded them)."""
+    coll, defs, folder, sensor = synced
+    lake = LocalLake(workdir / "lake")
+    source = SourceCollection(database, "events")
+    old = ledger_of(workdir, database)
+    lake.write_text(bucket_map_file(database, "events"), old.bucket_map().to_json())
+    (workdir / "lake" / ledger_file(database, "events")).unlink()
+    (workdir / "lake" / scope_file(collection_scope(source))).unlink()
+    assert run_cli("sync", "--workers", "1")[0] == 0
+    assert ledger_of(workdir, database).position is not None, "the upgrade's re-read marked the stream"
+    first = coll.find_one(sort=[("_id", 1)])
+    coll.update_one({"_id": first["_id"]}, {"$set": {"n": -1}})
+    with dg.DagsterInstance.get() as instance:
+        apply(defs, instance, tick(defs, instance, sensor))
+    assert_same_documents(mongo_documents(client, database, "events"), lake_documents(folder))
+
+
+def test_a_read_that_stops_inside_a_transaction_leaves_none_of_it_behind(client, database, workdir, synced):
+    """Every change of a transaction carries the same cluster time. A read that stopped at its limit
+    inside one recorded that time, and the next read, resumed after the last change read, skipped
+    the rest of the transaction as recorded already. A read now ends only between cluster times."""
+    coll, defs, folder, sensor = synced
+    lake = LocalLake(workdir / "lake")
+    scope = StreamScope(database, "database", (SourceCollection(database, "events"),))
+    record_changes(client, lake, scope, idle_persist_seconds=0)  # joined: the stream has its token
+    ids = [d["_id"] for d in coll.find({}, {"_id": 1}).sort("_id", 1)]
+    with client.start_session() as session, session.start_transaction():
+        for _id in (ids[0], ids[25], ids[45]):  # one change in each of three buckets
+            coll.update_one({"_id": _id}, {"$set": {"n": -1}}, session=session)
+    reads = 0
+    while True:
+        reads += 1
+        _, changes = record_changes(client, lake, scope, max_events=1)
+        if changes.caught_up:
+            break
+        assert reads < 10
+    ledger = ledger_of(workdir, database)
+    assert sorted(ledger.dirty) == sorted(ledger.bucket_map().keys[:3]), "the whole transaction is marked"
     with dg.DagsterInstance.get() as instance:
         apply(defs, instance, tick(defs, instance, sensor))
     assert_same_documents(mongo_documents(client, database, "events"), lake_documents(folder))
