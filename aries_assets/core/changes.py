@@ -17,6 +17,7 @@ changed. No silent gap.
 from __future__ import annotations
 
 import datetime
+import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -31,6 +32,7 @@ from aries_assets.core.lake import STATE_DIR, Lake, each_at_once, safe_segment
 from aries_assets.core.ledger import Ledger, LedgerStore, later, now_iso
 
 _CANONICAL = json_util.CANONICAL_JSON_OPTIONS
+_log = logging.getLogger(__name__)
 
 ScopeKind = Literal["database", "collection", "deployment"]
 
@@ -367,8 +369,10 @@ def record_changes(
                     return None  # joins on the next read
                 try:
                     return _join(client, lake, by_label[label], stores[label], max_events, deadline)
-                except PyMongoError:
-                    return None  # its own stream failed: it joins on a later read, the others now
+                except PyMongoError as error:
+                    # It joins on a later read, the others now; its changes are marked meanwhile.
+                    _log.warning(f"{label}: its own change stream failed, so it joins later: {error}")
+                    return None
 
             for label, outcome in zip(order, each_at_once(join, order), strict=True):
                 if outcome is None:

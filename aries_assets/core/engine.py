@@ -49,7 +49,7 @@ from aries_assets.core.changes import (
 )
 from aries_assets.core.extract import SourceCollection, check_collation, check_exists, range_batches, raw_id
 from aries_assets.core.lake import Lake, LakeSpec, bucket_file, collection_prefix, remove_temporary_files
-from aries_assets.core.ledger import DirtyBucket, Lease, LeaseHeld, Ledger, LedgerStore, now_iso
+from aries_assets.core.ledger import DirtyBucket, Lease, LeaseHeld, Ledger, LedgerStore, later, now_iso
 from aries_assets.core.ordering import sort_key
 from aries_assets.core.warehouse import TableRef
 from aries_assets.core.warehouse.loader import (
@@ -434,14 +434,16 @@ class _CollectionSync:
                 spans = [(0, 0)]
                 after = start
             else:
-                if ledger.position is None:
-                    # A lake written before the ledger: nothing recorded its changes. Its stream is
-                    # marked now, as a first load's, and the re-read it asks for reads after the mark.
-                    start = stream_start(self.client, self.lake, self.source)
-                    self.store.update(lambda led: led.advance(start) if led.position is None else None)
                 bucket_map = ledger.bucket_map()
                 bucket_map.bucket_size = self.spec.bucket_size
                 after = ledger.newest_dirty_time()
+                if ledger.position is None:
+                    # A lake written before the ledger: nothing recorded its changes. Its stream is
+                    # marked now, as a first load's, and the re-read it asks for reads after the mark
+                    # (causally: a lagging secondary waits for it).
+                    start = stream_start(self.client, self.lake, self.source)
+                    self.store.update(lambda led: led.advance(start) if led.position is None else None)
+                    after = later(after, start)
                 if ledger.reread:
                     mode = f"re-read: {ledger.reread['reason']}"
                     spans = [(0, len(bucket_map.lowers) - 1)]
