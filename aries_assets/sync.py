@@ -129,7 +129,11 @@ def _first_error(result) -> str:
         if error is not None:
             while error.cause is not None and error.cls_name in ("DagsterExecutionStepExecutionError",):
                 error = error.cause
-            return f"{error.cls_name}: {error.message.strip().splitlines()[-1] if error.message else ''}"
+            text = error.message.strip().splitlines()[-1] if error.message else ""
+            named, _, rest = text.partition(": ")
+            if rest and named.rsplit(".", 1)[-1] == error.cls_name:
+                text = rest  # Dagster's message repeats the class, with its module
+            return f"{error.cls_name}: {text}"
     return "run failed"
 
 

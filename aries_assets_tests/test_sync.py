@@ -148,6 +148,7 @@ def test_a_failing_collection_is_reported_and_the_others_still_sync(client, mong
         assert f"{database}.good" in out and "FAILED" in out
         # One line, saying where the rest is: Dagster's own dump of the failure stays in the run's log.
         assert "the full log: run" in err and "STEP_FAILURE" not in err and "Traceback" not in err, err
+        assert "FAILED: NotADirectoryError: [Errno 20]" in err, "the error's class is named once"
         assert len(list((workdir / "lake" / other / "good").glob("*.parquet"))) == 1
     finally:
         client.drop_database(other)

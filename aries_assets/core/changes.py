@@ -371,7 +371,9 @@ def record_changes(
                     return _join(client, lake, by_label[label], stores[label], max_events, deadline)
                 except PyMongoError as error:
                     # It joins on a later read, the others now; its changes are marked meanwhile.
-                    _log.warning(f"{label}: its own change stream failed, so it joins later: {error}")
+                    _log.warning(
+                        f"{label}: its own change stream failed ({type(error).__name__}); it joins later"
+                    )
                     return None
 
             for label, outcome in zip(order, each_at_once(join, order), strict=True):
