@@ -247,9 +247,7 @@ def read_changes(
     elif last is not None and operation == "invalidate":
         result.position = last
     elif last is not None:
-        # Stopped inside the stream: changes sharing the last cluster time (a transaction) may
-        # not all have been read, so resume just before it.
-        result.position = Timestamp(last.time, last.inc - 1) if last.inc else Timestamp(last.time - 1, 0)
+        result.position = last  # stopped between cluster times: every change up to `last` is read
     return result
 
 
@@ -268,12 +266,14 @@ def scope_file(scope: StreamScope) -> str:
     return f"{STATE_DIR}/streams/{safe_segment(f'{scope.kind}-{scope.name}')}.json"
 
 
+def _scope_body(lake: Lake, scope: StreamScope) -> dict[str, Any] | None:
+    text = lake.read_text(scope_file(scope))
+    return json_util.loads(text, json_options=_CANONICAL) if text else None
+
+
 def load_scope_token(lake: Lake, scope: StreamScope) -> tuple[dict[str, Any] | None, set[str]]:
     """The scope's resume token, and the collections whose every change before it is recorded."""
-    text = lake.read_text(scope_file(scope))
-    if not text:
-        return None, set()
-    body = json_util.loads(text, json_options=_CANONICAL)
+    body = _scope_body(lake, scope) or {}
     return body.get("token"), set(body.get("members", []))
 
 
@@ -295,10 +295,8 @@ def save_scope_token(
 
 def waiting_collections(lake: Lake, scope: StreamScope) -> list[str] | None:
     """The collections the scope's last recording found with work waiting (None: never recorded)."""
-    text = lake.read_text(scope_file(scope))
-    if not text:
-        return None
-    return list(json_util.loads(text, json_options=_CANONICAL).get("waiting", []))
+    body = _scope_body(lake, scope)
+    return None if body is None else list(body.get("waiting", []))
 
 
 def scope_start(ledgers: dict[str, Ledger]) -> Timestamp | None:
@@ -484,8 +482,7 @@ def follow_changes(client: MongoClient, lake: Lake, scope: StreamScope) -> bool:
     """Record the scope's changes if any came after its saved token: what a run serving the scope
     does between the sensor's ticks, so a change waits for neither. One round trip when there
     are none; the sensor's own recording of the same changes only marks them twice."""
-    text = lake.read_text(scope_file(scope))
-    token = json_util.loads(text, json_options=_CANONICAL).get("token") if text else None
+    token, _ = load_scope_token(lake, scope)
     if token is None:
         return False  # nothing recorded yet: the sensor's first read saves one
     with scope.watch_target(client).watch(

@@ -41,6 +41,7 @@ from aries_assets.core import catalog, read_ahead, snapshot
 from aries_assets.core import schema as s
 from aries_assets.core.buckets import Bucket, BucketCutter, BucketDocuments, BucketMap
 from aries_assets.core.changes import (
+    StreamMark,
     adopt_mark,
     collection_scope,
     majority_time,
@@ -423,13 +424,8 @@ class _CollectionSync:
         try:
             if first_load:
                 mode = "first load"
-                start = (
-                    adopt_mark(self.lake, self.source, ahead.mark)
-                    if ahead
-                    else stream_start(self.client, self.lake, self.source)
-                )
                 # Changes from here on are caught up from the stream once the bucket map exists.
-                self.store.update(lambda led: led.advance(start) if led.position is None else None)
+                start = self._mark_stream(ahead.mark if ahead else None)
                 bucket_map = BucketMap(self.spec.bucket_size, [MinKey()])
                 spans = [(0, 0)]
                 after = start
@@ -441,9 +437,7 @@ class _CollectionSync:
                     # A lake written before the ledger: nothing recorded its changes. Its stream is
                     # marked now, as a first load's, and the re-read it asks for reads after the mark
                     # (causally: a lagging secondary waits for it).
-                    start = stream_start(self.client, self.lake, self.source)
-                    self.store.update(lambda led: led.advance(start) if led.position is None else None)
-                    after = later(after, start)
+                    after = later(after, self._mark_stream(None))
                 if ledger.reread:
                     mode = f"re-read: {ledger.reread['reason']}"
                     spans = [(0, len(bucket_map.lowers) - 1)]
@@ -497,6 +491,17 @@ class _CollectionSync:
         self.outcome.documents = sum(f.documents for f in files.values() if f is not None)
         if self.schema is not None:
             self.outcome.schema_version = self.schema.version
+
+    def _mark_stream(self, mark: StreamMark | None) -> Timestamp:
+        """Mark the collection's own stream (or adopt the mark a read begun ahead made), and make
+        its time the ledger's position if it has none: where a read of every document starts."""
+        start = (
+            adopt_mark(self.lake, self.source, mark)
+            if mark
+            else stream_start(self.client, self.lake, self.source)
+        )
+        self.store.update(lambda led: led.advance(start) if led.position is None else None)
+        return start
 
     def settle_targets(self, ledger: Ledger) -> None:
         """Glue and the warehouse caught up with the lake as it is, with no bucket to write."""
