@@ -377,3 +377,57 @@ def test_an_empty_bucket_streams_to_a_file_with_no_rows(tmp_path):
     converted, table, _ = streamed([], tmp_path, "empty")
     assert table.num_rows == 0 and table.column_names == ["_id", "_doc", "_id_key"]
     assert converted.stats.documents == 0
+
+
+def test_doc_is_libbsons_canonical_json_byte_for_byte():
+    """`_doc` is rendered into one buffer as it goes: each document's text is still libbson's own,
+    multi-byte characters and hostile names included."""
+    import bsonjs
+
+    raws = [bson.encode(d, codec_options=CODEC_OPTIONS) for d in messy_documents() + events(50)]
+    docs = _canonical_json(raws)
+    assert docs.to_pylist() == [bsonjs.dumps(r, mode=bsonjs.CANONICAL) for r in raws]
+    assert any(not text.isascii() for text in docs.to_pylist())
+
+
+def test_a_small_bucket_converts_in_chunks_of_an_eighth_of_it(tmp_path):
+    """Memory follows a bucket's own bytes: a small bucket is not converted in one CHUNK_BYTES
+    chunk (each chunk is a row group), but in about eighths, and the file is the exact path's."""
+    from aries_assets.core import arrow
+
+    documents = events(6_000)
+    raw = sum(len(bson.encode(d, codec_options=CODEC_OPTIONS)) for d in documents)
+    assert raw < arrow.CHUNK_BYTES and raw // 8 >= arrow.MIN_CHUNK_BYTES
+    converted, table, _ = streamed(documents, tmp_path, "bucket")
+    groups = pq.ParquetFile(tmp_path / "bucket.parquet").metadata
+    assert 8 <= groups.num_row_groups <= 9
+    stats, exact, _, _ = convert(documents, DEFAULTS, 1000, fast=False)
+    assert converted.stats.to_json() == stats.to_json()
+    for name in exact.column_names:
+        assert comparable(table.column(name)) == comparable(exact.column(name)), name
+
+
+def test_statistics_are_kept_where_a_reader_can_prune_by_them(tmp_path):
+    """Parquet drops a minimum or maximum past 4 KB, yet copies each long value several times while
+    working it out (12 MB for a 2 MB string): JSON text, binaries and long text go without;
+    `_id` and the typed columns keep theirs."""
+    documents = [
+        {"_id": ObjectId(), "n": i, "name": f"n{i}", "blob": "x" * (5000 + i), "raw": Binary(b"\x01" * 8)}
+        for i in range(50)
+    ]
+    documents[3]["scores"] = {f"{i:016x}": i for i in range(3)}  # a JSON column
+    streamed(documents, tmp_path, "bucket")
+    group = pq.ParquetFile(tmp_path / "bucket.parquet").metadata.row_group(0)
+    stated = {
+        group.column(i).path_in_schema: group.column(i).is_stats_set for i in range(group.num_columns)
+    }
+    assert stated == {
+        "_id": True,
+        "_doc": False,
+        "_id_key": False,
+        "n": True,
+        "name": True,
+        "blob": False,
+        "raw": False,
+        "scores": False,
+    }

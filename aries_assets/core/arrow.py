@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import io
 import json
 import os
 import struct
@@ -69,6 +70,9 @@ _OUTLIER = object()
 # Converted and written at a time (a row group): the transient copies (JSON text, decoded documents)
 # are a few times this, and the exact path's Python objects about ten times.
 CHUNK_BYTES = 2 * 1024 * 1024
+# A small bucket converts in smaller chunks (`chunk_bytes_for`): its memory stays a multiple of its
+# own size, not of CHUNK_BYTES.
+MIN_CHUNK_BYTES = 128 * 1024
 # Raw BSON of a bucket whose decoded values the exact path keeps (about ten times this in Python objects).
 KEEP_DECODED_BYTES = 8 * 1024 * 1024
 # BSON the exact path decodes at a time: Python objects take several times the bytes.
@@ -76,6 +80,11 @@ EXACT_CHUNK_BYTES = 512 * 1024
 # A bucket whose chunks the columnar path refused this often in a row is messy throughout: stop trying.
 _GIVE_UP_AFTER = 2
 _NOT_DECIMAL = s.MAX_DECIMAL_PRECISION + 1  # NaN and infinities have no decimal form
+
+
+def chunk_bytes_for(bucket_bytes: int) -> int:
+    """The chunk size for a bucket of this much raw BSON: an eighth of it, within bounds."""
+    return min(CHUNK_BYTES, max(MIN_CHUNK_BYTES, bucket_bytes // 8))
 
 
 def kind_of(value: Any) -> str | None:
@@ -229,6 +238,7 @@ class BucketConverter:
     options: s.SchemaOptions = field(default_factory=s.SchemaOptions)
     known_maps: set[s.Path] = field(default_factory=set)
     fast: bool = True
+    chunk_bytes: int = CHUNK_BYTES
     _batches: list[_Batch | ColumnarBatch] = field(default_factory=list)
     _maps: set[s.Path] = field(default_factory=set)
     _records: set[tuple] = field(default_factory=set)
@@ -243,13 +253,13 @@ class BucketConverter:
         self._needles = [p[-1].encode() + b"\x00" for p in self._exclude]
 
     def chunks(self, raw_documents: Iterable[bytes]) -> Iterator[_Batch | ColumnarBatch]:
-        """Convert CHUNK_BYTES of documents at a time; `stats` counts each chunk before it is yielded."""
+        """Convert `chunk_bytes` of documents at a time; `stats` counts each chunk before it is yielded."""
         chunk: list[bytes] = []
         size = 0
         for raw in raw_documents:
             chunk.append(bytes(raw))
             size += len(raw)
-            if size >= CHUNK_BYTES:
+            if size >= self.chunk_bytes:
                 yield from self._convert(chunk)
                 chunk, size = [], 0
         if chunk:
@@ -413,19 +423,22 @@ class PackedStrings:
 
 
 def _canonical_json(raw_documents: list[bytes]) -> pa.Array:
-    """`_doc` of each document (libbson's canonical Extended JSON), into Arrow."""
+    """`_doc` of each document (libbson's canonical Extended JSON), into Arrow.
+
+    Each text is encoded into one growing buffer as it is rendered, so the chunk's text exists
+    once (not as strings, then joined, then encoded).
+    """
     dumps, canonical = bsonjs.dumps, bsonjs.CANONICAL
-    texts = [dumps(raw, mode=canonical) for raw in raw_documents]
-    joined = "".join(texts)
-    if not joined.isascii() or len(joined) >= 2**31:  # (isascii is free: CPython records it)
-        return pa.array(
-            texts, pa.string()
-        )  # characters and bytes differ in number, or int32 offsets overflow
-    # One copy of the text, and the offsets from the lengths.
-    offsets = np.zeros(len(texts) + 1, np.int32)
-    np.cumsum(np.fromiter(map(len, texts), np.int64, len(texts)), out=offsets[1:], dtype=np.int32)
+    out = io.BytesIO()
+    write = out.write
+    lengths = np.fromiter(
+        (write(dumps(raw, mode=canonical).encode()) for raw in raw_documents), np.int64, len(raw_documents)
+    )
+    # A chunk is CHUNK_BYTES plus at most one 16 MB document: its text is far below int32 offsets' 2 GB.
+    offsets = np.zeros(len(raw_documents) + 1, np.int32)
+    np.cumsum(lengths, out=offsets[1:], dtype=np.int32)
     return pa.StringArray.from_buffers(
-        len(texts), pa.py_buffer(offsets), pa.py_buffer(joined.encode("ascii"))
+        len(raw_documents), pa.py_buffer(offsets), pa.py_buffer(out.getbuffer())
     )
 
 

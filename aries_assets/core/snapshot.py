@@ -19,7 +19,14 @@ import pyarrow.parquet as pq
 from bson import json_util
 
 from aries_assets.core import schema as s
-from aries_assets.core.arrow import KEY_COLUMN, BucketConverter, arrow_schema_of, options_fingerprint
+from aries_assets.core.arrow import (
+    DOC_COLUMN,
+    KEY_COLUMN,
+    BucketConverter,
+    arrow_schema_of,
+    chunk_bytes_for,
+    options_fingerprint,
+)
 from aries_assets.core.buckets import BucketDocuments
 from aries_assets.core.extract import SourceCollection
 from aries_assets.core.lake import Lake, bucket_file, collection_prefix, schema_file
@@ -239,8 +246,9 @@ def convert_to_parquet(
     converted again in the settled schema.
     """
     runs = _SchemaRuns(local_path, metadata or {})
+    chunk_bytes = chunk_bytes_for(sum(map(len, documents)))
     try:
-        converter = BucketConverter(options, set(known_maps or ()))
+        converter = BucketConverter(options, set(known_maps or ()), chunk_bytes=chunk_bytes)
         for batch in converter.chunks(documents):
             schema = settle(converter.stats)
             runs.write(converter.table(batch, schema, runs.outliers), schema, converter.stats)
@@ -249,7 +257,7 @@ def convert_to_parquet(
         schema = settle(stats)
         if not runs.finish(schema, stats):
             runs.reset()  # a column changed under rows already written: convert again, in the settled schema
-            converter = BucketConverter(options, set(known_maps or ()))
+            converter = BucketConverter(options, set(known_maps or ()), chunk_bytes=chunk_bytes)
             for batch in converter.chunks(documents):
                 runs.write(converter.table(batch, schema, runs.outliers), schema, stats)
                 del batch
@@ -275,20 +283,42 @@ def _carries_over(written: s.InferredSchema, seen: set[s.Path], settled: s.Infer
 
 # One value per document: a dictionary would only be built to be thrown away.
 _UNIQUE_COLUMNS = frozenset(s.RESERVED_COLUMNS) | {KEY_COLUMN}
+# Parquet keeps no minimum or maximum longer than this (Arrow's `max_statistics_size`), yet copies
+# every long value several times over while it works them out: a 2 MB string cost 12 MB.
+_STATED_BYTES = 4096
 
 
-def _parquet_writer(path: str, schema: pa.Schema) -> pq.ParquetWriter:
-    return pq.ParquetWriter(path, schema, compression="zstd", use_dictionary=_dictionary_columns(schema))
+def _parquet_writer(path: str, schema: pa.Schema, unstated: frozenset[str]) -> pq.ParquetWriter:
+    dictionary, stated = _leaf_columns(schema, unstated)
+    return pq.ParquetWriter(
+        path, schema, compression="zstd", use_dictionary=dictionary, write_statistics=stated
+    )
+
+
+def _unstated(schema: s.InferredSchema, stats: s.TypeStats) -> frozenset[str]:
+    """Columns whose statistics Parquet would drop anyway, or no reader prunes by: JSON text (like
+    `_doc`), binary, and text whose values run past `_STATED_BYTES` (in the statistics so far)."""
+    names = {DOC_COLUMN, KEY_COLUMN}
+    for column in schema.columns:
+        base = column.type.removeprefix("list<").removesuffix(">")
+        field = stats.fields.get(column.path)
+        if base in (s.T_JSON, s.T_BINARY) or (field is not None and field.max_bytes > _STATED_BYTES):
+            names.add(column.name)
+    return frozenset(names)
 
 
 @functools.lru_cache(maxsize=64)
-def _dictionary_columns(schema: pa.Schema) -> list[str]:
-    """Every Parquet leaf column (`tags.list.element` for a list) but the one-per-document ones."""
+def _leaf_columns(schema: pa.Schema, unstated: frozenset[str]) -> tuple[list[str], list[str]]:
+    """Parquet leaf columns (`tags.list.element` for a list) to dictionary-encode (all but the
+    one-per-document ones) and to keep statistics for (all but `unstated`)."""
     buffer = pa.BufferOutputStream()
     pq.write_table(schema.empty_table(), buffer)
     leaves = pq.ParquetFile(pa.BufferReader(buffer.getvalue())).schema
     paths = [leaves.column(i).path for i in range(len(leaves))]
-    return [p for p in paths if p.split(".", 1)[0] not in _UNIQUE_COLUMNS]
+    return (
+        [p for p in paths if p.split(".", 1)[0] not in _UNIQUE_COLUMNS],
+        [p for p in paths if p.split(".", 1)[0] not in unstated],
+    )
 
 
 class _SchemaRuns:
@@ -305,7 +335,9 @@ class _SchemaRuns:
         if self.writer is None or not _same_columns(self.runs[-1][1], schema):
             self._close_writer()
             path = self.path if not self.runs else f"{self.path}.run{len(self.runs)}"
-            self.writer = _parquet_writer(path, table.schema.with_metadata(self.metadata))
+            self.writer = _parquet_writer(
+                path, table.schema.with_metadata(self.metadata), _unstated(schema, stats)
+            )
             self.runs.append((path, schema, set()))
         self.writer.write_table(table)
         self.runs[-1][2].update(stats.fields)
@@ -327,7 +359,7 @@ class _SchemaRuns:
             return False
         arrow_schema = arrow_schema_of(schema).with_metadata(self.metadata)
         joined = f"{self.path}.joined"
-        with _parquet_writer(joined, arrow_schema) as writer:
+        with _parquet_writer(joined, arrow_schema, _unstated(schema, stats)) as writer:
             for path, _, _ in self.runs:
                 source = pq.ParquetFile(path)
                 for group in range(source.num_row_groups):
