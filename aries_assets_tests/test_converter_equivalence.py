@@ -418,9 +418,7 @@ def test_statistics_are_kept_where_a_reader_can_prune_by_them(tmp_path):
     documents[3]["scores"] = {f"{i:016x}": i for i in range(3)}  # a JSON column
     streamed(documents, tmp_path, "bucket")
     group = pq.ParquetFile(tmp_path / "bucket.parquet").metadata.row_group(0)
-    stated = {
-        group.column(i).path_in_schema: group.column(i).is_stats_set for i in range(group.num_columns)
-    }
+    stated = {group.column(i).path_in_schema: group.column(i).is_stats_set for i in range(group.num_columns)}
     assert stated == {
         "_id": True,
         "_doc": False,
