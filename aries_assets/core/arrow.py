@@ -11,6 +11,7 @@ outlier: null in the column, intact in `_doc`.
 from __future__ import annotations
 
 import datetime
+import functools
 import hashlib
 import io
 import json
@@ -18,7 +19,7 @@ import os
 import struct
 import uuid
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from typing import Any
@@ -252,18 +253,17 @@ class BucketConverter:
         # A document holds an excluded field only if its BSON holds the field's last key name.
         self._needles = [p[-1].encode() + b"\x00" for p in self._exclude]
 
-    def chunks(self, raw_documents: Iterable[bytes]) -> Iterator[_Batch | ColumnarBatch]:
+    def chunks(self, raw_documents: Sequence[bytes]) -> Iterator[_Batch | ColumnarBatch]:
         """Convert `chunk_bytes` of documents at a time; `stats` counts each chunk before it is yielded."""
-        chunk: list[bytes] = []
-        size = 0
-        for raw in raw_documents:
-            chunk.append(bytes(raw))
-            size += len(raw)
-            if size >= self.chunk_bytes:
-                yield from self._convert(chunk)
-                chunk, size = [], 0
-        if chunk:
-            yield from self._convert(chunk)
+        # Where each chunk ends, from the sizes at once: a chunk is the documents up to and including
+        # the one that brings it to `chunk_bytes`.
+        ends = np.cumsum(np.fromiter(map(len, raw_documents), np.int64, len(raw_documents)))
+        start = 0
+        while start < len(raw_documents):
+            reached = (ends[start - 1] if start else 0) + self.chunk_bytes
+            end = min(int(np.searchsorted(ends, reached)) + 1, len(raw_documents))
+            yield from self._convert(list(map(bytes, raw_documents[start:end])))
+            start = end
 
     def add(self, raw_documents: list[bytes]) -> None:
         """Convert a batch of raw BSON documents and keep it, compacted, until `tables` is called."""
@@ -422,24 +422,28 @@ class PackedStrings:
         return pa.Array.from_buffers(pa.string(), self.length, [None, self.offsets, data])
 
 
+_DUMPS_CANONICAL = functools.partial(bsonjs.dumps, mode=bsonjs.CANONICAL)
+
+
 def _canonical_json(raw_documents: list[bytes]) -> pa.Array:
     """`_doc` of each document (libbson's canonical Extended JSON), into Arrow.
 
-    Each text is encoded into one growing buffer as it is rendered, so the chunk's text exists
-    once (not as strings, then joined, then encoded).
+    The texts are written into one buffer, encoded one at a time, so the chunk's text exists
+    twice at most (as strings and as bytes), never also joined.
     """
-    dumps, canonical = bsonjs.dumps, bsonjs.CANONICAL
+    texts = list(map(_DUMPS_CANONICAL, raw_documents))
+    if all(map(str.isascii, texts)):  # (free: CPython records it) characters and bytes are one
+        lengths = np.fromiter(map(len, texts), np.int64, len(texts))
+    else:
+        texts = list(map(str.encode, texts))
+        lengths = np.fromiter(map(len, texts), np.int64, len(texts))
     out = io.BytesIO()
-    write = out.write
-    lengths = np.fromiter(
-        (write(dumps(raw, mode=canonical).encode()) for raw in raw_documents), np.int64, len(raw_documents)
-    )
+    out.writelines(map(str.encode, texts) if texts and isinstance(texts[0], str) else texts)
+    del texts
     # A chunk is CHUNK_BYTES plus at most one 16 MB document: its text is far below int32 offsets' 2 GB.
-    offsets = np.zeros(len(raw_documents) + 1, np.int32)
+    offsets = np.zeros(len(lengths) + 1, np.int32)
     np.cumsum(lengths, out=offsets[1:], dtype=np.int32)
-    return pa.StringArray.from_buffers(
-        len(raw_documents), pa.py_buffer(offsets), pa.py_buffer(out.getbuffer())
-    )
+    return pa.StringArray.from_buffers(len(lengths), pa.py_buffer(offsets), pa.py_buffer(out.getbuffer()))
 
 
 _FIXED_COLUMNS = 3  # `_id`, `_doc`, `_id_key`
