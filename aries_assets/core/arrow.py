@@ -160,7 +160,10 @@ def _field_stats(values: list[Any]) -> s.FieldStats:
         kind = _KIND_BY_TYPE.get(value_type)
         if kind is not None:
             stats.kinds[kind] += count
-            typed.setdefault(kind, []).extend(v for v in values if type(v) is value_type)
+            if count == len(values):
+                typed[kind] = values  # one type throughout: no copy
+            else:
+                typed.setdefault(kind, []).extend(v for v in values if type(v) is value_type)
             continue
         for value in values:  # Binary subtypes, regexes, code, min/max keys: rare
             if type(value) is value_type:
