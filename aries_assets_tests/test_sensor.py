@@ -21,6 +21,7 @@ from aries_assets.core.changes import (
     load_scope_token,
     majority_time,
     record_changes,
+    save_scope_token,
     scope_file,
 )
 from aries_assets.core.extract import SourceCollection
@@ -178,6 +179,26 @@ def test_a_collection_joins_its_database_stream_through_its_own_stream_not_from_
     with dg.DagsterInstance.get() as instance:
         apply(defs, instance, tick(defs, instance, sensor))
     assert_same_documents(mongo_documents(client, database, "events"), lake_documents(folder))
+
+
+def test_a_joining_collections_change_is_counted_once(client, database, workdir, synced):
+    """A collection joining its scope has its changes marked by the scope's read and read again by
+    its own stream: the tick's counts (the sensor's `change_events`) had each such change twice."""
+    coll, defs, folder, sensor = synced
+    lake = LocalLake(workdir / "lake")
+    source = SourceCollection(database, "events")
+    scope = StreamScope(database, "database", (source,))
+    record_changes(client, lake, scope)
+    token, members = load_scope_token(lake, scope)
+    assert members == {source.label}
+    save_scope_token(lake, scope, token, set())  # as if it were new to the scope: it joins again
+    first = coll.find_one(sort=[("_id", 1)])
+    coll.update_one({"_id": first["_id"]}, {"$set": {"n": -1}})
+    recorded, _ = record_changes(client, lake, scope)
+    assert recorded[source.label].events == 1
+    assert recorded[source.label].marked == 1
+    assert load_scope_token(lake, scope)[1] == {source.label}, "joined"
+    assert "first" in ledger_of(workdir, database).dirty
 
 
 def test_a_collection_with_no_token_of_its_own_joins_from_its_position_even_with_a_re_read_waiting(

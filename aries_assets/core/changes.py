@@ -378,12 +378,13 @@ def record_changes(
                 if outcome is None:
                     continue
                 caught_up, after = outcome
-                before = recorded[label]
+                # Its own stream read what the scope's read marked for it, or will on its next read:
+                # counted once, there. (The scope's marks stand, in case that read fails.)
                 recorded[label] = Recorded(
                     after.ledger,
-                    before.marked + after.marked,
-                    before.events + after.events,
-                    max(before.lag_seconds, after.lag_seconds),
+                    after.marked,
+                    after.events,
+                    max(recorded[label].lag_seconds, after.lag_seconds),
                 )
                 if caught_up:
                     joined.add(label)
