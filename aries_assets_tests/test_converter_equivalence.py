@@ -390,17 +390,17 @@ def test_doc_is_libbsons_canonical_json_byte_for_byte():
     assert any(not text.isascii() for text in docs.to_pylist())
 
 
-def test_a_small_bucket_converts_in_chunks_of_an_eighth_of_it(tmp_path):
+def test_a_small_bucket_converts_in_chunks_of_a_twelfth_of_it(tmp_path):
     """Memory follows a bucket's own bytes: a small bucket is not converted in one CHUNK_BYTES
-    chunk (each chunk is a row group), but in about eighths, and the file is the exact path's."""
+    chunk (each chunk is a row group), but in about twelfths, and the file is the exact path's."""
     from aries_assets.core import arrow
 
-    documents = events(6_000)
+    documents = events(9_000)
     raw = sum(len(bson.encode(d, codec_options=CODEC_OPTIONS)) for d in documents)
-    assert raw < arrow.CHUNK_BYTES and raw // 8 >= arrow.MIN_CHUNK_BYTES
+    assert raw < arrow.CHUNK_BYTES and raw // 12 >= arrow.MIN_CHUNK_BYTES
     converted, table, _ = streamed(documents, tmp_path, "bucket")
     groups = pq.ParquetFile(tmp_path / "bucket.parquet").metadata
-    assert 8 <= groups.num_row_groups <= 9
+    assert 12 <= groups.num_row_groups <= 13
     stats, exact, _, _ = convert(documents, DEFAULTS, 1000, fast=False)
     assert converted.stats.to_json() == stats.to_json()
     for name in exact.column_names:
