@@ -11,7 +11,6 @@ outlier: null in the column, intact in `_doc`.
 from __future__ import annotations
 
 import datetime
-import functools
 import hashlib
 import io
 import json
@@ -426,28 +425,24 @@ class PackedStrings:
         return pa.Array.from_buffers(pa.string(), self.length, [None, self.offsets, data])
 
 
-_DUMPS_CANONICAL = functools.partial(bsonjs.dumps, mode=bsonjs.CANONICAL)
-
-
 def _canonical_json(raw_documents: list[bytes]) -> pa.Array:
     """`_doc` of each document (libbson's canonical Extended JSON), into Arrow.
 
-    The texts are written into one buffer, encoded one at a time, so the chunk's text exists
-    twice at most (as strings and as bytes), never also joined.
+    Each text is encoded into one growing buffer as it is rendered, so the chunk's text exists
+    once (not as strings, then joined, then encoded).
     """
-    texts = list(map(_DUMPS_CANONICAL, raw_documents))
-    if all(map(str.isascii, texts)):  # (free: CPython records it) characters and bytes are one
-        lengths = np.fromiter(map(len, texts), np.int64, len(texts))
-    else:
-        texts = list(map(str.encode, texts))
-        lengths = np.fromiter(map(len, texts), np.int64, len(texts))
+    dumps, canonical = bsonjs.dumps, bsonjs.CANONICAL
     out = io.BytesIO()
-    out.writelines(map(str.encode, texts) if texts and isinstance(texts[0], str) else texts)
-    del texts
+    write = out.write
+    lengths = np.fromiter(
+        (write(dumps(raw, mode=canonical).encode()) for raw in raw_documents), np.int64, len(raw_documents)
+    )
     # A chunk is CHUNK_BYTES plus at most one 16 MB document: its text is far below int32 offsets' 2 GB.
-    offsets = np.zeros(len(lengths) + 1, np.int32)
+    offsets = np.zeros(len(raw_documents) + 1, np.int32)
     np.cumsum(lengths, out=offsets[1:], dtype=np.int32)
-    return pa.StringArray.from_buffers(len(lengths), pa.py_buffer(offsets), pa.py_buffer(out.getbuffer()))
+    return pa.StringArray.from_buffers(
+        len(raw_documents), pa.py_buffer(offsets), pa.py_buffer(out.getbuffer())
+    )
 
 
 _FIXED_COLUMNS = 3  # `_id`, `_doc`, `_id_key`
