@@ -54,7 +54,7 @@ _WRAPPER_KEY = re.compile(
     rb"\$(?:" + b"|".join(re.escape(n[1:]).encode() for n in ("$oid", "$date", *_NUMBER_WRAPPERS)) + rb")\x00"
 )
 _NOT_DECIMAL = s.MAX_DECIMAL_PRECISION + 1
-_PLAIN_DECIMAL = r"^-?(?P<whole>[0-9]+)\.?(?P<fraction>[0-9]*)$"
+_PLAIN_DECIMAL = r"^-?[0-9]+\.?[0-9]*$"
 _QUANTIZE_DIGITS = 28  # decimal.DefaultContext.prec
 
 
@@ -122,8 +122,10 @@ def columnar_batch(
         return None
 
 
-# Documents of a chunk parsed first, evenly spaced, to see whether the chunk can be taken at all.
+# Documents of a chunk parsed first, evenly spaced, to see whether the chunk can be taken at all;
+# only in a chunk of this much text or more: a smaller one costs little to parse whatever it holds.
 _SAMPLE = 64
+_SAMPLE_FROM_BYTES = 1 << 20
 
 
 def _refused_by_sample(docs: pa.Array, options: s.SchemaOptions, known_maps: set[s.Path]) -> bool:
@@ -131,7 +133,7 @@ def _refused_by_sample(docs: pa.Array, options: s.SchemaOptions, known_maps: set
     by data (a map), an array of documents or arrays, nesting past `max_depth`. Arrow's reader
     makes a field of every key it meets, so a chunk of maps keyed by ids costs it seconds and a
     hundred MB before the refusal."""
-    if len(docs) <= _SAMPLE:
+    if len(docs) <= _SAMPLE or docs.nbytes < _SAMPLE_FROM_BYTES:
         return False
     rows = np.linspace(0, len(docs) - 1, _SAMPLE).astype(np.int64)
     sample = "".join(docs.take(pa.array(rows)).to_pylist()).encode()
@@ -354,7 +356,7 @@ def _scalar(array: pa.Array, valid: np.ndarray) -> Values:
 
 def _ids(values: Values) -> tuple[pa.Array, pa.Array]:
     """`_id` text and `_id` key, as `arrow.id_string` and `arrow.id_key` write them."""
-    codes = set(np.unique(values.kinds).tolist())
+    codes = _present(values.kinds)
     text = values.text
     if len(codes) != 1:
         raise Refused("_id of several types")
@@ -372,10 +374,32 @@ def _ids(values: Values) -> tuple[pa.Array, pa.Array]:
 # --- statistics ---------------------------------------------------------------------------------
 
 
+_CODE_SLOTS = max(KIND_OF_CODE) + 2  # ABSENT (-1) to the largest code, shifted by one
+
+
+def _counts(kinds: np.ndarray) -> np.ndarray:
+    """How many slots hold each code, indexed by code + 1 (a chunk's arrays are small: np.unique and
+    np.isin cost more in their setup than in their work)."""
+    return np.bincount(kinds.astype(np.intp) + 1, minlength=_CODE_SLOTS)
+
+
+def _present(kinds: np.ndarray) -> set[int]:
+    return set((np.flatnonzero(_counts(kinds)) - 1).tolist())
+
+
+def _among(kinds: np.ndarray, codes) -> np.ndarray:
+    """Which slots hold one of `codes`."""
+    table = np.zeros(_CODE_SLOTS, bool)
+    table[np.asarray(list(codes), np.intp) + 1] = True
+    return table[kinds.astype(np.intp) + 1]
+
+
 def _first_seen(kinds: np.ndarray) -> list[tuple[int, int]]:
     """(code, count) of each kind present, in order of first appearance (as the exact path counts)."""
-    codes, first, counts = np.unique(kinds, return_index=True, return_counts=True)
-    return [(int(c), int(n)) for _, c, n in sorted(zip(first, codes, counts, strict=True)) if c > NULL]
+    counts = _counts(kinds)
+    codes = [code for code in (np.flatnonzero(counts) - 1).tolist() if code > NULL]
+    first = {code: int(np.argmax(kinds == code)) for code in codes}
+    return [(code, int(counts[code + 1])) for code in sorted(codes, key=first.__getitem__)]
 
 
 def field_stats(values: Values) -> s.FieldStats:
@@ -398,7 +422,7 @@ def field_stats(values: Values) -> s.FieldStats:
 
 
 def _of_kind(values: Values, *codes: int) -> pa.Array:
-    mask = np.isin(values.kinds, codes)
+    mask = _among(values.kinds, codes)
     return values.text.filter(pa.array(mask))
 
 
@@ -418,15 +442,21 @@ def _measure(stats: s.FieldStats, values: Values) -> None:
 
 def _decimal_digits(stats: s.FieldStats, text: pa.Array) -> None:
     """Digits of Decimal128 values from their text: plain forms vectorised, exponent forms in Python."""
-    parts = pc.extract_regex(text, _PLAIN_DECIMAL)
-    plain = parts.is_valid()
-    whole, fraction = pc.struct_field(parts, [0]), pc.struct_field(parts, [1])
-    if pc.any(plain).as_py():
-        # The coefficient has no leading zeros, so a plain form's integer digits are its integer part's.
-        int_digits = pc.if_else(pc.equal(whole, "0"), 0, pc.utf8_length(whole))
-        stats.int_digits = max(stats.int_digits, pc.max(int_digits).as_py())
-        stats.scale = max(stats.scale, pc.max(pc.utf8_length(fraction)).as_py())
-    if not pc.all(plain).as_py():
+    plain = pc.match_substring_regex(text, _PLAIN_DECIMAL)
+    every = pc.all(plain).as_py()
+    simple = text if every else text.filter(plain)
+    if len(simple):
+        # The coefficient has no leading zeros, so a plain form's integer digits are its integer
+        # part's, but for a lone 0; its scale is what follows the point.
+        length = pc.binary_length(simple)
+        dot = pc.find_substring(simple, ".")
+        no_dot = pc.equal(dot, -1)
+        whole = pc.subtract(pc.if_else(no_dot, length, dot), pc.cast(pc.starts_with(simple, "-"), pa.int32()))
+        zero = pc.match_substring_regex(simple, r"^-?0(\.|$)")
+        stats.int_digits = max(stats.int_digits, pc.max(pc.if_else(zero, 0, whole)).as_py())
+        scale = pc.if_else(no_dot, 0, pc.subtract(pc.subtract(length, dot), 1))
+        stats.scale = max(stats.scale, pc.max(scale).as_py())
+    if not every:
         _digits(stats, map(Decimal, pc.unique(text.filter(pc.invert(plain))).to_pylist()))
 
 
@@ -482,9 +512,9 @@ _TIMESTAMP = pa.timestamp("ms", tz="UTC")
 def fast_column(values: Values, type_name: str, accepts: frozenset[str]) -> tuple[pa.Array, int] | None:
     """The column and its outlier count by vectorised casts, or None when a value needs the exact converters."""
     kinds = values.kinds
-    accepted = np.isin(kinds, [CODES[k] for k in accepts if k in CODES])
+    accepted = _among(kinds, [CODES[k] for k in accepts if k in CODES])
     outliers = int(np.count_nonzero((kinds > NULL) & ~accepted))
-    codes = set(np.unique(kinds[accepted]).tolist())
+    codes = _present(kinds[accepted])
     if not codes:
         return pa.nulls(len(kinds), _arrow_type(type_name)), outliers
     target = _arrow_type(type_name)
@@ -532,7 +562,7 @@ def _fast_list(
     values: Values, element_type: str, target: pa.DataType, accepted: np.ndarray
 ) -> pa.Array | None:
     elements = values.elements
-    codes = set(np.unique(elements.kinds).tolist()) - {NULL}
+    codes = _present(elements.kinds) - {NULL}
     if codes and not codes <= {c for c in _LIST_ELEMENTS.get(element_type, ())}:
         return None
     if codes:
