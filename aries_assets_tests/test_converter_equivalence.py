@@ -394,17 +394,24 @@ def test_doc_is_libbsons_canonical_json_byte_for_byte():
     assert any(not text.isascii() for text in docs.to_pylist())
 
 
-def test_a_small_bucket_converts_in_chunks_of_a_twelfth_of_it(tmp_path):
-    """Memory follows a bucket's own bytes: a small bucket is not converted in one CHUNK_BYTES
-    chunk (each chunk is a row group), but in about twelfths, and the file is the exact path's."""
+def test_a_bucket_converts_in_even_chunks_of_a_twelfth_of_it(tmp_path, monkeypatch):
+    """Memory follows a bucket's own bytes: a chunk (a row group) is a twelfth of the bucket, at
+    least MIN_CHUNK_BYTES (each chunk has a fixed cost) and at most CHUNK_BYTES, in equal parts;
+    and the file is the exact path's."""
     from aries_assets.core import arrow
 
+    mb = 1024 * 1024
+    assert arrow.chunk_bytes_for(int(1.1 * mb)) == int(1.1 * mb), "one chunk, not 1 MB and a sliver"
+    assert arrow.chunk_bytes_for(int(2.3 * mb)) == -(-int(2.3 * mb) // 2)
+    assert arrow.chunk_bytes_for(24 * mb) == 2 * mb
+    assert 1.9 * mb < arrow.chunk_bytes_for(63 * mb) <= 2 * mb
+    monkeypatch.setattr(arrow, "MIN_CHUNK_BYTES", 64 * 1024)
     documents = events(9_000)
     raw = sum(len(bson.encode(d, codec_options=CODEC_OPTIONS)) for d in documents)
-    assert raw < arrow.CHUNK_BYTES and raw // 12 >= arrow.MIN_CHUNK_BYTES
+    assert raw // 12 >= arrow.MIN_CHUNK_BYTES
     converted, table, _ = streamed(documents, tmp_path, "bucket")
     groups = pq.ParquetFile(tmp_path / "bucket.parquet").metadata
-    assert 12 <= groups.num_row_groups <= 13
+    assert 11 <= groups.num_row_groups <= 12
     stats, exact, _, _ = convert(documents, DEFAULTS, 1000, fast=False)
     assert converted.stats.to_json() == stats.to_json()
     for name in exact.column_names:

@@ -70,9 +70,11 @@ _OUTLIER = object()
 # Converted and written at a time (a row group): the transient copies (JSON text, decoded documents)
 # are a few times this, and the exact path's Python objects about ten times.
 CHUNK_BYTES = 2 * 1024 * 1024
-# A small bucket converts in smaller chunks (`chunk_bytes_for`): its memory stays a multiple of its
-# own size, not of CHUNK_BYTES.
-MIN_CHUNK_BYTES = 128 * 1024
+# A bucket converts in chunks of a twelfth of it (`chunk_bytes_for`), since a chunk's transient copies
+# (its JSON text, Arrow arrays, Parquet pages) come to about twelve times its BSON; but not below
+# this: each chunk has a fixed cost (a row group, a JSON reader, per-column statistics) of a few
+# milliseconds, and 128 KB chunks made a 1 MB bucket's conversion half as fast.
+MIN_CHUNK_BYTES = 1024 * 1024
 # Raw BSON of a bucket whose decoded values the exact path keeps (about ten times this in Python objects).
 KEEP_DECODED_BYTES = 8 * 1024 * 1024
 # BSON the exact path decodes at a time: Python objects take several times the bytes.
@@ -83,9 +85,12 @@ _NOT_DECIMAL = s.MAX_DECIMAL_PRECISION + 1  # NaN and infinities have no decimal
 
 
 def chunk_bytes_for(bucket_bytes: int) -> int:
-    """The chunk size for a bucket of this much raw BSON: a twelfth of it, within bounds. A chunk's
-    transient copies (JSON text, Arrow arrays, Parquet pages) are about twelve times its BSON."""
-    return min(CHUNK_BYTES, max(MIN_CHUNK_BYTES, bucket_bytes // 12))
+    """The chunk size for a bucket of this much raw BSON: a twelfth of it, at least MIN_CHUNK_BYTES
+    and at most CHUNK_BYTES, evened out so the bucket splits into equal chunks (a 1.1 MB bucket is
+    one chunk, not 1 MB and a sliver)."""
+    target = min(CHUNK_BYTES, max(MIN_CHUNK_BYTES, bucket_bytes // 12))
+    count = max(1, round(bucket_bytes / target))
+    return -(-bucket_bytes // count) if bucket_bytes else target
 
 
 def kind_of(value: Any) -> str | None:
