@@ -1,6 +1,6 @@
 """Transform benchmark: raw BSON batches to a Parquet bucket, in memory on one core.
 
-    python benchmarks/transform_benchmark.py [--documents 100000] [--messy 50000] [--rss 10000,100000,280000]
+    python benchmarks/transform_benchmark.py [--documents 100000] [--messy 50000] [--rss 10000,50000,100000,280000]
 
 Prints, in one run over the same in-memory batches: Aries (`BucketConverter`, the
 schema, Parquet), pymongoarrow (its own inferred schema, Parquet), pymongoarrow
@@ -346,8 +346,8 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument(
         "--rss",
-        default="10000,100000,280000",
-        help="bucket sizes for the memory rows (280k events: ~64 MB, bucket_bytes)",
+        default="10000,50000,100000,280000",
+        help="bucket sizes for the memory rows (50k: the default bucket_size; 280k events: ~64 MB, bucket_bytes)",
     )
     parser.add_argument("--rss-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -367,7 +367,7 @@ def main() -> None:
     sizes = [int(n) for n in args.rss.split(",") if n]
     if sizes:
         memory(sizes, events, "events")
-        memory(sizes[:2], lambda n: messy(n)[0], "messy")
+        memory([n for n in sizes if n <= 100_000], lambda n: messy(n)[0], "messy")
 
 
 if __name__ == "__main__":
