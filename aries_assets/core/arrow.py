@@ -247,7 +247,7 @@ class BucketConverter:
     options: s.SchemaOptions = field(default_factory=s.SchemaOptions)
     known_maps: set[s.Path] = field(default_factory=set)
     fast: bool = True
-    chunk_bytes: int = CHUNK_BYTES
+    chunk_bytes: int | None = CHUNK_BYTES  # None: `chunk_bytes_for` the documents `chunks` is given
     _batches: list[_Batch | ColumnarBatch] = field(default_factory=list)
     _maps: set[s.Path] = field(default_factory=set)
     _records: set[tuple] = field(default_factory=set)
@@ -266,9 +266,10 @@ class BucketConverter:
         # Where each chunk ends, from the sizes at once: a chunk is the documents up to and including
         # the one that brings it to `chunk_bytes`.
         ends = np.cumsum(np.fromiter(map(len, raw_documents), np.int64, len(raw_documents)))
+        chunk_bytes = self.chunk_bytes or chunk_bytes_for(int(ends[-1]) if len(ends) else 0)
         start = 0
         while start < len(raw_documents):
-            reached = (ends[start - 1] if start else 0) + self.chunk_bytes
+            reached = (ends[start - 1] if start else 0) + chunk_bytes
             end = min(int(np.searchsorted(ends, reached)) + 1, len(raw_documents))
             yield from self._convert(list(map(bytes, raw_documents[start:end])))
             start = end

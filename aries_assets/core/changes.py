@@ -366,7 +366,15 @@ def record_changes(
                 if time.monotonic() >= deadline and label != order[0]:
                     return None  # joins on the next read
                 try:
-                    return _join(client, lake, by_label[label], stores[label], max_events, deadline)
+                    return _join(
+                        client,
+                        lake,
+                        by_label[label],
+                        stores[label],
+                        recorded[label].ledger,
+                        max_events,
+                        deadline,
+                    )
                 except PyMongoError as error:
                     # It joins on a later read, the others now; its changes are marked meanwhile.
                     _log.warning(
@@ -399,14 +407,15 @@ def _join(
     lake: Lake,
     source: SourceCollection,
     store: LedgerStore,
+    ledger: Ledger,
     max_events: int,
     deadline: float,
 ) -> tuple[bool, Recorded]:
     """Catch a collection joining its scope up from its own stream. True once that stream, read
-    after the scope's, is caught up: then every change before the scope's new token is recorded."""
+    after the scope's, is caught up: then every change before the scope's new token is recorded.
+    `ledger` is as the scope's read left it."""
     own = collection_scope(source)
     token, _ = load_scope_token(lake, own)
-    ledger = store.load()
     seconds = max(0.5, deadline - time.monotonic())
     # No token of its own (a lake of an older Aries, a lost history): only its position is left. A
     # re-read waiting does not make that read needless: it may have read a bucket already when a

@@ -24,7 +24,6 @@ from aries_assets.core.arrow import (
     KEY_COLUMN,
     BucketConverter,
     arrow_schema_of,
-    chunk_bytes_for,
     options_fingerprint,
 )
 from aries_assets.core.buckets import BucketDocuments
@@ -246,9 +245,9 @@ def convert_to_parquet(
     converted again in the settled schema.
     """
     runs = _SchemaRuns(local_path, metadata or {})
-    chunk_bytes = chunk_bytes_for(sum(map(len, documents)))
     try:
-        converter = BucketConverter(options, set(known_maps or ()), chunk_bytes=chunk_bytes)
+        # Chunks sized from the bucket's own bytes (`chunk_bytes_for`), so memory follows them.
+        converter = BucketConverter(options, set(known_maps or ()), chunk_bytes=None)
         for batch in converter.chunks(documents):
             schema = settle(converter.stats)
             runs.write(converter.table(batch, schema, runs.outliers), schema, converter.stats)
@@ -257,7 +256,7 @@ def convert_to_parquet(
         schema = settle(stats)
         if not runs.finish(schema, stats):
             runs.reset()  # a column changed under rows already written: convert again, in the settled schema
-            converter = BucketConverter(options, set(known_maps or ()), chunk_bytes=chunk_bytes)
+            converter = BucketConverter(options, set(known_maps or ()), chunk_bytes=None)
             for batch in converter.chunks(documents):
                 runs.write(converter.table(batch, schema, runs.outliers), schema, stats)
                 del batch
