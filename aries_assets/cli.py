@@ -201,7 +201,7 @@ def cmd_split(args: argparse.Namespace) -> int:
     import dagster as dg
 
     from aries_assets.core.changes import mark_stream
-    from aries_assets.core.extract import check_collation, check_exists
+    from aries_assets.core.extract import check_collection
     from aries_assets.core.ledger import LeaseHeld, ledger_file
     from aries_assets.core.split import plan_ranges, record_split
     from aries_assets.definitions import build_definitions
@@ -220,8 +220,7 @@ def cmd_split(args: argparse.Namespace) -> int:
     source = source_of(coll)
     client = defs.resources["mongo"].client()
     try:
-        check_exists(client, source, False)
-        check_collation(client, source)
+        check_collection(client, source, False)
         lowers = plan_ranges(client, source, args.runs)
         # The collection's own stream is marked before its ranges are read, as a first load's is: the
         # sensor joins it to the shared stream from that token, not from a time.

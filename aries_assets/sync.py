@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import sys
 import time
-from dataclasses import dataclass, field
 
 import dagster as dg
 from botocore.exceptions import BotoCoreError, ClientError
@@ -26,46 +25,9 @@ from aries_assets.factory import job_name, op_name, source_of
 MAX_STREAM_PASSES = 100
 
 
-@dataclass
-class CollectionReport:
-    label: str
-    documents: int = 0
-    buckets: int = 0
-    written: int = 0
-    loaded: int = 0
-    bytes_out: int = 0
-    seconds: float = 0.0
-    failures: list[str] = field(default_factory=list)
-    schema_version: int = 0
-    mode: str = ""
-
-    def line(self) -> str:
-        status = "FAILED" if self.failures else "ok"
-        return (
-            f"{self.label:<32} {self.documents:>10,} docs {self.buckets:>5} buckets "
-            f"{self.written:>5} written {self.bytes_out / 1e6:>9.1f} MB {self.seconds:>7.1f}s "
-            f"schema v{self.schema_version:<3} {status:<6} ({self.mode})"
-        )
-
-    @classmethod
-    def of(cls, outcome: SyncOutcome) -> CollectionReport:
-        return cls(
-            outcome.label,
-            outcome.documents,
-            outcome.buckets,
-            outcome.written,
-            outcome.loaded,
-            outcome.bytes_out,
-            outcome.seconds,
-            [],
-            outcome.schema_version,
-            outcome.mode,
-        )
-
-
 def sync(
     config: AriesConfig, workers: int, progress=print, full: bool = False, live: bool = False
-) -> list[CollectionReport]:
+) -> list[SyncOutcome]:
     """Catch every configured collection up; one collection failing does not stop the others."""
     defs = build_definitions(config)
     lake = defs.resources["lake"].open()
@@ -106,14 +68,14 @@ def sync(
                     },
                 )
                 if result.success:
-                    reports.append(CollectionReport.of(result.output_for_node(op_name(coll))))
+                    reports.append(result.output_for_node(op_name(coll)))
                 else:
                     error = _first_error(result)
                     progress(
                         f"[{coll.label}] FAILED: {error} (the full log: run {result.run_id[:8]} "
                         "in the Dagster UI)"
                     )
-                    reports.append(CollectionReport(coll.label, failures=[error]))
+                    reports.append(SyncOutcome(coll.label, mode="failed", failures=[error]))
     finally:
         terminal.listener = previous
         if display:
@@ -212,9 +174,18 @@ def default_workers() -> int:
     return max(1, min(4, os.cpu_count() or 1))
 
 
-def print_summary(reports: list[CollectionReport], out=None) -> None:
+def summary_line(outcome: SyncOutcome) -> str:
+    status = "FAILED" if outcome.failures else "ok"
+    return (
+        f"{outcome.label:<32} {outcome.documents:>10,} docs {outcome.buckets:>5} buckets "
+        f"{outcome.written:>5} written {outcome.bytes_out / 1e6:>9.1f} MB {outcome.seconds:>7.1f}s "
+        f"schema v{outcome.schema_version:<3} {status:<6} ({outcome.mode})"
+    )
+
+
+def print_summary(reports: list[SyncOutcome], out=None) -> None:
     out = out or sys.stdout
     for report in reports:
-        print(report.line(), file=out)
+        print(summary_line(report), file=out)
         for failure in report.failures:
             print(f"  {report.label}: {failure}", file=out)

@@ -217,7 +217,7 @@ def test_a_collection_that_does_not_exist_is_refused(client, mongo_uri, database
     client[database].apps.insert_one({"_id": 1})
     write_config(workdir / "aries.yaml", mongo_uri, "./lake", [{"database": database, "collection": "nope"}])
     code, out, err = run_cli("sync", "--workers", "1")
-    _clear_failure(code, out, err, f"{database}.nope")
+    _clear_failure(code, out, err, f"{database}.nope", "check the database and collection names")
     assert not list((workdir / "lake").rglob("*.parquet")) if (workdir / "lake").exists() else True
 
 

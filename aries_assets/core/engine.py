@@ -48,7 +48,7 @@ from aries_assets.core.changes import (
     record_changes,
     stream_start,
 )
-from aries_assets.core.extract import SourceCollection, check_collation, check_exists, range_batches, raw_id
+from aries_assets.core.extract import SourceCollection, check_collection, range_batches, raw_id
 from aries_assets.core.lake import Lake, LakeSpec, bucket_file, collection_prefix, remove_temporary_files
 from aries_assets.core.ledger import DirtyBucket, Lease, LeaseHeld, Ledger, LedgerStore, later, now_iso
 from aries_assets.core.ordering import sort_key
@@ -112,6 +112,8 @@ class Reporter(Protocol):
 
 @dataclass
 class SyncOutcome:
+    """What one run did to one collection; `failures` are why it failed, as whoever ran it says."""
+
     label: str
     mode: str = "up to date"
     documents: int = 0
@@ -124,6 +126,7 @@ class SyncOutcome:
     schema_version: int = 0
     seconds: float = 0.0
     new_buckets: list[str] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -222,8 +225,7 @@ def _writing(
     given back."""
     started = time.monotonic()
     try:
-        check_exists(client, source, synced_before)
-        check_collation(client, source)
+        check_collection(client, source, synced_before)
     except Exception as error:  # MongoDB unreachable, the collection gone: counts for the backoff
         _note_run(store, "failed", f"{type(error).__name__}: {error}", outcome)
         raise
@@ -629,8 +631,6 @@ class _CollectionSync:
         with _Writers(workers, self.targets.lake_spec) as writers, _heap_frozen():
             if many:
                 writers.start()  # the writers start while the server prepares its first batch
-            elif workers > 1:
-                _warm_writers()
             for first, last in spans:
                 lower = bucket_map.lowers[first]
                 upper = bucket_map.lowers[last + 1] if last + 1 < len(bucket_map.lowers) else MaxKey()

@@ -278,33 +278,28 @@ class UnsupportedCollection(RuntimeError):
     """A collection Aries cannot keep exact yet; the message names it and says why."""
 
 
-def check_exists(client: Any, source: SourceCollection, synced_before: bool) -> None:
-    """Refuse a collection that is not there: a typo in the config, or a drop or rename.
+def check_collection(client: Any, source: SourceCollection, synced_before: bool) -> None:
+    """Refuse a collection Aries cannot keep exact, in one round trip.
 
-    A dropped collection is not mirrored as empty: the lake and warehouse keep its last copy
-    until someone decides (remove it from the config, or recreate it).
-    """
-    if source.collection in client[source.database].list_collection_names(filter={"name": source.collection}):
-        return
-    if synced_before:
-        raise UnsupportedCollection(
-            f"{source.label}: the collection was dropped or renamed in MongoDB; the lake and warehouse keep "
-            "its last copy. Remove it from the config, or recreate it to sync it again"
-        )
-    raise UnsupportedCollection(
-        f"{source.label}: no such collection in database {source.database!r}; check the database and "
-        "collection names in the config"
-    )
-
-
-def check_collation(client: Any, source: SourceCollection) -> None:
-    """Refuse a collection whose default collation orders strings unlike BSON's byte order.
-
-    Bucket ranges are `_id` ranges in BSON order; under a locale collation the
-    server's `min`/`max` bounds would follow another order and buckets would overlap.
+    - Not there: a typo in the config, or a drop or rename. A dropped collection is not
+      mirrored as empty: the lake and warehouse keep its last copy until someone decides
+      (remove it from the config, or recreate it).
+    - A default collation that orders strings unlike BSON's byte order. Bucket ranges are
+      `_id` ranges in BSON order; under a locale collation the server's `min`/`max` bounds
+      would follow another order and buckets would overlap.
     """
     found = list(client[source.database].list_collections(filter={"name": source.collection}))
-    collation = (found[0].get("options") or {}).get("collation") if found else None
+    if not found:
+        if synced_before:
+            raise UnsupportedCollection(
+                f"{source.label}: the collection was dropped or renamed in MongoDB; the lake and warehouse "
+                "keep its last copy. Remove it from the config, or recreate it to sync it again"
+            )
+        raise UnsupportedCollection(
+            f"{source.label}: no such collection in database {source.database!r}; check the database and "
+            "collection names in the config"
+        )
+    collation = (found[0].get("options") or {}).get("collation")
     if collation and collation.get("locale", "simple") != "simple":
         raise UnsupportedCollection(
             f"{source.label}: its default collation is {collation.get('locale')!r}, which orders string "
