@@ -433,7 +433,7 @@ def write_bucket(
     if is_current(previous, docs.digest, options):
         # Same documents: if the columns are the same too, the file already says it (a change outside
         # the filter, a retry). Counting the statistics costs a pass; writing nothing saves the rest.
-        converter = BucketConverter(options, known_maps)
+        converter = BucketConverter(options, known_maps, chunk_bytes=None)  # sized as a write is
         for _ in converter.chunks(docs.documents):
             pass
         file_schema = settle(converter.stats)
