@@ -173,7 +173,7 @@ def _pymongoarrow_tables(batches: list[list[bytes]], with_doc: bool):
         # Parquet cannot hold pymongoarrow's extension types; their storage it can.
         table = pa.table([_storage(c) for c in table.columns], names=table.column_names)
         if with_doc:
-            docs = pa.array([bsonjs.dumps(raw, mode=bsonjs.CANONICAL) for raw in batch], pa.string())
+            docs = pa.array([bsonjs.dumps(raw, bsonjs.CANONICAL) for raw in batch], pa.string())
             table = table.append_column("_doc", docs)
         tables.append(table)
     schemas = {t.schema for t in tables}
