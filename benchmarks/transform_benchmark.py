@@ -24,6 +24,7 @@ import argparse
 import datetime
 import gc
 import io
+import itertools
 import json
 import os
 import random
@@ -173,7 +174,7 @@ def _pymongoarrow_tables(batches: list[list[bytes]], with_doc: bool):
         # Parquet cannot hold pymongoarrow's extension types; their storage it can.
         table = pa.table([_storage(c) for c in table.columns], names=table.column_names)
         if with_doc:
-            docs = pa.array([bsonjs.dumps(raw, bsonjs.CANONICAL) for raw in batch], pa.string())
+            docs = pa.array(list(map(bsonjs.dumps, batch, itertools.repeat(bsonjs.CANONICAL))), pa.string())
             table = table.append_column("_doc", docs)
         tables.append(table)
     schemas = {t.schema for t in tables}
