@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import functools
 import json
 import time
 import uuid
@@ -20,9 +21,10 @@ import dagster as dg
 
 from aries_assets.config import CollectionConfig
 from aries_assets.core.changes import StreamScope, record_changes
+from aries_assets.core.engine import OPTIONS_CHANGED
 from aries_assets.core.lake import each_at_once
-from aries_assets.core.ledger import Lease, LeaseInfo, LedgerStore, RunHeartbeat, now_iso
-from aries_assets.factory import job_name, mongo_key, serve_job_name
+from aries_assets.core.ledger import Lease, LeaseInfo, Ledger, LedgerStore, RunHeartbeat, now_iso
+from aries_assets.factory import job_name, mongo_key, serve_job_name, spec_of
 from aries_assets.resources import LakeResource, MongoResource
 
 SENSOR_INTERVAL = 1  # seconds between ticks; a quiet tick is one short change-stream read
@@ -101,6 +103,13 @@ def evaluate(
     own, shared, to_observe = [], [], []
     for coll in collections:
         ledger = recorded[coll.label].ledger
+        written_with = spec_of(coll, False).written_with
+        if ledger.position is not None and ledger.written_with not in (None, written_with):
+            # The config changed what shapes the files (an exclude added, a query): a re-read rewrites
+            # them, with no document changing. (A lake older than the fingerprint: its next run checks.)
+            ledger, _ = LedgerStore(store, coll.database, coll.collection).update(
+                functools.partial(Ledger.ask_reread, reason=OPTIONS_CHANGED, now=ledger.position)
+            )
         why = ledger.needs_work()
         # A split first load's ranges are written by their range runs (a backfill); one run settles after.
         if why and coll.name not in covered and not ledger.ranges:

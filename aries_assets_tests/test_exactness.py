@@ -7,6 +7,9 @@ import random
 import pyarrow.parquet as pq
 from pymongo import monitoring
 
+from aries_assets.core.lake import LocalLake
+from aries_assets.core.ledger import LedgerStore
+from aries_assets_tests.faults import assert_table_exact, table_rows
 from aries_assets_tests.support import (
     assert_same_documents,
     lake_documents,
@@ -54,6 +57,94 @@ def test_changed_collection_options_rewrite_files_already_written(client, mongo_
     assert code == 0, out + err
     for path in folder.glob("*.parquet"):
         assert "a__b__c" not in pq.read_schema(path).names, f"{path.name} still follows the old options"
+
+
+def _lake_holds(folder, text: str) -> list[str]:
+    """The lake files of `folder` whose columns or `_doc` hold `text`."""
+    found = []
+    for path in folder.glob("*.parquet"):
+        table = pq.read_table(path)
+        if any(text in name for name in table.column_names) or any(
+            text in doc for doc in table.column("_doc").to_pylist()
+        ):
+            found.append(path.name)
+    return found
+
+
+def test_an_exclude_added_to_the_config_reaches_lake_and_warehouse_with_a_plain_sync(
+    client, mongo_uri, database, workdir
+):
+    """Without `--full`, and without any document changing: a field excluded for privacy must leave
+    every file and the table, and come back when the exclude is removed."""
+    coll = client[database].users
+    coll.insert_many([{"_id": i, "name": f"n{i}", "password": f"secret-{i}"} for i in range(30)])
+    url = f"duckdb:///{workdir / 'w.duckdb'}"
+    entry = {"database": database, "collection": "users", "bucket_size": 10}
+    write_config(workdir / "aries.yaml", mongo_uri, "./lake", [entry], warehouse={"url": url})
+    assert run_cli("sync", "--workers", "1")[0] == 0
+    folder = workdir / "lake" / database / "users"
+    assert _lake_holds(folder, "password")
+
+    write_config(
+        workdir / "aries.yaml", mongo_uri, "./lake", [{**entry, "schema": {"exclude": ["password"]}}],
+        warehouse={"url": url},
+    )  # fmt: skip
+    code, out, err = run_cli("sync", "--workers", "1")
+    assert code == 0, out + err
+    assert not _lake_holds(folder, "secret-"), "an excluded field is still in the lake"
+    assert not _lake_holds(folder, "password")
+    rows = table_rows(url, database, "users")
+    assert len(rows) == 30 and not [doc for _, doc in rows if "secret-" in doc], "still in the warehouse"
+    assert run_cli("status", "--json")[0] == 0
+
+    write_config(workdir / "aries.yaml", mongo_uri, "./lake", [entry], warehouse={"url": url})
+    code, out, err = run_cli("sync", "--workers", "1")
+    assert code == 0, out + err
+    assert_same_documents(mongo_documents(client, database, "users"), lake_documents(folder))
+    assert_table_exact(url, database, coll)
+
+
+def test_a_lake_from_before_the_fingerprint_is_checked_by_its_footers(client, mongo_uri, database, workdir):
+    """A ledger without `written_with` (an older Aries): the files' footers decide. Options as they
+    were: nothing is re-read; an exclude added since: the files are rewritten."""
+    client[database].users.insert_many([{"_id": i, "password": f"secret-{i}"} for i in range(30)])
+    entry = {"database": database, "collection": "users", "bucket_size": 10}
+    write_config(workdir / "aries.yaml", mongo_uri, "./lake", [entry])
+    assert run_cli("sync", "--workers", "1")[0] == 0
+    store = LedgerStore(LocalLake(workdir / "lake"), database, "users")
+    fingerprint = store.load().written_with
+    assert fingerprint
+
+    store.update(lambda led: setattr(led, "written_with", None))
+    code, out, err = run_cli("sync", "--workers", "1")
+    assert code == 0 and "0 written" in out and "up to date" in out, out + err
+    assert store.load().written_with == fingerprint, (
+        "footers matching: the fingerprint is recorded, no re-read"
+    )
+
+    store.update(lambda led: setattr(led, "written_with", None))
+    write_config(
+        workdir / "aries.yaml", mongo_uri, "./lake", [{**entry, "schema": {"exclude": ["password"]}}]
+    )
+    code, out, err = run_cli("sync", "--workers", "1")
+    assert code == 0, out + err
+    assert not _lake_holds(workdir / "lake" / database / "users", "secret-")
+    assert store.load().written_with not in (None, fingerprint)
+
+
+def test_a_changed_query_reaches_the_lake_with_a_plain_sync(client, mongo_uri, database, workdir):
+    coll = client[database].orders
+    coll.insert_many([{"_id": i, "region": "eu" if i % 3 else "us"} for i in range(40)])
+    entry = {"database": database, "collection": "orders", "bucket_size": 10}
+    write_config(workdir / "aries.yaml", mongo_uri, "./lake", [entry])
+    assert run_cli("sync", "--workers", "1")[0] == 0
+    folder = workdir / "lake" / database / "orders"
+    write_config(workdir / "aries.yaml", mongo_uri, "./lake", [{**entry, "query": {"region": "us"}}])
+    code, out, err = run_cli("sync", "--workers", "1")
+    assert code == 0, out + err
+    assert_same_documents(
+        mongo_documents(client, database, "orders", {"region": "us"}), lake_documents(folder)
+    )
 
 
 class ReadConcerns(monitoring.CommandListener):

@@ -10,6 +10,7 @@ import threading
 import time
 
 import dagster as dg
+import pyarrow.parquet as pq
 import pytest
 from bson import ObjectId, Timestamp
 from pymongo import MongoClient
@@ -113,6 +114,32 @@ def test_one_tick_records_the_changes_and_one_run_makes_the_lake_exact(client, d
 
         quiet = tick(defs, instance, sensor, result.cursor)
         assert quiet.run_requests == []
+
+
+def test_an_exclude_added_to_the_config_is_requested_by_the_sensor_with_no_change(
+    client, mongo_uri, database, workdir, synced
+):
+    """The daemon's path: with no document changing, a tick of the new config asks a re-read, and
+    its run scrubs the excluded field from every file."""
+    coll, _, folder, sensor = synced
+    entry = {"database": database, "collection": "events", "bucket_size": 20, "schema": {"exclude": ["tags"]}}
+    write_config(workdir / "aries.yaml", mongo_uri, "./lake", [entry])
+    defs = build_definitions(load_config())
+    with dg.DagsterInstance.get() as instance:
+        result = tick(defs, instance, sensor)
+        (request,) = result.run_requests
+        assert request.job_name == f"sync__{database}__events", "a whole-collection read: a run of its own"
+        assert ledger_of(workdir, database).reread["reason"].startswith("its files were written with other")
+        apply(defs, instance, result)
+    expected = mongo_documents(client, database, "events")
+    for path in folder.glob("*.parquet"):
+        table = pq.read_table(path)
+        assert "tags" not in table.column_names, path.name
+        assert not [d for d in table.column("_doc").to_pylist() if '"tags"' in d], path.name
+    assert len(lake_documents(folder)) == len(expected)
+    assert ledger_of(workdir, database).reread is None
+    with dg.DagsterInstance.get() as instance:
+        assert tick(defs, instance, sensor).run_requests == [], "once rewritten, nothing more to do"
 
 
 def test_an_idle_collection_still_advances_its_position(client, database, workdir, synced):

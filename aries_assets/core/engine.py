@@ -24,6 +24,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import gc
+import hashlib
 import multiprocessing
 import os
 import threading
@@ -32,7 +33,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from bson import Timestamp
+from bson import Timestamp, json_util
 from bson.max_key import MaxKey
 from bson.min_key import MinKey
 from pymongo import MongoClient
@@ -76,6 +77,15 @@ class CollectionSpec:
     options: s.SchemaOptions
     bucket_bytes: int = DEFAULT_BUCKET_BYTES
     table: TableRef | None = None
+
+    @property
+    def written_with(self) -> str:
+        """A fingerprint of what shapes every file of the collection: its schema options and its query."""
+        query = json_util.dumps(
+            self.source.query, json_options=json_util.CANONICAL_JSON_OPTIONS, sort_keys=True
+        )
+        body = f"{snapshot.options_fingerprint(self.options)}\n{query}"
+        return hashlib.sha256(body.encode()).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -169,6 +179,7 @@ def sync_collection(
         if full or keys:
             now = majority_time(client, source)
             store.update(lambda led: _request(led, now, full, keys))
+        _reread_if_written_otherwise(client, spec, store, targets.lake, reporter)
         sync = _CollectionSync(spec, client, targets, settings, reporter, store, lease, outcome)
         sync.requested = frozenset(keys or ())
         # Lingering ends once the collection has been quiet for linger_seconds, or at the cap.
@@ -309,6 +320,30 @@ def serve_collections(
             with contextlib.suppress(Exception):  # the sensor records the changes anyway
                 follow()
             candidates = waiting()
+
+
+OPTIONS_CHANGED = "its files were written with other schema options or another query"
+
+
+def _reread_if_written_otherwise(
+    client: MongoClient, spec: CollectionSpec, store: LedgerStore, lake: Lake, reporter: Reporter
+) -> None:
+    """Re-read a collection whose files were written with other schema options or another query:
+    the buckets whose files differ are rewritten, and reloaded into the warehouse."""
+    ledger = store.load()
+    if not ledger.loaded or ledger.reread or ledger.ranges or ledger.written_with == spec.written_with:
+        return
+    if ledger.written_with is None:
+        # A lake written before the fingerprint was kept: each file's footer names its options.
+        options = snapshot.options_fingerprint(spec.options)
+        files = snapshot.inspect_files(spec.source, lake, ledger.bucket_map().keys)
+        if all(f is None or f.options == options for f in files.values()):
+            store.update(lambda led: setattr(led, "written_with", led.written_with or spec.written_with))
+            return
+    now = majority_time(client, spec.source)
+    _, asked = store.update(lambda led: led.ask_reread(OPTIONS_CHANGED, now))
+    if asked:
+        reporter.message(f"{spec.source.label}: {OPTIONS_CHANGED}; re-reading it to rewrite them")
 
 
 def _request(ledger: Ledger, now: Timestamp, full: bool, keys: list[str] | None) -> None:
@@ -486,6 +521,8 @@ class _CollectionSync:
             led.clear(covered_dirty, covered_reread, done)
             led.finish_ranges(touched)
             led.settled()  # this round settled every bucket: nothing waits for a range run any more
+            if (first_load or covered_reread) and not led.reread:
+                led.written_with = self.spec.written_with  # every file follows these options now
 
         self.store.update(clear)
         files = self.files or files
@@ -779,7 +816,9 @@ class _CollectionSync:
             return None
         files = self._files(keys)
         loaded = loader.loaded(table)
-        stale = [k for k in keys if files.get(k) is not None and loaded.get(k) != files[k].digest]
+        stale = [
+            k for k in keys if files.get(k) is not None and loaded.get(k) != snapshot.load_digest(files[k])
+        ]
         for key in stale:
             self.lease.check()
             found = files[key]
@@ -787,13 +826,13 @@ class _CollectionSync:
             schema = snapshot.file_schema(self.schema, found)
             try:
                 result = loader.replace_bucket(
-                    table, schema, self.spec.options.evolution, key, found.digest, data, uri
+                    table, schema, self.spec.options.evolution, key, snapshot.load_digest(found), data, uri
                 )
             except RebuildNeeded as needed:
                 # A column changes type: build the table anew from every bucket, out of readers' sight.
                 self.reporter.message(f"{self.source.label}: {needed}; rebuilding {table.label}")
                 loads = (
-                    BucketLoad(k, files[k].digest, *self._bucket_data(k, loader))
+                    BucketLoad(k, snapshot.load_digest(files[k]), *self._bucket_data(k, loader))
                     for k in keys
                     if files.get(k) is not None
                 )

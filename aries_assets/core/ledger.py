@@ -114,6 +114,9 @@ class Ledger:
     ranges: dict[str, DirtyBucket] = field(default_factory=dict)  # a split first load's unfinished ranges
     unsettled: str | None = None  # why the collection-wide steps wait for a whole-collection run
     last_run: dict[str, Any] = field(default_factory=dict)  # outcome of the last run that finished
+    # A fingerprint of what shaped every file (schema options, query) as of the last first load or
+    # re-read; None for a lake written before it was kept (the files' footers tell, `engine`).
+    written_with: str | None = None
 
     # --- the bucket map ------------------------------------------------------------------------
 
@@ -234,6 +237,14 @@ class Ledger:
             return f"settle after {self.unsettled}: schema, orphans, Glue, warehouse"
         return None
 
+    def ask_reread(self, reason: str, now: Timestamp) -> bool:
+        """Ask for a re-read of the whole collection, unless one is asked already or a split first
+        load is under way; True if asked now."""
+        if not self.loaded or self.reread or self.ranges:
+            return False
+        self.reread = {"reason": reason, "time": now}
+        return True
+
     def note_run(self, status: str, at: str, details: dict[str, Any]) -> None:
         """Record how a run ended; failures in a row are counted, for the retry backoff."""
         previous = self.last_run
@@ -313,6 +324,7 @@ class Ledger:
             },
             "unsettled": self.unsettled,
             "last_run": self.last_run,
+            "written_with": self.written_with,
         }
         return json_util.dumps(body, json_options=_CANONICAL, indent=1)
 
@@ -336,6 +348,7 @@ class Ledger:
             },
             unsettled=body.get("unsettled"),
             last_run=body.get("last_run") or {},
+            written_with=body.get("written_with"),
         )
 
 

@@ -7,6 +7,7 @@ Plain functions over a pymongo collection and a Lake; the Dagster layer and
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import os
 import time
@@ -116,6 +117,13 @@ def remove_orphans(source: SourceCollection, lake: Lake, keys: list[str]) -> lis
     for path in orphans:
         lake.delete(path)
     return orphans
+
+
+def load_digest(found: BucketFile) -> str:
+    """What a warehouse records of a bucket it loaded: the file's documents and the options they were
+    written with. The documents' digest alone stays the same when an exclude is added, and the
+    table would keep the excluded field."""
+    return hashlib.sha256(f"{found.digest}\n{found.options}".encode()).hexdigest()
 
 
 def inspect_files(source: SourceCollection, lake: Lake, keys: list[str]) -> dict[str, BucketFile | None]:

@@ -86,7 +86,7 @@ def collection_status(
         try:
             loaded = loader.loaded(spec.table)
             status.warehouse_buckets_behind = sum(
-                1 for k, f in files.items() if f is not None and loaded.get(k) != f.digest
+                1 for k, f in files.items() if f is not None and loaded.get(k) != snapshot.load_digest(f)
             )
             status.warehouse_rows = loader.row_count(spec.table)
         except Exception as error:  # noqa: BLE001 - status reports any warehouse failure as a problem
