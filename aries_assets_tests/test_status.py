@@ -52,3 +52,25 @@ def test_status_reports_dirty_buckets_a_lease_and_lag(client, mongo_uri, databas
 
     code, out, _ = run_cli("status")  # the table form
     assert database in out and "waiting: 1 dirty bucket" in out
+
+
+def test_status_is_not_in_step_when_nobody_has_read_the_changes_for_a_while(
+    client, mongo_uri, database, workdir
+):
+    """With no sensor running (`aries sync` from cron), nothing records changes between syncs: status
+    cannot know the lake is current, and must not say so."""
+    client[database].events.insert_many([{"_id": i} for i in range(10)])
+    write_config(
+        workdir / "aries.yaml", mongo_uri, "./lake", [{"database": database, "collection": "events"}]
+    )
+    assert run_cli("sync", "--workers", "1")[0] == 0
+    store = LedgerStore(LocalLake(workdir / "lake"), database, "events")
+    now = majority_time(client, SourceCollection(database, "events"))
+    store.update(lambda led: setattr(led, "position", Timestamp(now.time - 300, 0)))
+    code, out, err = run_cli("status", "--json")
+    assert code == 0, err  # not a failure: nothing is known to be wrong
+    (status,) = json.loads(out)
+    assert not status["in_step"] and status["dirty_buckets"] == 0
+    assert "not read" in status["waiting_for"] and "aries sync" in status["waiting_for"]
+    code, out, _ = run_cli("status")
+    assert "not read" in out

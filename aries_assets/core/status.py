@@ -14,6 +14,10 @@ from aries_assets.core.lake import Lake
 from aries_assets.core.ledger import Lease, LedgerStore
 from aries_assets.core.warehouse.loader import Loader
 
+# A sensor moves a quiet collection's position every few seconds: a position older than this means
+# nothing is reading its changes (`aries sync` from cron, between runs), and the lake may be behind.
+UNREAD_AFTER_SECONDS = 60.0
+
 
 @dataclass
 class CollectionStatus:
@@ -64,6 +68,11 @@ def collection_status(
         status.stream_position = ledger.position.as_datetime().isoformat(timespec="seconds")
         if cluster_time is not None:
             status.lag_seconds = max(0.0, float(cluster_time.time - ledger.position.time))
+            if status.waiting_for is None and status.lag_seconds > UNREAD_AFTER_SECONDS:
+                status.waiting_for = (
+                    f"changes since {status.stream_position} not read yet: no sensor is following the "
+                    "stream (is the daemon running?); `aries sync` reads them"
+                )
     lease = Lease(lake, source.database, source.collection, "status")
     holder = lease.current()
     if holder is not None and not holder.expired:
