@@ -63,8 +63,9 @@ def check_targets(config) -> None:
 
     defs = build_definitions(config)
     lake = defs.resources["lake"]
+    store = lake.open()
     try:
-        lake.open().read_versioned("_aries/streams/.reachable")
+        store.read_versioned("_aries/streams/.reachable")
     except (BotoCoreError, ClientError, OSError) as error:
         raise TargetUnreachable(
             f"cannot read the lake at {lake.spec().url}: {type(error).__name__}: {str(error)[:200]}; "
@@ -82,6 +83,16 @@ def check_targets(config) -> None:
             if "the warehouse at" not in text:  # the loader's own errors already name it
                 text = f"cannot reach the warehouse at {redact_uri(url)}: {text}"
             raise TargetUnreachable(f"{text}; check warehouse.url and that the server is running") from None
+    # Last, once everything else answered: written and removed (a read-only mount or a bucket
+    # policy would fail every run), so a mistake found above leaves nothing behind.
+    try:
+        store.write_text("_aries/streams/.writable", "")
+        store.delete("_aries/streams/.writable")
+    except (BotoCoreError, ClientError, OSError) as error:
+        raise TargetUnreachable(
+            f"cannot write to the lake at {lake.spec().url}: {type(error).__name__}: {str(error)[:200]}; "
+            "check lake.url and that it can be written (permissions, a read-only mount, the bucket policy)"
+        ) from None
 
 
 def _progress(message: str) -> None:
@@ -256,13 +267,27 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(port=args.port, trickle_seconds=args.trickle_seconds)
 
 
+def _workers(text: str) -> int:
+    """`--workers`: a whole number from 1 to 64, as `sync.workers` in the config."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= 64:
+        raise argparse.ArgumentTypeError(f"must be a whole number from 1 to 64, got {text!r}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="aries", description="Keep analytics stores in step with MongoDB.")
     sub = parser.add_subparsers(dest="command", required=True)
     sync_parser = sub.add_parser("sync", help="plan buckets and write every missing or stale bucket")
     sync_parser.add_argument("--config", help="config file (default: $ARIES_CONFIG or ./aries.yaml)")
     sync_parser.add_argument(
-        "--workers", type=int, default=0, help="parallel bucket writers (default: sync.workers in the config)"
+        "--workers",
+        type=_workers,
+        default=0,
+        help="parallel bucket writers, 1 to 64 (default: sync.workers in the config)",
     )
     sync_parser.add_argument(
         "--full",

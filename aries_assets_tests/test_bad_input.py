@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from aries_assets.cli import main
 from aries_assets.demo.mongo_server import free_port
 from aries_assets_tests.faults import assert_table_exact, table_names
 from aries_assets_tests.support import (
@@ -194,6 +195,20 @@ def test_an_unreachable_s3_endpoint_is_one_line_and_writes_nothing(
     _only_config_left(workdir)
 
 
+@pytest.mark.parametrize("lake", ["/proc/aries-lake", "/sys/kernel/aries-lake"])
+def test_a_lake_that_cannot_be_written_is_one_line_before_any_run(client, mongo_uri, database, workdir, lake):
+    """Found before anything runs, like an unreachable MongoDB: not one failed run per collection."""
+    client[database].apps.insert_one({"_id": 1})
+    client[database].users.insert_one({"_id": 1})
+    entries = [{"database": database, "collection": "apps"}, {"database": database, "collection": "users"}]
+    write_config(workdir / "aries.yaml", mongo_uri, lake, entries)
+    code, out, err = run_cli("sync", "--workers", "1")
+    assert code == 2, out + err
+    assert err.startswith("aries: cannot write to the lake at") and err.strip().count("\n") == 0, err
+    assert lake in err and "lake.url" in err
+    assert "FAILED" not in out + err, "no run was started"
+
+
 def test_wrong_mongodb_credentials_say_authentication_failed(client, mongo_uri, database, workdir):
     user = f"u_{database}"
     client.admin.command("createUser", user, pwd="right-password", roles=["root"])
@@ -306,3 +321,11 @@ def test_hostile_collection_names_stay_inside_the_lake_and_load_as_tables(
     assert set(table_names(url)) >= {f"{database}.{n}" for n in HOSTILE_COLLECTIONS}
     for name in HOSTILE_COLLECTIONS:
         assert_table_exact(url, database, client[database].get_collection(name))
+
+
+@pytest.mark.parametrize("workers", ["0", "-3", "65", "two"])
+def test_workers_outside_1_to_64_are_refused_on_the_command_line(workdir, capsys, workers):
+    with pytest.raises(SystemExit) as exited:
+        main(["sync", "--workers", workers])
+    assert exited.value.code == 2
+    assert f"--workers: must be a whole number from 1 to 64, got '{workers}'" in capsys.readouterr().err
