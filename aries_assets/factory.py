@@ -17,10 +17,12 @@ import datetime
 import queue
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import dagster as dg
+from pymongo.errors import ConnectionFailure
 
 from aries_assets import terminal
 from aries_assets.config import CollectionConfig, SyncOptions, dagster_name
@@ -98,6 +100,15 @@ class SyncRunConfig(dg.Config):
     workers: int = 0  # parallel bucket writers; 0: the config's sync.workers
 
 
+@contextlib.contextmanager
+def _said_plainly(mongo: MongoResource) -> Iterator[None]:
+    """MongoDB lost mid-run fails the run with one line (the driver's message is a topology dump)."""
+    try:
+        yield
+    except ConnectionFailure as error:
+        raise mongo.lost(error) from error
+
+
 def _client(mongo: MongoResource, lake: LakeResource, collections: list[CollectionConfig]):
     try:
         return mongo.client()
@@ -141,17 +152,18 @@ def run_sync(
     client = _client(mongo, lake, [coll])
     reporter = reporter or DagsterReporter(context, coll)
     try:
-        return engine.sync_collection(
-            spec_of(coll, warehouse is not None),
-            client,
-            _targets(lake, warehouse),
-            _settings(options, config.workers, config.linger_seconds),
-            reporter,
-            holder=f"run {context.run.run_id[:8]}",
-            run_id=context.run.run_id,
-            keys=(keys or []) + list(config.buckets) or None,
-            full=config.full,
-        )
+        with _said_plainly(mongo):
+            return engine.sync_collection(
+                spec_of(coll, warehouse is not None),
+                client,
+                _targets(lake, warehouse),
+                _settings(options, config.workers, config.linger_seconds),
+                reporter,
+                holder=f"run {context.run.run_id[:8]}",
+                run_id=context.run.run_id,
+                keys=(keys or []) + list(config.buckets) or None,
+                full=config.full,
+            )
     finally:
         client.close()
         reporter.close()
@@ -199,15 +211,16 @@ def serve_collections(
         def sync_one(spec: engine.CollectionSpec) -> engine.SyncOutcome:
             reporter = DagsterReporter(context, by_label[spec.source.label])
             try:
-                return engine.sync_collection(
-                    spec,
-                    client,
-                    targets,
-                    one_pass,
-                    reporter,
-                    f"run {context.run.run_id[:8]}",
-                    context.run.run_id,
-                )
+                with _said_plainly(mongo):
+                    return engine.sync_collection(
+                        spec,
+                        client,
+                        targets,
+                        one_pass,
+                        reporter,
+                        f"run {context.run.run_id[:8]}",
+                        context.run.run_id,
+                    )
             finally:
                 reporter.close()
 
@@ -421,9 +434,14 @@ class DagsterReporter:
         self._checked_queue = 0.0
         self._events = _EventLog(context)
         self._checks = _CheckSummary()
+        self._nonconforming = 0  # buckets whose type_conformance check failed: said at the terminal too
 
     def close(self) -> None:
         """Every event recorded; called when the engine is done."""
+        if self._nonconforming > 1:
+            self.message(
+                f"{self.coll.label}: type_conformance failed for {self._nonconforming} buckets in all"
+            )
         for evaluation in self._checks.summaries():
             self._events.log(evaluation)
         self._events.close()
@@ -450,7 +468,17 @@ class DagsterReporter:
         self._events.log(
             dg.AssetMaterialization(key, partition=written.key, metadata=materialization_metadata(written))
         )
-        for check in (conformance_check(written), drift_check(written), coverage_check(written)):
+        conformance = conformance_check(written)
+        if not conformance.passed:
+            self._nonconforming += 1
+            if self._nonconforming == 1:
+                columns = ", ".join(f"{c}: {n}" for c, n in sorted(written.outliers.items())[:5])
+                self.message(
+                    f"{self.coll.label}: bucket {written.key}: type_conformance failed, values their "
+                    f"column types cannot hold ({columns}) are null in the columns and whole in `_doc`; "
+                    "check the schema overrides, or let inference type them"
+                )
+        for check in (conformance, drift_check(written), coverage_check(written)):
             evaluation = dg.AssetCheckEvaluation(
                 asset_key=key,
                 check_name=check.check_name,

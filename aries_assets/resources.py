@@ -10,7 +10,7 @@ import dagster as dg
 import psycopg2
 from pydantic import Field as PydanticField
 from pymongo import MongoClient
-from pymongo.errors import OperationFailure, PyMongoError
+from pymongo.errors import ConnectionFailure, OperationFailure, PyMongoError
 
 from aries_assets.config import expand_env, expand_url, lake_spec, redact_uri, scrub, url_password
 from aries_assets.core.extract import MongoUnreachable, open_client
@@ -46,6 +46,14 @@ class MongoResource(dg.ConfigurableResource):
                 "check mongo.uri and that the server is running"
             ) from None
         return client
+
+    def lost(self, error: ConnectionFailure) -> MongoUnreachable:
+        """The driver losing MongoDB during a run (its message is a topology dump), said in one line."""
+        uri = expand_url(self.uri, "mongo.uri")
+        return MongoUnreachable(
+            f"lost MongoDB at {redact_uri(uri)} during the run ({type(error).__name__}); check that the "
+            "server is running and mongo.uri. Nothing is lost: the next run or `aries sync` resumes"
+        )
 
 
 class LakeResource(dg.ConfigurableResource):

@@ -175,7 +175,9 @@ def default_workers() -> int:
 
 
 def summary_line(outcome: SyncOutcome) -> str:
-    status = "FAILED" if outcome.failures else "ok"
+    if outcome.failures:  # what the failed run did is in its log, not in counts of zero
+        return f"{outcome.label:<32} FAILED"
+    status = "ok"
     return (
         f"{outcome.label:<32} {outcome.documents:>10,} docs {outcome.buckets:>5} buckets "
         f"{outcome.written:>5} written {outcome.bytes_out / 1e6:>9.1f} MB {outcome.seconds:>7.1f}s "

@@ -300,3 +300,48 @@ def test_a_warehouse_failing_during_the_first_load_is_loaded_by_the_next_sync(
     code, out, err = run_cli("sync", "--workers", "1")
     assert code == 0, out + err
     assert_table_exact(url, database, coll)
+
+
+def test_mongodb_stopped_mid_sync_is_one_plain_line_and_the_next_sync_ends_exact(workdir, monkeypatch):
+    """Not a driver's topology dump: the line names MongoDB and what to check, and nothing is lost."""
+    from pymongo import MongoClient
+
+    from aries_assets.demo.mongo_server import embedded_mongo, free_port
+
+    monkeypatch.setattr("aries_assets.resources.SERVER_SELECTION_TIMEOUT_MS", 2_000)
+    port, storage = free_port(), workdir / "mongo"
+    with embedded_mongo(storage, port=port) as uri, MongoClient(uri) as client:
+        client.app.events.insert_many([{"_id": i, "v": "x" * 200} for i in range(60_000)])
+        write_config(
+            workdir / "aries.yaml",
+            uri,
+            "./lake",
+            [{"database": "app", "collection": "events", "bucket_size": 1_000}],
+        )
+    folder = workdir / "lake" / "app" / "events"
+    with embedded_mongo(storage, port=port) as uri:
+        outcome: dict = {}
+
+        def sync() -> None:
+            outcome["result"] = run_cli("sync", "--workers", "1", "--plain")
+
+        import threading
+
+        syncing = threading.Thread(target=sync)
+        syncing.start()
+        deadline = time.monotonic() + 60
+        while not list(folder.glob("*.parquet")) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert list(folder.glob("*.parquet")), "the first load wrote nothing before the stop"
+    # The server is stopped here, mid first load.
+    syncing.join(120)
+    code, out, err = outcome["result"]
+    text = out + err
+    assert code == 1, text
+    failed = [line for line in text.splitlines() if "FAILED:" in line and "app.events" in line]
+    assert failed, text
+    assert "MongoDB" in failed[0] and "check that the server is running" in failed[0], failed[0]
+    assert "Topology" not in text and "Traceback" not in text, text[-2000:]
+    with embedded_mongo(storage, port=port) as uri, MongoClient(uri) as client:
+        assert run_cli("sync", "--workers", "1")[0] == 0
+        assert_same_documents(mongo_documents(client, "app", "events"), lake_documents(folder))
