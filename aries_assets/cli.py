@@ -339,7 +339,10 @@ def console() -> None:
     and leases ended. What the interpreter would still do (join pymongo's monitor
     threads, tear down Dagster's objects) takes most of a second and changes nothing.
     """
-    code = main()
+    try:
+        code = main()
+    except BrokenPipeError:  # a reader that went away (`aries status --json | head`) read what it wanted
+        code = 0
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(OSError, ValueError):  # a reader that went away (`| head`)

@@ -329,3 +329,44 @@ def test_workers_outside_1_to_64_are_refused_on_the_command_line(workdir, capsys
         main(["sync", "--workers", workers])
     assert exited.value.code == 2
     assert f"--workers: must be a whole number from 1 to 64, got '{workers}'" in capsys.readouterr().err
+
+
+def test_values_an_override_cannot_hold_are_said_by_aries_sync_not_only_in_the_ui(
+    client, mongo_uri, database, workdir
+):
+    """`name: int32` over text: the column is null, `_doc` keeps every value, and the terminal says so
+    (the failed type_conformance check alone is in the UI, which a cron user never opens)."""
+    client[database].people.insert_many([{"_id": i, "name": f"person {i}"} for i in range(40)])
+    entry = {"database": database, "collection": "people", "bucket_size": 10, "schema": {"name": "int32"}}
+    write_config(workdir / "aries.yaml", mongo_uri, "./lake", [entry])
+    code, out, err = run_cli("sync", "--workers", "1", "--plain")
+    assert code == 0, out + err
+    lines = [line for line in (out + err).splitlines() if "type_conformance" in line]
+    assert len(lines) == 2, out + err  # the first bucket, then how many in all
+    assert f"{database}.people" in lines[0] and "name: 10" in lines[0] and "_doc" in lines[0], lines[0]
+    assert "4 buckets" in lines[1], lines[1]
+    assert_same_documents(
+        mongo_documents(client, database, "people"), lake_documents(workdir / "lake" / database / "people")
+    )
+
+
+def test_status_piped_into_a_reader_that_stops_early_is_not_a_traceback(mongo_uri, database, workdir):
+    """`aries status --json | head`: the reader leaves after a line; more than a pipe's buffer is left."""
+    import os
+    import subprocess
+    import sys
+
+    entries = [{"database": database, "collection": f"c{i:03d}"} for i in range(300)]
+    write_config(workdir / "aries.yaml", mongo_uri, "./lake", entries)
+    status = subprocess.Popen(
+        [sys.executable, "-m", "aries_assets.cli", "status", "--json"],
+        cwd=workdir,
+        env={**os.environ, "DAGSTER_HOME": str(workdir / ".dagster")},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert status.stdout.readline().strip() == b"["
+    status.stdout.close()  # as `head -1` does
+    err = status.stderr.read().decode()
+    status.wait(60)
+    assert "Traceback" not in err and "BrokenPipeError" not in err, err[-2000:]
