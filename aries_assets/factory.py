@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import dagster as dg
-from pymongo.errors import ConnectionFailure
+from pymongo.errors import ConnectionFailure, OperationFailure
 
 from aries_assets import terminal
 from aries_assets.config import CollectionConfig, SyncOptions, dagster_name
@@ -101,12 +101,15 @@ class SyncRunConfig(dg.Config):
 
 
 @contextlib.contextmanager
-def _said_plainly(mongo: MongoResource) -> Iterator[None]:
-    """MongoDB lost mid-run fails the run with one line (the driver's message is a topology dump)."""
+def _said_plainly(mongo: MongoResource, source: SourceCollection) -> Iterator[None]:
+    """MongoDB lost or refusing mid-run fails the run with one line (the driver's messages hold a
+    topology dump, or the server's whole reply in raw BSON)."""
     try:
         yield
     except ConnectionFailure as error:
         raise mongo.lost(error) from error
+    except OperationFailure as error:
+        raise mongo.refused(error, source) from error
 
 
 def _client(mongo: MongoResource, lake: LakeResource, collections: list[CollectionConfig]):
@@ -152,7 +155,7 @@ def run_sync(
     client = _client(mongo, lake, [coll])
     reporter = reporter or DagsterReporter(context, coll)
     try:
-        with _said_plainly(mongo):
+        with _said_plainly(mongo, source_of(coll)):
             return engine.sync_collection(
                 spec_of(coll, warehouse is not None),
                 client,
@@ -211,7 +214,7 @@ def serve_collections(
         def sync_one(spec: engine.CollectionSpec) -> engine.SyncOutcome:
             reporter = DagsterReporter(context, by_label[spec.source.label])
             try:
-                with _said_plainly(mongo):
+                with _said_plainly(mongo, spec.source):
                     return engine.sync_collection(
                         spec,
                         client,

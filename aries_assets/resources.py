@@ -13,12 +13,16 @@ from pymongo import MongoClient
 from pymongo.errors import ConnectionFailure, OperationFailure, PyMongoError
 
 from aries_assets.config import expand_env, expand_url, lake_spec, redact_uri, scrub, url_password
-from aries_assets.core.extract import MongoUnreachable, open_client
+from aries_assets.core.extract import MongoUnreachable, SourceCollection, open_client
 from aries_assets.core.lake import Lake, LakeSpec, LocalLake, S3Lake
 from aries_assets.core.warehouse import Loader, open_loader
 from aries_assets.core.warehouse.loader import WarehouseError
 
 SERVER_SELECTION_TIMEOUT_MS = 10_000
+
+
+class MongoRefused(RuntimeError):
+    """MongoDB answered a run's command with an error; the message names the collection and the error."""
 
 
 class MongoResource(dg.ConfigurableResource):
@@ -46,6 +50,14 @@ class MongoResource(dg.ConfigurableResource):
                 "check mongo.uri and that the server is running"
             ) from None
         return client
+
+    def refused(self, error: OperationFailure, source: SourceCollection) -> MongoRefused:
+        """MongoDB refusing a command of a run (an unknown operator in the query, a missing privilege),
+        in one line: the driver's message appends the whole server reply, raw BSON included."""
+        details = error.details or {}
+        text = str(details.get("errmsg") or str(error).split(", full error:")[0])
+        hint = "; check the collection's query in the config" if source.query else ""
+        return MongoRefused(f"MongoDB refused a command for {source.label}: {text} (code {error.code}){hint}")
 
     def lost(self, error: ConnectionFailure) -> MongoUnreachable:
         """The driver losing MongoDB during a run (its message is a topology dump), said in one line."""

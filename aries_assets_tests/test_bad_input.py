@@ -370,3 +370,12 @@ def test_status_piped_into_a_reader_that_stops_early_is_not_a_traceback(mongo_ur
     err = status.stderr.read().decode()
     status.wait(60)
     assert "Traceback" not in err and "BrokenPipeError" not in err, err[-2000:]
+
+
+def test_a_query_mongodb_refuses_is_one_line_naming_the_query(client, mongo_uri, database, workdir):
+    client[database].apps.insert_many([{"_id": i, "name": f"a{i}"} for i in range(5)])
+    entry = {"database": database, "collection": "apps", "query": {"name": {"$foo": 1}}}
+    write_config(workdir / "aries.yaml", mongo_uri, "./lake", [entry])
+    code, out, err = run_cli("sync", "--workers", "1", "--plain")
+    _clear_failure(code, out, err, f"{database}.apps", "unknown operator: $foo", "query")
+    assert "full error" not in out + err and "RawBSONDocument" not in out + err, out + err
