@@ -392,10 +392,16 @@ def _schema_options(entry: dict[str, Any], where: str) -> SchemaOptions:
         raise ConfigError(f"{where}: schema must be a mapping of field: type, plus exclude: [fields]")
     block = dict(block)
     exclude = block.pop("exclude", []) or []
-    if not isinstance(exclude, list) or not all(isinstance(f, str) and f for f in exclude):
+    if not isinstance(exclude, list):
         raise ConfigError(
             f"{where}: schema.exclude must be a list of field paths such as password or profile.ssn"
         )
+    for i, path in enumerate(exclude):
+        if not isinstance(path, str) or not path:
+            raise ConfigError(
+                f"{where}: schema.exclude[{i + 1}] must be a field path such as password or profile.ssn, "
+                f"got {path!r}"
+            )
     overrides = {}
     for name, type_name in block.items():
         type_text = str(type_name).strip().lower().replace(" ", "")

@@ -78,6 +78,8 @@ CONFIG_MISTAKES = [
     _bad(BODY + "    schema: {price: money}\n", "schema.price: unknown type 'money'"),
     _bad(BODY + "    schema: {price: 'decimal(40,2)'}\n", "decimal precision must be 1-38"),
     _bad(BODY + "    schema: {exclude: password}\n", "schema.exclude must be a list of field paths"),
+    _bad(BODY + "    schema: {exclude: ['']}\n", "schema.exclude[1] must be a field path such as password"),
+    _bad(BODY + "    schema: {exclude: [a, 5]}\n", "schema.exclude[2] must be a field path such as password"),
     _bad(BODY + "    evolution: merge\n", "evolution must be rebuild or append, got 'merge'"),
     _bad(BODY + "    max_depth: 0\n", "max_depth must be a positive whole number, got 0"),
     _bad(BODY + "    max_columns: -5\n", "max_columns must be a positive whole number, got -5"),
