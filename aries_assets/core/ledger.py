@@ -412,20 +412,37 @@ class LeaseInfo:
     expires_at: float
     range: str | None = None  # the range of a split first load this holder writes; None: the whole collection
     released_at: float | None = None  # set by `release()`: the holder finished, it did not die
+    process: str | None = None  # `process_identity()` of the holder: lets its own machine see it died
 
     @property
     def expired(self) -> bool:
-        return self.expires_at <= time.time()
+        return self.expires_at <= time.time() or self.holder_exited
+
+    @property
+    def holder_exited(self) -> bool:
+        """The holder's process is gone, as this machine can tell: same kernel boot and pid namespace,
+        and no process of that pid started when the holder did (a holder elsewhere: False)."""
+        if self.process is None or self.released_at is not None:
+            return False
+        where, _, started = self.process.rpartition("/")
+        return where == _PID_SPACE and _PID_SPACE is not None and _started(self.pid) != started
 
     def describe(self) -> str:
         left = self.expires_at - time.time()
         run = f", run {self.run_id}" if self.run_id else ""
         part = f", range {self.range}" if self.range else ""
-        state = f"expires in {left:.0f}s" if left > 0 else "expired"
+        state = (
+            "its process has exited"
+            if self.holder_exited
+            else f"expires in {left:.0f}s"
+            if left > 0
+            else "expired"
+        )
         return f"{self.holder} (pid {self.pid} on {self.host}{run}{part}; {state})"
 
     def to_dict(self) -> dict[str, Any]:
-        body = {k: v for k, v in self.__dict__.items() if k not in ("range", "released_at") or v is not None}
+        optional = ("range", "released_at", "process")
+        body = {k: v for k, v in self.__dict__.items() if k not in optional or v is not None}
         return body | {"expires_at_iso": _iso(self.expires_at)}
 
     def to_json(self) -> str:
@@ -441,11 +458,40 @@ class LeaseInfo:
             float(body["expires_at"]),
             body.get("range"),
             float(body["released_at"]) if body.get("released_at") is not None else None,
+            body.get("process"),
         )
 
     @classmethod
     def from_json(cls, text: str) -> LeaseInfo:
         return cls.from_dict(json.loads(text))
+
+
+def _pid_space() -> str | None:
+    """Where a pid names one process: this boot of this kernel, this pid namespace (None off Linux)."""
+    try:
+        boot = open("/proc/sys/kernel/random/boot_id").read().strip()  # noqa: SIM115
+        return f"{boot}/{os.stat('/proc/self/ns/pid').st_ino}"
+    except OSError:
+        return None
+
+
+def _started(pid: int) -> str | None:
+    """When process `pid` started (clock ticks after boot); None if there is none, or only its zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return None if fields[0] in ("Z", "X") else fields[19]
+
+
+_PID_SPACE = _pid_space()
+
+
+def process_identity(pid: int) -> str | None:
+    """What tells process `pid` from any other, now and later, on this machine (None off Linux)."""
+    started = _started(pid)
+    return f"{_PID_SPACE}/{started}" if _PID_SPACE is not None and started is not None else None
 
 
 def _iso(seconds: float) -> str:
@@ -505,7 +551,15 @@ class Lease:
         self.path = lease_file(database, collection)
         self.ttl = ttl
         self.range_key = range_key
-        self.me = LeaseInfo(holder, socket.gethostname(), os.getpid(), run_id, 0.0, range_key)
+        self.me = LeaseInfo(
+            holder,
+            socket.gethostname(),
+            os.getpid(),
+            run_id,
+            0.0,
+            range_key,
+            process=process_identity(os.getpid()),
+        )
         self._version: str | None = None
         self._expires_at = 0.0
         self._stop = threading.Event()
@@ -583,7 +637,7 @@ class Lease:
 
     def _renewed(self) -> LeaseInfo:
         me = self.me
-        return LeaseInfo(me.holder, me.host, me.pid, me.run_id, time.time() + self.ttl, me.range)
+        return dataclasses.replace(me, expires_at=time.time() + self.ttl)
 
     def _heartbeat(self) -> None:
         while not self._stop.wait(self.ttl / 3):
