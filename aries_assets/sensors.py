@@ -104,7 +104,12 @@ def evaluate(
     for coll in collections:
         ledger = recorded[coll.label].ledger
         written_with = spec_of(coll, False).written_with
-        if ledger.position is not None and ledger.written_with not in (None, written_with):
+        if (
+            ledger.position is not None
+            and ledger.written_with not in (None, written_with)
+            and not ledger.reread
+            and not ledger.ranges
+        ):
             # The config changed what shapes the files (an exclude added, a query): a re-read rewrites
             # them, with no document changing. (A lake older than the fingerprint: its next run checks.)
             ledger, _ = LedgerStore(store, coll.database, coll.collection).update(
