@@ -359,16 +359,17 @@ def run_range(
     None if the partition is no unfinished range."""
     client = mongo.client()
     try:
-        return engine.sync_range(
-            spec_of(coll, False),
-            client,
-            engine.Targets(lake.open(), lake.spec()),  # Glue and the warehouse: the settling run's
-            _settings(options, 0, 0),
-            reporter,
-            holder=f"run {context.run.run_id[:8]}",
-            run_id=context.run.run_id,
-            key=context.partition_key,
-        )
+        with _said_plainly(mongo, source_of(coll)):
+            return engine.sync_range(
+                spec_of(coll, False),
+                client,
+                engine.Targets(lake.open(), lake.spec()),  # Glue and the warehouse: the settling run's
+                _settings(options, 0, 0),
+                reporter,
+                holder=f"run {context.run.run_id[:8]}",
+                run_id=context.run.run_id,
+                key=context.partition_key,
+            )
     finally:
         client.close()
         reporter.close()
