@@ -38,9 +38,9 @@ COLUMNS: dict[str, tuple[str, list]] = {
             -1,
             -3_155_759_999_877,
             1_700_000_000_123,
-            YEAR_1,
+            YEAR_1 + 1,  # 0001-01-01T00:00:00.001Z: far from the epoch, with milliseconds
             YEAR_1 - 86_400_000 * 366 * 3,
-            253_402_300_800_000,
+            253_402_300_799_999,  # 9999-12-31T23:59:59.999Z, the usual "never expires"
             None,
         ],
     ),
@@ -86,8 +86,8 @@ COLUMNS: dict[str, tuple[str, list]] = {
         "list<timestamp>",
         [
             [0, -1, 1_700_000_000_123],
-            [YEAR_1 - 86_400_000 * 366 * 3],
-            [253_402_300_800_000],
+            [YEAR_1 - 86_400_000 * 366 * 3 + 7],
+            [253_402_300_799_999, 253_402_300_800_000],
             None,
             [],
             [None],
@@ -137,10 +137,12 @@ def typed_data() -> pa.Table:
     return pa.table(arrays)
 
 
-@pytest.fixture(params=["postgresql", "duckdb"])
-def url(request, tmp_path):
+@pytest.fixture(params=["postgresql", "postgresql in a DST time zone", "duckdb"])
+def url(request, tmp_path, monkeypatch):
     if request.param == "duckdb":
         return f"duckdb:///{tmp_path / 'warehouse.duckdb'}"
+    if "DST" in request.param:  # the session's time zone must not move a single value
+        monkeypatch.setenv("PGTZ", "America/New_York")
     return request.getfixturevalue("postgres_url")
 
 
@@ -159,7 +161,8 @@ def column_values(url: str, name: str) -> list:
     type_name = COLUMNS[name][0]
     duck = url.startswith("duckdb")
     if type_name == s.T_TIMESTAMP:
-        expression = f'epoch_ms("{name}")' if duck else f'(EXTRACT(EPOCH FROM "{name}") * 1000)::bigint'
+        # PostgreSQL's epoch is numeric, to the microsecond: a value a microsecond off reads as such.
+        expression = f'epoch_ms("{name}")' if duck else f'EXTRACT(EPOCH FROM "{name}") * 1000'
     elif type_name.startswith("list<") and not duck:
         expression = f'CAST("{name}" AS TEXT)'  # jsonb as text: numbers keep every digit
     elif type_name == "list<timestamp>" and duck:

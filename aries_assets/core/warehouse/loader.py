@@ -684,7 +684,15 @@ class PostgresLoader(Loader):
 
     def stage_expression(self, name: str, type_name: str) -> str:
         if type_name == s.T_TIMESTAMP:
-            return f"TIMESTAMPTZ 'epoch' + {quote(name)} * INTERVAL '1 millisecond'"
+            # An interval times a number is computed in double precision: 253402300799999 ms (the
+            # last millisecond of 9999) came out 8 microseconds late. Whole days of 86,400 seconds
+            # (not '1 day', which follows the session's time zone across DST), then the
+            # milliseconds left: each product is exact in a double.
+            column = quote(name)
+            return (
+                f"TIMESTAMPTZ 'epoch' + ({column} / 86400000) * INTERVAL '86400 seconds' "
+                f"+ ({column} % 86400000) * INTERVAL '1 millisecond'"
+            )
         return quote(name)
 
 
