@@ -143,6 +143,34 @@ def test_evolution_rebuild_widens_and_append_adds_a_column():
     assert appended.actions == ["added n__string (string)"]
 
 
+def test_append_gives_decimals_the_old_column_cannot_hold_a_new_column():
+    """decimal(38,1) never changes under `append`; values with more scale (or more integer digits) go
+    to a new column, not null with only `_doc` holding them."""
+    documents = [{"_id": i, "p": Decimal128(f"{i}.5")} for i in range(50)]
+    converter = BucketConverter()
+    converter.add([bson.encode(d) for d in documents])
+    append = s.SchemaOptions(evolution="append")
+    v1 = s.resolve_schema(converter.stats, None, append)
+    assert [(c.name, c.type) for c in v1.columns] == [("p", "decimal(38,1)")]
+
+    documents += [{"_id": 50, "p": Decimal128("7.12345")}, {"_id": 51, "p": Decimal128("8.5")}]
+    converter = BucketConverter(append)
+    converter.add([bson.encode(d) for d in documents])
+    v2 = s.resolve_schema(converter.stats, v1, append)
+    assert [(c.name, c.type) for c in v2.columns] == [
+        ("p", "decimal(38,1)"),
+        ("p__decimal_38_5", "decimal(38,5)"),
+    ]
+    outliers = Counter()
+    table = next(converter.tables(v2, outliers))
+    assert not outliers, outliers
+    assert [str(v) for v in table.column("p").to_pylist()[-2:]] == ["None", "8.5"]
+    assert [str(v) for v in table.column("p__decimal_38_5").to_pylist()[-2:]] == ["7.12345", "None"]
+    # The same widening under `rebuild` changes the column itself.
+    rebuilt = s.resolve_schema(converter.stats, v1, OPTIONS)
+    assert [(c.name, c.type) for c in rebuilt.columns] == [("p", "decimal(38,5)")]
+
+
 def test_exclude_and_column_cap():
     stats = s.TypeStats(
         3, {("password",): counts(string=3), ("a",): counts(int32=3), ("b",): counts(int32=1)}

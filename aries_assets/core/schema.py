@@ -534,6 +534,8 @@ def resolve_schema(
             # Never change an existing column: keep it, and give the kinds it cannot hold a new one.
             kept = [old_main, *old_variants]
             rest = accepts - frozenset().union(*(c.accepts for c in kept))
+            if not rest and not any(_holds_all(c.type, type_name) for c in kept):
+                rest = accepts  # the same kinds, but values the kept columns cannot hold (a decimal's scale)
             if rest:
                 variant_path = (*path, type_name)
                 if variant_path not in names:
@@ -546,6 +548,17 @@ def resolve_schema(
         if options.evolution == "append":
             columns += [_with_shares(c, field_stats) for c in old_variants]
     return _finish(previous, columns, stats, names)
+
+
+def _holds_all(old_type: str, new_type: str) -> bool:
+    """Whether every value of `new_type` fits `old_type` where both take the same kinds: only a
+    decimal (or a list of decimals) with fewer integer digits or less scale does not."""
+    old_decimal = parse_decimal(old_type.removeprefix("list<").removesuffix(">"))
+    new_decimal = parse_decimal(new_type.removeprefix("list<").removesuffix(">"))
+    if old_decimal is None or new_decimal is None:
+        return True
+    (old_precision, old_scale), (new_precision, new_scale) = old_decimal, new_decimal
+    return new_scale <= old_scale and new_precision - new_scale <= old_precision - old_scale
 
 
 def _finish(
