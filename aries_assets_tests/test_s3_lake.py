@@ -86,6 +86,7 @@ def test_sync_to_s3_lake(client, mongo_uri, database, workdir, s3, s3_endpoint):
         table = glue.get_table(DatabaseName=glue_db, Name="users")["Table"]
         columns = {c["Name"]: c["Type"] for c in table["StorageDescriptor"]["Columns"]}
         assert columns["_doc"] == "string" and columns["email"] == "string" and "password" in columns
+        assert columns["_id_key"] == "string", "the key to delete, dedupe and check by, as in every file"
         assert table["StorageDescriptor"]["Location"] == f"s3://lake-bucket/raw/mongo/{db}/users/"
         assert table["Parameters"]["aries_schema_version"] == "1"
 

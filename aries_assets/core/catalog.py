@@ -36,6 +36,11 @@ def table_input(table: str, schema: s.InferredSchema, location: str, label: str)
     columns = [
         {"Name": "_id", "Type": "string"},
         {"Name": "_doc", "Type": "string", "Comment": "canonical Extended JSON"},
+        {
+            "Name": "_id_key",
+            "Type": "string",
+            "Comment": "_id as canonical Extended JSON: distinct ids never share it",
+        },
     ]
     columns += [
         {"Name": c.name, "Type": hive_type(c.type), "Comment": f"from {c.dotted}"[:255]}
@@ -75,7 +80,10 @@ def register_table(glue: Any, database: str, collection: str, schema: s.Inferred
             glue.create_database(DatabaseInput={"Name": glue_database})
         glue.create_table(DatabaseName=glue_database, TableInput=wanted)
         return f"created {glue_database}.{table}"
-    if current.get("Parameters", {}).get(SCHEMA_VERSION_PARAMETER) == str(schema.version):
-        return "unchanged"
+    columns = current.get("StorageDescriptor", {}).get("Columns", [])
+    if current.get("Parameters", {}).get(SCHEMA_VERSION_PARAMETER) == str(schema.version) and [
+        (c["Name"], c["Type"]) for c in columns
+    ] == [(c["Name"], c["Type"]) for c in wanted["StorageDescriptor"]["Columns"]]:
+        return "unchanged"  # (compared by columns too: a table registered before `_id_key` gains it)
     glue.update_table(DatabaseName=glue_database, TableInput=wanted)
     return f"updated {glue_database}.{table} to schema v{schema.version}"
