@@ -258,3 +258,35 @@ def test_ids_with_the_same_text_are_all_in_the_warehouse(client, mongo_uri, data
 def test_a_code_id_beside_the_same_string_syncs(client, mongo_uri, database, workdir):
     docs = [{"_id": "f"}, {"_id": ObjectId()}, {"_id": Code("f")}]
     _sync_one(client, mongo_uri, database, workdir, docs)
+
+
+def test_one_bucket_the_warehouse_refuses_does_not_hold_back_the_others(
+    client, mongo_uri, database, workdir, postgres_url
+):
+    """A NUL in one bucket fails that bucket's load, by name; every other bucket is loaded, and only
+    the refused one stays in the ledger until its document is fixed."""
+    from aries_assets.core.lake import LocalLake
+    from aries_assets.core.ledger import LedgerStore
+
+    coll = client[database].people
+    coll.insert_many([{"_id": i, "name": f"p{i}"} for i in range(30)])
+    entry = {"database": database, "collection": "people", "bucket_size": 10}
+    write_config(workdir / "aries.yaml", mongo_uri, "./lake", [entry], warehouse={"url": postgres_url})
+    assert run_cli("sync", "--workers", "1")[0] == 0
+    coll.update_one({"_id": 3}, {"$set": {"name": "bad\x00name"}})  # the first bucket
+    coll.update_one({"_id": 15}, {"$set": {"name": "changed 15"}})
+    coll.update_one({"_id": 25}, {"$set": {"name": "changed 25"}})
+    code, out, err = run_cli("sync", "--workers", "1")
+    assert code == 1, out + err
+    assert "bucket first" in out + err and "NUL" in out + err, out + err
+    names = dict(
+        (_id, doc) for _id, doc in table_rows(postgres_url, database, "people") if _id in ("3", "15", "25")
+    )
+    assert "changed 15" in names["15"] and "changed 25" in names["25"], "the other buckets are loaded"
+    assert "bad" not in names["3"], "the refused bucket keeps its previous rows"
+    dirty = LedgerStore(LocalLake(workdir / "lake"), database, "people").load().dirty
+    assert sorted(dirty) == ["first"], dirty
+
+    coll.update_one({"_id": 3}, {"$set": {"name": "fixed"}})
+    assert run_cli("sync", "--workers", "1")[0] == 0
+    assert_table_exact(postgres_url, database, coll)

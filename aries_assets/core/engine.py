@@ -56,10 +56,10 @@ from aries_assets.core.ordering import sort_key
 from aries_assets.core.warehouse import TableRef
 from aries_assets.core.warehouse.loader import (
     BucketLoad,
+    BucketRefused,
     LoadedBucket,
     Loader,
     RebuildNeeded,
-    WarehouseError,
     oversize_documents,
 )
 
@@ -513,7 +513,7 @@ class _CollectionSync:
         for orphan in snapshot.remove_orphans(self.source, self.lake, bucket_map.keys):
             self.reporter.message(f"{label}: removed {orphan}: no bucket of that name in the bucket map")
         self._register_glue()
-        loaded_ok = self._load_warehouse(bucket_map.keys)
+        loaded_ok, refused = self._load_warehouse(bucket_map.keys)
         done = touched if loaded_ok is None else touched & loaded_ok
         self.lease.check()
 
@@ -525,6 +525,7 @@ class _CollectionSync:
                 led.written_with = self.spec.written_with  # every file follows these options now
 
         self.store.update(clear)
+        _raise_first(refused)  # once every other bucket's mark is cleared: only the refused stay
         files = self.files or files
         self.outcome.buckets = len(bucket_map.keys)
         self.outcome.documents = sum(f.documents for f in files.values() if f is not None)
@@ -549,7 +550,7 @@ class _CollectionSync:
         keys = ledger.bucket_map().keys
         files = self._files(keys)
         self._register_glue()
-        self._load_warehouse(keys)
+        _raise_first(self._load_warehouse(keys)[1])
         self.outcome.buckets = len(keys)
         self.outcome.documents = sum(f.documents for f in files.values() if f is not None)
         if self.schema is not None:
@@ -794,11 +795,12 @@ class _CollectionSync:
         data = self.lake.read_table(path)
         oversize = oversize_documents(data, loader.dialect.max_document_bytes)
         if oversize:
-            raise WarehouseError(
+            raise BucketRefused(
                 f"{self.source.label}: bucket {key} has {len(oversize)} documents over "
                 f"{loader.dialect.max_document_bytes:,} bytes, more than {self.spec.table.label} can hold in "
                 f"`_doc` (e.g. _id {oversize[0]}); exclude their large fields (schema.exclude) or use another "
-                "warehouse"
+                "warehouse",
+                key,
             )
         return data, self.lake.uri(path)
 
@@ -809,11 +811,13 @@ class _CollectionSync:
         self.outcome.loaded += 1
         self.reporter.bucket_loaded(result, len(in_file), len(in_table), len(missing), len(extra))
 
-    def _load_warehouse(self, keys: list[str]) -> set[str] | None:
-        """Load every bucket whose lake file the table does not hold; the set of buckets the table holds."""
+    def _load_warehouse(self, keys: list[str]) -> tuple[set[str] | None, list[BucketRefused]]:
+        """Load every bucket whose lake file the table does not hold. Returns the buckets the table
+        holds, and the refusals of those it cannot hold as they are (the others load regardless)."""
         loader, table = self.targets.loader, self.spec.table
         if loader is None or table is None or self.schema is None:
-            return None
+            return None, []
+        refused: list[BucketRefused] = []
         files = self._files(keys)
         loaded = loader.loaded(table)
         stale = [
@@ -822,12 +826,16 @@ class _CollectionSync:
         for key in stale:
             self.lease.check()
             found = files[key]
-            data, uri = self._bucket_data(key, loader)
             schema = snapshot.file_schema(self.schema, found)
             try:
+                data, uri = self._bucket_data(key, loader)
                 result = loader.replace_bucket(
                     table, schema, self.spec.options.evolution, key, snapshot.load_digest(found), data, uri
                 )
+            except BucketRefused as error:
+                self.reporter.message(f"{self.source.label}: {error}")
+                refused.append(error)
+                continue
             except RebuildNeeded as needed:
                 # A column changes type: build the table anew from every bucket, out of readers' sight.
                 self.reporter.message(f"{self.source.label}: {needed}; rebuilding {table.label}")
@@ -841,9 +849,16 @@ class _CollectionSync:
                     self.outcome.loaded += 1
                     self.reporter.bucket_loaded(rebuilt, rebuilt.rows, in_table, max(0, rebuilt.rows - in_table),
                                                 max(0, in_table - rebuilt.rows))  # fmt: skip
-                return {k for k in keys if files.get(k) is not None}
+                return {k for k in keys if files.get(k) is not None}, []
             self._report_load(loader, table, result, data)
-        return {k for k in keys if files.get(k) is not None}
+        failed = {e.bucket for e in refused}
+        return {k for k in keys if files.get(k) is not None and k not in failed}, refused
+
+
+def _raise_first(refused: list[BucketRefused]) -> None:
+    if refused:
+        more = f" (and {len(refused) - 1} more buckets refused)" if len(refused) > 1 else ""
+        raise BucketRefused(f"{refused[0]}{more}", refused[0].bucket) from refused[0]
 
 
 def _spans(bucket_map: BucketMap, keys: list[str]) -> list[tuple[int, int]]:

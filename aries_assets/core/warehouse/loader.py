@@ -48,6 +48,15 @@ class WarehouseError(RuntimeError):
     """A warehouse operation failed; names the table and bucket, never credentials."""
 
 
+class BucketRefused(WarehouseError):
+    """The warehouse cannot hold one bucket's data as it is (a NUL character, a document over its size
+    limit): that bucket waits for its data or the config to change; the others still load."""
+
+    def __init__(self, message: str, bucket: str) -> None:
+        super().__init__(message)
+        self.bucket = bucket
+
+
 class RebuildNeeded(WarehouseError):
     """Columns of a table must change type, which takes a rebuild from every bucket (`Loader.rebuild`).
 
@@ -526,10 +535,11 @@ class Loader:
         found = nul_value(data, staged_types(schema))
         if found:
             column, _id = found
-            raise WarehouseError(
+            raise BucketRefused(
                 f"{table.label} bucket {bucket}: {self.dialect.name} text and JSON cannot hold the NUL "
                 f"character (\\u0000), found in column {column} of _id {_id}; exclude that field "
-                "(schema.exclude) or strip NUL from it in MongoDB"
+                "(schema.exclude) or strip NUL from it in MongoDB",
+                bucket,
             )
 
 
