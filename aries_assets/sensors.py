@@ -27,7 +27,9 @@ from aries_assets.core.ledger import Lease, LeaseInfo, Ledger, LedgerStore, RunH
 from aries_assets.factory import job_name, mongo_key, serve_job_name, spec_of
 from aries_assets.resources import LakeResource, MongoResource
 
-SENSOR_INTERVAL = 1  # seconds between ticks; a quiet tick is one short change-stream read
+# Seconds between ticks asked for; Dagster's sensor daemon ticks every 5 s at the most (its loop's
+# floor), which is why a serving run follows the stream itself while it lingers.
+SENSOR_INTERVAL = 1
 MAX_SECONDS = 3.0  # stream reading per tick, well under Dagster's 60 s limit
 MAX_EVENTS = 20_000
 OBSERVE_EVERY = 60.0  # seconds between lag observations of a quiet collection
