@@ -180,7 +180,7 @@ def summary_line(outcome: SyncOutcome) -> str:
     status = "ok"
     return (
         f"{outcome.label:<32} {outcome.documents:>10,} docs {outcome.buckets:>5} buckets "
-        f"{outcome.written:>5} written {outcome.bytes_out / 1e6:>9.1f} MB {outcome.seconds:>7.1f}s "
+        f"{outcome.written:>5} written {outcome.bytes_out / 1e6:>9.1f} MB out {outcome.seconds:>7.1f}s "
         f"schema v{outcome.schema_version:<3} {status:<6} ({outcome.mode})"
     )
 
