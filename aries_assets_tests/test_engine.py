@@ -341,6 +341,32 @@ def test_a_lease_whose_holder_died_expires_and_the_next_writer_takes_it(tmp_path
             holder.kill()
 
 
+def test_a_holder_is_known_exited_only_by_what_the_kernel_proves():
+    from aries_assets.core.ledger import LeaseInfo, process_identity
+
+    me = process_identity(os.getpid())
+    assert me is not None
+
+    def lease(pid: int, process: str | None) -> LeaseInfo:
+        return LeaseInfo("h", "host", pid, None, time.time() + 60, process=process)
+
+    assert not lease(os.getpid(), me).holder_exited, "alive"
+    assert lease(os.getpid(), me.rsplit("/", 1)[0] + "/1").holder_exited, "the pid now names a later process"
+    assert not lease(os.getpid(), "another-boot/1/" + me.rsplit("/", 1)[1]).holder_exited, (
+        "not this machine's"
+    )
+    assert not lease(os.getpid(), None).holder_exited, "a lease of an older Aries: expiry only"
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(1)"])
+    identity = process_identity(child.pid)
+    assert identity is not None and not lease(child.pid, identity).holder_exited
+    deadline = time.time() + 10
+    while process_identity(child.pid) is not None and time.time() < deadline:
+        time.sleep(0.02)  # it exits, and stays a zombie: not reaped yet
+    assert lease(child.pid, identity).holder_exited, "a zombie's files are closed: exited"
+    child.wait()
+    assert lease(child.pid, identity).holder_exited, "reaped"
+
+
 def _as_if_on_another_machine(lake_dir) -> None:
     path = lake_dir / "db" / "coll" / "_aries" / "lease.json"
     body = json.loads(path.read_text())

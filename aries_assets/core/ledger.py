@@ -425,7 +425,7 @@ class LeaseInfo:
         if self.process is None or self.released_at is not None:
             return False
         where, _, started = self.process.rpartition("/")
-        return where == _PID_SPACE and _PID_SPACE is not None and _started(self.pid) != started
+        return where == _PID_SPACE and _PID_SPACE is not None and _exited(self.pid, started)
 
     def describe(self) -> str:
         left = self.expires_at - time.time()
@@ -476,13 +476,28 @@ def _pid_space() -> str | None:
 
 
 def _started(pid: int) -> str | None:
-    """When process `pid` started (clock ticks after boot); None if there is none, or only its zombie."""
+    """When process `pid` started (clock ticks after boot), "Z" for a zombie (its files are closed,
+    its writers gone), None where /proc does not say (no such process, or hidden: `hidepid`)."""
     try:
         with open(f"/proc/{pid}/stat") as stat:
             fields = stat.read().rsplit(")", 1)[1].split()
     except (OSError, IndexError):
         return None
-    return None if fields[0] in ("Z", "X") else fields[19]
+    return "Z" if fields[0] in ("Z", "X") else fields[19]
+
+
+def _exited(pid: int, started: str) -> bool:
+    """Process `pid` of this pid namespace, started at `started`, has exited. Only what the kernel
+    proves counts: no such pid, a zombie, or a pid since taken by a process started at another
+    time. Another user's process whose /proc entry is hidden is taken to be alive."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        pass  # it exists, as another user's
+    now = _started(pid)
+    return now == "Z" or (now is not None and now != started)
 
 
 _PID_SPACE = _pid_space()
@@ -491,7 +506,7 @@ _PID_SPACE = _pid_space()
 def process_identity(pid: int) -> str | None:
     """What tells process `pid` from any other, now and later, on this machine (None off Linux)."""
     started = _started(pid)
-    return f"{_PID_SPACE}/{started}" if _PID_SPACE is not None and started is not None else None
+    return f"{_PID_SPACE}/{started}" if _PID_SPACE is not None and started not in (None, "Z") else None
 
 
 def _iso(seconds: float) -> str:
