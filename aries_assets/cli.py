@@ -64,13 +64,21 @@ def check_targets(config) -> None:
     defs = build_definitions(config)
     lake = defs.resources["lake"]
     store = lake.open()
-    try:
-        store.read_versioned("_aries/streams/.reachable")
-    except (BotoCoreError, ClientError, OSError) as error:
-        raise TargetUnreachable(
-            f"cannot read the lake at {lake.spec().url}: {type(error).__name__}: {str(error)[:200]}; "
-            "check lake.url, lake.endpoint_url, lake.region and the AWS credentials"
-        ) from None
+
+    def probe(verb: str, action, hint: str) -> None:
+        try:
+            action()
+        except (BotoCoreError, ClientError, OSError) as error:
+            raise TargetUnreachable(
+                f"cannot {verb} the lake at {lake.spec().url}: {type(error).__name__}: {str(error)[:200]}; "
+                f"check {hint}"
+            ) from None
+
+    probe(
+        "read",
+        lambda: store.read_versioned("_aries/streams/.reachable"),
+        "lake.url, lake.endpoint_url, lake.region and the AWS credentials",
+    )
     warehouse = defs.resources.get("warehouse")
     if warehouse is not None:
         try:
@@ -85,14 +93,11 @@ def check_targets(config) -> None:
             raise TargetUnreachable(f"{text}; check warehouse.url and that the server is running") from None
     # Last, once everything else answered: written and removed (a read-only mount or a bucket
     # policy would fail every run), so a mistake found above leaves nothing behind.
-    try:
-        store.write_text("_aries/streams/.writable", "")
-        store.delete("_aries/streams/.writable")
-    except (BotoCoreError, ClientError, OSError) as error:
-        raise TargetUnreachable(
-            f"cannot write to the lake at {lake.spec().url}: {type(error).__name__}: {str(error)[:200]}; "
-            "check lake.url and that it can be written (permissions, a read-only mount, the bucket policy)"
-        ) from None
+    probe(
+        "write to",
+        lambda: (store.write_text("_aries/streams/.writable", ""), store.delete("_aries/streams/.writable")),
+        "lake.url and that it can be written (permissions, a read-only mount, the bucket policy)",
+    )
 
 
 def _progress(message: str) -> None:
