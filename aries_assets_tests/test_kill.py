@@ -106,3 +106,32 @@ def test_kill_9_at_random_moments_then_a_plain_sync_repairs(client, mongo_uri, d
         assert_same_documents(mongo_documents(client, database, "events"), lake_documents(folder))
         assert_table_equals_mongo(f"duckdb:///{warehouse}", database, coll)
     assert any(outcomes), "at least one kill landed while the sync was running"
+
+
+def test_a_first_load_killed_before_its_schema_was_saved_is_loaded_by_a_plain_sync(
+    client, mongo_uri, database, workdir
+):
+    """The state a kill between saving the bucket map and settling the schema left (CI found it with
+    seed 7089): files and a loaded ledger, no schema file, nothing dirty, an empty warehouse. The next
+    plain sync must settle the schema from the footers and load the table."""
+    from aries_assets.core.lake import LocalLake, schema_file
+    from aries_assets.core.ledger import LedgerStore
+
+    coll = client[database].events
+    coll.insert_many([{"_id": i, "v": i} for i in range(40)])
+    warehouse = workdir / "warehouse.duckdb"
+    write_config(
+        workdir / "aries.yaml",
+        mongo_uri,
+        str(workdir / "lake"),
+        [{"database": database, "collection": "events", "bucket_size": 10}],
+        warehouse={"url": f"duckdb:///{warehouse}"},
+    )
+    env = {**os.environ, "DAGSTER_HOME": str(workdir / "dagster_home")}
+    repair(workdir, env)
+    lake = LocalLake(workdir / "lake")
+    lake.delete(schema_file(database, "events"))
+    warehouse.unlink()
+    assert LedgerStore(lake, database, "events").load().needs_work() is None
+    repair(workdir, env)
+    assert_table_equals_mongo(f"duckdb:///{warehouse}", database, coll)

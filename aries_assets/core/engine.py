@@ -500,14 +500,16 @@ class _CollectionSync:
         if dirty_unchanged:
             touched |= self._read_unchanged_again(bucket_map, dirty_unchanged, after)
         if first_load:
-            self._save_map(bucket_map, first_load=True)
-            self.loaded_first = True
+            marks = {}
             if self.targets.loader is not None and self.spec.table is not None:
                 # Until the warehouse holds them, the new buckets stay in the ledger: a load that
-                # fails or is killed is retried by the next run, whoever starts it.
+                # fails or is killed is retried by the next run, whoever starts it. Marked in the
+                # update that saves the bucket map: a kill between two updates left a loaded lake
+                # with nothing asking for its table.
                 marks = {b.key: DirtyBucket(b.lower, b.upper, start) for b in bucket_map.buckets}
-                self.store.update(lambda led: [led.mark(k, m) for k, m in marks.items()])
-                covered_dirty.update(marks)
+            self._save_map(bucket_map, marks)
+            self.loaded_first = True
+            covered_dirty.update(marks)
         touched |= self._settle_schema(bucket_map, after)
         self.lease.check()
         for orphan in snapshot.remove_orphans(self.source, self.lake, bucket_map.keys):
@@ -548,6 +550,9 @@ class _CollectionSync:
         if not ledger.loaded:
             return
         keys = ledger.bucket_map().keys
+        if self.schema is None:
+            # Files but no collection schema: a run stopped between its writes and settling them.
+            self._settle_schema(ledger.bucket_map(), ledger.newest_dirty_time())
         files = self._files(keys)
         self._register_glue()
         _raise_first(self._load_warehouse(keys)[1])
@@ -734,7 +739,8 @@ class _CollectionSync:
         bucket_range = written.key
         self.reporter.bucket_written(written, bucket_range)
 
-    def _save_map(self, bucket_map: BucketMap, first_load: bool = False) -> None:
+    def _save_map(self, bucket_map: BucketMap, marks: dict[str, DirtyBucket] | None = None) -> None:
+        """Save the bucket map, and `marks` with it in the same update."""
         self.lease.check()
         lowers = list(bucket_map.lowers)
         known = set(self._known_keys())
@@ -742,6 +748,8 @@ class _CollectionSync:
 
         def save(ledger: Ledger) -> None:
             ledger.add_lowers(lowers, bucket_map.bucket_size)  # range runs add theirs at the same time
+            for key, mark in (marks or {}).items():
+                ledger.mark(key, mark)
 
         self.store.update(save)
         if added:
