@@ -53,6 +53,21 @@ def killed_sync(workdir: Path, env: dict, delay: float) -> bool:
     return alive
 
 
+def events_with_a_warehouse(workdir: Path, mongo_uri: str, database: str, bucket_size: int, **extra):
+    """`aries.yaml` for `<database>.events` into a DuckDB warehouse; the warehouse file and the
+    environment a sync runs with."""
+    warehouse = workdir / "warehouse.duckdb"
+    write_config(
+        workdir / "aries.yaml",
+        mongo_uri,
+        str(workdir / "lake"),
+        [{"database": database, "collection": "events", "bucket_size": bucket_size}],
+        warehouse={"url": f"duckdb:///{warehouse}"},
+        **extra,
+    )
+    return warehouse, {**os.environ, "DAGSTER_HOME": str(workdir / "dagster_home")}
+
+
 def repair(workdir: Path, env: dict) -> None:
     done = subprocess.run(
         aries(workdir, "sync", "--plain"), cwd=workdir, env=env, capture_output=True, text=True, timeout=300
@@ -74,16 +89,7 @@ def test_kill_9_at_random_moments_then_a_plain_sync_repairs(client, mongo_uri, d
     seeds = SEEDS or [hash((phase, i)) % 10_000 for i in range(TRIALS)]
     coll = client[database].events
     coll.insert_many([{"_id": ObjectId(), "v": i, "s": "x" * (i % 300)} for i in range(3_000)])
-    warehouse = workdir / "warehouse.duckdb"
-    write_config(
-        workdir / "aries.yaml",
-        mongo_uri,
-        str(workdir / "lake"),
-        [{"database": database, "collection": "events", "bucket_size": 300}],
-        warehouse={"url": f"duckdb:///{warehouse}"},
-        sync={"lease_seconds": 5},
-    )
-    env = {**os.environ, "DAGSTER_HOME": str(workdir / "dagster_home")}
+    warehouse, env = events_with_a_warehouse(workdir, mongo_uri, database, 300, sync={"lease_seconds": 5})
     folder = workdir / "lake" / database / "events"
     if phase != "first load":
         repair(workdir, env)
@@ -119,15 +125,7 @@ def test_a_first_load_killed_before_its_schema_was_saved_is_loaded_by_a_plain_sy
 
     coll = client[database].events
     coll.insert_many([{"_id": i, "v": i} for i in range(40)])
-    warehouse = workdir / "warehouse.duckdb"
-    write_config(
-        workdir / "aries.yaml",
-        mongo_uri,
-        str(workdir / "lake"),
-        [{"database": database, "collection": "events", "bucket_size": 10}],
-        warehouse={"url": f"duckdb:///{warehouse}"},
-    )
-    env = {**os.environ, "DAGSTER_HOME": str(workdir / "dagster_home")}
+    warehouse, env = events_with_a_warehouse(workdir, mongo_uri, database, 10)
     repair(workdir, env)
     lake = LocalLake(workdir / "lake")
     lake.delete(schema_file(database, "events"))
