@@ -26,6 +26,19 @@ BOOL, INT32, INT64, DOUBLE, DECIMAL = "bool", "int32", "int64", "double", "decim
 STRING, OBJECTID, UUID, BINARY = "string", "objectId", "uuid", "binary"
 DATE, TIMESTAMP, ARRAY, DOCUMENT, OTHER = "date", "timestamp", "array", "document", "other"
 SCALAR_KINDS = {BOOL, INT32, INT64, DOUBLE, DECIMAL, STRING, OBJECTID, UUID, BINARY, DATE, TIMESTAMP}
+# Equal counts rank in this order, not in the order the kinds were met: a bucket's statistics may
+# be counted by two converters (some documents columnar, the rest exact) and must settle alike.
+_KIND_RANK = {kind: rank for rank, kind in enumerate(
+    (BOOL, INT32, INT64, DOUBLE, DECIMAL, STRING, OBJECTID, UUID, BINARY, DATE, TIMESTAMP, ARRAY, DOCUMENT, OTHER)
+)}  # fmt: skip
+
+
+def ranked(kinds: Counter) -> list[tuple[str, int]]:
+    """(kind, count), the most frequent first; equal counts in a fixed order of kinds."""
+    return sorted(
+        kinds.items(), key=lambda item: (-item[1], _KIND_RANK.get(item[0], len(_KIND_RANK)), item[0])
+    )
+
 
 # Column types (what the lake and warehouses see).
 T_BOOL, T_INT32, T_INT64, T_DOUBLE = "bool", "int32", "int64", "double"
@@ -206,12 +219,12 @@ class FieldStats:
         self.max_bytes = max(self.max_bytes, other.max_bytes)
 
     def to_json(self) -> dict[str, Any]:
-        body: dict[str, Any] = {"kinds": dict(self.kinds)}
+        body: dict[str, Any] = {"kinds": dict(sorted(self.kinds.items()))}
         for name in ("nulls", "int_min", "int_max", "int_digits", "scale", "max_bytes"):
             if getattr(self, name):
                 body[name] = getattr(self, name)
         if self.element_kinds:
-            body["element_kinds"] = dict(self.element_kinds)
+            body["element_kinds"] = dict(sorted(self.element_kinds.items()))
         return body
 
     @classmethod
@@ -465,7 +478,7 @@ def resolve_type(stats: FieldStats, outlier_share: float) -> tuple[str, frozense
         return exact, accepted_kinds(exact)
     # Mostly one type with rare outliers: keep the type; outliers live on in `_doc`.
     for width in range(1, len(kinds)):
-        common = {k for k, _ in stats.kinds.most_common(width)}
+        common = {k for k, _ in ranked(stats.kinds)[:width]}
         rare = total - sum(stats.kinds[k] for k in common)
         typed = _scalar_type(common, stats)
         if typed and rare <= outlier_share * total:
@@ -486,7 +499,7 @@ def _with_shares(column: ColumnSpec, stats: FieldStats | None) -> ColumnSpec:
     if stats is None:
         return column
     total = sum(stats.kinds.values())
-    shares = tuple((k, n / total) for k, n in stats.kinds.most_common()) if total else ()
+    shares = tuple((k, n / total) for k, n in ranked(stats.kinds)) if total else ()
     return replace(column, present=stats.present, nulls=stats.nulls, shares=shares)
 
 
