@@ -29,7 +29,14 @@ from bson.max_key import MaxKey
 from bson.min_key import MinKey
 
 from aries_assets.core import schema as s
-from aries_assets.core.arrow import CODEC_OPTIONS, BucketConverter, ColumnarBatch, _canonical_json, id_key
+from aries_assets.core.arrow import (
+    CODEC_OPTIONS,
+    BucketConverter,
+    ColumnarBatch,
+    SplitBatch,
+    _canonical_json,
+    id_key,
+)
 from aries_assets.core.bson_columns import _refused_by_sample
 from aries_assets.core.snapshot import convert_to_parquet
 from aries_assets_tests.test_messy import messy_documents
@@ -44,11 +51,18 @@ def convert(documents: list[dict], options: s.SchemaOptions, batch: int, fast: b
     raws = [bson.encode(d, codec_options=CODEC_OPTIONS) for d in documents]
     for start in range(0, len(raws), batch):
         converter.add(raws[start : start + batch])
-    columnar = sum(isinstance(b, ColumnarBatch) for b in converter._batches)
+    columnar = columnar_rows(converter._batches)
     schema = schema or s.resolve_schema(converter.stats, None, options)
     outliers: Counter = Counter()
     tables = list(converter.tables(schema, outliers))
     return converter.stats, pa.concat_tables(tables) if tables else None, outliers, columnar
+
+
+def columnar_rows(batches) -> int:
+    """Documents the columnar path took, whole chunks and the plain part of split ones."""
+    return sum(b.rows for b in batches if isinstance(b, ColumnarBatch)) + sum(
+        b.columnar.rows for b in batches if isinstance(b, SplitBatch)
+    )
 
 
 def assert_equivalent(documents, options=DEFAULTS, batch=1000, schema=None, expect_columnar=None):
@@ -64,7 +78,7 @@ def assert_equivalent(documents, options=DEFAULTS, batch=1000, schema=None, expe
     for name in exact.column_names:
         assert comparable(table.column(name)) == comparable(exact.column(name)), name
     if expect_columnar is not None:
-        assert (columnar > 0) == expect_columnar, f"{columnar} columnar batches"
+        assert (columnar > 0) == expect_columnar, f"{columnar} documents columnar"
     return table, columnar
 
 
@@ -117,12 +131,39 @@ def test_a_chunk_of_maps_is_refused_from_a_sample_and_a_rare_map_by_the_walk():
     assert not _refused_by_sample(chunk(plain), DEFAULTS, set())
     nested = [dict(d, items=[{"sku": "a"}]) for d in plain]  # arrays of documents: refused too
     assert _refused_by_sample(chunk(nested), DEFAULTS, set())
-    # One map, in a document the sample skips: the walk refuses the chunk, the result is the same.
+    # One map, in a document the sample skips: that document alone takes the exact path.
     rare = list(plain)
     rare[7] = maps[7]
     assert not _refused_by_sample(chunk(rare), DEFAULTS, set())
-    assert_equivalent(rare, batch=len(rare), expect_columnar=False)
+    _, columnar = assert_equivalent(rare, batch=len(rare))
+    assert columnar == len(rare) - 1
     assert_equivalent(maps, expect_columnar=False)
+
+
+def test_a_chunk_takes_its_plain_documents_columnar_and_the_rest_exactly():
+    """What the walk refuses in one document (a map, an array of documents or of arrays, a binary,
+    a regex, a timestamp, an empty document, a string like a key separator, a key named like a
+    wrapper) sends that document down the exact path, not its whole chunk: the documents take
+    their turns in the file as they came, and every column, count and outlier is the exact path's."""
+    documents = events(600)
+    odd = [
+        {"scores": {"5f1d7a9e3c2b4a6d8e0f1a2b": 1.5, "5f1d7a9e3c2b4a6d8e0f1a2c": 2}},
+        {"items": [{"sku": "a", "qty": 2}, {"sku": "b"}]},
+        {"grid": [[1, 2], [3]]},
+        {"blob": Binary(b"\x00\xff", 0), "uuid": Binary(uuid.UUID(int=7).bytes, 4)},
+        {"pattern": Regex("^a", "i"), "at": Timestamp(1, 2)},
+        {"context": {}},
+        {"type": 'says "a" : b'},
+        {"tags": [1, {"x": 1}]},
+        {"context": {"$oid": "not an id"}},
+        {"bytes": "a string where the others have numbers"},
+    ]
+    for i, extra in enumerate(odd * 3):
+        documents[20 * i + 3].update(extra)
+    _, columnar = assert_equivalent(documents, batch=len(documents))
+    assert columnar == len(documents) - 3 * len(odd)
+    # In batches of a few documents, some all plain, some all odd, some mixed: the same.
+    assert_equivalent(documents, batch=7)
 
 
 def test_sample_datasets():
@@ -440,3 +481,18 @@ def test_statistics_are_kept_where_a_reader_can_prune_by_them(tmp_path):
         "raw": False,
         "scores": False,
     }
+
+
+def test_arrays_that_begin_with_nulls_keep_every_element():
+    """Arrow's JSON reader drops the nulls an array begins with while its element type is unknown
+    (`[null, "x"]` reads as `["x"]`, `[null, null]` as `[null]`): such documents take the exact path."""
+    documents = [
+        {"_id": 1, "a": [None, "x"], "n": [None, None], "r": {"l": [None, 2]}},
+        {"_id": 2, "a": ["y", None], "n": [None, 3], "r": {"l": [1]}},
+        {"_id": 3, "a": [None], "n": [], "r": {"l": [None]}},
+    ]
+    for batch in (1, 3):
+        table, _ = assert_equivalent(documents, batch=batch)
+        assert table.column("a").to_pylist() == [[None, "x"], ["y", None], [None]]
+        assert table.column("n").to_pylist() == [[None, None], [None, 3], []]
+        assert table.column("r__l").to_pylist() == [[None, 2], [1], [None]]

@@ -1,8 +1,8 @@
 """BSON documents to Arrow: a lossless `_doc`, an injective `_id_key`, and typed columns.
 
 One pass over a bucket renders each batch's `_doc`, counts the type statistics
-and keeps each field's values, as Arrow arrays where the batch allows it
-(`bson_columns`), as decoded Python values otherwise. Once the schema is
+and keeps each field's values, as Arrow arrays for the documents that allow it
+(`bson_columns`), as decoded Python values for the others. Once the schema is
 settled (which needs the statistics of the whole bucket), the kept values
 become the typed columns. A value its column cannot hold is a counted
 outlier: null in the column, intact in `_doc`.
@@ -33,7 +33,12 @@ from bson.codec_options import DatetimeConversion
 from bson.datetime_ms import DatetimeMS
 
 from aries_assets.core import schema as s
-from aries_assets.core.bson_columns import ColumnarBatch, columnar_batch, fast_column, python_values
+from aries_assets.core.bson_columns import (
+    ColumnarBatch,
+    columnar_part,
+    fast_column,
+    python_values,
+)
 from aries_assets.core.extract import CODEC_OPTIONS
 from aries_assets.core.ordering import epoch_millis
 
@@ -234,12 +239,30 @@ class _Batch:
 
 
 @dataclass
+class SplitBatch:
+    """A chunk converted in parts: the documents the walk takes columnar, the rest exactly."""
+
+    columnar: ColumnarBatch
+    exact: list[_Batch]
+    rows: np.ndarray  # the chunk's row of each row of the parts, columnar part first
+    stats: s.TypeStats = field(default_factory=s.TypeStats)
+
+    def __post_init__(self) -> None:
+        for part in self.parts:
+            self.stats.merge(part.stats)  # counts add up alike in any order (`schema.ranked`)
+
+    @property
+    def parts(self) -> list[_Batch | ColumnarBatch]:
+        return [self.columnar, *self.exact]
+
+
+@dataclass
 class BucketConverter:
     """Converts one bucket chunk by chunk into Arrow tables in a schema settled from its statistics.
 
-    Each chunk takes the columnar path (`bson_columns`: no Python object per value)
-    when it can, and the exact path (decode, walk, convert in Python) otherwise;
-    both give the same `_doc`, columns, statistics and outliers. `fast=False`
+    A chunk's documents take the columnar path (`bson_columns`: no Python object per
+    value) where they can, and the exact path (decode, walk, convert in Python)
+    otherwise, the two parts interleaved back in order (`SplitBatch`); both give the same `_doc`, columns, statistics and outliers. `fast=False`
     forces the exact path, the reference the columnar one is tested against.
     `chunks` + `table` stream a bucket (nothing kept between chunks); `add` +
     `tables` keep every chunk until the whole bucket's schema is known.
@@ -249,7 +272,7 @@ class BucketConverter:
     known_maps: set[s.Path] = field(default_factory=set)
     fast: bool = True
     chunk_bytes: int | None = CHUNK_BYTES  # None: `chunk_bytes_for` the documents `chunks` is given
-    _batches: list[_Batch | ColumnarBatch] = field(default_factory=list)
+    _batches: list[_Batch | ColumnarBatch | SplitBatch] = field(default_factory=list)
     _maps: set[s.Path] = field(default_factory=set)
     _records: set[tuple] = field(default_factory=set)
     _stats: s.TypeStats = field(default_factory=s.TypeStats)
@@ -262,7 +285,7 @@ class BucketConverter:
         # A document holds an excluded field only if its BSON holds the field's last key name.
         self._needles = [p[-1].encode() + b"\x00" for p in self._exclude]
 
-    def chunks(self, raw_documents: Sequence[bytes]) -> Iterator[_Batch | ColumnarBatch]:
+    def chunks(self, raw_documents: Sequence[bytes]) -> Iterator[_Batch | ColumnarBatch | SplitBatch]:
         """Convert `chunk_bytes` of documents at a time; `stats` counts each chunk before it is yielded."""
         # Where each chunk ends, from the sizes at once: a chunk is the documents up to and including
         # the one that brings it to `chunk_bytes`.
@@ -278,29 +301,47 @@ class BucketConverter:
     def add(self, raw_documents: list[bytes]) -> None:
         """Convert a batch of raw BSON documents and keep it, compacted, until `tables` is called."""
         for batch in self.chunks(raw_documents):
-            batch.docs = PackedStrings.pack(batch.docs)  # `_doc` is the bulk of a waiting batch
-            if isinstance(batch, _Batch):
-                if self._kept_bytes + batch.raw_size <= KEEP_DECODED_BYTES:
-                    # A small bucket keeps its decoded values; a large one decodes them again when written.
-                    self._kept_bytes += batch.raw_size
-                    batch.raw = None
-                else:
-                    batch.raw = pa.compress(batch.raw, _PACK_CODEC, asbytes=True)
-                    batch.values = None
+            for part in batch.parts if isinstance(batch, SplitBatch) else [batch]:
+                self._compact(part)
             self._batches.append(batch)
 
-    def _convert(self, raw_documents: list[bytes]) -> Iterator[_Batch | ColumnarBatch]:
+    def _compact(self, batch: _Batch | ColumnarBatch) -> None:
+        batch.docs = PackedStrings.pack(batch.docs)  # `_doc` is the bulk of a waiting batch
+        if isinstance(batch, _Batch):
+            if self._kept_bytes + batch.raw_size <= KEEP_DECODED_BYTES:
+                # A small bucket keeps its decoded values; a large one decodes them again when written.
+                self._kept_bytes += batch.raw_size
+                batch.raw = None
+            else:
+                batch.raw = pa.compress(batch.raw, _PACK_CODEC, asbytes=True)
+                batch.values = None
+
+    def _convert(self, raw_documents: list[bytes]) -> Iterator[_Batch | ColumnarBatch | SplitBatch]:
         if self._exclude:
             raw_documents = [self._without_excluded(raw) for raw in raw_documents]
         docs = _canonical_json(raw_documents)
         columnar = None
         if self.fast and self._refused < _GIVE_UP_AFTER:
-            columnar = columnar_batch(raw_documents, docs, self.options, self.known_maps)
+            columnar = self._columnar(raw_documents, docs)
             self._refused = 0 if columnar is not None else self._refused + 1
         for batch in [columnar] if columnar is not None else self._exact_parts(raw_documents, docs):
             self._stats.merge(batch.stats)
             self._stats.maps |= self._maps
             yield batch
+
+    def _columnar(self, raw_documents: list[bytes], docs: pa.Array) -> ColumnarBatch | SplitBatch | None:
+        """The chunk by the columnar path, but for the documents it cannot take, which take the exact
+        path beside it (a map, an array of documents or a binary in one document no longer sends the
+        whole chunk down the exact path); None when the columnar path cannot take the chunk."""
+        part = columnar_part(raw_documents, docs, self.options, self.known_maps)
+        if part is None:
+            return None
+        columnar, rows = part
+        if len(rows) == len(raw_documents):
+            return columnar
+        others = np.setdiff1d(np.arange(len(raw_documents)), rows, assume_unique=True)
+        exact = list(self._exact_parts([raw_documents[i] for i in others.tolist()], docs.take(others)))
+        return SplitBatch(columnar, exact, np.concatenate([rows, others]))
 
     def _exact_parts(self, raw_documents: list[bytes], docs: pa.Array) -> Iterator[_Batch]:
         """Decoded, a document takes several times its BSON: the exact path takes a chunk in parts."""
@@ -378,8 +419,15 @@ class BucketConverter:
         while self._batches:
             yield self.table(self._batches.pop(0), schema, outliers)  # release each batch as it is written
 
-    def table(self, batch: _Batch | ColumnarBatch, schema: s.InferredSchema, outliers: Counter) -> pa.Table:
+    def table(
+        self, batch: _Batch | ColumnarBatch | SplitBatch, schema: s.InferredSchema, outliers: Counter
+    ) -> pa.Table:
         """One converted batch as an Arrow table in the schema's columns; counts outliers by column."""
+        if isinstance(batch, SplitBatch):
+            parts = pa.concat_tables([self.table(part, schema, outliers) for part in batch.parts])
+            order = np.empty(len(batch.rows), np.int64)
+            order[batch.rows] = np.arange(len(batch.rows))
+            return parts.take(order)  # back in the chunk's order
         if self._layout is None or self._layout[0] is not schema:
             by_path: dict[s.Path, list[s.ColumnSpec]] = {}
             for column in schema.columns:

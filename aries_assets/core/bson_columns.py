@@ -1,19 +1,21 @@
-"""A bucket batch as Arrow columns without a Python object per value, for batches that allow it.
+"""A bucket batch as Arrow columns without a Python object per value, for the documents that allow it.
 
 The `_doc` column is canonical Extended JSON, in which every value names its BSON
 type. Parsing that text with Arrow's JSON reader (C++) gives each field path as
 one Arrow array, from which the type statistics and the typed columns follow with
-vectorised compute. A batch is taken only when the result is provably what the
-exact path (decode every document, walk it in Python) would give; otherwise
-`columnar_batch` returns None and the caller uses the exact path.
+vectorised compute. Documents are taken only when the result is provably what the
+exact path (decode every document, walk it in Python) would give.
 
-What makes a batch refused: a key named like an Extended JSON wrapper (`$oid`,
-`$numberInt`...), a field holding two JSON shapes (a
-string here, a document there), duplicate keys, maps, documents deeper than
-`max_depth`, empty documents, arrays of documents or arrays, and the rarer BSON
-types (binary, regex, code, timestamps, min/max keys). A null and a missing field
-are both null in Arrow; the keys counted in the text tell them apart, and a
-document where the count cannot settle it refuses the batch.
+`columnar_part` first sets aside, by their text, the documents the walk would
+refuse: maps, arrays of documents or arrays, empty documents, arrays that begin
+with null, the rarer BSON types (binary, regex, code, timestamps, min/max keys),
+keys named like an Extended JSON wrapper; and, when Arrow's reader meets a field
+in two JSON shapes, the documents of the rarer shape. Those take the exact path;
+the rest are walked. What the walk still refuses (documents deeper than
+`max_depth`, two `_id` types, a document whose keys all start with `$`) sends
+the whole chunk down the exact path. A null and a missing field are both null in
+Arrow; the keys counted in the text tell them apart, and a document where the
+count cannot settle it refuses the batch.
 """
 
 from __future__ import annotations
@@ -93,13 +95,88 @@ class ColumnarBatch:
         return len(self.ids)
 
 
+# A chunk this share of whose documents the walk would refuse takes the exact path whole: the
+# columnar part would not repay its fixed cost (a JSON reader, a walk, a table to interleave).
+MOSTLY_REFUSED = 0.8
+# Fields of two JSON shapes (an int here, a string there) set aside per chunk before giving up on it.
+_CONFLICTS_SET_ASIDE = 4
+
+
+def columnar_part(
+    raw_documents: list[bytes],
+    docs: pa.Array,
+    options: s.SchemaOptions,
+    known_maps: set[s.Path],
+) -> tuple[ColumnarBatch, np.ndarray] | None:
+    """The chunk's documents the walk takes, as a batch, and their rows in the chunk; the rest are
+    the exact path's. None when the walk takes too few of them to be worth it, or refuses them all.
+
+    The documents its text shows the walk would refuse are set aside first (`refused_documents`).
+    A field holding two JSON shapes in the rest (`"n" : {` in most, `"n" : "` in a few) stops
+    Arrow's reader: the documents of the rarer shape are set aside, and the rest read again.
+    """
+    refused = refused_documents(raw_documents, docs, known_maps)
+    for _ in range(_CONFLICTS_SET_ASIDE + 1):
+        if np.count_nonzero(refused) > MOSTLY_REFUSED * len(raw_documents):
+            return None
+        rows = np.flatnonzero(~refused)
+        whole = len(rows) == len(raw_documents)
+        part = raw_documents if whole else [raw_documents[i] for i in rows.tolist()]
+        try:
+            batch = columnar_batch(part, docs if whole else docs.take(rows), options, known_maps)
+        except _TypeConflict as conflict:
+            rarer = conflict.rarer_shape(docs)
+            if rarer is None or not (rarer & ~refused).any():
+                return None
+            refused |= rarer
+            continue
+        return None if batch is None else (batch, rows)
+    return None
+
+
+class _TypeConflict(Exception):
+    """Arrow's reader met a field in two JSON shapes: `Column(/a/b) changed from string to object`."""
+
+    _MESSAGE = re.compile(r"Column\(([^)]*)\) changed from (\w+) to (\w+)")
+    # How each shape's value begins after its key, in libbson's text.
+    _OPENING = {
+        "object": r"\{",
+        "array": r"\[",
+        "string": '"',
+        "boolean": "(?:true|false)",
+        "number": "-?[0-9]",
+    }
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.found = self._MESSAGE.search(message)
+
+    def rarer_shape(self, docs: pa.Array) -> np.ndarray | None:
+        """The documents holding the field's rarer shape, told by its key (at any depth); None if the
+        message or the key cannot be read that way (an array's elements, a key with escapes)."""
+        if self.found is None:
+            return None
+        path, *shapes = self.found.groups()
+        name = path.rsplit("/", 1)[-1]
+        if not _PLAIN_KEY.match(name) or any(shape not in self._OPENING for shape in shapes):
+            return None
+        holding = [
+            pc.match_substring_regex(docs, f'"{re.escape(name)}" : {self._OPENING[shape]}').to_numpy(
+                zero_copy_only=False
+            )
+            for shape in shapes
+        ]
+        return min(holding, key=np.count_nonzero)
+
+
 def columnar_batch(
     raw_documents: list[bytes],
     docs: pa.Array,
     options: s.SchemaOptions,
     known_maps: set[s.Path],
 ) -> ColumnarBatch | None:
-    """The batch as columns, or None when only the exact path can convert it."""
+    """The batch as columns, or None when only the exact path can convert it; raises `_TypeConflict`
+    for a field of two JSON shapes."""
     if _WRAPPER_KEY.search(b"".join(raw_documents)):  # (the joined copy is freed at once)
         return None  # a key that would read as Extended JSON syntax (or, rarely, bytes that look like one)
     # The documents back to back, read straight from `_doc`'s buffer: each is one JSON object, so
@@ -118,8 +195,49 @@ def columnar_batch(
         if table.num_rows != len(docs):
             return None
         return _Walker(table, docs, options, known_maps).batch()
-    except (pa.ArrowInvalid, Refused):
+    except pa.ArrowInvalid as error:
+        if "changed from" in str(error):
+            raise _TypeConflict(str(error)) from None
         return None
+    except Refused:
+        return None
+
+
+# What makes the walk refuse a document, found in the texts of a whole chunk at once by one regular
+# expression (Arrow's RE2 kernel: a few milliseconds a megabyte, as each choice starts with a
+# literal), so that those documents alone take the exact path. A choice may match a document the
+# walk would take (a string that looks like syntax): it only converts slower. A document it misses
+# (one whose nested document has only `$` keys, a type conflict) is refused by the walk, and its
+# whole chunk takes the exact path, as every chunk did before.
+_REFUSED_TEXT = "|".join(
+    [
+        r'\[ \{ "[^$]',  # an array of documents (wrappers in arrays start `{ "$`)
+        r', \{ "[^$]',  # a document later in an array (a member's value follows ` : `, not `, `)
+        r"\[ \[",  # an array of arrays
+        r", \[",
+        r"\{ +\}",  # an empty document
+        # An array that begins with null: Arrow's reader drops the nulls an array begins with while
+        # its element type is unknown (`[null, "x"]` reads as `["x"]`).
+        r"\[ null",
+        r'\\" : ',  # a string or key holding what looks like a key separator (`_settle_nulls`)
+        # The wrappers the walk does not read.
+        r'\{ "\$(?:binary|code|timestamp|regularExpression|symbol|dbPointer|minKey|maxKey|undefined)"',
+        '"(?:' + s._DATA_KEY.pattern[4:-2] + ')" : ',  # a key that is data: maybe a map
+    ]
+)
+
+
+def refused_documents(raw_documents: list[bytes], docs: pa.Array, known_maps: set[s.Path]) -> np.ndarray:
+    """Which documents of a chunk the walk would refuse (or may: see above), from their `_doc` text."""
+    refused = pc.match_substring_regex(docs, _REFUSED_TEXT).to_numpy(zero_copy_only=False)
+    for path in known_maps:
+        key = json.dumps(path[-1], ensure_ascii=False) + " : {"
+        refused |= pc.match_substring(docs, key).to_numpy(zero_copy_only=False)
+    if _WRAPPER_KEY.search(b"".join(raw_documents)):
+        refused |= np.fromiter(
+            (bool(_WRAPPER_KEY.search(r)) for r in raw_documents), bool, len(raw_documents)
+        )
+    return refused
 
 
 # Documents of a chunk parsed first, evenly spaced, to see whether the chunk can be taken at all;
@@ -300,20 +418,28 @@ class _Walker:
         none_null = null_keys == 0
         all_null = null_keys == candidates
         settled = none_null | all_null
-        by_name: dict[str, np.ndarray] = {}
-        if not settled.all():
-            if pc.any(pc.match_substring(self.docs, '\\"')).as_py():
-                raise Refused("cannot tell null fields from missing ones")
-            for path, null_here in self.unknown:
-                by_name[path[-1]] = by_name.get(path[-1], 0) + null_here
+        # Only the documents the counts leave unsettled are searched, by name: a chunk of documents
+        # that differ in their fields has many names, and searching all of its text for each is
+        # most of its walk.
+        unsettled = np.flatnonzero(~settled)
         null_by_name: dict[str, np.ndarray] = {}
-        for name, expected in by_name.items():
-            if not _PLAIN_KEY.match(name):
+        if len(unsettled):
+            texts = self.docs.take(pa.array(unsettled))
+            if pc.any(pc.match_substring(texts, '\\"')).as_py():
                 raise Refused("cannot tell null fields from missing ones")
-            found = pc.count_substring(self.docs, f'"{name}" : null').to_numpy(zero_copy_only=False)
-            if ((found != 0) & (found != expected) & ~settled).any():
-                raise Refused("cannot tell null fields from missing ones")
-            null_by_name[name] = found == expected
+            by_name: dict[str, np.ndarray] = {}
+            for path, null_here in self.unknown:
+                by_name[path[-1]] = by_name.get(path[-1], 0) + null_here[unsettled]
+            for name, expected in by_name.items():
+                if not expected.any():
+                    continue  # no null of this name to find (the tally below still checks every row)
+                if not _PLAIN_KEY.match(name):
+                    raise Refused("cannot tell null fields from missing ones")
+                found = pc.count_substring(texts, f'"{name}" : null').to_numpy(zero_copy_only=False)
+                if ((found != 0) & (found != expected)).any():
+                    raise Refused("cannot tell null fields from missing ones")
+                null_by_name[name] = np.zeros(self.n, bool)
+                null_by_name[name][unsettled] = found == expected
         resolved = np.zeros(self.n, np.int64)
         nulls_of: list[tuple[s.Path, np.ndarray]] = []
         for path, null_here in self.unknown:
