@@ -6,7 +6,8 @@ Prints, in one run over the same in-memory batches: Aries (`BucketConverter`, th
 schema, Parquet), pymongoarrow (its own inferred schema, Parquet), pymongoarrow
 plus a canonical `_doc` column (python-bsonjs), and the decode floor
 (`bson.decode_all`), in documents/s, MB/s of raw BSON and as a ratio to
-pymongoarrow + `_doc`; for an events set shaped like sync_benchmark.py's and for a
+pymongoarrow + `_doc`; for an events set shaped like sync_benchmark.py's, for the
+same with one document in 50 carrying what the columnar path cannot take, and for a
 messy set (MongoDB's sample datasets next to the repository, in
 `../shared/datasets/mongodb-sample`, else generated, plus maps, hostile names, type
 conflicts, Decimal128, UUIDs and a 2 MB document). Then the peak RSS of writing
@@ -127,6 +128,16 @@ def messy(count: int) -> tuple[list[dict], str]:
         documents.append(doc)
     documents.append({"_id": ObjectId(), "blob": "x" * (2 * 1024 * 1024), "bytes": Binary(b"\xff" * 1024)})
     return documents, origin
+
+
+def mostly_plain(count: int) -> list[dict]:
+    """Events, one in 50 with a map, a UUID and an array of documents: each chunk mostly plain."""
+    rng = random.Random(3)
+    documents = events(count)
+    for i in range(0, count, 50):
+        odd = hostile_documents(rng, i)
+        documents[i] = dict(documents[i], uuid=odd["uuid"], scores=odd["scores"], items=odd["items"])
+    return documents
 
 
 def batches_of(documents: list[dict]) -> list[list[bytes]]:
@@ -363,6 +374,11 @@ def main() -> None:
     print(f"one core, in memory; pyarrow {pa.__version__}, python {sys.version.split()[0]}")
     print(f"allocators as in a bucket writer: {allocators}")
     report("events", events(args.documents), args.repeat)
+    report(
+        "events, 1 in 50 with a map, a UUID and an array of documents",
+        mostly_plain(args.documents),
+        args.repeat,
+    )
     documents, origin = messy(args.messy)
     report(f"messy ({origin} + generated hostile cases)", documents, args.repeat)
     sizes = [int(n) for n in args.rss.split(",") if n]

@@ -278,6 +278,7 @@ class BucketConverter:
     _stats: s.TypeStats = field(default_factory=s.TypeStats)
     _kept_bytes: int = 0
     _refused: int = 0  # chunks in a row the columnar path refused
+    _split: bool = False  # whether the last chunk had documents the columnar path refused
     _layout: tuple | None = None  # (schema, arrow schema, columns by path) of the last `table` call
 
     def __post_init__(self) -> None:
@@ -333,11 +334,12 @@ class BucketConverter:
         """The chunk by the columnar path, but for the documents it cannot take, which take the exact
         path beside it (a map, an array of documents or a binary in one document no longer sends the
         whole chunk down the exact path); None when the columnar path cannot take the chunk."""
-        part = columnar_part(raw_documents, docs, self.options, self.known_maps)
+        part = columnar_part(raw_documents, docs, self.options, self.known_maps, self._split)
+        self._split = part is None or len(part[1]) < len(raw_documents)
         if part is None:
             return None
         columnar, rows = part
-        if len(rows) == len(raw_documents):
+        if not self._split:
             return columnar
         others = np.setdiff1d(np.arange(len(raw_documents)), rows, assume_unique=True)
         exact = list(self._exact_parts([raw_documents[i] for i in others.tolist()], docs.take(others)))

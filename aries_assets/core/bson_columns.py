@@ -107,16 +107,23 @@ def columnar_part(
     docs: pa.Array,
     options: s.SchemaOptions,
     known_maps: set[s.Path],
+    expect_refusals: bool = True,
 ) -> tuple[ColumnarBatch, np.ndarray] | None:
     """The chunk's documents the walk takes, as a batch, and their rows in the chunk; the rest are
     the exact path's. None when the walk takes too few of them to be worth it, or refuses them all.
 
-    The documents its text shows the walk would refuse are set aside first (`refused_documents`).
-    A field holding two JSON shapes in the rest (`"n" : {` in most, `"n" : "` in a few) stops
-    Arrow's reader: the documents of the rarer shape are set aside, and the rest read again.
+    The documents its text shows the walk would refuse are set aside (`refused_documents`): first,
+    with `expect_refusals` (the chunk before had some), else once the walk refused the chunk (so a
+    plain chunk is spared the search). A field holding two JSON shapes (`"n" : {` in most,
+    `"n" : "` in a few) stops Arrow's reader: the documents of the rarer shape are set aside, and
+    the rest read again.
     """
-    refused = refused_documents(raw_documents, docs, known_maps)
-    for _ in range(_CONFLICTS_SET_ASIDE + 1):
+    # Always: the reader would lose these documents' nulls, not refuse them.
+    refused = pc.match_substring_regex(docs, _BEGINS_WITH_NULL).to_numpy(zero_copy_only=False)
+    searched = expect_refusals
+    if searched:
+        refused |= refused_documents(raw_documents, docs, known_maps)
+    for _ in range(_CONFLICTS_SET_ASIDE + 2):
         if np.count_nonzero(refused) > MOSTLY_REFUSED * len(raw_documents):
             return None
         rows = np.flatnonzero(~refused)
@@ -129,6 +136,10 @@ def columnar_part(
             if rarer is None or not (rarer & ~refused).any():
                 return None
             refused |= rarer
+            continue
+        if batch is None and not searched:
+            searched = True
+            refused |= refused_documents(raw_documents, docs, known_maps)
             continue
         return None if batch is None else (batch, rows)
     return None
@@ -216,15 +227,17 @@ _REFUSED_TEXT = "|".join(
         r"\[ \[",  # an array of arrays
         r", \[",
         r"\{ +\}",  # an empty document
-        # An array that begins with null: Arrow's reader drops the nulls an array begins with while
-        # its element type is unknown (`[null, "x"]` reads as `["x"]`).
-        r"\[ null",
         r'\\" : ',  # a string or key holding what looks like a key separator (`_settle_nulls`)
         # The wrappers the walk does not read.
         r'\{ "\$(?:binary|code|timestamp|regularExpression|symbol|dbPointer|minKey|maxKey|undefined)"',
         '"(?:' + s._DATA_KEY.pattern[4:-2] + ')" : ',  # a key that is data: maybe a map
     ]
 )
+
+
+# An array that begins with null: Arrow's reader drops the nulls an array begins with while its
+# element type is unknown (`[null, "x"]` reads as `["x"]`).
+_BEGINS_WITH_NULL = r"\[ null"
 
 
 def refused_documents(raw_documents: list[bytes], docs: pa.Array, known_maps: set[s.Path]) -> np.ndarray:
