@@ -496,3 +496,45 @@ def test_arrays_that_begin_with_nulls_keep_every_element():
         assert table.column("a").to_pylist() == [[None, "x"], ["y", None], [None]]
         assert table.column("n").to_pylist() == [[None, None], [None, 3], []]
         assert table.column("r__l").to_pylist() == [[None, 2], [1], [None]]
+
+
+def test_a_decimal128_from_its_bits_converts_as_from_its_digits():
+    """The exact path reads a Decimal128's coefficient and exponent from its BID bits; the result
+    (a value, or an outlier: inexact at the scale, too many digits) is Python's `quantize` of
+    `to_decimal()`, the way it was first written."""
+    from decimal import Decimal, InvalidOperation
+
+    from aries_assets.core.arrow import _OUTLIER, _to_decimal
+
+    def by_digits(precision: int, scale: int):
+        quantum = Decimal(1).scaleb(-scale)
+
+        def convert(value: Decimal128):
+            try:
+                number = value.to_decimal()
+                if not number.is_finite():
+                    return _OUTLIER
+                exact = number.quantize(quantum)
+            except InvalidOperation:
+                return _OUTLIER
+            return _OUTLIER if exact != number or len(exact.as_tuple().digits) > precision else exact
+
+        return convert
+
+    rng = random.Random(5)
+    texts = ["0", "-0", "1.50", "1E+3", "0.001", "-7.0", "NaN", "-NaN", "Infinity", "-Infinity", "1E-6176",
+             "9999999999999999999999999999999999", "9.999999999999999999999999999999999E+6144", "0E+6000",
+             "-0E-6000", "123456789012345678901234567.8", "1234567890123456789012345678.9"]  # fmt: skip
+    for _ in range(3000):
+        coefficient = rng.randint(0, 10 ** rng.randint(1, 34) - 1)
+        exponent = rng.choice([rng.randint(-40, 10), rng.randint(-6176, 6111)])
+        texts.append(f"{'-' if rng.random() < 0.3 else ''}{coefficient}E{exponent}")
+    values = [Decimal128(t) for t in texts]
+    for precision, scale in [(38, 2), (10, 2), (38, 0), (38, 38), (5, 5), (20, 4), (1, 0), (28, 0), (38, 30)]:
+        fast, slow = _to_decimal(precision, scale), by_digits(precision, scale)
+        for value in values:
+            got, expected = fast(value), slow(value)
+            assert (got is _OUTLIER) == (expected is _OUTLIER), (precision, scale, value, got, expected)
+            if got is not _OUTLIER:
+                column = pa.decimal128(precision, scale)
+                assert pa.array([got], column).equals(pa.array([expected], column)), (value, got, expected)

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import uuid
 from collections import Counter
 
 import bson
 import pyarrow as pa
-from bson import Decimal128, Int64, ObjectId, json_util
+from bson import Binary, Decimal128, Int64, ObjectId, json_util
 
 from aries_assets.core import schema as s
 from aries_assets.core.arrow import BucketConverter, id_string
@@ -212,6 +213,17 @@ def test_typed_values():
     assert str(table.column("d")[0]) == "12.50"
     assert table.column("big").to_pylist() == [2**62]
     assert table.column("m").to_pylist() == [[1, 2]]
+
+
+def test_uuids_are_text_in_their_usual_form():
+    ids = [uuid.UUID(int=0), uuid.UUID(int=2**128 - 1), uuid.UUID("12345678-9abc-4def-8012-3456789abcde")]
+    documents = [{"_id": i, "u": Binary(u.bytes, 4)} for i, u in enumerate(ids)]
+    documents.append({"_id": 9, "u": "not-a-uuid"})  # a string: the column is text, the UUIDs as above
+    converter = BucketConverter(fast=False)
+    converter.add([bson.encode(d) for d in documents])
+    schema = s.resolve_schema(converter.stats, None, OPTIONS)
+    table = next(converter.tables(schema, Counter()))
+    assert table.column("u").to_pylist() == [*map(str, ids), "not-a-uuid"]
 
 
 def test_id_strings():

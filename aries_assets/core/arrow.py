@@ -17,7 +17,6 @@ import itertools
 import json
 import os
 import struct
-import uuid
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -648,6 +647,10 @@ def _to_decimal(precision: int, scale: int):
     quantum = Decimal(1).scaleb(-scale)
 
     def convert(value: Any) -> Any:
+        if type(value) is Decimal128:
+            fast = _decimal128_at_scale(value, precision, scale)
+            if fast is not None:
+                return fast
         try:
             number = (
                 value.to_decimal()
@@ -656,7 +659,7 @@ def _to_decimal(precision: int, scale: int):
             )
             if not number.is_finite():
                 return _OUTLIER
-            exact = number.quantize(quantum)
+            exact = number.quantize(quantum)  # in the default context: 28 digits at most
         except InvalidOperation:
             return _OUTLIER
         if exact != number or len(exact.as_tuple().digits) > precision:
@@ -666,6 +669,37 @@ def _to_decimal(precision: int, scale: int):
     return convert
 
 
+_QUANTIZE_DIGITS = 28  # decimal.DefaultContext.prec, which `quantize` above works in
+_MAX_COEFFICIENT = 10**34 - 1  # larger is a non-canonical Decimal128
+
+
+def _decimal128_at_scale(value: Decimal128, precision: int, scale: int) -> Any:
+    """What `_to_decimal` gives for a Decimal128, straight from its BID bits (`to_decimal` builds a
+    Decimal digit by digit, in Python); None for the rare forms the slow way settles (NaN,
+    infinities, the large-coefficient form)."""
+    low, high = _BID.unpack(value.bid)
+    if (high >> 61) & 3 == 3:
+        return None
+    coefficient = ((high & 0x1FFFFFFFFFFFF) << 64) | low
+    if coefficient > _MAX_COEFFICIENT:
+        return None
+    shift = ((high >> 49) & 0x3FFF) - 6176 + scale
+    if not coefficient:
+        unscaled = 0
+    elif shift >= 0:
+        if shift > precision:
+            return _OUTLIER  # more digits than the column holds
+        unscaled = coefficient * 10**shift
+    else:
+        unscaled, rest = divmod(coefficient, 10**-shift)
+        if rest:
+            return _OUTLIER  # more fractional digits than the column keeps
+    digits = len(str(unscaled))
+    if digits > precision or digits > _QUANTIZE_DIGITS:
+        return _OUTLIER
+    return Decimal(f"{'-' if high >> 63 else ''}{unscaled}E-{scale}")
+
+
 def _text(value: Any) -> str:
     """Strings as they are; ObjectIds and UUIDs in their usual form; other values as JSON text."""
     kind = kind_of(value)
@@ -673,8 +707,9 @@ def _text(value: Any) -> str:
         return value
     if kind is s.OBJECTID or kind is s.DECIMAL:
         return str(value)
-    if kind is s.UUID:
-        return str(uuid.UUID(bytes=bytes(value)))
+    if kind is s.UUID:  # as `str(uuid.UUID(bytes=...))` writes it, a few times faster
+        h = bytes(value).hex()
+        return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
     if kind is s.BOOL:
         return "true" if value else "false"
     if kind is s.INT32 or kind is s.INT64:
