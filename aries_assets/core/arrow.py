@@ -244,6 +244,7 @@ class SplitBatch:
     columnar: ColumnarBatch
     exact: list[_Batch]
     rows: np.ndarray  # the chunk's row of each row of the parts, columnar part first
+    docs: Any  # the chunk's `_doc`, in its order (the parts hold none: one copy of the text)
     stats: s.TypeStats = field(default_factory=s.TypeStats)
 
     def __post_init__(self) -> None:
@@ -301,12 +302,12 @@ class BucketConverter:
     def add(self, raw_documents: list[bytes]) -> None:
         """Convert a batch of raw BSON documents and keep it, compacted, until `tables` is called."""
         for batch in self.chunks(raw_documents):
+            batch.docs = PackedStrings.pack(batch.docs)  # `_doc` is the bulk of a waiting batch
             for part in batch.parts if isinstance(batch, SplitBatch) else [batch]:
                 self._compact(part)
             self._batches.append(batch)
 
     def _compact(self, batch: _Batch | ColumnarBatch) -> None:
-        batch.docs = PackedStrings.pack(batch.docs)  # `_doc` is the bulk of a waiting batch
         if isinstance(batch, _Batch):
             if self._kept_bytes + batch.raw_size <= KEEP_DECODED_BYTES:
                 # A small bucket keeps its decoded values; a large one decodes them again when written.
@@ -340,9 +341,10 @@ class BucketConverter:
         columnar, rows = part
         if not self._split:
             return columnar
+        columnar.docs = _no_text(len(rows))  # read; the chunk's own `_doc` is written
         others = np.setdiff1d(np.arange(len(raw_documents)), rows, assume_unique=True)
-        exact = list(self._exact_parts([raw_documents[i] for i in others.tolist()], docs.take(others)))
-        return SplitBatch(columnar, exact, np.concatenate([rows, others]))
+        exact = self._exact_parts([raw_documents[i] for i in others.tolist()], _no_text(len(others)))
+        return SplitBatch(columnar, list(exact), np.concatenate([rows, others]), docs)
 
     def _exact_parts(self, raw_documents: list[bytes], docs: pa.Array) -> Iterator[_Batch]:
         """Decoded, a document takes several times its BSON: the exact path takes a chunk in parts."""
@@ -428,7 +430,10 @@ class BucketConverter:
             parts = pa.concat_tables([self.table(part, schema, outliers) for part in batch.parts])
             order = np.empty(len(batch.rows), np.int64)
             order[batch.rows] = np.arange(len(batch.rows))
-            return parts.take(order)  # back in the chunk's order
+            table = parts.take(order)  # back in the chunk's order
+            del parts
+            docs = batch.docs.unpack() if isinstance(batch.docs, PackedStrings) else batch.docs
+            return table.set_column(_DOC_INDEX, table.schema.field(_DOC_INDEX), docs)
         if self._layout is None or self._layout[0] is not schema:
             by_path: dict[s.Path, list[s.ColumnSpec]] = {}
             for column in schema.columns:
@@ -501,6 +506,12 @@ def _canonical_json(raw_documents: list[bytes]) -> pa.Array:
 
 
 _FIXED_COLUMNS = 3  # `_id`, `_doc`, `_id_key`
+_DOC_INDEX = 1
+
+
+def _no_text(rows: int) -> pa.Array:
+    """A placeholder `_doc` for a part of a split chunk (nulls: no text buffer)."""
+    return pa.nulls(rows, pa.string())
 
 
 def _scatter(row_numbers, values: list[Any], rows: int) -> list[Any]:
