@@ -538,3 +538,37 @@ def test_a_decimal128_from_its_bits_converts_as_from_its_digits():
             if got is not _OUTLIER:
                 column = pa.decimal128(precision, scale)
                 assert pa.array([got], column).equals(pa.array([expected], column)), (value, got, expected)
+
+
+@pytest.mark.parametrize(
+    "documents",
+    [
+        # A Decimal128 zero has one integer digit, as its coefficient has.
+        [{"_id": 0, "at": Decimal128("-0")}, {"_id": 1, "at": Decimal128("0")}],
+        # A wrapped value in one document and a record in another: the reader merges both shapes.
+        [
+            {"_id": 0, "": 1},
+            {"_id": 1, "": None},
+            {"_id": 2, "": {"tags": {"x": DatetimeMS(253402300800007)}}},
+        ],
+        [{"_id": 0, "with space": {"v1": 0}}, {"_id": 1, "with space": Int64(1)}],
+        [
+            {"_id": 4, "a/b\\c": {"at": ObjectId("ce976aaa45b378838af8859b")}},
+            {"_id": 5, "a/b\\c": Binary(b"\0", 0)},
+        ],
+        # An empty document beside wrapped values: the reader makes it a wrapper of nulls.
+        [{"_id": 0, "name": 1}, {"_id": 1, "name": {}}],
+        [{"_id": 0, "name": {}}, {"_id": 1, "name": datetime.datetime(1, 1, 1, tzinfo=UTC)}],
+        [{"_id": 0, "o": {}}, {"_id": 1, "o": ObjectId("ce976aaa45b378838af8859b")}],
+        # A string that begins with " : " looks like a key's end to the key count.
+        [
+            {"_id": " : 331", "d": {"k": None, "": []}, "t": {"v": {"m": None}}},
+            {"_id": " : 388", "d": {"k": []}, "y": True, "t": {"v": {"m": None}}},
+        ],
+        [{"_id": 0, "s": [" : x", None], "n": None}, {"_id": 1, "s": ["y"]}],
+        [{"_id": 0, " : key": 1, "n": None}, {"_id": 1, "n": 2}],
+    ],
+)
+def test_documents_the_fuzzer_found_convert_as_the_exact_path_converts_them(documents):
+    for batch in (1, 2, len(documents)):
+        assert_equivalent(documents, batch=batch)

@@ -50,6 +50,9 @@ _NUMBER_WRAPPERS = {
     "$numberDecimal": CODES[s.DECIMAL],
 }
 _KEY_SEPARATOR = '" : '  # how libbson writes a key; a string holding it shows as `\\" : `
+# The separator where no key ends: inside a string (`\" : `), or a string or key that begins with
+# ` : ` (a member's value after ` : `, an array's element after `[ ` or `, `, a key after `{ ` or `, `).
+_NOT_A_KEY_SEPARATOR = r'\\" : |: " : |\[ " : |, " : |\{ " : '
 _PLAIN_KEY = re.compile(r"^[A-Za-z0-9_ .:/'-]+$")  # written as is in JSON, no escapes
 # A key named like a wrapper, as BSON holds it (the name, then its terminating zero byte): one scan.
 _WRAPPER_KEY = re.compile(
@@ -227,7 +230,7 @@ _REFUSED_TEXT = "|".join(
         r"\[ \[",  # an array of arrays
         r", \[",
         r"\{ +\}",  # an empty document
-        r'\\" : ',  # a string or key holding what looks like a key separator (`_settle_nulls`)
+        _NOT_A_KEY_SEPARATOR,  # a string or key holding what looks like a key separator (`_settle_nulls`)
         # The wrappers the walk does not read.
         r'\{ "\$(?:binary|code|timestamp|regularExpression|symbol|dbPointer|minKey|maxKey|undefined)"',
         '"(?:' + s._DATA_KEY.pattern[4:-2] + ')" : ',  # a key that is data: maybe a map
@@ -350,6 +353,8 @@ class _Walker:
             or len(path) >= self.options.max_depth
             or path in self.known_maps
             or any(s._DATA_KEY.match(n) for n in names)  # could be a map in some row: the exact path decides
+            # A wrapped value in some rows and a record in others: the reader merged both shapes.
+            or any(n.startswith("$") for n in names)
         ):
             raise Refused(f"{path} is not a plain record")
         children = array.flatten()
@@ -366,6 +371,11 @@ class _Walker:
         names = [f.name for f in array.type]
         children = dict(zip(names, array.flatten(), strict=True))
         kinds = np.where(valid, NULL, ABSENT).astype(np.int8)
+        holding = np.zeros(len(kinds), bool)
+        for child in children.values():
+            holding |= _valid(child)
+        if (valid & ~holding).any():  # `{}` beside wrapped values: the reader made it a wrapper of nulls
+            raise Refused(f"{path}: an empty document")
         if names == ["$oid"]:
             kinds[valid] = CODES[s.OBJECTID]
             self.found_keys += valid
@@ -421,7 +431,7 @@ class _Walker:
         """
         if not self.unknown:
             return
-        if pc.any(pc.match_substring(self.docs, "\\" + _KEY_SEPARATOR)).as_py():
+        if pc.any(pc.match_substring_regex(self.docs, _NOT_A_KEY_SEPARATOR)).as_py():
             raise Refused("a key or string holding what looks like a key separator")
         in_text = pc.count_substring(self.docs, _KEY_SEPARATOR).to_numpy(zero_copy_only=False)
         null_keys = in_text - self.found_keys
@@ -591,7 +601,7 @@ def _decimal_digits(stats: s.FieldStats, text: pa.Array) -> None:
         dot = pc.find_substring(simple, ".")
         no_dot = pc.equal(dot, -1)
         whole = pc.subtract(pc.if_else(no_dot, length, dot), pc.cast(pc.starts_with(simple, "-"), pa.int32()))
-        zero = pc.match_substring_regex(simple, r"^-?0(\.|$)")
+        zero = pc.match_substring_regex(simple, r"^-?0\.")  # a lone 0 has one integer digit
         stats.int_digits = max(stats.int_digits, pc.max(pc.if_else(zero, 0, whole)).as_py())
         scale = pc.if_else(no_dot, 0, pc.subtract(pc.subtract(length, dot), 1))
         stats.scale = max(stats.scale, pc.max(scale).as_py())
