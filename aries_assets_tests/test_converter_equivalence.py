@@ -567,6 +567,14 @@ def test_a_decimal128_from_its_bits_converts_as_from_its_digits():
         ],
         [{"_id": 0, "s": [" : x", None], "n": None}, {"_id": 1, "s": ["y"]}],
         [{"_id": 0, " : key": 1, "n": None}, {"_id": 1, "n": 2}],
+        [{"_id": 0, "s": " : a", "n": None}, {"_id": 1, "s": "b", "m": 1}],
+        [{"_id": 0, "w": 1}, {"_id": 1, "w": {"v": 0}}],
+        [{"_id": 0, "t": [1, {}]}],
+        [{"_id": 0, "b": Binary(b"a", 0)}, {"_id": 1, "b": {"x": 1}}],
+        # A value with no decimal form (NaN, infinities) beside one with more digits than a decimal
+        # holds: the largest scale counts, in whatever order they come.
+        [{"_id": 0, "m": {}, "v": Decimal128("1E-6176")}, {"_id": 1, "v": Decimal128("Infinity")}],
+        [{"_id": 0, "m": {}, "v": 5e-324}, {"_id": 1, "v": float("nan")}],
     ],
 )
 def test_documents_the_fuzzer_found_convert_as_the_exact_path_converts_them(documents):

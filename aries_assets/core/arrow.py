@@ -203,7 +203,7 @@ def _measure(stats: s.FieldStats, typed: dict[str, list[Any]]) -> None:
             if digits is None:
                 number = value.to_decimal() if kind is s.DECIMAL else Decimal(repr(value))
                 if not number.is_finite():
-                    stats.scale = _NOT_DECIMAL
+                    stats.scale = max(stats.scale, _NOT_DECIMAL)  # the largest counts, in any order
                     continue
                 digits = s.decimal_digits(number)
             stats.int_digits = max(stats.int_digits, digits[0])

@@ -613,7 +613,7 @@ def _digits(stats: s.FieldStats, numbers) -> None:
     """Integer digits and scale as the exact path counts them (Decimal128 digits: coefficient and exponent)."""
     for number in numbers:
         if not number.is_finite():
-            stats.scale = _NOT_DECIMAL
+            stats.scale = max(stats.scale, _NOT_DECIMAL)  # the largest counts, in any order
             continue
         _, digits, exponent = number.as_tuple()
         stats.int_digits = max(stats.int_digits, max(0, len(digits) + exponent))
