@@ -1,0 +1,101 @@
+"""The two converters against each other on random documents: the columnar path (with the exact
+one for the documents it sets aside) must give what the exact path alone gives, every time.
+
+Seeded, so a failure reproduces; each case is small, so a failure is easy to read.
+`ARIES_FUZZ_SEEDS=500 pytest aries_assets_tests/test_converter_fuzz.py` searches longer. Fuzzing
+like this found the differences `test_converter_equivalence` now pins one by one.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import random
+
+import pytest
+from bson import Binary, Code, Decimal128, Int64, ObjectId, Regex, Timestamp
+from bson.datetime_ms import DatetimeMS
+from bson.max_key import MaxKey
+from bson.min_key import MinKey
+
+from aries_assets.core import schema as s
+from aries_assets_tests.test_converter_equivalence import assert_equivalent
+
+UTC = datetime.UTC
+SEEDS = int(os.environ.get("ARIES_FUZZ_SEEDS", "8"))  # 40 collections each; set it higher to search longer
+KEYS = ["a", "b", "name", "type", "tags", "at", "with space", "dotted.name", 'double"quote', "", "名前",
+        "Name", "1", "2024-01-01", "5f1d7a9e3c2b4a6d8e0f1a2b", " : k", "a/b\\c"]  # fmt: skip
+TEXTS = ["", "x", '" : ', " : a", "{  }", "[ null", ', { "x', '\\" : ', "\\", '"', "null", "\x00", "🎉"]
+
+
+def scalar(rng: random.Random):
+    return rng.choice(
+        [
+            lambda: rng.randint(-(2**31), 2**31 - 1),
+            lambda: Int64(rng.randint(-(2**63), 2**63 - 1)),
+            lambda: rng.choice([0.0, -0.0, 1.5, 5e-324, 1e300, float("nan"), float("inf")]),
+            lambda: Decimal128(
+                rng.choice(["0", "-0", "1.50", "1E+3", "1E-6176", "NaN", "Infinity", "-7.25"])
+            ),
+            lambda: rng.choice(TEXTS),
+            lambda: rng.choice([True, False]),
+            lambda: ObjectId(),
+            lambda: (
+                datetime.datetime(2020, 1, 1, tzinfo=UTC)
+                + datetime.timedelta(milliseconds=rng.randint(-9, 9**9))
+            ),
+            lambda: DatetimeMS(253402300800000 + rng.randint(0, 9)),
+            lambda: None,
+            lambda: rng.choice(
+                [
+                    Binary(b"\0\xff", 0),
+                    Binary(bytes(16), 4),
+                    Regex("^a", "i"),
+                    Code("f()"),
+                    Timestamp(1, 2),
+                    MinKey(),
+                    MaxKey(),
+                ]
+            ),
+        ]  # fmt: skip
+    )()
+
+
+def value(rng: random.Random, depth: int):
+    roll = rng.random()
+    if depth > 3 or roll < 0.6:
+        return scalar(rng)
+    if roll < 0.75:
+        return [
+            value(rng, depth + 1) if rng.random() < 0.3 else scalar(rng) for _ in range(rng.randint(0, 3))
+        ]
+    if roll < 0.8:
+        return {f"{rng.getrandbits(64):016x}": scalar(rng) for _ in range(rng.randint(1, 3))}  # a map
+    return record(rng, depth + 1)
+
+
+def record(rng: random.Random, depth: int) -> dict:
+    return {rng.choice(KEYS): value(rng, depth) for _ in range(rng.randint(0, 4))}
+
+
+def collection(rng: random.Random) -> list[dict]:
+    """Documents sharing a few fields (so fields meet in several shapes), each with its odd values."""
+    shared = {rng.choice(KEYS): value(rng, 1) for _ in range(3)}
+    documents = []
+    for i in range(rng.randint(1, 40)):
+        document = {"_id": i}
+        for key, template in shared.items():
+            if rng.random() < 0.8:
+                document[key] = template if rng.random() < 0.6 else value(rng, 1)
+        document.update(record(rng, 1) if rng.random() < 0.3 else {})
+        documents.append(document)
+    return documents
+
+
+@pytest.mark.parametrize("seed", range(SEEDS))
+def test_random_documents_convert_alike_on_both_paths(seed):
+    rng = random.Random(seed)
+    options = [s.SchemaOptions(), s.SchemaOptions(outlier_share=0.3), s.SchemaOptions(max_depth=2)]
+    for _ in range(40):
+        documents = collection(rng)
+        assert_equivalent(documents, options=rng.choice(options), batch=rng.choice([1, 3, 7, 40]))
