@@ -80,6 +80,9 @@ CHUNK_BYTES = 2 * 1024 * 1024
 # this: each chunk has a fixed cost (a row group, a JSON reader, per-column statistics) of a few
 # milliseconds, and 128 KB chunks made a 1 MB bucket's conversion half as fast.
 MIN_CHUNK_BYTES = 1024 * 1024
+# A chunk whose documents took both paths held Arrow's parse of some beside the Python objects of
+# the others, twice what either alone takes: after one, chunks are cut at most this large.
+SPLIT_CHUNK_BYTES = 1024 * 1024
 # Raw BSON of a bucket whose decoded values the exact path keeps (about ten times this in Python objects).
 KEEP_DECODED_BYTES = 8 * 1024 * 1024
 # BSON the exact path decodes at a time: Python objects take several times the bytes.
@@ -278,7 +281,7 @@ class BucketConverter:
     _stats: s.TypeStats = field(default_factory=s.TypeStats)
     _kept_bytes: int = 0
     _refused: int = 0  # chunks in a row the columnar path refused
-    _split: bool = False  # whether the last chunk had documents the columnar path refused
+    _split: bool = True  # whether the last chunk had documents the columnar path refused (the first: maybe)
     _layout: tuple | None = None  # (schema, arrow schema, columns by path) of the last `table` call
 
     def __post_init__(self) -> None:
@@ -294,7 +297,11 @@ class BucketConverter:
         chunk_bytes = self.chunk_bytes or chunk_bytes_for(int(ends[-1]) if len(ends) else 0)
         start = 0
         while start < len(raw_documents):
-            reached = (ends[start - 1] if start else 0) + chunk_bytes
+            # A chunk split between the paths holds both at once: the next one is cut smaller (not
+            # into a chunk and a sliver: only chunks well over the split size).
+            split = self._split and chunk_bytes >= 1.5 * SPLIT_CHUNK_BYTES
+            size = SPLIT_CHUNK_BYTES if split else chunk_bytes
+            reached = (ends[start - 1] if start else 0) + size
             end = min(int(np.searchsorted(ends, reached)) + 1, len(raw_documents))
             yield from self._convert(list(map(bytes, raw_documents[start:end])))
             start = end
