@@ -281,7 +281,7 @@ class BucketConverter:
     _stats: s.TypeStats = field(default_factory=s.TypeStats)
     _kept_bytes: int = 0
     _refused: int = 0  # chunks in a row the columnar path refused
-    _split: bool = True  # whether the last chunk had documents the columnar path refused (the first: maybe)
+    _split: bool = False  # whether the last chunk had documents the columnar path refused
     _layout: tuple | None = None  # (schema, arrow schema, columns by path) of the last `table` call
 
     def __post_init__(self) -> None:
@@ -297,9 +297,9 @@ class BucketConverter:
         chunk_bytes = self.chunk_bytes or chunk_bytes_for(int(ends[-1]) if len(ends) else 0)
         start = 0
         while start < len(raw_documents):
-            # A chunk split between the paths holds both at once: the next one is cut smaller (not
-            # into a chunk and a sliver: only chunks well over the split size).
-            split = self._split and chunk_bytes >= 1.5 * SPLIT_CHUNK_BYTES
+            # A chunk split between the paths holds both at once: the next one, and the first (which
+            # may be), are cut smaller (not into a chunk and a sliver: only chunks well over that).
+            split = (self._split or not start) and chunk_bytes >= 1.5 * SPLIT_CHUNK_BYTES
             size = SPLIT_CHUNK_BYTES if split else chunk_bytes
             reached = (ends[start - 1] if start else 0) + size
             end = min(int(np.searchsorted(ends, reached)) + 1, len(raw_documents))
