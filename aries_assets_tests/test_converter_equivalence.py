@@ -575,6 +575,10 @@ def test_a_decimal128_from_its_bits_converts_as_from_its_digits():
         # holds: the largest scale counts, in whatever order they come.
         [{"_id": 0, "m": {}, "v": Decimal128("1E-6176")}, {"_id": 1, "v": Decimal128("Infinity")}],
         [{"_id": 0, "m": {}, "v": 5e-324}, {"_id": 1, "v": float("nan")}],
+        # A non-canonical Decimal128 (a coefficient past 34 digits): libbson writes its digits,
+        # pymongo reads it as zero.
+        [{"_id": 0, "k": {"k": Decimal128.from_bid(bytes.fromhex("6e83cedc697c58a8e20de75dffffb70a"))}}],
+        [{"_id": 0, "d": Decimal128.from_bid(bytes.fromhex("ffffffffffffffffffffffffffff0130"))}],
     ],
 )
 def test_documents_the_fuzzer_found_convert_as_the_exact_path_converts_them(documents):

@@ -59,6 +59,9 @@ _WRAPPER_KEY = re.compile(
     rb"\$(?:" + b"|".join(re.escape(n[1:]).encode() for n in ("$oid", "$date", *_NUMBER_WRAPPERS)) + rb")\x00"
 )
 _NOT_DECIMAL = s.MAX_DECIMAL_PRECISION + 1
+# Digits a canonical Decimal128 holds. A larger coefficient is non-canonical: libbson writes its
+# digits in `_doc`, pymongo reads it as zero; the exact path settles what its columns hold.
+_DECIMAL128_DIGITS = 34
 _PLAIN_DECIMAL = r"^-?[0-9]+\.?[0-9]*$"
 _QUANTIZE_DIGITS = 28  # decimal.DefaultContext.prec
 
@@ -605,8 +608,18 @@ def _decimal_digits(stats: s.FieldStats, text: pa.Array) -> None:
         stats.int_digits = max(stats.int_digits, pc.max(pc.if_else(zero, 0, whole)).as_py())
         scale = pc.if_else(no_dot, 0, pc.subtract(pc.subtract(length, dot), 1))
         stats.scale = max(stats.scale, pc.max(scale).as_py())
+        signs_and_dots = pc.add(
+            pc.cast(pc.starts_with(simple, "-"), pa.int32()), pc.cast(pc.invert(no_dot), pa.int32())
+        )
+        if pc.max(pc.subtract(length, signs_and_dots)).as_py() > _DECIMAL128_DIGITS:
+            raise Refused(
+                "a Decimal128 beyond 34 digits"
+            )  # (or one with leading zeros: the exact path is sure)
     if not every:
-        _digits(stats, map(Decimal, pc.unique(text.filter(pc.invert(plain))).to_pylist()))
+        others = [Decimal(t) for t in pc.unique(text.filter(pc.invert(plain))).to_pylist()]
+        if any(len(n.as_tuple().digits) > _DECIMAL128_DIGITS for n in others if n.is_finite()):
+            raise Refused("a Decimal128 beyond 34 digits")
+        _digits(stats, others)
 
 
 def _digits(stats: s.FieldStats, numbers) -> None:
