@@ -579,6 +579,8 @@ def test_a_decimal128_from_its_bits_converts_as_from_its_digits():
         # pymongo reads it as zero.
         [{"_id": 0, "k": {"k": Decimal128.from_bid(bytes.fromhex("6e83cedc697c58a8e20de75dffffb70a"))}}],
         [{"_id": 0, "d": Decimal128.from_bid(bytes.fromhex("ffffffffffffffffffffffffffff0130"))}],
+        [{"_id": 0, "b": Decimal128.from_bid(bytes.fromhex("34e5e076da66e6980b53a81affff019b"))}],  # negative
+        [{"_id": 0, "c": Decimal128("-1.234567890123456789012345678901234E+40")}],  # canonical: 34 digits
     ],
 )
 def test_documents_the_fuzzer_found_convert_as_the_exact_path_converts_them(documents):

@@ -617,7 +617,11 @@ def _decimal_digits(stats: s.FieldStats, text: pa.Array) -> None:
             )  # (or one with leading zeros: the exact path is sure)
     if not every:
         others = [Decimal(t) for t in pc.unique(text.filter(pc.invert(plain))).to_pylist()]
-        if any(len(n.as_tuple().digits) > _DECIMAL128_DIGITS for n in others if n.is_finite()):
+        # libbson writes a negative one in exponent form with 34 of its digits: as many digits as a
+        # canonical value may have, so such a value (rare) is left to the exact path too.
+        if any(
+            len(n.as_tuple().digits) > _DECIMAL128_DIGITS - n.is_signed() for n in others if n.is_finite()
+        ):
             raise Refused("a Decimal128 beyond 34 digits")
         _digits(stats, others)
 
