@@ -216,13 +216,21 @@ def _measure(stats: s.FieldStats, typed: dict[str, list[Any]]) -> None:
 _BID = struct.Struct("<QQ")
 
 
-def _decimal128_digits(value: Decimal128) -> tuple[int, int] | None:
-    """(integer digits, scale) straight from the IEEE 754-2008 BID bits; None for the rare other forms."""
+def _bid(value: Decimal128) -> tuple[bool, int, int] | None:
+    """(negative, coefficient, exponent) from a Decimal128's IEEE 754-2008 BID bits; None for NaN,
+    infinities and the large-coefficient form."""
     low, high = _BID.unpack(value.bid)
-    if (high >> 61) & 3 == 3:  # NaN, infinity, or the large-coefficient form
+    if (high >> 61) & 3 == 3:
         return None
-    exponent = ((high >> 49) & 0x3FFF) - 6176
-    coefficient = ((high & 0x1FFFFFFFFFFFF) << 64) | low
+    return bool(high >> 63), ((high & 0x1FFFFFFFFFFFF) << 64) | low, ((high >> 49) & 0x3FFF) - 6176
+
+
+def _decimal128_digits(value: Decimal128) -> tuple[int, int] | None:
+    """(integer digits, scale) straight from the BID bits; None for the rare other forms."""
+    parts = _bid(value)
+    if parts is None:
+        return None
+    _, coefficient, exponent = parts
     digits = len(str(coefficient)) if coefficient else 1
     return max(0, digits + exponent), max(0, -exponent)
 
@@ -265,8 +273,8 @@ class BucketConverter:
 
     A chunk's documents take the columnar path (`bson_columns`: no Python object per
     value) where they can, and the exact path (decode, walk, convert in Python)
-    otherwise, the two parts interleaved back in order (`SplitBatch`); both give the same `_doc`, columns, statistics and outliers. `fast=False`
-    forces the exact path, the reference the columnar one is tested against.
+    otherwise, the two parts interleaved back in order (`SplitBatch`); both give the
+    same `_doc`, columns, statistics and outliers. `fast=False` forces the exact path, the reference the columnar one is tested against.
     `chunks` + `table` stream a bucket (nothing kept between chunks); `add` +
     `tables` keep every chunk until the whole bucket's schema is known.
     """
@@ -687,21 +695,15 @@ def _to_decimal(precision: int, scale: int):
     return convert
 
 
-_QUANTIZE_DIGITS = 28  # decimal.DefaultContext.prec, which `quantize` above works in
-_MAX_COEFFICIENT = 10**34 - 1  # larger is a non-canonical Decimal128
-
-
 def _decimal128_at_scale(value: Decimal128, precision: int, scale: int) -> Any:
     """What `_to_decimal` gives for a Decimal128, straight from its BID bits (`to_decimal` builds a
     Decimal digit by digit, in Python); None for the rare forms the slow way settles (NaN,
     infinities, the large-coefficient form)."""
-    low, high = _BID.unpack(value.bid)
-    if (high >> 61) & 3 == 3:
+    parts = _bid(value)
+    if parts is None or len(str(parts[1])) > s.DECIMAL128_DIGITS:
         return None
-    coefficient = ((high & 0x1FFFFFFFFFFFF) << 64) | low
-    if coefficient > _MAX_COEFFICIENT:
-        return None
-    shift = ((high >> 49) & 0x3FFF) - 6176 + scale
+    negative, coefficient, exponent = parts
+    shift = exponent + scale
     if not coefficient:
         unscaled = 0
     elif shift >= 0:
@@ -713,9 +715,9 @@ def _decimal128_at_scale(value: Decimal128, precision: int, scale: int) -> Any:
         if rest:
             return _OUTLIER  # more fractional digits than the column keeps
     digits = len(str(unscaled))
-    if digits > precision or digits > _QUANTIZE_DIGITS:
+    if digits > precision or digits > s.QUANTIZE_DIGITS:
         return _OUTLIER
-    return Decimal(f"{'-' if high >> 63 else ''}{unscaled}E-{scale}")
+    return Decimal(f"{'-' if negative else ''}{unscaled}E-{scale}")
 
 
 def _text(value: Any) -> str:

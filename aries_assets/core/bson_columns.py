@@ -59,11 +59,7 @@ _WRAPPER_KEY = re.compile(
     rb"\$(?:" + b"|".join(re.escape(n[1:]).encode() for n in ("$oid", "$date", *_NUMBER_WRAPPERS)) + rb")\x00"
 )
 _NOT_DECIMAL = s.MAX_DECIMAL_PRECISION + 1
-# Digits a canonical Decimal128 holds. A larger coefficient is non-canonical: libbson writes its
-# digits in `_doc`, pymongo reads it as zero; the exact path settles what its columns hold.
-_DECIMAL128_DIGITS = 34
 _PLAIN_DECIMAL = r"^-?[0-9]+\.?[0-9]*$"
-_QUANTIZE_DIGITS = 28  # decimal.DefaultContext.prec
 
 
 class Refused(Exception):
@@ -546,20 +542,13 @@ def _among(kinds: np.ndarray, codes) -> np.ndarray:
     return table[kinds.astype(np.intp) + 1]
 
 
-def _first_seen(kinds: np.ndarray) -> list[tuple[int, int]]:
-    """(code, count) of each kind present, in order of first appearance (as the exact path counts)."""
-    counts = _counts(kinds)
-    codes = [code for code in (np.flatnonzero(counts) - 1).tolist() if code > NULL]
-    first = {code: int(np.argmax(kinds == code)) for code in codes}
-    return [(code, int(counts[code + 1])) for code in sorted(codes, key=first.__getitem__)]
-
-
 def field_stats(values: Values) -> s.FieldStats:
     """What `arrow._field_stats` counts over the same values."""
     stats = s.FieldStats()
     present = values.kinds[values.kinds != ABSENT]
-    for code, count in _first_seen(present):
-        stats.kinds[KIND_OF_CODE[code]] = count
+    for code, count in enumerate(_counts(present).tolist(), start=ABSENT):
+        if code > NULL and count:
+            stats.kinds[KIND_OF_CODE[code]] = count  # in any order: equal counts rank alike (`schema.ranked`)
     stats.nulls = int(np.count_nonzero(present == NULL))
     _measure(stats, values)
     if values.elements is not None and stats.kinds[s.ARRAY]:
@@ -603,24 +592,22 @@ def _decimal_digits(stats: s.FieldStats, text: pa.Array) -> None:
         length = pc.binary_length(simple)
         dot = pc.find_substring(simple, ".")
         no_dot = pc.equal(dot, -1)
-        whole = pc.subtract(pc.if_else(no_dot, length, dot), pc.cast(pc.starts_with(simple, "-"), pa.int32()))
+        sign = pc.cast(pc.starts_with(simple, "-"), pa.int32())
+        whole = pc.subtract(pc.if_else(no_dot, length, dot), sign)
         zero = pc.match_substring_regex(simple, r"^-?0\.")  # a lone 0 has one integer digit
         stats.int_digits = max(stats.int_digits, pc.max(pc.if_else(zero, 0, whole)).as_py())
         scale = pc.if_else(no_dot, 0, pc.subtract(pc.subtract(length, dot), 1))
         stats.scale = max(stats.scale, pc.max(scale).as_py())
-        signs_and_dots = pc.add(
-            pc.cast(pc.starts_with(simple, "-"), pa.int32()), pc.cast(pc.invert(no_dot), pa.int32())
-        )
-        if pc.max(pc.subtract(length, signs_and_dots)).as_py() > _DECIMAL128_DIGITS:
-            raise Refused(
-                "a Decimal128 beyond 34 digits"
-            )  # (or one with leading zeros: the exact path is sure)
+        # Digits written (leading zeros too: such a value goes to the exact path, which is sure).
+        written = pc.subtract(pc.subtract(length, sign), pc.cast(pc.invert(no_dot), pa.int32()))
+        if pc.max(written).as_py() > s.DECIMAL128_DIGITS:
+            raise Refused("a Decimal128 beyond 34 digits")
     if not every:
         others = [Decimal(t) for t in pc.unique(text.filter(pc.invert(plain))).to_pylist()]
         # libbson writes a negative one in exponent form with 34 of its digits: as many digits as a
         # canonical value may have, so such a value (rare) is left to the exact path too.
         if any(
-            len(n.as_tuple().digits) > _DECIMAL128_DIGITS - n.is_signed() for n in others if n.is_finite()
+            len(n.as_tuple().digits) > s.DECIMAL128_DIGITS - n.is_signed() for n in others if n.is_finite()
         ):
             raise Refused("a Decimal128 beyond 34 digits")
         _digits(stats, others)
@@ -717,7 +704,7 @@ def _fast_scalar(text: pa.Array, codes: set[int], type_name: str, target: pa.Dat
         # Arrow refuses a value with more digits than the scale keeps, or too many for the precision.
         column = pc.cast(text, target)
         # The exact path quantizes in Python's default context: more than 28 digits is an outlier there.
-        limit = pa.scalar(Decimal(10) ** (_QUANTIZE_DIGITS - target.scale), target)
+        limit = pa.scalar(Decimal(10) ** (s.QUANTIZE_DIGITS - target.scale), target)
         if pc.any(pc.greater_equal(pc.abs(column), limit)).as_py():
             return None
         return column

@@ -46,6 +46,12 @@ T_STRING, T_JSON, T_TIMESTAMP, T_BINARY = "string", "json", "timestamp", "binary
 OVERRIDE_TYPES = {T_BOOL, T_INT32, T_INT64, T_DOUBLE, T_STRING, T_JSON, T_TIMESTAMP, T_BINARY, "decimal"}
 _DECIMAL_TYPE = re.compile(r"^decimal(?:\((\d+),\s*(\d+)\))?$")
 MAX_DECIMAL_PRECISION = 38  # Arrow decimal128, Redshift and Athena all stop at 38 digits
+# Digits of a canonical Decimal128's coefficient. A larger one is non-canonical: zero to pymongo,
+# while libbson writes its digits into `_doc`.
+DECIMAL128_DIGITS = 34
+# decimal.DefaultContext.prec: `Decimal.quantize` in the default context gives at most this many
+# digits, and the exact path quantizes there (more is an outlier).
+QUANTIZE_DIGITS = 28
 _MAX_EXACT_INT_IN_DOUBLE = 2**53
 
 # Every kind a column type can hold without losing the value.
