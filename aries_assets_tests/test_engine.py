@@ -41,12 +41,16 @@ class FindCounter(monitoring.CommandListener):
     def __init__(self, database: str) -> None:
         self.database = database
         self.finds: list[dict] = []
+        self.commands: list[str] = []  # every command on the database, in order ("find": a read)
 
     def started(self, event):
-        if event.command_name == "find" and event.database_name == self.database:
-            self.finds.append(
-                event.command.to_dict() if hasattr(event.command, "to_dict") else dict(event.command)
-            )
+        if event.database_name != self.database:
+            return
+        command = event.command.to_dict() if hasattr(event.command, "to_dict") else dict(event.command)
+        lookup = event.command_name == "find" and command.get("filter") == {"_id": None}
+        self.commands.append("cluster time" if lookup else event.command_name)
+        if event.command_name == "find":
+            self.finds.append(command)
 
     def succeeded(self, event):
         pass
@@ -133,6 +137,44 @@ def test_a_read_begun_ahead_fetches_a_buckets_worth_and_a_runs_share_once_taken(
         assert [raw_id(raw) for batch in taken.read.batches() for raw in batch] == list(range(100))
     finally:
         read_ahead.close_all()
+
+
+def test_a_read_begun_ahead_checks_its_collection_first_and_its_run_does_not_check_again(
+    client, mongo_uri, database, workdir
+):
+    """The check is one round trip before the read, while the server is idle: the run that adopts
+    the read does not wait behind the server's reading to ask again (a second on SecantusDB)."""
+    client[database].events.insert_many([{"_id": i} for i in range(1_000)])
+    events_config(workdir, mongo_uri, database)
+    counter = FindCounter(database)
+    monitoring.register(counter)
+    try:
+        code, _, err = run_cli("sync", "--workers", "2")
+    finally:
+        monitoring._LISTENERS.command_listeners.remove(counter)
+    assert code == 0, err
+    checks_and_reads = [c for c in counter.commands if c in ("listCollections", "find")]
+    assert checks_and_reads[:2] == ["listCollections", "find"], checks_and_reads
+    assert checks_and_reads.count("listCollections") == 1, checks_and_reads
+    assert_same_documents(
+        mongo_documents(client, database, "events"), lake_documents(workdir / "lake" / database / "events")
+    )
+
+
+def test_no_read_is_begun_for_a_collection_that_is_not_there(client, mongo_uri, database, workdir):
+    """Nothing to adopt: the run checks the collection itself and says what is wrong. The next
+    collection needing a first load is read ahead instead."""
+    events_config(workdir, mongo_uri, database)
+    client[database].other.insert_one({"_id": 1})
+    source, other = SourceCollection(database, "events"), SourceCollection(database, "other")
+    try:
+        read_ahead.begin(mongo_uri, LakeSpec(str(workdir / "lake")), [source, other])
+        assert read_ahead.begun(source) is None
+        assert read_ahead.begun(other) is not None
+    finally:
+        read_ahead.close_all()
+    code, _, err = run_cli("sync")
+    assert code == 1 and "no such collection in database" in err, err
 
 
 def test_a_read_begun_before_another_writer_marked_the_stream_is_not_adopted(

@@ -236,7 +236,8 @@ def _writing(
     given back."""
     started = time.monotonic()
     try:
-        check_collection(client, source, synced_before)
+        if not read_ahead.checked(source):
+            check_collection(client, source, synced_before)
     except Exception as error:  # MongoDB unreachable, the collection gone: counts for the backoff
         _note_run(store, "failed", f"{type(error).__name__}: {error}", outcome)
         raise

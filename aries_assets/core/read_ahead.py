@@ -6,8 +6,11 @@ of a large collection in `_id` order can take as long again (SecantusDB sorts th
 whole collection; a busy mongod may page the index in). Begun here, the two
 overlap.
 
-Only reading is begun, and nothing is written: the collection's stream is marked
-(`changes.mark_stream`), then the read starts at that cluster time. The run that
+Only reading is begun, and nothing is written: the collection is checked
+(`extract.check_collection`, while the server is idle), its stream is marked
+(`changes.mark_stream`), then the read starts at that cluster time. A collection
+the check refuses is not read (its run checks again and says why): the next one
+needing a first load is. The run that
 takes the lease adopts both (`take`), saving the mark as the first load's start,
 as if it had made them itself. A read nobody adopts (the ledger no longer asks for
 a first load, the run failed first) is closed by `close_all`. One collection at a
@@ -24,7 +27,14 @@ from bson.max_key import MaxKey
 from bson.min_key import MinKey
 
 from aries_assets.core.changes import StreamMark, mark_stream
-from aries_assets.core.extract import PREFETCH_BYTES, RangeRead, SourceCollection, open_client
+from aries_assets.core.extract import (
+    PREFETCH_BYTES,
+    RangeRead,
+    SourceCollection,
+    UnsupportedCollection,
+    check_collection,
+    open_client,
+)
 from aries_assets.core.lake import LakeSpec
 from aries_assets.core.ledger import Lease, LedgerStore
 
@@ -74,6 +84,11 @@ class _Beginning:
                 if holder is not None and not holder.expired and holder.released_at is None:
                     continue  # another writer is loading it now
                 client = open_client(uri)
+                try:
+                    check_collection(client, source, synced_before=False)
+                except UnsupportedCollection:
+                    client.close()
+                    continue  # its run says why; the next collection's first load may begin
                 try:
                     mark = mark_stream(client, source)
                     read = RangeRead(
@@ -140,6 +155,13 @@ def begun(source: SourceCollection) -> FirstRead | None:
     with _current.lock:
         first = _current.reads.get(source.label)
     return first if first is not None and first.source == source else None
+
+
+def checked(source: SourceCollection) -> bool:
+    """Whether a read begun for `source`, not yet taken, checked the collection moments ago (a run
+    adopting it need not ask a server busy with that read to check again)."""
+    first = begun(source)
+    return first is not None and time.monotonic() - first.begun_at <= MAX_AGE_SECONDS
 
 
 def take(source: SourceCollection) -> FirstRead | None:
