@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
-import logging
 import os
 import sys
 from pathlib import Path
@@ -341,14 +341,16 @@ def console() -> None:
 
     By the time `main` returns, what the command wrote is durable: files renamed into
     place, ledgers swapped, the instance's run records committed, writer processes
-    and leases ended. What the interpreter would still do (join pymongo's monitor
-    threads, tear down Dagster's objects) takes most of a second and changes nothing.
+    and leases ended. The exit handlers still run (multiprocessing removes the fork
+    server's socket directory from the temporary directory); what the interpreter
+    would do after them (collect and tear down Dagster's objects) takes most of a
+    second and changes nothing.
     """
     try:
         code = main()
     except BrokenPipeError:  # a reader that went away (`aries status --json | head`) read what it wanted
         code = 0
-    logging.shutdown()
+    atexit._run_exitfuncs()  # what `sys.exit` runs first (logging's shutdown among them)
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(OSError, ValueError):  # a reader that went away (`| head`)
             stream.flush()

@@ -220,6 +220,25 @@ def test_no_read_is_begun_for_a_collection_already_loaded(client, mongo_uri, dat
     assert counter.finds == []
 
 
+def test_the_aries_command_leaves_nothing_in_the_temporary_directory(client, mongo_uri, database, workdir):
+    """`aries` ends without the interpreter's teardown: what multiprocessing cleans up at exit (the
+    writers' fork server's socket directory) is still cleaned up. Left, every sync in a cron job
+    would leave one more directory in /tmp."""
+    client[database].events.insert_many([{"_id": i, "v": i} for i in range(3_000)])
+    events_config(workdir, mongo_uri, database)
+    temporary = workdir / "tmp"
+    temporary.mkdir()
+    env = {**os.environ, "TMPDIR": str(temporary), "DAGSTER_HOME": str(workdir / "dagster_home")}
+    aries = [sys.executable, "-m", "aries_assets.cli", "sync", "--workers", "2"]
+    done = subprocess.run(aries, cwd=workdir, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "first load" in done.stderr, done.stderr  # the writers ran in processes of their own
+    deadline = time.monotonic() + 10  # the fork server goes once it sees this process gone
+    while list(temporary.iterdir()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert list(temporary.iterdir()) == []
+
+
 def test_two_syncs_at_once_on_a_fresh_dagster_home_give_one_exact_lake(client, mongo_uri, database, workdir):
     client[database].events.insert_many([{"_id": i, "v": i} for i in range(3_000)])
     write_config(
