@@ -58,6 +58,13 @@ class FindCounter(monitoring.CommandListener):
     def failed(self, event):
         pass
 
+    def __enter__(self) -> FindCounter:
+        monitoring.register(self)  # every client made from now on reports to it
+        return self
+
+    def __exit__(self, *exc) -> None:
+        monitoring._LISTENERS.command_listeners.remove(self)
+
 
 def first_batch_arrived(first: read_ahead.FirstRead) -> None:
     """Wait until the read begun ahead holds its first batch: its view of the collection is taken."""
@@ -71,12 +78,8 @@ def test_a_first_load_reads_the_collection_once(client, mongo_uri, database, wor
         [{"_id": ObjectId(), "n": i, "s": "x" * (i % 50)} for i in range(2_500)]
     )
     events_config(workdir, mongo_uri, database)
-    counter = FindCounter(database)
-    monitoring.register(counter)
-    try:
+    with FindCounter(database) as counter:
         code, _, err = run_cli("sync", "--workers", "2")
-    finally:
-        monitoring._LISTENERS.command_listeners.remove(counter)
     assert code == 0, err
     folder = workdir / "lake" / database / "events"
     assert len(list(folder.glob("*.parquet"))) == 25
@@ -93,25 +96,23 @@ def test_a_read_begun_before_its_run_misses_no_change_made_before_the_run(
     events = client[database].events
     events.insert_many([{"_id": i, "v": i} for i in range(1_000)])
     events_config(workdir, mongo_uri, database)
-    counter = FindCounter(database)
-    monitoring.register(counter)
-    try:
-        source = SourceCollection(database, "events")
-        read_ahead.begin(mongo_uri, LakeSpec(str(workdir / "lake")), [source])
-        # The read's first batch (the whole collection) has arrived: what follows reaches the lake
-        # only through the stream, from the mark made before the read began.
-        first_batch_arrived(read_ahead.begun(source))
-        # After the read began, before the run that adopts it: every kind of change, in every range.
-        events.update_many({"_id": {"$in": [0, 450, 999]}}, {"$set": {"v": "changed"}})
-        events.delete_many({"_id": {"$in": [1, 500, 998]}})
-        events.insert_many(
-            [{"_id": -5, "v": "before"}, {"_id": 505.5, "v": "middle"}, {"_id": 5_000, "v": "after"}]
-        )
-        ensure_dagster_home()
-        reports = sync(load_config(str(workdir / "aries.yaml")), workers=2, progress=lambda _: None)
-    finally:
-        monitoring._LISTENERS.command_listeners.remove(counter)
-        read_ahead.close_all()
+    source = SourceCollection(database, "events")
+    with FindCounter(database) as counter:
+        try:
+            read_ahead.begin(mongo_uri, LakeSpec(str(workdir / "lake")), [source])
+            # The read's first batch (the whole collection) has arrived: what follows reaches the lake
+            # only through the stream, from the mark made before the read began.
+            first_batch_arrived(read_ahead.begun(source))
+            # After the read began, before the run that adopts it: every kind of change, in every range.
+            events.update_many({"_id": {"$in": [0, 450, 999]}}, {"$set": {"v": "changed"}})
+            events.delete_many({"_id": {"$in": [1, 500, 998]}})
+            events.insert_many(
+                [{"_id": -5, "v": "before"}, {"_id": 505.5, "v": "middle"}, {"_id": 5_000, "v": "after"}]
+            )
+            ensure_dagster_home()
+            reports = sync(load_config(str(workdir / "aries.yaml")), workers=2, progress=lambda _: None)
+        finally:
+            read_ahead.close_all()
     assert not reports[0].failures, reports[0].failures
     assert reports[0].mode == "first load"
     # The run adopted the read begun for it: one read of the whole collection, then range reads of
@@ -146,12 +147,8 @@ def test_a_read_begun_ahead_checks_its_collection_first_and_its_run_does_not_che
     the read does not wait behind the server's reading to ask again (a second on SecantusDB)."""
     client[database].events.insert_many([{"_id": i} for i in range(1_000)])
     events_config(workdir, mongo_uri, database)
-    counter = FindCounter(database)
-    monitoring.register(counter)
-    try:
+    with FindCounter(database) as counter:
         code, _, err = run_cli("sync", "--workers", "2")
-    finally:
-        monitoring._LISTENERS.command_listeners.remove(counter)
     assert code == 0, err
     checks_and_reads = [c for c in counter.commands if c in ("listCollections", "find")]
     assert checks_and_reads[:2] == ["listCollections", "find"], checks_and_reads
@@ -208,15 +205,13 @@ def test_no_read_is_begun_for_a_collection_already_loaded(client, mongo_uri, dat
     events_config(workdir, mongo_uri, database)
     code, _, err = run_cli("sync")
     assert code == 0, err
-    counter = FindCounter(database)
-    monitoring.register(counter)
-    try:
-        source = SourceCollection(database, "events")
-        read_ahead.begin(mongo_uri, LakeSpec(str(workdir / "lake")), [source])
-        assert read_ahead.take(source) is None
-    finally:
-        monitoring._LISTENERS.command_listeners.remove(counter)
-        read_ahead.close_all()
+    source = SourceCollection(database, "events")
+    with FindCounter(database) as counter:
+        try:
+            read_ahead.begin(mongo_uri, LakeSpec(str(workdir / "lake")), [source])
+            assert read_ahead.take(source) is None
+        finally:
+            read_ahead.close_all()
     assert counter.finds == []
 
 
