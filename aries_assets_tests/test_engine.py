@@ -5,12 +5,15 @@ from __future__ import annotations
 import gc
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import threading
 import time
+from pathlib import Path
 
 import dagster as dg
 import pytest
@@ -221,17 +224,38 @@ def test_the_aries_command_leaves_nothing_in_the_temporary_directory(client, mon
     would leave one more directory in /tmp."""
     client[database].events.insert_many([{"_id": i, "v": i} for i in range(3_000)])
     events_config(workdir, mongo_uri, database)
-    temporary = workdir / "tmp"
-    temporary.mkdir()
-    env = {**os.environ, "TMPDIR": str(temporary), "DAGSTER_HOME": str(workdir / "dagster_home")}
+    # Of its own, and short: the fork server's socket path within it must fit AF_UNIX's 108 bytes.
+    temporary = Path(tempfile.mkdtemp())
+    try:
+        env = {**os.environ, "TMPDIR": str(temporary), "DAGSTER_HOME": str(workdir / "dagster_home")}
+        aries = [sys.executable, "-m", "aries_assets.cli", "sync", "--workers", "2"]
+        done = subprocess.run(aries, cwd=workdir, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        assert "first load" in done.stderr, done.stderr  # the writers ran in processes of their own
+        deadline = time.monotonic() + 10  # the fork server goes once it sees this process gone
+        while list(temporary.iterdir()) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert list(temporary.iterdir()) == []
+    finally:
+        shutil.rmtree(temporary, ignore_errors=True)
+
+
+def test_a_temporary_directory_too_deep_for_a_socket_still_gets_writer_processes(
+    client, mongo_uri, database, workdir
+):
+    """The writers' fork server listens on a Unix socket in the temporary directory, whose path
+    may be at most 107 bytes: under a deeper TMPDIR, writers are spawned instead of forked from it."""
+    client[database].events.insert_many([{"_id": i, "v": i} for i in range(3_000)])
+    events_config(workdir, mongo_uri, database)
+    deep = workdir / ("t" * 100)
+    deep.mkdir()
+    env = {**os.environ, "TMPDIR": str(deep), "DAGSTER_HOME": str(workdir / "dagster_home")}
     aries = [sys.executable, "-m", "aries_assets.cli", "sync", "--workers", "2"]
     done = subprocess.run(aries, cwd=workdir, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    assert "first load" in done.stderr, done.stderr  # the writers ran in processes of their own
-    deadline = time.monotonic() + 10  # the fork server goes once it sees this process gone
-    while list(temporary.iterdir()) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert list(temporary.iterdir()) == []
+    folder = workdir / "lake" / database / "events"
+    assert len(list(folder.glob("*.parquet"))) == 30  # 100 documents a bucket: many, for the writers
+    assert_same_documents(mongo_documents(client, database, "events"), lake_documents(folder))
 
 
 def test_two_syncs_at_once_on_a_fresh_dagster_home_give_one_exact_lake(client, mongo_uri, database, workdir):

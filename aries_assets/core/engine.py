@@ -27,6 +27,7 @@ import gc
 import hashlib
 import multiprocessing
 import os
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -992,12 +993,24 @@ def _writer_context() -> multiprocessing.context.BaseContext:
     """
     for name, value in WRITER_MEMORY_ENV.items():
         os.environ.setdefault(name, value)
-    if "forkserver" not in multiprocessing.get_all_start_methods():
+    if "forkserver" not in multiprocessing.get_all_start_methods() or not _socket_fits():
         return multiprocessing.get_context("spawn")
     context = multiprocessing.get_context("forkserver")
     # pandas too: pyarrow imports it on the first `pa.array` of a list, half a second per writer.
     context.set_forkserver_preload([__name__, "pandas"])
     return context
+
+
+# The fork server listens on `<temporary directory>/pymp-XXXXXXXX/listener-XXXXXXXX`; a Unix
+# socket's path is at most 107 bytes (Linux; 103 on macOS).
+_SOCKET_PATH_BYTES = 103
+_LISTENER_SUFFIX_BYTES = len("/pymp-XXXXXXXX/listener-XXXXXXXX")
+
+
+def _socket_fits() -> bool:
+    """Whether the fork server's socket fits under the temporary directory (TMPDIR): a deeper one
+    failed every run that needed writers with `AF_UNIX path too long`; spawned writers need no socket."""
+    return len(os.fsencode(tempfile.gettempdir())) + _LISTENER_SUFFIX_BYTES <= _SOCKET_PATH_BYTES
 
 
 def _warm_writers() -> None:
