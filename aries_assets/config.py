@@ -402,8 +402,18 @@ def _schema_options(entry: dict[str, Any], where: str) -> SchemaOptions:
                 f"{where}: schema.exclude[{i + 1}] must be a field path such as password or profile.ssn, "
                 f"got {path!r}"
             )
+        if path == "_id" or path.startswith("_id."):
+            raise ConfigError(
+                f"{where}: schema.exclude[{i + 1}]: _id cannot be excluded: it says which bucket a "
+                "document belongs to and which row is which; remove this entry"
+            )
     overrides = {}
     for name, type_name in block.items():
+        if str(name) == "_id" or str(name).startswith("_id."):
+            raise ConfigError(
+                f"{where}: schema.{name}: _id is always a string column (ObjectId hex, the string, "
+                "or the number in decimal), with its exact BSON value in _id_key; remove this entry"
+            )
         type_text = str(type_name).strip().lower().replace(" ", "")
         if type_text not in OVERRIDE_TYPES and not (
             type_text.startswith("list<") or parse_decimal(type_text)
