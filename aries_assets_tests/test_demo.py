@@ -212,3 +212,34 @@ def test_restart_after_kill_9_then_sigterm(demo_dir: Path, mongo_port: int) -> N
             kill_everything(demo, second)
     finally:
         kill_everything(killed, first)
+
+
+def test_ctrl_c_cancels_the_runs_in_progress_rather_than_failing_them(demo_dir: Path, mongo_port: int) -> None:
+    """Stopping the demo stops the runs it has in progress (a serving run lingers on the stream):
+    the UI shows them canceled, as a stop asked for, not red as failures to look into."""
+    import dagster as dg
+
+    demo = start_demo(demo_dir, mongo_port)
+    record = None
+    home = demo_dir / ".dagster"
+    try:
+        wait_for_ui(demo)
+        record = demo.record()
+        deadline = time.monotonic() + STARTUP_SECONDS
+        in_progress: list = []
+        while not in_progress:
+            assert time.monotonic() < deadline, f"no run started:\n{demo.log_tail()}"
+            time.sleep(1)
+            with dg.DagsterInstance.from_config(str(home)) as instance:
+                in_progress = instance.get_run_ids(dg.RunsFilter(statuses=[dg.DagsterRunStatus.STARTED]))
+        os.killpg(demo.process.pid, signal.SIGINT)
+        signalled_at = time.monotonic()
+        assert demo.process.wait(timeout=STOP_SECONDS) == 0, demo.log_tail()
+        assert_stops(record, signalled_at)
+        with dg.DagsterInstance.from_config(str(home)) as instance:
+            stopped = {run_id: instance.get_run_by_id(run_id).status for run_id in in_progress}
+            failed = instance.get_run_ids(dg.RunsFilter(statuses=[dg.DagsterRunStatus.FAILURE]))
+        assert set(stopped.values()) == {dg.DagsterRunStatus.CANCELED}, stopped
+        assert failed == [], f"runs marked failed: {failed}\n{demo.log_tail()}"
+    finally:
+        kill_everything(demo, record)

@@ -372,19 +372,28 @@ def _write_one_change(client: MongoClient, rng: random.Random) -> None:
             client.app.events.delete_one({"_id": oldest["_id"]})
 
 
-def fail_abandoned_runs(since: float) -> None:
-    """Mark runs the demo's processes left in progress as failed.
+_IN_PROGRESS = ("STARTING", "STARTED", "CANCELING")
 
-    Their workers were stopped with the demo; left STARTED, they would hold the run
-    queue's concurrency slots forever.
+
+def cancel_runs_in_progress(since: float, message: str, *, stopped: bool) -> None:
+    """Mark the runs the demo's processes have in progress as stopped on purpose.
+
+    Before their workers are stopped (`stopped=False`), as canceling: interrupted, a
+    worker then ends its run as canceled, not as an unexpected failure. After
+    (`stopped=True`), whatever is still in progress (its worker gone, or a previous
+    demo's, killed) as canceled: left started, it would hold the run queue's
+    concurrency slots forever.
     """
     from dagster import DagsterInstance, DagsterRunStatus, RunsFilter
 
     with DagsterInstance.get() as instance:
-        in_progress = [DagsterRunStatus.STARTING, DagsterRunStatus.STARTED, DagsterRunStatus.CANCELING]
+        in_progress = [DagsterRunStatus(status) for status in _IN_PROGRESS]
         created_after = datetime.datetime.fromtimestamp(since, datetime.UTC)
         for run in instance.get_runs(RunsFilter(statuses=in_progress, created_after=created_after)):
-            instance.report_run_failed(run, message="aries demo stopped while this run was in progress")
+            if stopped:
+                instance.report_run_canceled(run, message=message)
+            elif run.status != DagsterRunStatus.CANCELING:
+                instance.report_run_canceling(run, message=message)
 
 
 def _refuse_busy_port(port: int, what: str, variable: str) -> None:
@@ -463,9 +472,11 @@ def _run(
         previous = processes.stop_leftovers()
     if previous is not None:
         try:
-            fail_abandoned_runs(since=previous.create_time)
+            cancel_runs_in_progress(
+                previous.create_time, "the aries demo running it was killed", stopped=True
+            )
         except Exception as error:  # the demo still starts; the UI shows those runs as they are
-            print(f"aries demo: could not mark the previous demo's runs failed: {error}", file=sys.stderr)
+            print(f"aries demo: could not mark the previous demo's runs canceled: {error}", file=sys.stderr)
     _refuse_busy_port(mongo_port, "MongoDB (SecantusDB)", MONGO_PORT_VARIABLE)
     _refuse_busy_port(port, "the Dagster UI", "--port")
     try:
@@ -506,9 +517,11 @@ def _run(
     finally:
         signals.stopping()
         print("aries demo: stopping Dagster and SecantusDB", file=sys.stderr)
+        with contextlib.suppress(Exception):  # stopping comes first; the UI then shows them failed
+            cancel_runs_in_progress(processes.demo.create_time, "aries demo stopped", stopped=False)
         processes.stop_all()
         with contextlib.suppress(Exception):
-            fail_abandoned_runs(since=processes.demo.create_time)
+            cancel_runs_in_progress(processes.demo.create_time, "aries demo stopped", stopped=True)
 
 
 if __name__ == "__main__":
