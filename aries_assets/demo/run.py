@@ -376,20 +376,24 @@ _IN_PROGRESS = ("STARTING", "STARTED", "CANCELING")
 
 
 def cancel_runs_in_progress(since: float, message: str, *, stopped: bool) -> None:
-    """Mark the runs the demo's processes have in progress as stopped on purpose.
+    """Mark the runs in progress that the demo's processes started as stopped on purpose.
 
     Before their workers are stopped (`stopped=False`), as canceling: interrupted, a
     worker then ends its run as canceled, not as an unexpected failure. After
     (`stopped=True`), whatever is still in progress (its worker gone, or a previous
     demo's, killed) as canceled: left started, it would hold the run queue's
-    concurrency slots forever.
+    concurrency slots forever. A run counts as the demo's if it started, or changed
+    status, after `since` (a run queued by an earlier demo may start in this one).
     """
     from dagster import DagsterInstance, DagsterRunStatus, RunsFilter
 
     with DagsterInstance.get() as instance:
         in_progress = [DagsterRunStatus(status) for status in _IN_PROGRESS]
-        created_after = datetime.datetime.fromtimestamp(since, datetime.UTC)
-        for run in instance.get_runs(RunsFilter(statuses=in_progress, created_after=created_after)):
+        for record in instance.get_run_records(RunsFilter(statuses=in_progress)):
+            run = record.dagster_run
+            touched = max(record.start_time or 0.0, record.update_timestamp.timestamp())
+            if touched < since:
+                continue  # not this demo's: another process's run on the same instance
             if stopped:
                 instance.report_run_canceled(run, message=message)
             elif run.status != DagsterRunStatus.CANCELING:
@@ -517,11 +521,13 @@ def _run(
     finally:
         signals.stopping()
         print("aries demo: stopping Dagster and SecantusDB", file=sys.stderr)
-        with contextlib.suppress(Exception):  # stopping comes first; the UI then shows them failed
-            cancel_runs_in_progress(processes.demo.create_time, "aries demo stopped", stopped=False)
-        processes.stop_all()
-        with contextlib.suppress(Exception):
-            cancel_runs_in_progress(processes.demo.create_time, "aries demo stopped", stopped=True)
+        for stopped in (False, True):
+            try:
+                cancel_runs_in_progress(processes.demo.create_time, "aries demo stopped", stopped=stopped)
+            except Exception as error:  # stopping comes first; the UI then shows those runs as they end
+                print(f"aries demo: could not mark the runs in progress canceled: {error}", file=sys.stderr)
+            if not stopped:
+                processes.stop_all()
 
 
 if __name__ == "__main__":
