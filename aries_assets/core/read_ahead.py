@@ -10,11 +10,12 @@ Only reading is begun, and nothing is written: the collection is checked
 (`extract.check_collection`, while the server is idle), its stream is marked
 (`changes.mark_stream`), then the read starts at that cluster time. A collection
 the check refuses is not read (its run checks again and says why): the next one
-needing a first load is. The run that
-takes the lease adopts both (`take`), saving the mark as the first load's start,
-as if it had made them itself. A read nobody adopts (the ledger no longer asks for
-a first load, the run failed first) is closed by `close_all`. One collection at a
-time: memory stays what the read fetches ahead (`AHEAD_BYTES`).
+needing a first load is. The run that takes the lease adopts the read and the mark
+(`take`), saving the mark as the first load's start, as if it had made them itself,
+and does not check the collection again (`checked`). A read nobody adopts (the
+ledger no longer asks for a first load, the run failed first) is closed by
+`close_all`. One collection at a time: memory stays what the read fetches ahead
+(`AHEAD_BYTES`).
 """
 
 from __future__ import annotations

@@ -400,6 +400,15 @@ def cancel_runs_in_progress(since: float, message: str, *, stopped: bool) -> Non
                 instance.report_run_canceling(run, message=message)
 
 
+def _cancel_or_say(since: float, message: str, *, stopped: bool) -> None:
+    """`cancel_runs_in_progress`, or a line saying why not: the demo starts or stops all the same,
+    and the UI shows those runs as they end."""
+    try:
+        cancel_runs_in_progress(since, message, stopped=stopped)
+    except Exception as error:
+        print(f"aries demo: could not mark the runs in progress canceled: {error}", file=sys.stderr)
+
+
 def _refuse_busy_port(port: int, what: str, variable: str) -> None:
     import socket
 
@@ -475,12 +484,7 @@ def _run(
     with signals.deferred():
         previous = processes.stop_leftovers()
     if previous is not None:
-        try:
-            cancel_runs_in_progress(
-                previous.create_time, "the aries demo running it was killed", stopped=True
-            )
-        except Exception as error:  # the demo still starts; the UI shows those runs as they are
-            print(f"aries demo: could not mark the previous demo's runs canceled: {error}", file=sys.stderr)
+        _cancel_or_say(previous.create_time, "the aries demo running it was killed", stopped=True)
     _refuse_busy_port(mongo_port, "MongoDB (SecantusDB)", MONGO_PORT_VARIABLE)
     _refuse_busy_port(port, "the Dagster UI", "--port")
     try:
@@ -521,13 +525,9 @@ def _run(
     finally:
         signals.stopping()
         print("aries demo: stopping Dagster and SecantusDB", file=sys.stderr)
-        for stopped in (False, True):
-            try:
-                cancel_runs_in_progress(processes.demo.create_time, "aries demo stopped", stopped=stopped)
-            except Exception as error:  # stopping comes first; the UI then shows those runs as they end
-                print(f"aries demo: could not mark the runs in progress canceled: {error}", file=sys.stderr)
-            if not stopped:
-                processes.stop_all()
+        _cancel_or_say(processes.demo.create_time, "aries demo stopped", stopped=False)
+        processes.stop_all()
+        _cancel_or_say(processes.demo.create_time, "aries demo stopped", stopped=True)
 
 
 if __name__ == "__main__":
