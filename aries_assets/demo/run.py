@@ -379,18 +379,26 @@ def cancel_runs_in_progress(since: float, message: str, *, stopped: bool) -> Non
     """Mark the runs in progress that the demo's processes started as stopped on purpose.
 
     Before their workers are stopped (`stopped=False`), as canceling: interrupted, a
-    worker then ends its run as canceled, not as an unexpected failure. After
-    (`stopped=True`), whatever is still in progress (its worker gone, or a previous
-    demo's, killed) as canceled: left started, it would hold the run queue's
-    concurrency slots forever. A run counts as the demo's if it started, or changed
-    status, after `since` (a run queued by an earlier demo may start in this one).
+    worker then ends its run as canceled, not as an unexpected failure. Queued runs are
+    canceled then too, or the daemon could start one in the moment before it stops,
+    to fail. After (`stopped=True`), whatever is still in progress (its worker gone,
+    or a previous demo's, killed) as canceled: left started, it would hold the run
+    queue's concurrency slots forever. A run counts as the demo's if it started, or
+    changed status, after `since` (a run queued by an earlier demo may start in this
+    one). What the canceled runs would have written is still in the ledgers: the next
+    sensor tick or `aries sync` asks for it again.
     """
     from dagster import DagsterInstance, DagsterRunStatus, RunsFilter
 
     with DagsterInstance.get() as instance:
-        in_progress = [DagsterRunStatus(status) for status in _IN_PROGRESS]
-        for record in instance.get_run_records(RunsFilter(statuses=in_progress)):
+        statuses = [DagsterRunStatus(status) for status in _IN_PROGRESS]
+        if not stopped:
+            statuses.append(DagsterRunStatus.QUEUED)
+        for record in instance.get_run_records(RunsFilter(statuses=statuses)):
             run = record.dagster_run
+            if run.status == DagsterRunStatus.QUEUED:
+                instance.report_run_canceled(run, message=message)  # any demo's: none will run it now
+                continue
             touched = max(record.start_time or 0.0, record.update_timestamp.timestamp())
             if touched < since:
                 continue  # not this demo's: another process's run on the same instance
