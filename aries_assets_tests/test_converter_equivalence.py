@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import json
 import random
+import struct
 import uuid
 from collections import Counter
 from pathlib import Path
@@ -504,7 +505,7 @@ def test_a_decimal128_from_its_bits_converts_as_from_its_digits():
     `to_decimal()`, the way it was first written."""
     from decimal import Decimal, InvalidOperation
 
-    from aries_assets.core.arrow import _OUTLIER, _to_decimal
+    from aries_assets.core.arrow import _OUTLIER, _decimal128_digits, _to_decimal
 
     def by_digits(precision: int, scale: int):
         quantum = Decimal(1).scaleb(-scale)
@@ -530,6 +531,18 @@ def test_a_decimal128_from_its_bits_converts_as_from_its_digits():
         exponent = rng.choice([rng.randint(-40, 10), rng.randint(-6176, 6111)])
         texts.append(f"{'-' if rng.random() < 0.3 else ''}{coefficient}E{exponent}")
     values = [Decimal128(t) for t in texts]
+    # Non-canonical: a coefficient past 34 digits, which IEEE 754 and pymongo read as zero.
+    for coefficient, exponent, negative in [
+        (10**34, 0, False),
+        (2**113 - 1, -2, True),
+        (10**34 + 7, 3, False),
+    ]:
+        high = (coefficient >> 64) | ((exponent + 6176) << 49) | (negative << 63)
+        values.append(Decimal128.from_bid(struct.pack("<QQ", coefficient & (2**64 - 1), high)))
+    for value in values:  # the statistics' digits, as from `to_decimal()`
+        number = value.to_decimal()
+        if number.is_finite():
+            assert _decimal128_digits(value) == s.decimal_digits(number), value
     for precision, scale in [(38, 2), (10, 2), (38, 0), (38, 38), (5, 5), (20, 4), (1, 0), (28, 0), (38, 30)]:
         fast, slow = _to_decimal(precision, scale), by_digits(precision, scale)
         for value in values:

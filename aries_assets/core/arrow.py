@@ -216,13 +216,20 @@ def _measure(stats: s.FieldStats, typed: dict[str, list[Any]]) -> None:
 _BID = struct.Struct("<QQ")
 
 
+_MAX_COEFFICIENT = 10**s.DECIMAL128_DIGITS - 1
+
+
 def _bid(value: Decimal128) -> tuple[bool, int, int] | None:
     """(negative, coefficient, exponent) from a Decimal128's IEEE 754-2008 BID bits; None for NaN,
-    infinities and the large-coefficient form."""
+    infinities and the large-coefficient form. A non-canonical coefficient (past 34 digits) is
+    zero, as IEEE 754 and `to_decimal()` read it."""
     low, high = _BID.unpack(value.bid)
     if (high >> 61) & 3 == 3:
         return None
-    return bool(high >> 63), ((high & 0x1FFFFFFFFFFFF) << 64) | low, ((high >> 49) & 0x3FFF) - 6176
+    coefficient = ((high & 0x1FFFFFFFFFFFF) << 64) | low
+    if coefficient > _MAX_COEFFICIENT:
+        coefficient = 0
+    return bool(high >> 63), coefficient, ((high >> 49) & 0x3FFF) - 6176
 
 
 def _decimal128_digits(value: Decimal128) -> tuple[int, int] | None:
@@ -274,7 +281,8 @@ class BucketConverter:
     A chunk's documents take the columnar path (`bson_columns`: no Python object per
     value) where they can, and the exact path (decode, walk, convert in Python)
     otherwise, the two parts interleaved back in order (`SplitBatch`); both give the
-    same `_doc`, columns, statistics and outliers. `fast=False` forces the exact path, the reference the columnar one is tested against.
+    same `_doc`, columns, statistics and outliers. `fast=False` forces the exact path,
+    the reference the columnar one is tested against.
     `chunks` + `table` stream a bucket (nothing kept between chunks); `add` +
     `tables` keep every chunk until the whole bucket's schema is known.
     """
@@ -700,7 +708,7 @@ def _decimal128_at_scale(value: Decimal128, precision: int, scale: int) -> Any:
     Decimal digit by digit, in Python); None for the rare forms the slow way settles (NaN,
     infinities, the large-coefficient form)."""
     parts = _bid(value)
-    if parts is None or len(str(parts[1])) > s.DECIMAL128_DIGITS:
+    if parts is None:
         return None
     negative, coefficient, exponent = parts
     shift = exponent + scale
