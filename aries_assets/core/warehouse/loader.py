@@ -493,6 +493,8 @@ class Loader:
         except WarehouseError:
             raise
         except Exception as error:  # the driver's own error, named by table and bucket
+            if type(error).__name__ == "InterruptException":  # DuckDB's, on the run's SIGINT: rolled back
+                raise KeyboardInterrupt(f"{table.label} bucket {bucket.key}: load interrupted") from error
             lines = str(error).strip().splitlines()
             raise WarehouseError(
                 f"{table.label} bucket {bucket.key}: {lines[0] if lines else type(error).__name__}"
