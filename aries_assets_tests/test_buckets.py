@@ -155,13 +155,15 @@ def test_a_read_fetches_ahead_by_bytes_and_loses_nothing(client, database, monke
         batches = iter(read.prefetch)
         seen = [next(batches)]
         time.sleep(0.3)
-        assert read.prefetch.waiting_bytes <= waiting - len(seen[0]), "no fetch while over the new bound"
+        assert read.prefetch.waiting_bytes <= waiting - sum(map(len, seen[0])), (
+            "no fetch while over the new bound"
+        )
         while read.prefetch.waiting_bytes > 150_000:
             seen.append(next(batches))
         time.sleep(0.3)
         assert 100_000 <= read.prefetch.waiting_bytes <= 150_000
         seen += list(batches)
-        ids = [bson.decode(raw)["_id"] for batch in seen for raw in extract.raw_documents(batch)]
+        ids = [bson.decode(raw)["_id"] for batch in seen for raw in batch]
         assert ids == list(range(2000))
     finally:
         read.close()
@@ -178,3 +180,105 @@ def test_a_closed_read_ends_its_documents_instead_of_waiting(client, database):
     reader.start()
     reader.join(5)
     assert done, "iterating a closed read waits forever"
+
+
+def _pymongo_read(coll, lower, upper) -> list[bytes]:
+    """The same range through pymongo's raw-batch cursor, the reference."""
+    cursor = coll.find_raw_batches({}, batch_size=7).sort("_id", 1).hint([("_id", 1)])
+    if not isinstance(lower, MinKey):
+        cursor = cursor.min([("_id", lower)])
+    if not isinstance(upper, MaxKey):
+        cursor = cursor.max([("_id", upper)])
+    from aries_assets.core.extract import raw_documents
+
+    return [raw for batch in cursor for raw in raw_documents(batch)]
+
+
+def test_a_read_hands_over_the_servers_documents_byte_for_byte_and_never_one_by_one(
+    client, database, monkeypatch
+):
+    """A range read gets the same bytes pymongo's cursor gets, in the same order, across server
+    batches, without pymongo making an object of each document on the way (it did so twice)."""
+    from bson.raw_bson import RawBSONDocument
+
+    from aries_assets.core import extract
+    from aries_assets.demo.data import sample_documents
+
+    monkeypatch.setattr(extract, "READ_BATCH", 7)
+    coll = client[database].mixed
+    coll.insert_many(sample_documents("sample_mflix.users")[:40])
+    coll.insert_many(
+        [{"_id": i, "n": i} for i in range(30)] + [{"_id": f"s{i}", "s": "é" * i} for i in range(30)]
+    )
+    coll.insert_many([{"_id": {"a": i}, "big": "x" * 5000} for i in range(5)])
+    source = SourceCollection(database, "mixed")
+    every = _pymongo_read(coll, MinKey(), MaxKey())
+    assert len(every) == 105
+    inner = [raw_id(every[k]) for k in (0, 29, 30, 80, 104)]
+    inits = []
+    real_init = RawBSONDocument.__init__
+
+    def counted(self, *args, **kwargs):
+        inits.append(1)
+        real_init(self, *args, **kwargs)
+
+    monkeypatch.setattr(RawBSONDocument, "__init__", counted)
+    for lower, upper in [
+        (MinKey(), MaxKey()),
+        (MinKey(), inner[1]),
+        (inner[0], inner[3]),
+        (inner[2], MaxKey()),
+    ]:
+        for after in (None, client.admin.command("ping")["operationTime"]):
+            inits.clear()
+            read = extract.RangeRead(client, source, lower, upper, after)
+            got = [raw for batch in read.batches() for raw in batch]
+            batches = -(-len(got) // 7) + 1
+            assert len(inits) <= 5 * batches, "pymongo made an object of every document"
+            monkeypatch.setattr(RawBSONDocument, "__init__", real_init)
+            assert got == _pymongo_read(coll, lower, upper)
+            monkeypatch.setattr(RawBSONDocument, "__init__", counted)
+    assert len(got) == 75
+
+
+def test_a_read_stopped_early_leaves_no_cursor_open_on_the_server(client, database, monkeypatch):
+    from aries_assets.core import extract
+
+    monkeypatch.setattr(extract, "READ_BATCH", 10)
+    client[database].early.insert_many([{"_id": i} for i in range(100)])
+
+    def open_cursors() -> int:
+        return client.admin.command("serverStatus")["metrics"]["cursor"]["open"]["total"]
+
+    before = open_cursors()
+    read = extract.RangeRead(
+        client, SourceCollection(database, "early"), MinKey(), MaxKey(), None, ahead_bytes=1
+    )
+    first = next(iter(read.prefetch))
+    assert [bson.decode(raw)["_id"] for raw in first] == list(range(10))
+    assert open_cursors() == before + 1
+    read.close()
+    deadline = time.monotonic() + 10
+    while open_cursors() > before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert open_cursors() == before
+
+
+def test_reads_from_secondaries_go_through_pymongos_cursor(mongo_uri, database, monkeypatch):
+    """Where a getMore could reach another server than the find (secondaries, several mongos), only
+    pymongo's cursor knows where its cursor lives: the read uses it, and gets the same documents."""
+    from pymongo import MongoClient
+
+    from aries_assets.core import extract
+
+    monkeypatch.setattr(extract, "READ_BATCH", 10)
+    with MongoClient(mongo_uri, directConnection=False, readPreference="secondaryPreferred") as secondary:
+        secondary[database].get_collection("sec", write_concern=None).insert_many(
+            [{"_id": i} for i in range(35)]
+        )
+        secondary.admin.command("ping")
+        source = SourceCollection(database, "sec")
+        assert secondary.topology_description.topology_type_name != "Single"
+        read = extract.RangeRead(secondary, source, MinKey(), MaxKey(), None)
+        assert isinstance(read.prefetch.cursor, extract._SplitBatches)
+        assert [bson.decode(raw)["_id"] for batch in read.batches() for raw in batch] == list(range(35))

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import bson
-from bson import ObjectId, Timestamp
+from bson import Int64, ObjectId, Timestamp
 from bson.codec_options import CodecOptions, DatetimeConversion
 from bson.max_key import MaxKey
 from bson.min_key import MinKey
@@ -24,6 +24,7 @@ from bson.raw_bson import RawBSONDocument
 from pymongo import MongoClient
 from pymongo.collection import Collection
 from pymongo.read_concern import ReadConcern
+from pymongo.read_preferences import ReadPreference
 
 from aries_assets.core.buckets import Bucket
 
@@ -34,6 +35,7 @@ _RAW_OPTIONS = CodecOptions(
     document_class=RawBSONDocument, tz_aware=True, datetime_conversion=DatetimeConversion.DATETIME_AUTO
 )
 _LENGTH = struct.Struct("<i")
+_INT64 = struct.Struct("<q")
 _OID_PREFIX = b"\x07_id\x00"  # element type 0x07 (ObjectId) named "_id"
 
 DEFAULT_BATCH_BYTES = 32 * 1024 * 1024
@@ -160,7 +162,11 @@ class RangeRead:
         try:
             if after is not None:
                 session.advance_operation_time(after)
-            cursor = _range_cursor(source.open(client), source.query, lower, upper, session=session)
+            collection = source.open(client)
+            if _one_server_answers(client, collection):
+                cursor: Any = _RawFind(collection, source.query, lower, upper, after, session)
+            else:
+                cursor = _SplitBatches(_range_cursor(collection, source.query, lower, upper, session=session))
         except BaseException:
             session.end_session()
             raise
@@ -176,8 +182,7 @@ class RangeRead:
         """The documents, a server batch at a time: the per-document work is the caller's to do
         where it needs it (a first load reads one `_id` per bucket, not one per document)."""
         try:
-            for batch in self.prefetch:
-                yield raw_documents(batch)
+            yield from self.prefetch
         finally:
             self.close()
 
@@ -189,12 +194,161 @@ class RangeRead:
         self.prefetch.close()
 
 
+def _one_server_answers(client: Any, collection: Collection) -> bool:
+    """Whether every command of a read goes to the server that holds its cursor: one server, or
+    a replica set's primary read from the primary. Not so with several mongos, or reads from
+    secondaries: there only pymongo's cursor knows where to send a getMore."""
+    kind = client.topology_description.topology_type_name
+    return kind == "Single" or (
+        kind == "ReplicaSetWithPrimary" and collection.read_preference == ReadPreference.PRIMARY
+    )
+
+
+class _RawFind:
+    """A `_id`-ordered find and its getMores sent as commands whose replies stay raw bytes.
+
+    pymongo's raw-batch cursor makes a Python object of every document of a reply, twice,
+    only to join them into one buffer again: on a fast server that is most of a reader's
+    time. Here a reply's batch is cut into documents by reading BSON lengths, nothing
+    decoded. Iterating yields each batch as a list of documents (raw BSON, in `_id` order).
+    Used only where every command reaches the cursor's server (`_one_server_answers`).
+    """
+
+    def __init__(
+        self,
+        collection: Collection,
+        query: dict[str, Any],
+        lower: Any,
+        upper: Any,
+        after: Timestamp | None,
+        session: Any,
+    ) -> None:
+        # The filter is encoded as the collection's own read encodes it (its UUID representation
+        # among them); replies are kept raw.
+        self.codec_options = collection.codec_options.with_options(document_class=RawBSONDocument)
+        self.database = collection.database
+        self.name = collection.name
+        self.session = session
+        self.cursor_id = 0
+        read_concern: dict[str, Any] = {"level": "majority"}
+        if after is not None:
+            read_concern["afterClusterTime"] = after
+        self.find: dict[str, Any] = {
+            "find": self.name,
+            "filter": query,
+            "sort": {"_id": 1},
+            "hint": {"_id": 1},
+            "batchSize": READ_BATCH,
+            "readConcern": read_concern,
+        }
+        if not isinstance(lower, MinKey):
+            self.find["min"] = {"_id": lower}
+        if not isinstance(upper, MaxKey):
+            self.find["max"] = {"_id": upper}
+
+    def _command(self, command: dict[str, Any]) -> list[bytes]:
+        reply = self.database.command(
+            command,
+            session=self.session,
+            read_preference=ReadPreference.PRIMARY,
+            codec_options=self.codec_options,
+        )
+        self.cursor_id, documents = cursor_batch(bytes(reply["cursor"].raw))  # a view of the reply
+        return documents
+
+    def __iter__(self) -> Iterator[list[bytes]]:
+        documents = self._command(self.find)
+        while True:
+            if documents:
+                yield documents
+            if not self.cursor_id:
+                return
+            documents = self._command(
+                {"getMore": Int64(self.cursor_id), "collection": self.name, "batchSize": READ_BATCH}
+            )
+
+    def close(self) -> None:
+        """Kill the server's cursor if the read stopped before its end."""
+        cursor_id, self.cursor_id = self.cursor_id, 0
+        if cursor_id:
+            with contextlib.suppress(Exception):  # the server drops idle cursors itself
+                self.database.command(
+                    {"killCursors": self.name, "cursors": [Int64(cursor_id)]},
+                    session=self.session,
+                    read_preference=ReadPreference.PRIMARY,
+                )
+
+
+# Sizes of the values a cursor reply's fields can hold, by BSON type (strings and documents
+# carry their own length).
+_FIXED_SIZES = {0x01: 8, 0x07: 12, 0x08: 1, 0x09: 8, 0x0A: 0, 0x10: 4, 0x11: 8, 0x12: 8, 0x13: 16}
+
+
+def cursor_batch(cursor: bytes) -> tuple[int, list[bytes]]:
+    """The id and the documents of a reply's `cursor` sub-document (raw BSON): each document
+    its own bytes, sliced by its length, none decoded."""
+    unpack, cursor_id, documents = _LENGTH.unpack_from, 0, []
+    position, end = 4, len(cursor) - 1
+    while position < end:
+        kind = cursor[position]
+        key_end = cursor.index(b"\x00", position + 1)
+        key, position = cursor[position + 1 : key_end], key_end + 1
+        if kind == 0x04 and key in (b"firstBatch", b"nextBatch"):
+            (size,) = unpack(cursor, position)
+            documents, position = _array_documents(cursor, position, position + size), position + size
+        elif kind == 0x12 and key == b"id":
+            (cursor_id,) = _INT64.unpack_from(cursor, position)
+            position += 8
+        elif kind in (0x02, 0x0D, 0x0E):  # strings: a length, then the bytes
+            position += 4 + unpack(cursor, position)[0]
+        elif kind in (0x03, 0x04):
+            position += unpack(cursor, position)[0]
+        elif kind == 0x05:
+            position += 5 + unpack(cursor, position)[0]
+        elif kind in _FIXED_SIZES:
+            position += _FIXED_SIZES[kind]
+        else:
+            raise bson.InvalidBSON(f"unexpected BSON type {kind:#04x} in a cursor reply")
+    return cursor_id, documents
+
+
+def _array_documents(raw: bytes, start: int, stop: int) -> list[bytes]:
+    """The documents of a BSON array of documents spanning raw[start:stop]."""
+    documents, unpack, find = [], _LENGTH.unpack_from, raw.index
+    position, end = start + 4, stop - 1
+    while position < end:
+        if raw[position] != 0x03:
+            raise bson.InvalidBSON(f"a cursor batch holds a BSON type {raw[position]:#04x}, not a document")
+        position = find(b"\x00", position + 1) + 1  # past the array index
+        (length,) = unpack(raw, position)
+        documents.append(raw[position : position + length])
+        position += length
+    if position != end:
+        raise bson.InvalidBSON("a cursor batch's lengths do not add up")
+    return documents
+
+
+class _SplitBatches:
+    """pymongo's raw-batch cursor, each batch cut into its documents."""
+
+    def __init__(self, cursor: Any) -> None:
+        self.cursor = cursor
+
+    def __iter__(self) -> Iterator[list[bytes]]:
+        for batch in self.cursor:
+            yield raw_documents(batch)
+
+    def close(self) -> None:
+        self.cursor.close()
+
+
 _DONE = object()
 
 
 class _Prefetch:
-    """The cursor's raw batches, fetched by a thread (from construction on) while the caller works
-    on the previous one: the server's time and ours overlap (the socket wait releases the GIL).
+    """The cursor's batches (each a list of raw documents), fetched by a thread (from construction
+    on) while the caller works on the previous one: the server's time and ours overlap (the socket
+    wait releases the GIL).
 
     The thread fetches ahead while the batches waiting for the caller hold less than
     `ahead_bytes` (always at least one batch): memory is bounded by bytes, not by batches.
@@ -218,7 +372,7 @@ class _Prefetch:
     def _fetch(self) -> None:
         try:
             for batch in self.cursor:
-                if not self._hand_over(batch, len(batch)):
+                if not self._hand_over(batch, sum(map(len, batch))):
                     return
             self._hand_over(_DONE, 0)
         except BaseException as error:  # handed to the reader, raised there
@@ -248,7 +402,7 @@ class _Prefetch:
             self.ahead_bytes = ahead_bytes
             self.changed.notify_all()
 
-    def __iter__(self) -> Iterator[bytes]:
+    def __iter__(self) -> Iterator[list[bytes]]:
         while True:
             with self.changed:
                 while not self.waiting and not self.stop.is_set():
