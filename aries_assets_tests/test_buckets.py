@@ -282,3 +282,26 @@ def test_reads_from_secondaries_go_through_pymongos_cursor(mongo_uri, database, 
         read = extract.RangeRead(secondary, source, MinKey(), MaxKey(), None)
         assert isinstance(read.prefetch.cursor, extract._SplitBatches)
         assert [bson.decode(raw)["_id"] for batch in read.batches() for raw in batch] == list(range(35))
+
+
+def test_a_reads_find_is_retried_once_after_a_network_error_as_pymongo_retries_it(
+    client, database, monkeypatch
+):
+    from pymongo.database import Database
+    from pymongo.errors import AutoReconnect
+
+    from aries_assets.core import extract
+
+    client[database].retried.insert_many([{"_id": i} for i in range(5)])
+    real_command, failures = Database.command, []
+
+    def fails_once(self, command, *args, **kwargs):
+        if "find" in command and not failures:
+            failures.append(command)
+            raise AutoReconnect("connection reset")
+        return real_command(self, command, *args, **kwargs)
+
+    monkeypatch.setattr(Database, "command", fails_once)
+    read = extract.RangeRead(client, SourceCollection(database, "retried"), MinKey(), MaxKey(), None)
+    assert [bson.decode(raw)["_id"] for batch in read.batches() for raw in batch] == list(range(5))
+    assert len(failures) == 1

@@ -23,6 +23,7 @@ from bson.min_key import MinKey
 from bson.raw_bson import RawBSONDocument
 from pymongo import MongoClient
 from pymongo.collection import Collection
+from pymongo.errors import ConnectionFailure
 from pymongo.read_concern import ReadConcern
 from pymongo.read_preferences import ReadPreference
 
@@ -257,7 +258,10 @@ class _RawFind:
         return documents
 
     def __iter__(self) -> Iterator[list[bytes]]:
-        documents = self._command(self.find)
+        try:
+            documents = self._command(self.find)
+        except ConnectionFailure:  # retried once, as pymongo retries a find (a getMore is not)
+            documents = self._command(self.find)
         while True:
             if documents:
                 yield documents
