@@ -11,41 +11,50 @@ from bson import ObjectId
 from bson.max_key import MaxKey
 from bson.min_key import MinKey
 
-from aries_assets.core.buckets import BucketCutter, BucketMap, bucket_key, plan_buckets
-from aries_assets.core.extract import SourceCollection, raw_id, read_bucket, scan_ids
+from aries_assets.core.buckets import BucketCutter, BucketMap, bucket_key
+from aries_assets.core.extract import SourceCollection, raw_id
 
 
-def ids(values):
-    return [(v, b"") for v in values]
+def _cut_ids(values, bucket_map: BucketMap, size: int) -> list:
+    """Documents with these `_id`s, in order, through a cutter over the whole map: the buckets it hands back."""
+    cutter = BucketCutter(bucket_map, 0, len(bucket_map.lowers) - 1, size, 10**9)
+    done = []
+    for value in values:
+        done += cutter.add(value, bson.encode({"_id": value}))
+    return done + cutter.finish()
 
 
-def test_first_plan_cuts_every_bucket_size():
-    plan = plan_buckets(ids(range(10)), None, 4)
-    assert plan.bucket_map.lowers[1:] == [4, 8]
-    assert list(plan.counts.values()) == [4, 4, 2]
-    assert plan.new_keys == ["int-4", "int-8"]
+def _counts(done) -> dict[str, int]:
+    return {d.bucket.key: len(d.documents) for d in done}
+
+
+def test_a_first_load_cuts_every_bucket_size():
+    bucket_map = BucketMap(4, [MinKey()])
+    done = _cut_ids(range(10), bucket_map, 4)
+    assert bucket_map.lowers[1:] == [4, 8]
+    assert _counts(done) == {"first": 4, "int-4": 4, "int-8": 2}
+    assert [d.bucket.key for d in done if d.new] == ["int-4", "int-8"]
 
 
 def test_existing_boundaries_stay_and_the_newest_bucket_fills():
-    first = plan_buckets(ids(range(10)), None, 4).bucket_map
+    bucket_map = BucketMap(4, [MinKey(), 4, 8])
     # Documents 0-3 deleted, 10-13 inserted: bucket "first" empties, the last one fills and a new one opens.
-    plan = plan_buckets(ids(range(4, 14)), first, 4)
-    assert plan.bucket_map.lowers[1:] == [4, 8, 12]
-    assert plan.counts == {"first": 0, "int-4": 4, "int-8": 4, "int-12": 2}
-    assert plan.new_keys == ["int-12"]
+    done = _cut_ids(range(4, 14), bucket_map, 4)
+    assert bucket_map.lowers[1:] == [4, 8, 12]
+    assert _counts(done) == {"first": 0, "int-4": 4, "int-8": 4, "int-12": 2}
+    assert [d.bucket.key for d in done if d.new] == ["int-12"]
 
 
-def test_a_swollen_middle_bucket_is_split_in_bucket_size_pieces():
+def test_a_swollen_middle_bucket_is_cut_into_pieces_below_twice_the_bucket_size():
     bucket_map = BucketMap(4, [MinKey(), "m", "zz"])
-    names = ["a", "b"] + [f"m{i:02d}" for i in range(9)] + ["zz1"]
-    plan = plan_buckets(ids(sorted(names)), bucket_map, 4)
-    # "m" holds m00..m08 (9 > 2 x 4): cut into m00-m03, m04-m07, m08.
-    assert plan.bucket_map.lowers == [MinKey(), "m", "m04", "m08", "zz"]
-    assert plan.counts[bucket_key("m")] == 4
-    assert plan.counts[bucket_key("m04")] == 4
-    assert plan.counts[bucket_key("m08")] == 1
-    assert plan.counts[bucket_key("zz")] == 1
-    assert sum(plan.counts.values()) == len(names)
+    names = ["a", "b"] + [f"m{i:02d}" for i in range(13)] + ["zz1"]
+    done = _cut_ids(sorted(names), bucket_map, 4)
+    # "m" holds m00..m12: a piece of 4 is cut off each time it reaches 2 x 4, the rest stays whole.
+    assert bucket_map.lowers == [MinKey(), "m", "m04", "m08", "zz"]
+    counts = _counts(done)
+    assert counts["first"] == 2
+    assert [counts[bucket_key(k)] for k in ("m", "m04", "m08", "zz")] == [4, 4, 5, 1]
+    assert [d.bucket.key for d in done if d.new] == [bucket_key("m04"), bucket_key("m08")]
 
 
 def _cut(bucket_map: BucketMap, raws: list[bytes], batch_sizes: list[int] | None, max_bytes: int):
@@ -90,13 +99,19 @@ def test_buckets_cut_from_batches_are_those_cut_one_document_at_a_time():
 
 
 def test_digests_change_with_content_only():
-    docs = [(i, f"doc{i}".encode()) for i in range(6)]
-    a = plan_buckets(docs, None, 3, with_digests=True)
-    b = plan_buckets(docs, a.bucket_map, 3, with_digests=True)
-    assert a.digests == b.digests
-    changed = [*docs[:4], (4, b"changed"), docs[5]]
-    c = plan_buckets(changed, a.bucket_map, 3, with_digests=True)
-    assert c.digests["first"] == a.digests["first"] and c.digests["int-3"] != a.digests["int-3"]
+    def digests(documents, lowers):
+        bucket_map = BucketMap(3, list(lowers))
+        cutter = BucketCutter(bucket_map, 0, len(lowers) - 1, 3, 10**9)
+        done = [d for i, raw in documents for d in cutter.add(i, raw)] + cutter.finish()
+        return {d.bucket.key: d.digest for d in done}, bucket_map.lowers
+
+    docs = [(i, bson.encode({"_id": i, "v": f"doc{i}"})) for i in range(6)]
+    a, lowers = digests(docs, [MinKey()])
+    b, _ = digests(docs, lowers)
+    assert a == b
+    changed = [*docs[:4], (4, bson.encode({"_id": 4, "v": "changed"})), docs[5]]
+    c, _ = digests(changed, lowers)
+    assert c["first"] == a["first"] and c["int-3"] != a["int-3"]
 
 
 def test_bucket_map_round_trips_and_finds_buckets():
@@ -120,16 +135,22 @@ def test_keys_are_safe_and_distinct():
 
 def test_bucket_reads_cross_type_ranges(client, database):
     """Index bounds, not $gte/$lt, so a bucket spanning numbers and strings returns both."""
+    from aries_assets.core.extract import RangeRead
+
     coll = client[database].mixed
     coll.insert_many([{"_id": v} for v in [1, 2.5, "a", "b", ObjectId()]])
     source = SourceCollection(database, "mixed")
-    plan = plan_buckets(scan_ids(source, coll), None, 2)
-    assert plan.bucket_map.lowers[1:] == ["a", plan.bucket_map.lowers[2]]
-    bucket = plan.bucket_map.buckets[0]
-    (batch,) = list(read_bucket(source, coll, bucket))
-    assert len(batch) == 2
-    second = plan.bucket_map.buckets[1]
-    assert [len(b) for b in read_bucket(source, coll, second, batch_bytes=1)] == [1, 1]
+
+    def read(lower, upper):
+        return [
+            bson.decode(raw)["_id"]
+            for batch in RangeRead(client, source, lower, upper, None).batches()
+            for raw in batch
+        ]
+
+    assert read(MinKey(), "a") == [1, 2.5]
+    assert read(2, "b") == [2.5, "a"]
+    assert read("b", MaxKey())[0] == "b" and len(read("b", MaxKey())) == 2
 
 
 def test_a_read_fetches_ahead_by_bytes_and_loses_nothing(client, database, monkeypatch):

@@ -13,7 +13,7 @@ import bisect
 import hashlib
 import itertools
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -118,70 +118,6 @@ class BucketMap:
     def from_json(cls, text: str) -> BucketMap:
         body = json_util.loads(text, json_options=_CANONICAL)
         return cls(bucket_size=int(body["bucket_size"]), lowers=list(body["lowers"]))
-
-
-@dataclass
-class BucketPlan:
-    """What one ordered pass over a collection's `_id`s found."""
-
-    bucket_map: BucketMap
-    counts: dict[str, int]  # documents per bucket
-    new_keys: list[str]  # buckets opened or split off by this pass
-    digests: dict[str, str]  # content hash per bucket, when the pass read whole documents
-
-
-def plan_buckets(
-    documents: Iterable[tuple[Any, bytes]],
-    previous: BucketMap | None,
-    bucket_size: int,
-    with_digests: bool = False,
-) -> BucketPlan:
-    """Assign documents, given as (`_id`, raw BSON) in BSON `_id` order, to buckets.
-
-    Existing boundaries never move, so files of untouched buckets stay valid.
-    The newest bucket is closed once it holds `bucket_size` documents; an older
-    bucket is cut in `bucket_size` pieces once it holds SPLIT_FACTOR times that.
-    With `with_digests`, each unsplit bucket gets a SHA-256 of its documents' raw BSON.
-    """
-    lowers = list(previous.lowers) if previous else [MinKey()]
-    old_keys = {bucket_key(v) for v in lowers}
-    bounds = [sort_key(v) for v in lowers[1:]]  # exclusive upper bound of bucket i
-    counts = [0] * len(lowers)
-    hashes = [hashlib.sha256() for _ in lowers]
-    cuts: dict[int, list[Any]] = {}
-    i = 0
-    for _id, raw in documents:
-        key = sort_key(_id)
-        while i < len(bounds) and key >= bounds[i]:
-            i += 1
-        if counts[i] and counts[i] % bucket_size == 0:
-            if i == len(lowers) - 1:  # the newest bucket is full: open one at this id
-                lowers.append(_id)
-                counts.append(0)
-                hashes.append(hashlib.sha256())
-                i += 1
-            else:
-                cuts.setdefault(i, []).append(_id)
-        counts[i] += 1
-        if with_digests:
-            hashes[i].update(raw)
-
-    bucket_map = BucketMap(bucket_size, [])
-    result_counts: dict[str, int] = {}
-    digests: dict[str, str] = {}
-    for i, lower in enumerate(lowers):
-        pieces = cuts.get(i, []) if counts[i] >= SPLIT_FACTOR * bucket_size else []
-        bucket_map.add_lower(lower)
-        if not pieces:
-            result_counts[bucket_key(lower)] = counts[i]
-            digests[bucket_key(lower)] = hashes[i].hexdigest()
-            continue
-        result_counts[bucket_key(lower)] = bucket_size
-        for j, cut in enumerate(pieces):
-            bucket_map.add_lower(cut)
-            result_counts[bucket_key(cut)] = min(bucket_size, counts[i] - bucket_size * (j + 1))
-    new_keys = [k for k in bucket_map.keys if k not in old_keys]
-    return BucketPlan(bucket_map, result_counts, new_keys, digests if with_digests else {})
 
 
 @dataclass

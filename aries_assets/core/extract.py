@@ -27,8 +27,6 @@ from pymongo.errors import ConnectionFailure
 from pymongo.read_concern import ReadConcern
 from pymongo.read_preferences import ReadPreference
 
-from aries_assets.core.buckets import Bucket
-
 # Decode dates beyond Python's datetime range as DatetimeMS instead of failing.
 CODEC_OPTIONS = CodecOptions(tz_aware=True, datetime_conversion=DatetimeConversion.DATETIME_AUTO)
 _ID_INDEX = [("_id", 1)]
@@ -39,7 +37,6 @@ _LENGTH = struct.Struct("<i")
 _INT64 = struct.Struct("<q")
 _OID_PREFIX = b"\x07_id\x00"  # element type 0x07 (ObjectId) named "_id"
 
-DEFAULT_BATCH_BYTES = 32 * 1024 * 1024
 # Documents per server batch: small enough that converting one batch overlaps the server
 # producing the next, large enough that round trips do not count (the server caps batches at 16 MB).
 READ_BATCH = 10_000
@@ -102,34 +99,6 @@ def _range_cursor(collection: Collection, query: dict[str, Any], lower: Any, upp
     if not isinstance(upper, MaxKey):
         cursor = cursor.max([("_id", upper)])
     return cursor
-
-
-def scan_ids(source: SourceCollection, collection: Collection) -> Iterator[tuple[Any, bytes]]:
-    """Every `_id` matching the source filter, in BSON order (covered by the `_id` index)."""
-    cursor = _range_cursor(collection, source.query, MinKey(), MaxKey(), projection={"_id": 1})
-    for batch in cursor:
-        for raw in raw_documents(batch):
-            yield raw_id(raw), b""
-
-
-def read_bucket(
-    source: SourceCollection,
-    collection: Collection,
-    bucket: Bucket,
-    batch_bytes: int = DEFAULT_BATCH_BYTES,
-) -> Iterator[list[bytes]]:
-    """The bucket's documents as raw BSON, in `_id` order, in lists of at most ~batch_bytes."""
-    pending: list[bytes] = []
-    size = 0
-    for batch in _range_cursor(collection, source.query, bucket.lower, bucket.upper):
-        for raw in raw_documents(batch):
-            pending.append(raw)
-            size += len(raw)
-            if size >= batch_bytes:
-                yield pending
-                pending, size = [], 0
-    if pending:
-        yield pending
 
 
 def range_batches(
