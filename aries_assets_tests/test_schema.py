@@ -15,6 +15,13 @@ from aries_assets.core.arrow import BucketConverter, id_string
 OPTIONS = s.SchemaOptions()
 
 
+def written(
+    converter: BucketConverter, batches: list, schema: s.InferredSchema, outliers: Counter
+) -> pa.Table:
+    """The converted chunks as one table in `schema`, as a bucket write makes them."""
+    return pa.concat_tables([converter.table(batch, schema, outliers) for batch in batches])
+
+
 def counts(**kinds) -> s.FieldStats:
     stats = s.FieldStats(kinds=Counter(kinds))
     return stats
@@ -89,7 +96,7 @@ def test_maps_are_one_json_column():
         {"_id": 3, "address": {"city": "Oslo", "zip": "0150"}},
     ]
     converter = BucketConverter()
-    converter.add([bson.encode(d) for d in documents])
+    batches = list(converter.chunks([bson.encode(d) for d in documents]))
     schema = s.resolve_schema(converter.stats, None, OPTIONS)
     names = {c.name: c.type for c in schema.columns}
     assert names == {
@@ -98,7 +105,7 @@ def test_maps_are_one_json_column():
         "address__city": "string",
         "address__zip": "string",
     }
-    table = next(converter.tables(schema, Counter()))
+    table = written(converter, batches, schema, Counter())
     assert (
         table.column("tier_and_details").to_pylist()[1]
         == '{ "699456451cc24f028d2aa99d7534c219" : { "tier" : "Gold" } }'
@@ -149,21 +156,21 @@ def test_append_gives_decimals_the_old_column_cannot_hold_a_new_column():
     to a new column, not null with only `_doc` holding them."""
     documents = [{"_id": i, "p": Decimal128(f"{i}.5")} for i in range(50)]
     converter = BucketConverter()
-    converter.add([bson.encode(d) for d in documents])
+    batches = list(converter.chunks([bson.encode(d) for d in documents]))
     append = s.SchemaOptions(evolution="append")
     v1 = s.resolve_schema(converter.stats, None, append)
     assert [(c.name, c.type) for c in v1.columns] == [("p", "decimal(38,1)")]
 
     documents += [{"_id": 50, "p": Decimal128("7.12345")}, {"_id": 51, "p": Decimal128("8.5")}]
     converter = BucketConverter(append)
-    converter.add([bson.encode(d) for d in documents])
+    batches = list(converter.chunks([bson.encode(d) for d in documents]))
     v2 = s.resolve_schema(converter.stats, v1, append)
     assert [(c.name, c.type) for c in v2.columns] == [
         ("p", "decimal(38,1)"),
         ("p__decimal_38_5", "decimal(38,5)"),
     ]
     outliers = Counter()
-    table = next(converter.tables(v2, outliers))
+    table = written(converter, batches, v2, outliers)
     assert not outliers, outliers
     assert [str(v) for v in table.column("p").to_pylist()[-2:]] == ["None", "8.5"]
     assert [str(v) for v in table.column("p__decimal_38_5").to_pylist()[-2:]] == ["7.12345", "None"]
@@ -184,11 +191,11 @@ def test_outliers_are_null_in_the_column_and_intact_in_doc():
     documents = [{"_id": i, "n": i} for i in range(200)] + [{"_id": 200, "n": "two hundred"}]
     raws = [bson.encode(d) for d in documents]
     converter = BucketConverter()
-    converter.add(raws)
+    batches = list(converter.chunks(raws))
     schema = s.resolve_schema(converter.stats, None, OPTIONS)
     assert schema.columns[0].type == "int32"
     outliers = Counter()
-    table = next(converter.tables(schema, outliers))
+    table = written(converter, batches, schema, outliers)
     assert outliers == {"n": 1}
     assert table.column("n").to_pylist()[-1] is None
     assert json_util.loads(table.column("_doc").to_pylist()[-1])["n"] == "two hundred"
@@ -196,9 +203,13 @@ def test_outliers_are_null_in_the_column_and_intact_in_doc():
 
 def test_exclude_removes_the_field_from_doc_too():
     converter = BucketConverter(s.SchemaOptions(exclude=("password", "profile.ssn")))
-    converter.add([bson.encode({"_id": 1, "password": "x", "profile": {"ssn": "123", "city": "Rome"}})])
+    batches = list(
+        converter.chunks(
+            [bson.encode({"_id": 1, "password": "x", "profile": {"ssn": "123", "city": "Rome"}})]
+        )
+    )
     schema = s.resolve_schema(converter.stats, None, converter.options)
-    table = next(converter.tables(schema, Counter()))
+    table = written(converter, batches, schema, Counter())
     assert "password" not in table.column_names and "x" not in table.column("_doc").to_pylist()[0]
     assert json_util.loads(table.column("_doc").to_pylist()[0]) == {"_id": 1, "profile": {"city": "Rome"}}
 
@@ -206,9 +217,9 @@ def test_exclude_removes_the_field_from_doc_too():
 def test_typed_values():
     documents = [{"_id": ObjectId(), "d": Decimal128("12.50"), "big": Int64(2**62), "m": [1, 2]}]
     converter = BucketConverter()
-    converter.add([bson.encode(d) for d in documents])
+    batches = list(converter.chunks([bson.encode(d) for d in documents]))
     schema = s.resolve_schema(converter.stats, None, OPTIONS)
-    table = next(converter.tables(schema, Counter()))
+    table = written(converter, batches, schema, Counter())
     assert table.schema.field("d").type == pa.decimal128(38, 2)
     assert str(table.column("d")[0]) == "12.50"
     assert table.column("big").to_pylist() == [2**62]
@@ -220,9 +231,9 @@ def test_uuids_are_text_in_their_usual_form():
     documents = [{"_id": i, "u": Binary(u.bytes, 4)} for i, u in enumerate(ids)]
     documents.append({"_id": 9, "u": "not-a-uuid"})  # a string: the column is text, the UUIDs as above
     converter = BucketConverter(fast=False)
-    converter.add([bson.encode(d) for d in documents])
+    batches = list(converter.chunks([bson.encode(d) for d in documents]))
     schema = s.resolve_schema(converter.stats, None, OPTIONS)
-    table = next(converter.tables(schema, Counter()))
+    table = written(converter, batches, schema, Counter())
     assert table.column("u").to_pylist() == [*map(str, ids), "not-a-uuid"]
 
 
@@ -240,10 +251,10 @@ def test_a_list_override_counts_arrays_its_elements_do_not_fit_as_outliers():
     options = s.SchemaOptions(overrides={"tags": "list<int32>"})
     for fast in (True, False):
         converter = BucketConverter(options, fast=fast)
-        converter.add([bson.encode(d) for d in documents])
+        batches = list(converter.chunks([bson.encode(d) for d in documents]))
         schema = s.resolve_schema(converter.stats, None, options)
         outliers = Counter()
-        table = next(converter.tables(schema, outliers))
+        table = written(converter, batches, schema, outliers)
         assert outliers == {"tags": 3}, fast
         assert table.column("tags").to_pylist() == [[1, 2], None, [3, None], None, None, []]
         assert json_util.loads(table.column("_doc").to_pylist()[1])["tags"] == ["a", "b"]

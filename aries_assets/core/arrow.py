@@ -83,8 +83,6 @@ MIN_CHUNK_BYTES = 1024 * 1024
 # A chunk whose documents took both paths held Arrow's parse of some beside the Python objects of
 # the others, twice what either alone takes: after one, chunks are cut at most this large.
 SPLIT_CHUNK_BYTES = 1024 * 1024
-# Raw BSON of a bucket whose decoded values the exact path keeps (about ten times this in Python objects).
-KEEP_DECODED_BYTES = 8 * 1024 * 1024
 # BSON the exact path decodes at a time: Python objects take several times the bytes.
 EXACT_CHUNK_BYTES = 512 * 1024
 # A bucket whose chunks the columnar path refused this often in a row is messy throughout: stop trying.
@@ -244,10 +242,9 @@ def _decimal128_digits(value: Decimal128) -> tuple[int, int] | None:
 
 @dataclass
 class _Batch:
-    """A batch for the exact path: its decoded values, or while it waits for the schema, its BSON compressed."""
+    """A batch for the exact path: its decoded values by field path, until `table` takes them."""
 
-    raw: bytes | None  # the batch's BSON, compressed while it waits; None while `values` are kept
-    raw_size: int
+    raw_size: int  # the batch's BSON
     values: dict[s.Path, tuple[list[int], list[Any]]] | None
     ids: pa.Array
     keys: pa.Array
@@ -283,19 +280,16 @@ class BucketConverter:
     otherwise, the two parts interleaved back in order (`SplitBatch`); both give the
     same `_doc`, columns, statistics and outliers. `fast=False` forces the exact path,
     the reference the columnar one is tested against.
-    `chunks` + `table` stream a bucket (nothing kept between chunks); `add` +
-    `tables` keep every chunk until the whole bucket's schema is known.
+    `chunks` + `table` stream a bucket: nothing is kept between chunks.
     """
 
     options: s.SchemaOptions = field(default_factory=s.SchemaOptions)
     known_maps: set[s.Path] = field(default_factory=set)
     fast: bool = True
     chunk_bytes: int | None = CHUNK_BYTES  # None: `chunk_bytes_for` the documents `chunks` is given
-    _batches: list[_Batch | ColumnarBatch | SplitBatch] = field(default_factory=list)
     _maps: set[s.Path] = field(default_factory=set)
     _records: set[tuple] = field(default_factory=set)
     _stats: s.TypeStats = field(default_factory=s.TypeStats)
-    _kept_bytes: int = 0
     _refused: int = 0  # chunks in a row the columnar path refused
     _split: bool = False  # whether the last chunk had documents the columnar path refused
     _layout: tuple | None = None  # (schema, arrow schema, columns by path) of the last `table` call
@@ -321,24 +315,6 @@ class BucketConverter:
             end = min(int(np.searchsorted(ends, reached)) + 1, len(raw_documents))
             yield from self._convert(list(map(bytes, raw_documents[start:end])))
             start = end
-
-    def add(self, raw_documents: list[bytes]) -> None:
-        """Convert a batch of raw BSON documents and keep it, compacted, until `tables` is called."""
-        for batch in self.chunks(raw_documents):
-            batch.docs = PackedStrings.pack(batch.docs)  # `_doc` is the bulk of a waiting batch
-            for part in batch.parts if isinstance(batch, SplitBatch) else [batch]:
-                self._compact(part)
-            self._batches.append(batch)
-
-    def _compact(self, batch: _Batch | ColumnarBatch) -> None:
-        if isinstance(batch, _Batch):
-            if self._kept_bytes + batch.raw_size <= KEEP_DECODED_BYTES:
-                # A small bucket keeps its decoded values; a large one decodes them again when written.
-                self._kept_bytes += batch.raw_size
-                batch.raw = None
-            else:
-                batch.raw = pa.compress(batch.raw, _PACK_CODEC, asbytes=True)
-                batch.values = None
 
     def _convert(self, raw_documents: list[bytes]) -> Iterator[_Batch | ColumnarBatch | SplitBatch]:
         if self._exclude:
@@ -399,7 +375,7 @@ class BucketConverter:
         )
         id_texts = pa.array([id_string(i) for i in ids], pa.string())
         keys = pa.array([id_key(i) for i in ids], pa.string())
-        return _Batch(raw, len(raw), values, id_texts, keys, docs, stats)
+        return _Batch(len(raw), values, id_texts, keys, docs, stats)
 
     def _values(self, documents: list[dict[str, Any]]) -> dict[s.Path, tuple[list[int], list[Any]]]:
         values: dict[s.Path, tuple[list[int], list[Any]]] = {}
@@ -440,11 +416,6 @@ class BucketConverter:
                 slot[0].append(row)
                 slot[1].append(value)
 
-    def tables(self, schema: s.InferredSchema, outliers: Counter) -> Iterator[pa.Table]:
-        """One Arrow table per kept batch, in the schema's columns; counts outliers by column."""
-        while self._batches:
-            yield self.table(self._batches.pop(0), schema, outliers)  # release each batch as it is written
-
     def table(
         self, batch: _Batch | ColumnarBatch | SplitBatch, schema: s.InferredSchema, outliers: Counter
     ) -> pa.Table:
@@ -455,25 +426,20 @@ class BucketConverter:
             order[batch.rows] = np.arange(len(batch.rows))
             table = parts.take(order)  # back in the chunk's order
             del parts
-            docs = batch.docs.unpack() if isinstance(batch.docs, PackedStrings) else batch.docs
-            return table.set_column(_DOC_INDEX, table.schema.field(_DOC_INDEX), docs)
+            return table.set_column(_DOC_INDEX, table.schema.field(_DOC_INDEX), batch.docs)
         if self._layout is None or self._layout[0] is not schema:
             by_path: dict[s.Path, list[s.ColumnSpec]] = {}
             for column in schema.columns:
                 by_path.setdefault(column.path, []).append(column)
             self._layout = (schema, arrow_schema_of(schema), by_path)
         _, arrow_schema, by_path = self._layout
-        docs = batch.docs.unpack() if isinstance(batch.docs, PackedStrings) else batch.docs
+        docs = batch.docs
         if isinstance(batch, ColumnarBatch):
             return _columnar_table(batch, docs, by_path, arrow_schema, outliers)
         rows = len(batch.ids)
         # The walk gives what it gave when the statistics were counted: map decisions are per value.
-        path_values = batch.values
-        if path_values is None:
-            raw = pa.decompress(batch.raw, batch.raw_size, _PACK_CODEC, asbytes=True)
-            path_values = self._values(bson.decode_all(raw, CODEC_OPTIONS))
-            del raw
-        batch.values = None
+        path_values, batch.values = batch.values, None  # taken: the batch is written once
+        assert path_values is not None, "a batch's table is made once"
         columns: dict[str, list[Any]] = {}
         for path, candidates in by_path.items():
             row_numbers, values = path_values.pop(path, ((), ()))
@@ -483,30 +449,6 @@ class BucketConverter:
         arrays = [batch.ids, docs, batch.keys]
         arrays += [pa.array(columns[f.name], f.type) for f in list(arrow_schema)[_FIXED_COLUMNS:]]
         return pa.Table.from_arrays(arrays, schema=arrow_schema)
-
-
-_PACK_CODEC = "lz4"  # fast, and JSON text shrinks several times
-
-
-@dataclass(frozen=True)
-class PackedStrings:
-    """A string array compressed while its batch waits for the schema."""
-
-    length: int
-    offsets: pa.Buffer
-    data: pa.Buffer
-    data_size: int
-
-    @classmethod
-    def pack(cls, array: pa.Array) -> PackedStrings:
-        array = pa.concat_arrays([array])  # offsets from zero
-        _, offsets, data = array.buffers()
-        data = data or pa.py_buffer(b"")
-        return cls(len(array), offsets, pa.compress(data, _PACK_CODEC), data.size)
-
-    def unpack(self) -> pa.Array:
-        data = pa.decompress(self.data, self.data_size, _PACK_CODEC)
-        return pa.Array.from_buffers(pa.string(), self.length, [None, self.offsets, data])
 
 
 def _canonical_json(raw_documents: list[bytes]) -> pa.Array:
