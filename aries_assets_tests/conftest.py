@@ -19,6 +19,13 @@ if "XDG_RUNTIME_DIR" not in os.environ:
     os.environ["XDG_RUNTIME_DIR"] = tempfile.mkdtemp(prefix="aries-runtime-")
     atexit.register(shutil.rmtree, os.environ["XDG_RUNTIME_DIR"], ignore_errors=True)
 
+# The processes tests start, and kill, put their fork servers' directories here: removed when the
+# session ends, not left in the machine's /tmp (a killed process cannot remove its own). Short, as
+# the fork server's socket path must stay under 108 bytes.
+_TEMPORARY = tempfile.mkdtemp(prefix="aries-t")
+atexit.register(shutil.rmtree, _TEMPORARY, ignore_errors=True)
+os.environ["TMPDIR"] = _TEMPORARY
+
 
 @pytest.fixture(scope="session")
 def mongo_uri() -> str:

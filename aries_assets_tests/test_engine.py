@@ -324,8 +324,14 @@ def _running(pid: int) -> bool:
 def test_bucket_writers_die_with_their_run(tmp_path):
     """Orphaned by a kill -9, a writer would publish its bucket after the lease passed on, over a
     newer file: the writers of a run that dies exit too."""
+    # A temporary directory of its own (short enough for the fork server's socket): the killed run
+    # cannot remove its fork server's directory, so the test does.
+    temporary = tempfile.mkdtemp(prefix="aries-t")
     run = subprocess.Popen(
-        [sys.executable, "-c", WRITERS_OF_A_RUN, str(tmp_path)], stdout=subprocess.PIPE, text=True
+        [sys.executable, "-c", WRITERS_OF_A_RUN, str(tmp_path)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "TMPDIR": temporary},
     )
     try:
         writers = [int(pid) for pid in run.stdout.readline().split()]
@@ -338,6 +344,7 @@ def test_bucket_writers_die_with_their_run(tmp_path):
         assert not [pid for pid in writers if _running(pid)], "a writer outlived its run"
     finally:
         run.kill()
+        shutil.rmtree(temporary, ignore_errors=True)
 
 
 WRITER_ALLOCATORS = textwrap.dedent(
