@@ -57,10 +57,6 @@ class Bucket:
     lower: Any
     upper: Any
 
-    @property
-    def is_last(self) -> bool:
-        return isinstance(self.upper, MaxKey)
-
     def describe(self) -> str:
         def show(value: Any) -> str:
             if isinstance(value, (MinKey, MaxKey)):

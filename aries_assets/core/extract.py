@@ -91,13 +91,24 @@ def raw_id(raw: memoryview | bytes) -> Any:
     return value
 
 
+def _index_bounds(lower: Any, upper: Any) -> dict[str, dict[str, Any]]:
+    """A range's `min`/`max` on the `_id` index, as a find command takes them (none for an open end)."""
+    bounds = {}
+    if not isinstance(lower, MinKey):
+        bounds["min"] = {"_id": lower}
+    if not isinstance(upper, MaxKey):
+        bounds["max"] = {"_id": upper}
+    return bounds
+
+
 def _range_cursor(collection: Collection, query: dict[str, Any], lower: Any, upper: Any, **kwargs: Any):
     cursor = collection.find_raw_batches(query, batch_size=READ_BATCH, **kwargs)
     cursor = cursor.sort(_ID_INDEX).hint(_ID_INDEX)
-    if not isinstance(lower, MinKey):
-        cursor = cursor.min([("_id", lower)])
-    if not isinstance(upper, MaxKey):
-        cursor = cursor.max([("_id", upper)])
+    bounds = _index_bounds(lower, upper)
+    if "min" in bounds:
+        cursor = cursor.min(list(bounds["min"].items()))
+    if "max" in bounds:
+        cursor = cursor.max(list(bounds["max"].items()))
     return cursor
 
 
@@ -210,11 +221,8 @@ class _RawFind:
             "hint": {"_id": 1},
             "batchSize": READ_BATCH,
             "readConcern": read_concern,
+            **_index_bounds(lower, upper),
         }
-        if not isinstance(lower, MinKey):
-            self.find["min"] = {"_id": lower}
-        if not isinstance(upper, MaxKey):
-            self.find["max"] = {"_id": upper}
 
     def _command(self, command: dict[str, Any]) -> list[bytes]:
         reply = self.database.command(
