@@ -256,9 +256,11 @@ def refused_documents(raw_documents: list[bytes], docs: pa.Array, known_maps: se
 
 
 # Documents of a chunk parsed first, evenly spaced, to see whether the chunk can be taken at all;
-# only in a chunk of this much text or more: a smaller one costs little to parse whatever it holds.
+# only in a chunk of more rows than this. What Arrow's reader spends on maps keyed by data grows
+# with the square of the rows (a field per key, each as long as the chunk), not with the bytes:
+# a few hundred rows cost little whatever they hold, 2,000 rows of maps cost 20 MB.
 _SAMPLE = 64
-_SAMPLE_FROM_BYTES = 1 << 20
+_SAMPLE_FROM_ROWS = 4 * _SAMPLE
 
 
 def _refused_by_sample(docs: pa.Array, options: s.SchemaOptions, known_maps: set[s.Path]) -> bool:
@@ -266,11 +268,12 @@ def _refused_by_sample(docs: pa.Array, options: s.SchemaOptions, known_maps: set
     by data (a map), an array of documents or arrays, nesting past `max_depth`. Arrow's reader
     makes a field of every key it meets, so a chunk of maps keyed by ids costs it seconds and a
     hundred MB before the refusal."""
-    if len(docs) <= _SAMPLE or docs.nbytes < _SAMPLE_FROM_BYTES:
+    if len(docs) <= _SAMPLE_FROM_ROWS:
         return False
     rows = np.linspace(0, len(docs) - 1, _SAMPLE).astype(np.int64)
-    sample = "".join(docs.take(pa.array(rows)).to_pylist()).encode()
-    table = pajson.read_json(pa.BufferReader(sample), read_options=pajson.ReadOptions(use_threads=False))
+    sample = docs.take(pa.array(rows))  # its texts back to back in one buffer: the reader's input
+    text = sample.buffers()[2][: int(np.frombuffer(sample.buffers()[1], np.int32, _SAMPLE + 1)[-1])]
+    table = pajson.read_json(pa.BufferReader(text), read_options=pajson.ReadOptions(use_threads=False))
     stack: list[tuple[s.Path, pa.DataType]] = [((f.name,), f.type) for f in table.schema]
     while stack:
         path, kind = stack.pop()
