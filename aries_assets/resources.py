@@ -14,7 +14,7 @@ from pymongo.errors import ConnectionFailure, OperationFailure, PyMongoError
 
 from aries_assets.config import expand_env, expand_url, lake_spec, redact_uri, scrub, url_password
 from aries_assets.core.extract import MongoUnreachable, SourceCollection, open_client
-from aries_assets.core.lake import Lake, LakeSpec, LocalLake, S3Lake
+from aries_assets.core.lake import Lake, LakeSpec
 from aries_assets.core.warehouse import Loader, open_loader
 from aries_assets.core.warehouse.loader import WarehouseError
 
@@ -69,10 +69,10 @@ class MongoResource(dg.ConfigurableResource):
 
 
 class LakeResource(dg.ConfigurableResource):
-    """Where bucket files go: a directory, or s3://bucket/prefix through dagster-aws's S3Resource.
+    """Where bucket files go: a directory, or s3://bucket/prefix through a pooled boto3 client.
 
-    dagster-aws takes seconds to import, paid by every run's process start: it is imported
-    only when the lake is on S3.
+    boto3 (a sixth of a second to import, paid by every run's process start) is imported only
+    when the lake is on S3.
     """
 
     url: str = PydanticField(description="directory path or s3://bucket/prefix")
@@ -80,22 +80,11 @@ class LakeResource(dg.ConfigurableResource):
     region_name: str | None = PydanticField(default=None, description="S3: region")
 
     def open(self) -> Lake:
-        url = expand_url(self.url, "lake.url")
-        parts = urlsplit(url)
-        if parts.scheme == "s3":
-            return S3Lake(self.s3().get_client(), parts.netloc, parts.path)
-        return LocalLake(parts.path if parts.scheme == "file" else url)
+        return self.spec().open()
 
     def spec(self) -> LakeSpec:
         """The lake as plain values, for writer processes that open it again."""
         return lake_spec(self.url, self.endpoint_url, self.region_name)
-
-    def s3(self):
-        """dagster-aws's S3Resource for the lake's endpoint and region."""
-        from dagster_aws.s3 import S3Resource
-
-        spec = self.spec()
-        return S3Resource(endpoint_url=spec.endpoint_url, region_name=spec.region)
 
     @property
     def kind(self) -> str:

@@ -1,4 +1,4 @@
-"""The lake on S3, through dagster-aws's S3Resource, against moto running as a real HTTP server."""
+"""The lake on S3, through boto3, against moto running as a real HTTP server."""
 
 from __future__ import annotations
 
@@ -162,3 +162,24 @@ def test_s3_footer_read_refused_raises(s3_refusing_everyone):
     with pytest.raises(ClientError) as error:
         S3Lake(s3_refusing_everyone, "lake-bucket", "p").parquet_metadata("b.parquet")
     assert error.value.response["ResponseMetadata"]["HTTPStatusCode"] == 403
+
+
+@pytest.mark.parametrize("opened_by", ["resource", "writer"])
+def test_the_lake_keeps_a_connection_for_every_request_in_flight(s3, s3_endpoint, opened_by, caplog):
+    """Ledgers and leases go out LAKE_CONCURRENCY at a time (150 collections in one tick). A client
+    with fewer pooled connections opens a new one for each extra request and throws it away,
+    warning each time: on S3, a TLS handshake a request and a log full of warnings."""
+    from aries_assets.core.lake import LAKE_CONCURRENCY, LakeSpec, each_at_once
+    from aries_assets.resources import LakeResource
+
+    url = "s3://lake-bucket/pool"
+    if opened_by == "resource":
+        lake = LakeResource(url=url, endpoint_url=s3_endpoint, region_name="us-east-1").open()
+    else:
+        lake = LakeSpec(url, s3_endpoint, "us-east-1").open()
+    paths = [f"c{i:03d}/_aries/ledger.json" for i in range(4 * LAKE_CONCURRENCY)]
+    with caplog.at_level("WARNING", logger="urllib3"):
+        each_at_once(lambda path: lake.write_if(path, "{}", None), paths)
+        versions = each_at_once(lambda path: lake.read_versioned(path)[1], paths)
+    assert all(versions)
+    assert [r.getMessage() for r in caplog.records if r.name.startswith("urllib3")] == []

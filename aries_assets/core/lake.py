@@ -183,7 +183,7 @@ class LocalLake:
 
 
 class S3Lake:
-    """A lake under s3://bucket/prefix, through a boto3 client (from dagster-aws's S3Resource)."""
+    """A lake under s3://bucket/prefix, through a boto3 client (`s3_client`)."""
 
     def __init__(self, client: Any, bucket: str, prefix: str) -> None:
         self.client = client
@@ -310,11 +310,20 @@ class LakeSpec:
     def open(self) -> Lake:
         parts = urlsplit(self.url)
         if parts.scheme == "s3":
-            import boto3
-
-            client = boto3.client("s3", endpoint_url=self.endpoint_url, region_name=self.region)
-            return S3Lake(client, parts.netloc, parts.path)
+            return S3Lake(s3_client(self.endpoint_url, self.region), parts.netloc, parts.path)
         return LocalLake(parts.path if parts.scheme == "file" else self.url)
+
+
+def s3_client(endpoint_url: str | None, region: str | None) -> Any:
+    """A boto3 S3 client with a pooled connection for every request a process has in flight:
+    LAKE_CONCURRENCY from each of a few threads at once (a run serving several collections,
+    writers uploading buckets). boto3 pools 10; past that, each request opens a connection,
+    throws it away and logs a warning. Retries as dagster-aws's S3Resource does."""
+    import boto3
+    from botocore.config import Config
+
+    config = Config(max_pool_connections=4 * LAKE_CONCURRENCY, retries={"max_attempts": 5})
+    return boto3.client("s3", endpoint_url=endpoint_url, region_name=region, config=config)
 
 
 def remove_temporary_files(lake: Lake, prefix: str) -> list[str]:
