@@ -25,7 +25,7 @@ from aries_assets.config import load_config
 from aries_assets.core import engine, read_ahead
 from aries_assets.core.changes import record_changes, scopes_of, stream_start
 from aries_assets.core.extract import PREFETCH_BYTES, SourceCollection, raw_id
-from aries_assets.core.lake import LakeSpec, LocalLake
+from aries_assets.core.lake import LAKE_CONCURRENCY, LakeSpec, LocalLake
 from aries_assets.core.ledger import Lease, LeaseHeld, Ledger, LedgerStore
 from aries_assets.definitions import build_definitions
 from aries_assets.sync import sync
@@ -514,21 +514,55 @@ def test_one_tick_over_150_collections_stays_well_under_5_seconds(client, mongo_
 
 
 class RemoteLake(LocalLake):
-    """A local lake answering as slowly as S3 does: tens of milliseconds a request."""
+    """A local lake answering as slowly as S3 does: tens of milliseconds a request. Counts the
+    requests and the most of them in flight at once."""
 
     DELAY = 0.03
 
+    def __init__(self, root) -> None:
+        super().__init__(root)
+        self.requests, self.in_flight, self.most_in_flight = 0, 0, 0
+        self._counting = threading.Lock()
+        self._inside = threading.local()  # a request made by another (write_if reads): one round trip
+
+    def _request(self, method, *args):
+        if getattr(self._inside, "busy", False):
+            return method(*args)
+        with self._counting:
+            self.requests += 1
+            self.in_flight += 1
+            self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        self._inside.busy = True
+        try:
+            time.sleep(self.DELAY)
+            return method(*args)
+        finally:
+            self._inside.busy = False
+            with self._counting:
+                self.in_flight -= 1
+
+    def read_text(self, path):
+        return self._request(super().read_text, path)
+
+    def write_text(self, path, text):
+        return self._request(super().write_text, path, text)
+
+    def list(self, prefix):
+        return self._request(super().list, prefix)
+
+    def delete(self, path):
+        return self._request(super().delete, path)
+
     def read_versioned(self, path):
-        time.sleep(self.DELAY)
-        return super().read_versioned(path)
+        return self._request(super().read_versioned, path)
 
     def write_if(self, path, text, version):
-        time.sleep(self.DELAY)
-        return super().write_if(path, text, version)
+        return self._request(super().write_if, path, text, version)
 
 
 def test_recording_150_collections_on_a_slow_lake_reads_their_ledgers_at_once(client, database, workdir):
-    """One after another, 150 ledgers at 30 ms a request would take 9 s; a tick has 5."""
+    """One after another, 150 collections' lake requests at 30 ms each would take far longer
+    than a tick's 5 s: they go out at once."""
     names = [f"c{i:03d}" for i in range(150)]
     lake = RemoteLake(workdir / "lake")
     local = LocalLake(workdir / "lake")
@@ -542,11 +576,17 @@ def test_recording_150_collections_on_a_slow_lake_reads_their_ledgers_at_once(cl
     started = time.monotonic()
     recorded, changes = record_changes(client, lake, scope, idle_persist_seconds=3600)
     seconds = time.monotonic() - started
+    one_after_another = lake.requests * lake.DELAY
     assert changes is not None and changes.caught_up
     assert [n for n in names if recorded[f"{database}.{n}"].events] == names[::2]
-    assert all(LedgerStore(lake, database, n).load().dirty for n in names[::2])
-    assert not any(LedgerStore(lake, database, n).load().dirty for n in names[1::2])
-    assert seconds < 3, f"recording 150 collections on a slow lake took {seconds:.1f}s"
+    assert all(local.read_text(LedgerStore(local, database, n).path) for n in names)
+    assert all(LedgerStore(local, database, n).load().dirty for n in names[::2])
+    assert not any(LedgerStore(local, database, n).load().dirty for n in names[1::2])
+    # Every collection's ledger, and its own stream's token, at least: read and written.
+    assert lake.requests >= 3 * len(names), lake.requests
+    assert one_after_another > 10, f"{lake.requests} requests; one after another {one_after_another:.1f}s"
+    assert lake.most_in_flight >= LAKE_CONCURRENCY // 2, f"at most {lake.most_in_flight} requests at once"
+    assert seconds < 5, f"recording 150 collections on a slow lake took {seconds:.1f}s"
 
 
 def _loaded(ledger: Ledger, now) -> None:
