@@ -336,7 +336,7 @@ def remove_temporary_files(lake: Lake, prefix: str) -> list[str]:
 
 # Lake requests in flight at once (ledgers, leases): on S3 each is a round trip of tens of
 # milliseconds, and 150 collections would take seconds one after another.
-LAKE_CONCURRENCY = 16
+LAKE_CONCURRENCY = 32
 
 
 def each_at_once(function: Callable[[Any], Any], items: Iterable[Any]) -> list[Any]:
