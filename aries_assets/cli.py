@@ -350,6 +350,12 @@ def console() -> None:
         code = main()
     except BrokenPipeError:  # a reader that went away (`aries status --json | head`) read what it wanted
         code = 0
+    with contextlib.suppress(ImportError, AttributeError):
+        # pymongo's exit handler joins its monitor threads, each asleep for up to half a second
+        # between checks of whether it was stopped: time for nothing, as `os._exit` ends them.
+        from pymongo.synchronous import monitor
+
+        atexit.unregister(monitor._shutdown_resources)
     atexit._run_exitfuncs()  # what `sys.exit` runs first (logging's shutdown among them)
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(OSError, ValueError):  # a reader that went away (`| head`)
