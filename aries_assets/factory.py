@@ -177,6 +177,11 @@ class ServeRunConfig(dg.Config):
 
     collections: list[str] = []  # collection names (`<db>__<coll>`); empty: all of the stream's
     linger_seconds: float = -1.0  # keep serving this long after the last change; -1: sync.linger_seconds
+    # `aries sync`: each collection synced once, as its own sync job would (waiting for its lease,
+    # catching up on its own stream), `workers` at a time; its outcome told to the terminal.
+    once: bool = False
+    full: bool = False  # with `once`: re-read each collection whole
+    workers: int = 0  # with `once`: collections at a time, and bucket writers of each; 0: sync.workers
 
 
 def serve_collections(
@@ -196,6 +201,11 @@ def serve_collections(
         raise dg.Failure(f"no collection {sorted(unknown)[0]!r} in this change stream's config")
     by_label = {c.label: c for c in chosen}
     client = _client(mongo, lake, chosen)
+    if config.once:
+        try:
+            return _sync_each(context, chosen, options, config, client, mongo, _targets(lake, warehouse))
+        finally:
+            client.close()
     try:
         targets = _targets(lake, warehouse)
         settings = _settings(options, 0, config.linger_seconds)
@@ -251,6 +261,62 @@ def serve_collections(
             + ". Their buckets stay in the ledger; the sensor asks again after a backoff."
         )
     outcomes = [r for r in results.values() if isinstance(r, engine.SyncOutcome)]
+    return {
+        "collections_synced": len(outcomes),
+        "buckets_written": sum(o.written for o in outcomes),
+        "buckets_loaded": sum(o.loaded for o in outcomes),
+        "documents_read": sum(o.documents_read for o in outcomes),
+    }
+
+
+def _sync_each(
+    context: dg.OpExecutionContext,
+    chosen: list[CollectionConfig],
+    options: SyncOptions,
+    config: ServeRunConfig,
+    client: Any,
+    mongo: MongoResource,
+    targets: engine.Targets,
+) -> dict[str, Any]:
+    """`aries sync`'s run: each collection once, `workers` at a time, each as its own sync job would
+    sync it. Each outcome, or error, is told to the terminal (`terminal.tell`) as it is known."""
+    by_label = {c.label: c for c in chosen}
+    settings = _settings(options, config.workers, 0)
+    with_table = targets.loader is not None
+
+    def sync_one(spec: engine.CollectionSpec) -> engine.SyncOutcome:
+        coll = by_label[spec.source.label]
+        reporter = DagsterReporter(context, coll)
+        try:
+            with _said_plainly(mongo, spec.source):
+                outcome = engine.sync_collection(
+                    spec,
+                    client,
+                    targets,
+                    settings,
+                    reporter,
+                    f"run {context.run.run_id[:8]}",
+                    context.run.run_id,
+                    full=config.full,
+                )
+        except Exception as error:
+            context.log.error(f"{coll.label}: {type(error).__name__}: {error}")
+            terminal.tell(coll.label, "failed", error=f"{type(error).__name__}: {error}")
+            raise
+        finally:
+            reporter.close()
+        terminal.tell(coll.label, "outcome", outcome=outcome)
+        return outcome
+
+    results = engine.sync_each([spec_of(c, with_table) for c in chosen], sync_one, settings.workers)
+    failed = {label: r for label, r in results.items() if isinstance(r, Exception)}
+    if failed:
+        raise dg.Failure(
+            f"{len(failed)} of {len(chosen)} collections failed: "
+            + "; ".join(f"{label}: {type(e).__name__}: {e}" for label, e in failed.items())[:2000]
+            + ". Their buckets stay in the ledger; the next `aries sync`, or the sensor, asks again."
+        )
+    outcomes = list(results.values())
     return {
         "collections_synced": len(outcomes),
         "buckets_written": sum(o.written for o in outcomes),

@@ -1,7 +1,9 @@
-"""`aries sync`: record what changed, then run each collection's sync job in this process.
+"""`aries sync`: record what changed, then sync each collection in this process.
 
-The same job the sensor requests, executed in-process and recorded in the
-instance at DAGSTER_HOME, so the UI shows exactly what a one-shot sync did.
+One run per change stream, of the job the sensor requests for it, executed in-process
+and recorded in the instance at DAGSTER_HOME, so the UI shows exactly what a one-shot
+sync did: each collection synced once, as its own sync job would, a materialization
+per bucket on its own asset.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from aries_assets.core.changes import record_changes, scopes_of
 from aries_assets.core.engine import SyncOutcome
 from aries_assets.core.ledger import LedgerConflict
 from aries_assets.definitions import build_definitions
-from aries_assets.factory import job_name, op_name, source_of
+from aries_assets.factory import serve_job_name, serve_op_name, source_of
 
 MAX_STREAM_PASSES = 100
 
@@ -32,8 +34,9 @@ def sync(
     defs = build_definitions(config)
     lake = defs.resources["lake"].open()
     client = defs.resources["mongo"].client()
+    scopes = scopes_of([source_of(c) for c in config.collections], config.sync.change_streams)
     try:
-        for scope in scopes_of([source_of(c) for c in config.collections], config.sync.change_streams):
+        for scope in scopes:
             for _ in range(MAX_STREAM_PASSES):  # a long backlog: read until caught up
                 _, changes = record_changes(client, lake, scope, 100_000, 30.0, idle_persist_seconds=0)
                 if changes is None or changes.caught_up or changes.history_lost:
@@ -43,23 +46,35 @@ def sync(
     finally:
         client.close()
 
-    reports = []
+    outcomes: dict[str, SyncOutcome] = {}
     display = LiveProgress() if live else None
-    previous, terminal.listener = terminal.listener, display.listen if display else _listener(progress)
+    shown = display.listen if display else _listener(progress)
+
+    def listen(label: str, event: str, details: dict) -> None:
+        if event == "outcome":
+            outcomes[label] = details["outcome"]
+        elif event == "failed":
+            outcomes[label] = SyncOutcome(label, mode="failed", failures=[details["error"]])
+        else:
+            shown(label, event, details)
+
+    previous, terminal.listener = terminal.listener, listen
     if display:
         display.start()
     try:
         with dg.DagsterInstance.get() as instance:
-            for coll in config.collections:
-                job = defs.resolve_job_def(job_name(coll))
-                result = job.execute_in_process(
+            for scope in scopes:
+                # One run per change stream: its collections `workers` at a time, each as its own
+                # sync job would (a run start costs Dagster tenths of a second).
+                members = {m.label for m in scope.members}
+                result = defs.resolve_job_def(serve_job_name(scope.name)).execute_in_process(
                     instance=instance,
                     raise_on_error=False,
-                    tags={"aries/collection": coll.name, "aries/trigger": "aries sync"},
+                    tags={"aries/trigger": "aries sync"},
                     run_config={
                         "ops": {
-                            op_name(coll): {
-                                "config": {"full": full, "linger_seconds": 0.0, "workers": workers}
+                            serve_op_name(scope.name): {
+                                "config": {"once": True, "full": full, "workers": workers}
                             }
                         },
                         # The run's full log, tracebacks included, is in the instance; the terminal
@@ -67,20 +82,22 @@ def sync(
                         "loggers": {"console": {"config": {"log_level": "CRITICAL"}}},
                     },
                 )
-                if result.success:
-                    reports.append(result.output_for_node(op_name(coll)))
-                else:
-                    error = _first_error(result)
-                    progress(
-                        f"[{coll.label}] FAILED: {error} (the full log: run {result.run_id[:8]} "
-                        "in the Dagster UI)"
-                    )
-                    reports.append(SyncOutcome(coll.label, mode="failed", failures=[error]))
+                for coll in config.collections:
+                    if coll.label not in members:
+                        continue
+                    if coll.label not in outcomes:  # the run failed before this collection's sync
+                        error = _first_error(result) if not result.success else "run ended without it"
+                        outcomes[coll.label] = SyncOutcome(coll.label, mode="failed", failures=[error])
+                    for error in outcomes[coll.label].failures:
+                        progress(
+                            f"[{coll.label}] FAILED: {error} (the full log: run {result.run_id[:8]} "
+                            "in the Dagster UI)"
+                        )
     finally:
         terminal.listener = previous
         if display:
             display.stop()
-    return reports
+    return [outcomes[c.label] for c in config.collections if c.label in outcomes]
 
 
 def _first_error(result) -> str:

@@ -1,8 +1,9 @@
 """Where an in-process run reports progress when `aries sync` runs it from a terminal.
 
-`aries sync` executes each collection's Dagster job in its own process; the job's
-op finds the terminal's listener here. In the daemon nothing is registered and
-progress goes to the run's log only.
+`aries sync` executes each change stream's Dagster job in its own process; the job's
+op finds the terminal's listener here, and tells it each collection's progress and, once
+synced, its outcome (or its error). In the daemon nothing is registered and progress goes
+to the run's log only.
 """
 
 from __future__ import annotations

@@ -324,6 +324,33 @@ def serve_collections(
             candidates = waiting()
 
 
+def sync_each(
+    specs: list[CollectionSpec], sync_one: Callable[[CollectionSpec], SyncOutcome], at_once: int
+) -> dict[str, SyncOutcome | Exception]:
+    """Each collection synced once by `sync_one`, up to `at_once` at a time (what `aries sync`
+    does in one run per change stream). One failing does not stop the others: each collection's
+    outcome, or its error."""
+
+    def attempt(spec: CollectionSpec) -> SyncOutcome | Exception:
+        try:
+            return sync_one(spec)
+        except Exception as error:
+            return error
+
+    if at_once <= 1 or len(specs) <= 1:
+        return {spec.source.label: attempt(spec) for spec in specs}
+    pool = concurrent.futures.ThreadPoolExecutor(at_once, "aries collection")
+    try:
+        results = dict(zip((s.source.label for s in specs), pool.map(attempt, specs), strict=True))
+    except BaseException:
+        # Ctrl-C: stop at once, not once the collections under way are synced (their leases end
+        # with this process, and the next writer repairs what they left).
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown()
+    return results
+
+
 OPTIONS_CHANGED = "its files were written with other schema options or another query"
 
 
