@@ -342,7 +342,8 @@ def build_serve_job(
         f"Bring the collections of change stream `{scope_name}` up to date (all of them, or those named in "
         "the run config), `sync.workers` at a time, each under its own lease as its own sync job would, and "
         "keep following their ledgers until they have been quiet for sync.linger_seconds. The sensor "
-        "requests it whenever changes wait: one run start serves every collection of the stream."
+        "requests it whenever changes wait: one run start serves every collection of the stream. "
+        "`aries sync` runs it with `once`: each collection synced once, then the run ends."
     )
     name = serve_job_name(scope_name)
     tags = {"aries/scope": scope_name}
