@@ -17,7 +17,7 @@ import datetime
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -194,61 +194,24 @@ def serve_collections(
     lake: LakeResource,
     warehouse: WarehouseResource | None,
 ) -> dict[str, Any]:
-    """Sync each chosen collection that has work, in turn, each under its own lease, until quiet."""
+    """Sync each chosen collection that has work, each under its own lease, until quiet; with
+    `once` (`aries sync`), each chosen collection once."""
     chosen = [c for c in collections if not config.collections or c.name in config.collections]
     unknown = set(config.collections) - {c.name for c in collections}
     if unknown:
         raise dg.Failure(f"no collection {sorted(unknown)[0]!r} in this change stream's config")
-    by_label = {c.label: c for c in chosen}
     client = _client(mongo, lake, chosen)
-    if config.once:
-        try:
-            return _sync_each(context, chosen, options, config, client, mongo, _targets(lake, warehouse))
-        finally:
-            client.close()
+    specs = [spec_of(c, warehouse is not None) for c in chosen]
     try:
         targets = _targets(lake, warehouse)
-        settings = _settings(options, 0, config.linger_seconds)
-        # Each collection once per pass: no lingering, no waiting for a lease, no stream reading
-        # (the sensor records the changes; this run follows its ledgers).
-        one_pass = dataclasses.replace(settings, linger_seconds=0, lease_wait_seconds=0, catch_up=False)
-        lingering = DagsterReporter(context, chosen[0]) if chosen else None
-        # Tells the sensor this run is alive while it holds no collection's lease.
-        heartbeat = RunHeartbeat(
-            targets.lake, context.run.run_id, f"run {context.run.run_id[:8]}", options.lease_seconds
-        )
-        heartbeat.acquire(0)
-        with contextlib.suppress(Exception):
-            RunHeartbeat.sweep(targets.lake)
-
-        def sync_one(spec: engine.CollectionSpec) -> engine.SyncOutcome:
-            reporter = DagsterReporter(context, by_label[spec.source.label])
-            try:
-                with _said_plainly(mongo, spec.source):
-                    return engine.sync_collection(
-                        spec,
-                        client,
-                        targets,
-                        one_pass,
-                        reporter,
-                        f"run {context.run.run_id[:8]}",
-                        context.run.run_id,
-                    )
-            finally:
-                reporter.close()
-
-        try:
-            results = engine.serve_collections(
-                [spec_of(c, warehouse is not None) for c in chosen],
-                targets.lake,
-                sync_one,
-                settings,
-                lingering.keep_lingering if lingering else lambda: False,
-                lambda: waiting_collections(targets.lake, scope),
-                lambda: follow_changes(client, targets.lake, scope),
-            )
-        finally:
-            heartbeat.release()
+        if config.once:
+            # `aries sync`: each collection once, as its own sync job would (waiting for its lease,
+            # catching up on its own stream), `workers` at a time.
+            settings = _settings(options, config.workers, 0)
+            sync_one = _syncer(context, chosen, mongo, client, targets, settings, config.full)
+            results = engine.sync_each(specs, sync_one, settings.workers)
+        else:
+            results = _serve(context, scope, chosen, specs, options, config, mongo, client, targets)
     finally:
         client.close()
     failed = {label: r for label, r in results.items() if isinstance(r, Exception)}
@@ -258,7 +221,7 @@ def serve_collections(
         raise dg.Failure(
             f"{len(failed)} of {len(chosen)} collections failed: "
             + "; ".join(f"{label}: {type(e).__name__}: {e}" for label, e in failed.items())[:2000]
-            + ". Their buckets stay in the ledger; the sensor asks again after a backoff."
+            + ". Their buckets stay in the ledger; the sensor, or the next `aries sync`, asks again."
         )
     outcomes = [r for r in results.values() if isinstance(r, engine.SyncOutcome)]
     return {
@@ -269,24 +232,60 @@ def serve_collections(
     }
 
 
-def _sync_each(
+def _serve(
     context: dg.OpExecutionContext,
+    scope: StreamScope,
     chosen: list[CollectionConfig],
+    specs: list[engine.CollectionSpec],
     options: SyncOptions,
     config: ServeRunConfig,
-    client: Any,
     mongo: MongoResource,
+    client: Any,
     targets: engine.Targets,
-) -> dict[str, Any]:
-    """`aries sync`'s run: each collection once, `workers` at a time, each as its own sync job would
-    sync it. Each outcome, or error, is told to the terminal (`terminal.tell`) as it is known."""
+) -> dict[str, engine.SyncOutcome | Exception]:
+    """The sensor's run: each collection with work, until every one has been quiet for linger_seconds."""
+    settings = _settings(options, 0, config.linger_seconds)
+    # Each collection once per pass: no lingering, no waiting for a lease, no stream reading
+    # (the sensor records the changes; this run follows its ledgers).
+    one_pass = dataclasses.replace(settings, linger_seconds=0, lease_wait_seconds=0, catch_up=False)
+    lingering = DagsterReporter(context, chosen[0]) if chosen else None
+    # Tells the sensor this run is alive while it holds no collection's lease.
+    heartbeat = RunHeartbeat(
+        targets.lake, context.run.run_id, f"run {context.run.run_id[:8]}", options.lease_seconds
+    )
+    heartbeat.acquire(0)
+    with contextlib.suppress(Exception):
+        RunHeartbeat.sweep(targets.lake)
+    try:
+        return engine.serve_collections(
+            specs,
+            targets.lake,
+            _syncer(context, chosen, mongo, client, targets, one_pass),
+            settings,
+            lingering.keep_lingering if lingering else lambda: False,
+            lambda: waiting_collections(targets.lake, scope),
+            lambda: follow_changes(client, targets.lake, scope),
+        )
+    finally:
+        heartbeat.release()
+
+
+def _syncer(
+    context: dg.OpExecutionContext,
+    chosen: list[CollectionConfig],
+    mongo: MongoResource,
+    client: Any,
+    targets: engine.Targets,
+    settings: engine.SyncSettings,
+    full: bool = False,
+) -> Callable[[engine.CollectionSpec], engine.SyncOutcome]:
+    """A run's sync of one of its collections, as its own sync job would sync it; the outcome, or
+    the error, is told to a terminal listening (`aries sync`) as soon as it is known."""
     by_label = {c.label: c for c in chosen}
-    settings = _settings(options, config.workers, 0)
-    with_table = targets.loader is not None
 
     def sync_one(spec: engine.CollectionSpec) -> engine.SyncOutcome:
-        coll = by_label[spec.source.label]
-        reporter = DagsterReporter(context, coll)
+        label = spec.source.label
+        reporter = DagsterReporter(context, by_label[label])
         try:
             with _said_plainly(mongo, spec.source):
                 outcome = engine.sync_collection(
@@ -297,32 +296,17 @@ def _sync_each(
                     reporter,
                     f"run {context.run.run_id[:8]}",
                     context.run.run_id,
-                    full=config.full,
+                    full=full,
                 )
         except Exception as error:
-            context.log.error(f"{coll.label}: {type(error).__name__}: {error}")
-            terminal.tell(coll.label, "failed", error=f"{type(error).__name__}: {error}")
+            terminal.tell(label, "failed", error=f"{type(error).__name__}: {error}")
             raise
         finally:
             reporter.close()
-        terminal.tell(coll.label, "outcome", outcome=outcome)
+        terminal.tell(label, "outcome", outcome=outcome)
         return outcome
 
-    results = engine.sync_each([spec_of(c, with_table) for c in chosen], sync_one, settings.workers)
-    failed = {label: r for label, r in results.items() if isinstance(r, Exception)}
-    if failed:
-        raise dg.Failure(
-            f"{len(failed)} of {len(chosen)} collections failed: "
-            + "; ".join(f"{label}: {type(e).__name__}: {e}" for label, e in failed.items())[:2000]
-            + ". Their buckets stay in the ledger; the next `aries sync`, or the sensor, asks again."
-        )
-    outcomes = list(results.values())
-    return {
-        "collections_synced": len(outcomes),
-        "buckets_written": sum(o.written for o in outcomes),
-        "buckets_loaded": sum(o.loaded for o in outcomes),
-        "documents_read": sum(o.documents_read for o in outcomes),
-    }
+    return sync_one
 
 
 def serve_job_name(scope_name: str) -> str:
