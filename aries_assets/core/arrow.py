@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import datetime
 import hashlib
-import io
-import itertools
 import json
 import os
 import struct
@@ -31,6 +29,7 @@ from bson import Binary, Decimal128, Int64, ObjectId, Timestamp, json_util
 from bson.codec_options import DatetimeConversion
 from bson.datetime_ms import DatetimeMS
 
+from aries_assets.core import doc_text
 from aries_assets.core import schema as s
 from aries_assets.core.bson_columns import (
     ColumnarBatch,
@@ -452,22 +451,8 @@ class BucketConverter:
 
 
 def _canonical_json(raw_documents: list[bytes]) -> pa.Array:
-    """`_doc` of each document (libbson's canonical Extended JSON), into Arrow.
-
-    Each text is encoded into one growing buffer as it is rendered, so the chunk's text exists
-    once (not as strings, then joined, then encoded).
-    """
-    out = io.BytesIO()
-    # Chained maps, not a generator: no Python frame per document. The mode goes by position
-    # (parsing a keyword costs more).
-    texts = map(bsonjs.dumps, raw_documents, itertools.repeat(bsonjs.CANONICAL))
-    lengths = np.fromiter(map(out.write, map(str.encode, texts)), np.int64, len(raw_documents))
-    # A chunk is CHUNK_BYTES plus at most one 16 MB document: its text is far below int32 offsets' 2 GB.
-    offsets = np.zeros(len(raw_documents) + 1, np.int32)
-    np.cumsum(lengths, out=offsets[1:], dtype=np.int32)
-    return pa.StringArray.from_buffers(
-        len(raw_documents), pa.py_buffer(offsets), pa.py_buffer(out.getbuffer())
-    )
+    """`_doc` of each document: libbson's canonical Extended JSON, a chunk at a time (`doc_text`)."""
+    return doc_text.canonical_json(raw_documents)
 
 
 _FIXED_COLUMNS = 3  # `_id`, `_doc`, `_id_key`

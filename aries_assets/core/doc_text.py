@@ -1,0 +1,407 @@
+"""`_doc`: each document as libbson's canonical Extended JSON, rendered a chunk at a time.
+
+python-bsonjs (libbson) renders one document per call, about 5 µs for a 230-byte
+event: the largest cost of a bucket write. Documents of a chunk mostly share one
+shape (the same keys, in the same order, holding the same BSON types), so this
+module walks them together: at each element, one NumPy operation reads the type
+byte, the key or the value of every document of the chunk at once, and Arrow
+formats the numbers and joins the pieces. The text is libbson's, byte for byte:
+the literal parts are libbson's own spacing, and every value is formatted as
+libbson formats it (the tests compare the two on every BSON type and on the
+sample datasets).
+
+Where documents part ways (a field missing here, an int there, an array one
+element longer), the walk splits them into groups that go on separately. What it
+does not render itself goes to bsonjs, one document at a time, as before: a type
+it does not know (binary, regex, code, timestamps, min/max keys, ...), a string
+or key that needs escaping, a group too small to repay a walk, or more groups
+than `MAX_GROUPS`.
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+from dataclasses import dataclass, field
+
+import bsonjs
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+# A group of fewer documents goes to bsonjs: a walk's fixed cost per element is tens of µs.
+MIN_GROUP = 24
+# Groups a chunk may split into before the rest goes to bsonjs (a chunk of documents of many shapes).
+MAX_GROUPS = 48
+
+_DOUBLE, _STRING, _DOCUMENT, _ARRAY, _OBJECTID, _BOOL, _DATE, _NULL = 1, 2, 3, 4, 7, 8, 9, 10
+_INT32, _INT64, _DECIMAL = 16, 18, 19
+_FIXED_WIDTH = {_DOUBLE: 8, _OBJECTID: 12, _BOOL: 1, _DATE: 8, _NULL: 0, _INT32: 4, _INT64: 8, _DECIMAL: 16}
+_HEX = np.frombuffer(b"0123456789abcdef", np.uint8)
+# libbson writes a key's text as is unless it holds one of these (it escapes them).
+_ESCAPED = np.zeros(256, bool)
+_ESCAPED[:0x20] = True
+_ESCAPED[[ord('"'), ord("\\")]] = True
+
+
+def canonical_json(raw_documents: list[bytes]) -> pa.StringArray:
+    """What `bsonjs.dumps(raw, bsonjs.CANONICAL)` gives for each document, as one Arrow array."""
+    count = len(raw_documents)
+    if count < MIN_GROUP:
+        return one_by_one(raw_documents)
+    buf = np.frombuffer(b"".join(raw_documents), np.uint8)
+    sizes = np.fromiter(map(len, raw_documents), np.int64, count)
+    starts = np.zeros(count, np.int64)
+    np.cumsum(sizes[:-1], out=starts[1:])
+    walk = _Walk(buf)
+    try:
+        done = walk.run(_Group(np.arange(count), starts + 4, ["{ "], [_Frame(False)]))
+    except (IndexError, ValueError):  # bytes that are not BSON: bsonjs says what is wrong with them
+        return one_by_one(raw_documents)
+    parts = [(group.rows, _joined(group.pieces)) for group in done]
+    rest = walk.by_bsonjs
+    if rest:
+        rows = np.concatenate(rest)
+        parts.append((rows, one_by_one([raw_documents[i] for i in rows.tolist()]).view(pa.binary())))
+    if len(parts) == 1 and (np.diff(parts[0][0]) > 0).all():
+        return parts[0][1].view(pa.string())  # one shape, or bsonjs's alone, in order
+    order = np.concatenate([rows for rows, _ in parts])
+    text = pa.concat_arrays([array for _, array in parts])
+    return text.take(pa.array(np.argsort(order, kind="stable"))).view(pa.string())
+
+
+def one_by_one(raw_documents: list[bytes]) -> pa.StringArray:
+    """bsonjs, document by document. Each text is encoded into one growing buffer as it is
+    rendered, so the texts exist once (not as strings, then joined, then encoded)."""
+    out = io.BytesIO()
+    # Chained maps, not a generator: no Python frame per document. The mode goes by position
+    # (parsing a keyword costs more).
+    texts = map(bsonjs.dumps, raw_documents, itertools.repeat(bsonjs.CANONICAL))
+    lengths = np.fromiter(map(out.write, map(str.encode, texts)), np.int64, len(raw_documents))
+    # A chunk is CHUNK_BYTES plus at most one 16 MB document: its text is far below int32 offsets' 2 GB.
+    offsets = np.zeros(len(raw_documents) + 1, np.int32)
+    np.cumsum(lengths, out=offsets[1:], dtype=np.int32)
+    return pa.StringArray.from_buffers(
+        len(raw_documents), pa.py_buffer(offsets), pa.py_buffer(out.getbuffer())
+    )
+
+
+@dataclass
+class _Frame:
+    is_array: bool
+    members: int = 0
+
+
+@dataclass
+class _Group:
+    """Documents walked together: each one's offset of its next element, the text so far."""
+
+    rows: np.ndarray  # the documents' positions in the chunk
+    pos: np.ndarray  # offset in the chunk's bytes of each document's next element
+    pieces: list  # str, or an Arrow binary array with a value per document
+    frames: list[_Frame] = field(default_factory=list)
+
+    def part(self, keep: np.ndarray) -> _Group:
+        mask = pa.array(keep)
+        return _Group(
+            self.rows[keep],
+            self.pos[keep],
+            [p if isinstance(p, str) else p.filter(mask) for p in self.pieces],
+            [_Frame(f.is_array, f.members) for f in self.frames],
+        )
+
+
+class _Walk:
+    def __init__(self, buf: np.ndarray) -> None:
+        self.buf = buf
+        self.by_bsonjs: list[np.ndarray] = []
+        self.groups = 1
+        self._windows: dict[int, np.ndarray] = {}
+
+    def run(self, first: _Group) -> list[_Group]:
+        done: list[_Group] = []
+        todo = [first]
+        while todo:
+            group = todo.pop()
+            if len(group.rows) < MIN_GROUP:
+                self.by_bsonjs.append(group.rows)
+                continue
+            finished = self._walk(group, todo)
+            if finished is not None:
+                done.append(finished)
+        return done
+
+    def _split(self, group: _Group, same: np.ndarray, todo: list[_Group]) -> _Group | None:
+        """Go on with the documents that agree with the first; the others are walked later."""
+        self.groups += 1
+        if self.groups > MAX_GROUPS:
+            self.by_bsonjs.append(group.rows[~same])
+        else:
+            todo.append(group.part(~same))
+        kept = group.part(same)
+        if len(kept.rows) < MIN_GROUP:
+            self.by_bsonjs.append(kept.rows)
+            return None
+        return kept
+
+    def _walk(self, group: _Group, todo: list[_Group]) -> _Group | None:
+        buf = self.buf
+        while True:
+            kind = buf[group.pos]
+            same = kind == kind[0]
+            if not same.all():
+                split = self._split(group, same, todo)
+                if split is None:
+                    return None
+                group, kind = split, kind[same]
+            frame = group.frames[-1]
+            if kind[0] == 0:  # the end of a document or array
+                if len(group.frames) == 1 and not frame.members:  # `{ }`: no `_id`, not from MongoDB
+                    self.by_bsonjs.append(group.rows)
+                    return None
+                group.pieces.append(" ]" if frame.is_array else " }")
+                group.pos = group.pos + 1
+                group.frames.pop()
+                if not group.frames:
+                    return group
+                continue
+            key_at = group.pos + 1
+            key = str(frame.members).encode() if frame.is_array else self._key(int(key_at[0]))
+            if key is None:
+                self.by_bsonjs.append(group.rows)
+                return None
+            same = self._equal(key_at, key + b"\x00")
+            if not same.all():
+                if frame.is_array:  # not `0`, `1`, ...: bsonjs reads such arrays its own way
+                    self.by_bsonjs.append(group.rows[~same])
+                    split = group.part(same)
+                    split = split if len(split.rows) >= MIN_GROUP else self._left(split)
+                else:
+                    split = self._split(group, same, todo)
+                if split is None:
+                    return None
+                group, key_at = split, key_at[same]
+                frame = group.frames[-1]
+            separator = ", " if frame.members else ""
+            frame.members += 1
+            prefix = separator if frame.is_array else f'{separator}"{key.decode()}" : '
+            group.pos = key_at + len(key) + 1
+            if not self._value(group, int(kind[0]), prefix, todo):
+                return None
+
+    def _left(self, group: _Group) -> None:
+        """The group is too small to walk on: bsonjs's."""
+        self.by_bsonjs.append(group.rows)
+        return None
+
+    def _key(self, at: int) -> bytes | None:
+        """The key at `at`, if libbson writes it as is (None: it escapes some of it)."""
+        end = at
+        while self.buf[end]:
+            end += 1
+        key = self.buf[at:end]
+        if _ESCAPED[key].any():
+            return None
+        try:
+            key.tobytes().decode()
+        except UnicodeDecodeError:
+            return None
+        return key.tobytes()
+
+    def _equal(self, at: np.ndarray, expected: bytes) -> np.ndarray:
+        return (self._fixed(at, len(expected)) == np.frombuffer(expected, np.uint8)).all(axis=1)
+
+    def _fixed(self, at: np.ndarray, width: int) -> np.ndarray:
+        """The `width` bytes at each offset, a row each (one index per row, not per byte)."""
+        windows = self._windows.get(width)
+        if windows is None:
+            windows = self._windows[width] = np.lib.stride_tricks.sliding_window_view(self.buf, width)
+        return windows[at]
+
+    def _value(self, group: _Group, kind: int, prefix: str, todo: list[_Group]) -> bool:
+        """Append the value's text to the group's pieces and step past it; False if the group left."""
+        at = group.pos
+        pieces = group.pieces
+        if kind in (_DOCUMENT, _ARRAY):
+            pieces.append(prefix + ("[ " if kind == _ARRAY else "{ "))
+            group.frames.append(_Frame(kind == _ARRAY))
+            group.pos = at + 4
+            return True
+        if kind == _STRING:
+            return self._string(group, prefix, todo)
+        width = _FIXED_WIDTH.get(kind)
+        if width is None:  # binary, regex, code, timestamp, min/max key, ...: bsonjs's
+            self.by_bsonjs.append(group.rows)
+            return False
+        raw = self._fixed(at, width)
+        group.pos = at + width
+        if kind == _NULL:
+            pieces.append(prefix + "null")
+        elif kind == _BOOL:
+            flags = raw[:, 0]
+            if (flags > 1).any():
+                self.by_bsonjs.append(group.rows)
+                return False
+            pieces += [prefix, pc.if_else(pa.array(flags == 1), b"true", b"false")]
+        elif kind == _OBJECTID:
+            hexed = np.empty((len(raw), 24), np.uint8)
+            hexed[:, 0::2] = _HEX[raw >> 4]
+            hexed[:, 1::2] = _HEX[raw & 15]
+            pieces += [prefix + '{ "$oid" : "', _fixed_text(hexed), '" }']
+        elif kind == _INT32:
+            pieces += [prefix + '{ "$numberInt" : "', _decimal_text(raw.view("<i4").ravel()), '" }']
+        elif kind == _INT64:
+            pieces += [prefix + '{ "$numberLong" : "', _decimal_text(raw.view("<i8").ravel()), '" }']
+        elif kind == _DATE:
+            text = _decimal_text(raw.view("<i8").ravel())
+            pieces += [prefix + '{ "$date" : { "$numberLong" : "', text, '" } }']
+        elif kind == _DOUBLE:
+            values = raw.view("<f8").ravel().tolist()
+            pieces += [
+                prefix + '{ "$numberDouble" : "',
+                pa.array(map(double_text, values), pa.binary()),
+                '" }',
+            ]
+        else:  # _DECIMAL
+            pieces += [prefix + '{ "$numberDecimal" : "', decimal_texts(raw), '" }']
+        return True
+
+    def _string(self, group: _Group, prefix: str, todo: list[_Group]) -> bool:
+        at = group.pos
+        size = self._fixed(at, 4).view("<i4").ravel().astype(np.int64)  # with the terminating zero
+        if (size < 1).any() or self.buf[at + 3 + size].any():
+            self.by_bsonjs.append(group.rows)
+            return False
+        text = _gather(self.buf, at + 4, size - 1)
+        data = np.frombuffer(text.buffers()[2] or b"", np.uint8)
+        offsets = np.frombuffer(text.buffers()[1], np.int32, len(text) + 1)
+        # The strings libbson writes as is: no byte it escapes, valid UTF-8 (checked where not ASCII).
+        plain = ~_any_per_row(_ESCAPED[data], offsets)
+        wide = _any_per_row(data >= 0x80, offsets)
+        if wide.any():
+            for row in np.flatnonzero(wide & plain).tolist():
+                try:
+                    data[offsets[row] : offsets[row + 1]].tobytes().decode()
+                except UnicodeDecodeError:
+                    plain[row] = False
+        group.pos = at + 4 + size
+        if not plain.all():
+            # Strings libbson escapes are rare: their documents are bsonjs's.
+            self.by_bsonjs.append(group.rows[~plain])
+            kept = group.part(plain)
+            if len(kept.rows) < MIN_GROUP:
+                self.by_bsonjs.append(kept.rows)
+                return False
+            group.rows, group.pos, group.pieces, group.frames = kept.rows, kept.pos, kept.pieces, kept.frames
+            text = text.filter(pa.array(plain))
+        group.pieces += [prefix + '"', text, '"']
+        return True
+
+
+def _gather(buf: np.ndarray, starts: np.ndarray, sizes: np.ndarray) -> pa.BinaryArray:
+    """The byte ranges [start, start + size) of `buf`, as one binary array."""
+    offsets = np.zeros(len(sizes) + 1, np.int64)
+    np.cumsum(sizes, out=offsets[1:])
+    total = int(offsets[-1])
+    index = np.repeat(starts - offsets[:-1], sizes) + np.arange(total)
+    data = buf[index]
+    return pa.BinaryArray.from_buffers(
+        pa.binary(), len(sizes), [None, pa.py_buffer(offsets.astype(np.int32)), pa.py_buffer(data)]
+    )
+
+
+def _any_per_row(flags: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """For each row's span of `flags` (by `offsets`), whether any is set; an empty span: False."""
+    counts = np.zeros(len(flags) + 1, np.int64)
+    np.cumsum(flags, out=counts[1:])
+    return counts[offsets[1:]] > counts[offsets[:-1]]
+
+
+def _fixed_text(chars: np.ndarray) -> pa.BinaryArray:
+    rows, width = chars.shape
+    offsets = np.arange(0, (rows + 1) * width, width, dtype=np.int32)
+    return pa.BinaryArray.from_buffers(pa.binary(), rows, [None, pa.py_buffer(offsets), pa.py_buffer(chars)])
+
+
+def _decimal_text(numbers: np.ndarray) -> pa.Array:
+    return pc.cast(pa.array(numbers), pa.string()).view(pa.binary())
+
+
+def double_text(value: float) -> str:
+    """A double as libbson writes it: `%.20g`, with `.0` where that reads as an integer."""
+    if value != value:
+        return "NaN"
+    if value in (float("inf"), float("-inf")):
+        return "Infinity" if value > 0 else "-Infinity"
+    text = f"{value:.20g}"
+    return text if "." in text or "e" in text else text + ".0"
+
+
+_COEFFICIENT_HIGH = (1 << 49) - 1
+_EXPONENT_BIAS = 6176
+
+
+def decimal_texts(raw: np.ndarray) -> pa.Array:
+    """Decimal128 values (16 bytes each, little-endian BID) as libbson writes them.
+
+    Most values are a coefficient under 2**64 at an exponent from 0 down to a few places, written
+    as plain digits with a point: done with Arrow's kernels. Any other (a huge coefficient, an
+    exponent notation, NaN, infinities, a non-canonical coefficient) is written by libbson itself.
+    """
+    low = raw[:, :8].copy().view("<u8").ravel()
+    high = raw[:, 8:].copy().view("<u8").ravel()
+    exponent = ((high >> np.uint64(49)) & np.uint64(0x3FFF)).astype(np.int64) - _EXPONENT_BIAS
+    negative = (high >> np.uint64(63)).astype(bool)
+    digits = pc.cast(pa.array(low), pa.string())
+    length = pc.utf8_length(digits).to_numpy()
+    adjusted = exponent + length - 1
+    common = (
+        ((high >> np.uint64(61)) & np.uint64(3) != 3)
+        & ((high & np.uint64(_COEFFICIENT_HIGH)) == 0)
+        & (exponent <= 0)
+        & (adjusted >= -6)
+    )
+    texts: list[pa.Array] = []
+    order: list[np.ndarray] = []
+    for places in np.unique(exponent[common]).tolist():
+        rows = np.flatnonzero(common & (exponent == places))
+        part = digits.take(pa.array(rows))
+        if places < 0:
+            shift = -places
+            padded = pc.utf8_lpad(part, width=shift + 1, padding="0")
+            part = pc.binary_join_element_wise(
+                pc.utf8_slice_codeunits(padded, 0, -shift), pc.utf8_slice_codeunits(padded, -shift), "."
+            )
+        sign = pc.if_else(pa.array(negative[rows]), "-", "")
+        texts.append(pc.binary_join_element_wise(sign, part, "").cast(pa.string()))
+        order.append(rows)
+    rare = np.flatnonzero(~common)
+    if len(rare):
+        texts.append(pa.array([_rare_decimal(raw[row].tobytes()) for row in rare.tolist()], pa.string()))
+        order.append(rare)
+    text = pa.concat_arrays(texts) if len(texts) > 1 else texts[0]
+    if len(order) > 1:
+        text = text.take(pa.array(np.argsort(np.concatenate(order), kind="stable")))
+    return text.view(pa.binary())
+
+
+_DECIMAL_DOCUMENT = (b"\x18\x00\x00\x00\x13\x00", b"\x00")  # `{"": <decimal>}` around the value's bytes
+_DECIMAL_TEXT = slice(len('{ "" : { "$numberDecimal" : "'), -len('" } }'))
+
+
+def _rare_decimal(bid: bytes) -> str:
+    """libbson's own text of the value (its non-canonical coefficients are its own too)."""
+    head, tail = _DECIMAL_DOCUMENT
+    return bsonjs.dumps(head + bid + tail, bsonjs.CANONICAL)[_DECIMAL_TEXT]
+
+
+def _joined(pieces: list) -> pa.BinaryArray:
+    """The group's text: its pieces joined row by row (runs of literal pieces first joined once)."""
+    merged: list = []
+    for piece in pieces:
+        if isinstance(piece, str) and merged and isinstance(merged[-1], str):
+            merged[-1] += piece
+        else:
+            merged.append(piece)
+    args = [pa.scalar(p.encode(), pa.binary()) if isinstance(p, str) else p for p in merged]
+    return pc.binary_join_element_wise(*args, pa.scalar(b"", pa.binary()))

@@ -1,0 +1,216 @@
+"""`_doc` rendered a chunk at a time against libbson's text, document by document, byte for byte.
+
+The walk renders what it knows and hands the rest to bsonjs; either way, each document's text
+must be exactly what `bsonjs.dumps(raw, CANONICAL)` gives it.
+"""
+
+from __future__ import annotations
+
+import datetime
+import random
+import struct
+import uuid
+
+import bson
+import bson.json_util
+import bsonjs
+import pytest
+from bson import Binary, Code, Decimal128, Int64, ObjectId, Regex, Timestamp
+from bson.binary import UuidRepresentation
+from bson.codec_options import CodecOptions
+from bson.datetime_ms import DatetimeMS
+from bson.max_key import MaxKey
+from bson.min_key import MinKey
+
+from aries_assets.core import doc_text
+from aries_assets.core.doc_text import canonical_json
+from aries_assets_tests.test_converter_equivalence import SAMPLES
+from aries_assets_tests.test_messy import messy_documents
+
+UTC = datetime.UTC
+OPTIONS = CodecOptions(uuid_representation=UuidRepresentation.STANDARD)
+
+
+def libbson(raws: list[bytes]) -> list[str]:
+    return [bsonjs.dumps(raw, bsonjs.CANONICAL) for raw in raws]
+
+
+def assert_libbsons(raws: list[bytes]) -> None:
+    got, expected = canonical_json(raws).to_pylist(), libbson(raws)
+    wrong = [i for i, (a, b) in enumerate(zip(got, expected, strict=True)) if a != b]
+    assert not wrong, f"{len(wrong)} of {len(raws)} differ, first:\n{got[wrong[0]]}\n{expected[wrong[0]]}"
+
+
+def encoded(documents: list[dict]) -> list[bytes]:
+    return [bson.encode(d, codec_options=OPTIONS) for d in documents]
+
+
+def a_double(rng: random.Random) -> float:
+    roll = rng.random()
+    if roll < 0.3:
+        return rng.uniform(-1e6, 1e6)
+    if roll < 0.5:
+        return float(rng.randint(-(10**6), 10**6))
+    if roll < 0.6:
+        return rng.choice(
+            [0.0, -0.0, float("nan"), float("inf"), -float("inf"), 5e-324, 1e21, 1e20, 1e-7, 0.1]
+        )
+    return struct.unpack("<d", rng.getrandbits(64).to_bytes(8, "little"))[0]  # any bits at all
+
+
+def a_decimal(rng: random.Random) -> Decimal128:
+    roll = rng.random()
+    if roll < 0.5:
+        sign = rng.choice(["", "-"])
+        return Decimal128(
+            f"{sign}{rng.randint(0, 10 ** rng.randint(1, 19))}.{rng.randint(0, 10**6):0{rng.randint(0, 8)}d}"
+        )
+    if roll < 0.7:
+        return Decimal128(f"{rng.randint(0, 999)}E{rng.randint(-20, 20)}")
+    if roll < 0.8:
+        return Decimal128(
+            rng.choice(["NaN", "-NaN", "Infinity", "-Infinity", "0", "-0", "0E-10", "1E+6144", "-0.000000",
+                        "0.0000001", "9999999999999999999999999999999999", "12345678901234567890.5"])
+        )  # fmt: skip
+    return Decimal128.from_bid(rng.getrandbits(128).to_bytes(16, "little"))  # non-canonical ones too
+
+
+def a_string(rng: random.Random) -> str:
+    roll = rng.random()
+    if roll < 0.7:
+        return "".join(rng.choice("abcXYZ 019-_:/.") for _ in range(rng.randint(0, 20)))
+    if roll < 0.85:
+        return rng.choice(
+            ["é", "名前", "🎉", "\u2028", "\x7f", 'a"b', "a\\b", "\n", "\t", "\x00x", "", '" : ']
+        )
+    return "".join(chr(rng.randint(1, 0x2FFF)) for _ in range(rng.randint(1, 5)))
+
+
+def any_value(rng: random.Random, depth: int = 0):
+    roll = rng.random()
+    scalars = [
+        a_double, a_decimal, a_string,
+        lambda r: r.randint(-(2**31), 2**31 - 1),
+        lambda r: Int64(r.randint(-(2**63), 2**63 - 1)),
+        lambda r: DatetimeMS(r.randint(-(2**62), 2**62)),
+        lambda r: r.choice([True, False, None]),
+        lambda r: ObjectId(),
+        lambda r: r.choice([Binary(b"xy", 0), Regex("a.*", "i"), Timestamp(5, 1), MinKey(), MaxKey(),
+                            Code("x"), uuid.UUID(int=r.getrandbits(128))]),
+    ]  # fmt: skip
+    if depth < 3 and roll < 0.15:
+        return {f"k{i}": any_value(rng, depth + 1) for i in range(rng.randint(0, 3))}
+    if depth < 3 and roll < 0.3:
+        return [any_value(rng, depth + 1) for _ in range(rng.randint(0, 3))]
+    return rng.choice(scalars)(rng)
+
+
+KINDS = {
+    "double": a_double,
+    "decimal": a_decimal,
+    "string": a_string,
+    "int32": lambda r: r.randint(-(2**31), 2**31 - 1),
+    "int64": lambda r: Int64(r.choice([-(2**63), 2**63 - 1, r.randint(-(2**63), 2**63 - 1)])),
+    "date": lambda r: DatetimeMS(r.randint(-(2**62), 2**62)),  # before 1970 and past year 9999
+    "bool": lambda r: r.choice([True, False]),
+    "null": lambda r: None,
+    "objectid": lambda r: ObjectId(),
+    "array": lambda r: [r.randint(0, 5) for _ in range(r.randint(0, 12))],  # lengths past one digit
+    "document": lambda r: {"a": a_string(r), "b": a_decimal(r)} if r.random() < 0.8 else {"b": 1},
+    "empty": lambda r: r.choice([{}, [], [{}], {"x": []}]),
+    "mixed": lambda r: any_value(r),
+}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_documents_of_one_shape_with_every_value_of_a_kind(kind):
+    rng = random.Random(kind)
+    make = KINDS[kind]
+    assert_libbsons(encoded([{"_id": i, "v": make(rng), "w": "x"} for i in range(3000)]))
+
+
+def test_documents_of_many_shapes():
+    rng = random.Random(7)
+    documents = [
+        {"_id": ObjectId(), **{f"f{rng.randint(0, 6)}": any_value(rng) for _ in range(rng.randint(1, 6))}}
+        for _ in range(5000)
+    ]
+    assert_libbsons(encoded(documents))
+
+
+def test_the_sample_datasets_and_messy_documents():
+    for path in sorted(SAMPLES.glob("*.jsonl")):
+        documents = [bson.json_util.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        assert_libbsons(encoded(documents * 3))
+    assert_libbsons(encoded(messy_documents() * 20))
+
+
+def events(count: int) -> list[dict]:
+    rng = random.Random(1)
+    return [
+        {
+            "_id": ObjectId(),
+            "type": rng.choice(["page_view", "track"]),
+            "at": datetime.datetime(2026, 1, 1, tzinfo=UTC) + datetime.timedelta(seconds=i),
+            "bytes": rng.randint(100, 5_000_000),
+            "amount": Decimal128(f"{rng.randint(0, 99999)}.{rng.randint(0, 99):02d}"),
+            "context": {"ip": f"10.0.{rng.randint(0, 255)}.{rng.randint(0, 255)}"},
+            "tags": rng.sample(["a", "b", "c"], 2),
+        }
+        for i in range(count)
+    ]
+
+
+def test_a_chunk_of_one_shape_is_rendered_without_libbson(monkeypatch):
+    raws = encoded(events(2000))
+    expected = libbson(raws)
+    calls = []
+    dumps = bsonjs.dumps
+    monkeypatch.setattr(doc_text.bsonjs, "dumps", lambda *a: calls.append(a) or dumps(*a))
+    assert canonical_json(raws).to_pylist() == expected
+    assert not calls
+
+
+def test_what_the_walk_leaves_goes_to_libbson_alone(monkeypatch):
+    """A binary value and a string libbson escapes: those documents only are rendered by bsonjs."""
+    documents = events(1000)
+    documents[10]["blob"] = Binary(b"\x00\xff", 0)
+    documents[20]["type"] = 'say "hi"\n'
+    raws = encoded(documents)
+    expected = libbson(raws)
+    rendered = []
+    dumps = bsonjs.dumps
+    monkeypatch.setattr(doc_text.bsonjs, "dumps", lambda raw, mode: rendered.append(raw) or dumps(raw, mode))
+    assert canonical_json(raws).to_pylist() == expected
+    assert sorted(rendered) == sorted([raws[10], raws[20]])
+
+
+def raw_document(elements: bytes) -> bytes:
+    return struct.pack("<i", len(elements) + 5) + elements + b"\x00"
+
+
+def test_bytes_bson_allows_but_python_cannot_write_render_as_libbson_renders_them():
+    """Arrays keyed other than 0, 1, ... and strings that are not UTF-8, in documents among plain ones."""
+    plain = encoded([{"_id": i, "a": [1, 2]} for i in range(100)])
+    odd_array = raw_document(b"\x10_id\x00" + struct.pack("<i", 7) + b"\x04a\x00" + raw_document(
+        b"\x105\x00" + struct.pack("<i", 1) + b"\x10x\x00" + struct.pack("<i", 2)))  # fmt: skip
+    raws = plain[:50] + [odd_array] + plain[50:]
+    assert_libbsons(raws)
+    not_utf8 = raw_document(
+        b"\x10_id\x00" + struct.pack("<i", 8) + b"\x02s\x00" + struct.pack("<i", 3) + b"\xff\xfe\x00"
+    )
+    try:
+        expected = libbson([not_utf8])
+    except Exception as error:  # libbson refuses it: so must the chunk, the same way
+        with pytest.raises(type(error)):
+            canonical_json(plain + [not_utf8])
+    else:
+        assert canonical_json(plain + [not_utf8]).to_pylist()[-1] == expected[0]
+
+
+def test_text_follows_the_documents_order_across_groups():
+    rng = random.Random(3)
+    documents = [{"_id": i, "v": rng.choice([1, "one", 1.5, None, [1], {"a": 1}])} for i in range(4000)]
+    texts = canonical_json(encoded(documents)).to_pylist()
+    assert [bson.json_util.loads(t)["_id"] for t in texts] == list(range(4000))
+    assert_libbsons(encoded(documents))
