@@ -10,6 +10,7 @@ from bson import ObjectId
 from dagster import AssetCheckKey, AssetKey, DagsterInstance
 
 from aries_assets.demo.data import load_samples
+from aries_assets.factory import _CheckSummary
 from aries_assets_tests.support import (
     assert_same_documents,
     events_config,
@@ -157,6 +158,15 @@ def test_a_run_of_many_buckets_records_checks_per_bucket_then_one_summary(
         evaluations = [r.event.dagster_event.event_specific_data for r in history]
         per_bucket = [e for e in evaluations if e.partition]
         summaries = [e for e in evaluations if not e.partition]
-        assert len(per_bucket) == 8 and all(e.passed for e in per_bucket)
+        assert len(per_bucket) == _CheckSummary.PER_BUCKET and all(e.passed for e in per_bucket)
         (summary,) = summaries
-        assert summary.passed and summary.metadata["buckets_checked"].value == 12
+        assert summary.passed and summary.metadata["buckets_checked"].value == 20 - _CheckSummary.PER_BUCKET
+        # The run's log lines, written beside its events by one thread: all there, in order.
+        (run,) = instance.get_runs()
+        lines = [
+            e.user_message
+            for e in instance.all_logs(run.run_id)
+            if e.user_message.startswith(f"{database}.events: ")
+        ]
+        first_load = lines.index(f"{database}.events: first load")
+        assert first_load < next(i for i, line in enumerate(lines) if " schema v1: " in line)
