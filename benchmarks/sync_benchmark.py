@@ -23,6 +23,7 @@ import datetime
 import os
 import random
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -170,6 +171,7 @@ def main() -> None:
             label = f"{name}{'' if infer else ' (no inference)'}"
             # Taking turns, each a first sync into a lake of its own; the best of each counts.
             drain = seconds = in_run = float("inf")
+            ratios = []  # each turn's sync against the drain just before it: the machine's drift cancels
             for turn in range(args.repeat if count == args.documents else 1):  # the larger: memory only
                 drained, drain_reads = drain_seconds(client, name)
                 before = reads(client)
@@ -183,12 +185,24 @@ def main() -> None:
                 )
                 sync_reads = reads(client) - before
                 drain, seconds, in_run = min(drain, drained), min(seconds, synced), min(in_run, synced_in_run)
+                ratios.append(synced / drained)
             _, _, peak_tree, peak_single = run_sync(
                 uri, name, workdir / (label.replace(" ", "_") + "_rss"), args.workers, args.bucket_size, infer,
                 monitor=True,
             )  # fmt: skip
             rows.append(
-                (label, count, drain, seconds, in_run, drain_reads, sync_reads, peak_tree, peak_single)
+                (
+                    label,
+                    count,
+                    drain,
+                    seconds,
+                    in_run,
+                    drain_reads,
+                    sync_reads,
+                    peak_tree,
+                    peak_single,
+                    ratios,
+                )
             )
             print(f"  {label}: drain {drain:.1f}s, sync {seconds:.1f}s", file=sys.stderr, flush=True)
 
@@ -200,12 +214,17 @@ def main() -> None:
         f"{header[0]:<26}{header[1]:>10}{header[2]:>9}{header[3]:>8}{header[4]:>7}{header[5]:>10}{header[6]:>7}"
         f"{header[7]:>9}{header[8]:>13}{header[9]:>12}{header[10]:>13}{header[11]:>12}"
     )
-    for label, count, drain, seconds, in_run, drain_reads, sync_reads, tree, single in rows:
+    for label, count, drain, seconds, in_run, drain_reads, sync_reads, tree, single, _ in rows:
         print(
             f"{label:<26}{count:>10,}{drain:>9.1f}{seconds:>8.1f}{seconds / drain:>7.2f}{in_run:>10.1f}"
             f"{in_run / drain:>7.2f}{count / seconds:>9,.0f}{drain_reads:>13}{sync_reads:>12}{tree / mb:>13.0f}"
             f"{single / mb:>12.0f}"
         )
+    print("\neach turn's sync / the drain just before it (paired: a slower minute slows both alike):")
+    for label, *_, ratios in rows:
+        if len(ratios) > 1:
+            turns = " ".join(f"{r:.2f}" for r in ratios)
+            print(f"  {label:<24} median {statistics.median(ratios):.2f}   turns {turns}")
     baseline, inferred = rows[0], rows[1]
     print(f"\ntype inference adds {inferred[3] / baseline[3] - 1:+.1%} to the sync time")
     print(
