@@ -214,3 +214,16 @@ def test_text_follows_the_documents_order_across_groups():
     texts = canonical_json(encoded(documents)).to_pylist()
     assert [bson.json_util.loads(t)["_id"] for t in texts] == list(range(4000))
     assert_libbsons(encoded(documents))
+
+
+def test_a_chunk_of_many_wide_shapes_spends_its_budget_then_goes_to_libbson(monkeypatch):
+    """40 shapes of 300 fields, 50 documents each: walking every group would cost more than libbson
+    one document at a time; the walk stops when its budget is spent and libbson renders the rest."""
+    documents = [{"_id": i, f"shape{i % 40}": 1, **{f"field{j}": j for j in range(300)}} for i in range(2000)]
+    raws = encoded(documents)
+    expected = libbson(raws)
+    rendered = []
+    dumps = bsonjs.dumps
+    monkeypatch.setattr(doc_text.bsonjs, "dumps", lambda raw, mode: rendered.append(raw) or dumps(raw, mode))
+    assert canonical_json(raws).to_pylist() == expected
+    assert 0 < len(rendered) < len(raws)
