@@ -41,6 +41,16 @@ def assert_libbsons(raws: list[bytes]) -> None:
     assert not wrong, f"{len(wrong)} of {len(raws)} differ, first:\n{got[wrong[0]]}\n{expected[wrong[0]]}"
 
 
+def rendered_by_libbson(raws: list[bytes], monkeypatch) -> list[bytes]:
+    """The documents the chunk's rendering handed to bsonjs; every text checked against libbson's."""
+    expected = libbson(raws)
+    rendered: list[bytes] = []
+    dumps = bsonjs.dumps
+    monkeypatch.setattr(doc_text.bsonjs, "dumps", lambda raw, mode: rendered.append(raw) or dumps(raw, mode))
+    assert canonical_json(raws).to_pylist() == expected
+    return rendered
+
+
 def encoded(documents: list[dict]) -> list[bytes]:
     return [bson.encode(d, codec_options=OPTIONS) for d in documents]
 
@@ -163,12 +173,7 @@ def events(count: int) -> list[dict]:
 
 def test_a_chunk_of_one_shape_is_rendered_without_libbson(monkeypatch):
     raws = encoded(events(2000))
-    expected = libbson(raws)
-    calls = []
-    dumps = bsonjs.dumps
-    monkeypatch.setattr(doc_text.bsonjs, "dumps", lambda *a: calls.append(a) or dumps(*a))
-    assert canonical_json(raws).to_pylist() == expected
-    assert not calls
+    assert rendered_by_libbson(raws, monkeypatch) == []
 
 
 def test_what_the_walk_leaves_goes_to_libbson_alone(monkeypatch):
@@ -177,12 +182,7 @@ def test_what_the_walk_leaves_goes_to_libbson_alone(monkeypatch):
     documents[10]["blob"] = Binary(b"\x00\xff", 0)
     documents[20]["type"] = 'say "hi"\n'
     raws = encoded(documents)
-    expected = libbson(raws)
-    rendered = []
-    dumps = bsonjs.dumps
-    monkeypatch.setattr(doc_text.bsonjs, "dumps", lambda raw, mode: rendered.append(raw) or dumps(raw, mode))
-    assert canonical_json(raws).to_pylist() == expected
-    assert sorted(rendered) == sorted([raws[10], raws[20]])
+    assert sorted(rendered_by_libbson(raws, monkeypatch)) == sorted([raws[10], raws[20]])
 
 
 def raw_document(elements: bytes) -> bytes:
@@ -221,9 +221,4 @@ def test_a_chunk_of_many_wide_shapes_spends_its_budget_then_goes_to_libbson(monk
     one document at a time; the walk stops when its budget is spent and libbson renders the rest."""
     documents = [{"_id": i, f"shape{i % 40}": 1, **{f"field{j}": j for j in range(300)}} for i in range(2000)]
     raws = encoded(documents)
-    expected = libbson(raws)
-    rendered = []
-    dumps = bsonjs.dumps
-    monkeypatch.setattr(doc_text.bsonjs, "dumps", lambda raw, mode: rendered.append(raw) or dumps(raw, mode))
-    assert canonical_json(raws).to_pylist() == expected
-    assert 0 < len(rendered) < len(raws)
+    assert 0 < len(rendered_by_libbson(raws, monkeypatch)) < len(raws)
