@@ -118,6 +118,13 @@ def cmd_sync(args: argparse.Namespace) -> int:
         workers = args.workers or config.sync.workers or default_workers()
         live = sys.stderr.isatty() and not args.plain
         reports = sync(config, workers=workers, progress=_progress, full=args.full, live=live)
+    except KeyboardInterrupt:
+        print(
+            "aries: interrupted; nothing is lost: the files already written stay, and the next "
+            "`aries sync` finishes the work",
+            file=sys.stderr,
+        )
+        return 130
     finally:
         read_ahead.close_all()
     print_summary(reports)

@@ -375,15 +375,22 @@ class _EventLog:
         self._queue: queue.Queue = queue.Queue()
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
+        # Lines come from several threads (a lease's wait, the writers' results): one writer
+        # thread at a time, each with its queue, so a close ends the one it started.
+        self._lock = threading.Lock()
 
     def log(self, event: Any) -> None:
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._write, name="aries dagster events", daemon=True)
-            self._thread.start()
-        self._queue.put(event)
+        with self._lock:
+            if self._thread is None:
+                self._queue = queue.Queue()
+                self._thread = threading.Thread(
+                    target=self._write, args=(self._queue,), name="aries dagster events", daemon=True
+                )
+                self._thread.start()
+            self._queue.put(event)
 
-    def _write(self) -> None:
-        while (event := self._queue.get()) is not None:
+    def _write(self, events: queue.Queue) -> None:
+        while (event := events.get()) is not None:
             if self._error is None:
                 try:
                     if isinstance(event, str):
@@ -394,10 +401,12 @@ class _EventLog:
                     self._error = error
 
     def close(self) -> None:
-        if self._thread is not None:
-            self._queue.put(None)
-            self._thread.join()
-            self._thread = None
+        with self._lock:
+            thread, self._thread = self._thread, None
+            if thread is not None:
+                self._queue.put(None)
+        if thread is not None:
+            thread.join()
         if self._error is not None:
             error, self._error = self._error, None
             raise error

@@ -62,7 +62,7 @@ def sync(
     if display:
         display.start()
     try:
-        with dg.DagsterInstance.get() as instance:
+        with _instance() as instance:
             for scope in scopes:
                 # One run per change stream: its collections `workers` at a time, each as its own
                 # sync job would (a run start costs Dagster tenths of a second).
@@ -82,6 +82,8 @@ def sync(
                         "loggers": {"console": {"config": {"log_level": "CRITICAL"}}},
                     },
                 )
+                if not result.success and _first_error(result).startswith(_INTERRUPTED):
+                    raise KeyboardInterrupt  # Ctrl-C: said once by the command, not as a failure per collection
                 for coll in config.collections:
                     if coll.label not in members:
                         continue
@@ -98,6 +100,33 @@ def sync(
         if display:
             display.stop()
     return [outcomes[c.label] for c in config.collections if c.label in outcomes]
+
+
+# What Dagster turns a Ctrl-C inside a run into.
+_INTERRUPTED = "DagsterExecutionInterruptedError"
+
+
+def _instance() -> dg.DagsterInstance:
+    """The instance at DAGSTER_HOME, as its dagster.yaml configures it, but for its compute logs.
+
+    A run executed in this process would otherwise have its stdout and stderr captured into
+    files and copied back to the terminal by a `tail` process, watched by a Python process of
+    Dagster's: two processes per run, output that reaches the terminal through a file, and, on
+    Ctrl-C, a traceback from the watcher (it shares the terminal's process group). `aries
+    sync` prints to the terminal itself; the run's log is in the instance's event log.
+    """
+    from dagster._core.instance.ref import InstanceRef
+
+    home = os.environ.get("DAGSTER_HOME")
+    if not home:
+        return dg.DagsterInstance.get()  # which says what to set
+    no_capture = {
+        "compute_logs": {
+            "module": "dagster._core.storage.noop_compute_log_manager",
+            "class": "NoOpComputeLogManager",
+        }
+    }
+    return dg.DagsterInstance.from_ref(InstanceRef.from_dir(home, overrides=no_capture))
 
 
 def _first_error(result) -> str:

@@ -133,3 +133,36 @@ def test_a_first_load_killed_before_its_schema_was_saved_is_loaded_by_a_plain_sy
     assert LedgerStore(lake, database, "events").load().needs_work() is None
     repair(workdir, env)
     assert_table_equals_mongo(f"duckdb:///{warehouse}", database, coll)
+
+
+def test_ctrl_c_stops_a_sync_with_one_line_and_the_next_sync_repairs(client, mongo_uri, database, workdir):
+    """Ctrl-C (SIGINT to the foreground process group) mid first load: exit 130 with one line that
+    says nothing is lost, no traceback from any process of the group; the next sync ends exact."""
+    coll = client[database].events
+    coll.insert_many([{"_id": ObjectId(), "v": i, "s": "x" * (i % 300)} for i in range(20_000)])
+    warehouse, env = events_with_a_warehouse(workdir, mongo_uri, database, 500)
+    process = subprocess.Popen(
+        aries(workdir, "sync", "--plain", "--workers", "2"),
+        cwd=workdir,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,  # its own process group, as a terminal's foreground job
+    )
+    assert process.stdout is not None
+    lines = []
+    for line in process.stdout:  # until the first bucket is written: mid first load
+        lines.append(line)
+        if " bucket " in line:
+            break
+    os.killpg(process.pid, signal.SIGINT)
+    rest, _ = process.communicate(timeout=60)
+    output = "".join(lines) + rest
+    assert process.returncode == 130, output
+    assert "Traceback" not in output and "DagsterExecutionInterruptedError" not in output, output
+    assert "interrupted" in rest and "next `aries sync`" in rest, output
+    repair(workdir, env)
+    folder = workdir / "lake" / database / "events"
+    assert_same_documents(mongo_documents(client, database, "events"), lake_documents(folder))
+    assert_table_equals_mongo(f"duckdb:///{warehouse}", database, coll)

@@ -27,6 +27,7 @@ import gc
 import hashlib
 import multiprocessing
 import os
+import signal
 import tempfile
 import threading
 import time
@@ -967,6 +968,10 @@ def _worker_start(spec: LakeSpec, environ: dict[str, str], cwd: str, lifeline: A
     when it started: take the run's own (credentials, a relative lake path)."""
     global _WORKER_LAKE
     _exit_with_run(lifeline)
+    # Ctrl-C reaches every process of the terminal's process group: the run decides what stops
+    # (it stops handing out buckets and waits for the ones being written); a writer must not
+    # die half way through a bucket with a traceback of its own.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     os.environ.clear()
     os.environ.update(environ)
     os.chdir(cwd)
