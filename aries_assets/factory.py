@@ -375,8 +375,8 @@ class _EventLog:
         self._queue: queue.Queue = queue.Queue()
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
-        # Lines come from several threads (a lease's wait, the writers' results): one writer
-        # thread at a time, each with its queue, so a close ends the one it started.
+        # `log` and `close` may come from different threads: one writer thread at a time, each
+        # with its own queue, so a close always ends the thread it sends its sentinel to.
         self._lock = threading.Lock()
 
     def log(self, event: Any) -> None:

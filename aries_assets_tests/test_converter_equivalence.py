@@ -35,10 +35,10 @@ from aries_assets.core.arrow import (
     BucketConverter,
     ColumnarBatch,
     SplitBatch,
-    _canonical_json,
     id_key,
 )
 from aries_assets.core.bson_columns import _refused_by_sample
+from aries_assets.core.doc_text import canonical_json
 from aries_assets.core.snapshot import convert_to_parquet
 from aries_assets_tests.test_messy import messy_documents
 
@@ -129,7 +129,7 @@ def test_a_chunk_of_maps_is_refused_from_a_sample_and_a_rare_map_by_the_walk():
     maps = [dict(d, scores={f"{rng.getrandbits(64):016x}": 1.5 for _ in range(3)}) for d in plain]
 
     def chunk(documents):
-        return _canonical_json([bson.encode(d, codec_options=CODEC_OPTIONS) for d in documents])
+        return canonical_json([bson.encode(d, codec_options=CODEC_OPTIONS) for d in documents])
 
     assert chunk(maps).nbytes > 1 << 20
     assert _refused_by_sample(chunk(maps), DEFAULTS, set())
@@ -426,7 +426,7 @@ def test_doc_is_libbsons_canonical_json_byte_for_byte():
     import bsonjs
 
     raws = [bson.encode(d, codec_options=CODEC_OPTIONS) for d in messy_documents() + events(50)]
-    docs = _canonical_json(raws)
+    docs = canonical_json(raws)
     assert docs.to_pylist() == [bsonjs.dumps(r, mode=bsonjs.CANONICAL) for r in raws]
     assert any(not text.isascii() for text in docs.to_pylist())
 

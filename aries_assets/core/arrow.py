@@ -318,7 +318,7 @@ class BucketConverter:
     def _convert(self, raw_documents: list[bytes]) -> Iterator[_Batch | ColumnarBatch | SplitBatch]:
         if self._exclude:
             raw_documents = [self._without_excluded(raw) for raw in raw_documents]
-        docs = _canonical_json(raw_documents)
+        docs = doc_text.canonical_json(raw_documents)
         columnar = None
         if self.fast and self._refused < _GIVE_UP_AFTER:
             columnar = self._columnar(raw_documents, docs)
@@ -448,11 +448,6 @@ class BucketConverter:
         arrays = [batch.ids, docs, batch.keys]
         arrays += [pa.array(columns[f.name], f.type) for f in list(arrow_schema)[_FIXED_COLUMNS:]]
         return pa.Table.from_arrays(arrays, schema=arrow_schema)
-
-
-def _canonical_json(raw_documents: list[bytes]) -> pa.Array:
-    """`_doc` of each document: libbson's canonical Extended JSON, a chunk at a time (`doc_text`)."""
-    return doc_text.canonical_json(raw_documents)
 
 
 _FIXED_COLUMNS = 3  # `_id`, `_doc`, `_id_key`

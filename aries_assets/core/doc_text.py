@@ -192,12 +192,8 @@ class _Walk:
                 return None
             same = self._equal(key_at, key + b"\x00")
             if not same.all():
-                if frame.is_array:  # not `0`, `1`, ...: bsonjs reads such arrays its own way
-                    self.by_bsonjs.append(group.rows[~same])
-                    split = group.part(same)
-                    split = split if len(split.rows) >= MIN_GROUP else self._left(split)
-                else:
-                    split = self._split(group, same, todo)
+                # An array keyed other than `0`, `1`, ...: bsonjs reads it its own way.
+                split = self._keep(group, same) if frame.is_array else self._split(group, same, todo)
                 if split is None:
                     return None
                 group, key_at = split, key_at[same]
@@ -206,13 +202,18 @@ class _Walk:
             frame.members += 1
             prefix = separator if frame.is_array else f'{separator}"{key.decode()}" : '
             group.pos = key_at + len(key) + 1
-            if not self._value(group, int(kind[0]), prefix, todo):
+            if not self._value(group, int(kind[0]), prefix):
                 return None
 
-    def _left(self, group: _Group) -> None:
-        """The group is too small to walk on: bsonjs's."""
-        self.by_bsonjs.append(group.rows)
-        return None
+    def _keep(self, group: _Group, keep: np.ndarray) -> _Group | None:
+        """The group without the documents not kept, which are bsonjs's; None when too few are
+        left to walk on (those too are bsonjs's)."""
+        self.by_bsonjs.append(group.rows[~keep])
+        kept = group.part(keep)
+        if len(kept.rows) < MIN_GROUP:
+            self.by_bsonjs.append(kept.rows)
+            return None
+        return kept
 
     def _key(self, at: int) -> bytes | None:
         """The key at `at`, if libbson writes it as is (None: it escapes some of it)."""
@@ -238,7 +239,7 @@ class _Walk:
             windows = self._windows[width] = np.lib.stride_tricks.sliding_window_view(self.buf, width)
         return windows[at]
 
-    def _value(self, group: _Group, kind: int, prefix: str, todo: list[_Group]) -> bool:
+    def _value(self, group: _Group, kind: int, prefix: str) -> bool:
         """Append the value's text to the group's pieces and step past it; False if the group left."""
         at = group.pos
         pieces = group.pieces
@@ -248,7 +249,7 @@ class _Walk:
             group.pos = at + 4
             return True
         if kind == _STRING:
-            return self._string(group, prefix, todo)
+            return self._string(group, prefix)
         width = _FIXED_WIDTH.get(kind)
         if width is None:  # binary, regex, code, timestamp, min/max key, ...: bsonjs's
             self.by_bsonjs.append(group.rows)
@@ -286,7 +287,7 @@ class _Walk:
             pieces += [prefix + '{ "$numberDecimal" : "', decimal_texts(raw), '" }']
         return True
 
-    def _string(self, group: _Group, prefix: str, todo: list[_Group]) -> bool:
+    def _string(self, group: _Group, prefix: str) -> bool:
         at = group.pos
         size = self._fixed(at, 4).view("<i4").ravel().astype(np.int64)  # with the terminating zero
         if (size < 1).any() or self.buf[at + 3 + size].any():
@@ -305,12 +306,9 @@ class _Walk:
                 except UnicodeDecodeError:
                     plain[row] = False
         group.pos = at + 4 + size
-        if not plain.all():
-            # Strings libbson escapes are rare: their documents are bsonjs's.
-            self.by_bsonjs.append(group.rows[~plain])
-            kept = group.part(plain)
-            if len(kept.rows) < MIN_GROUP:
-                self.by_bsonjs.append(kept.rows)
+        if not plain.all():  # strings libbson escapes are rare: their documents are bsonjs's
+            kept = self._keep(group, plain)
+            if kept is None:
                 return False
             group.rows, group.pos, group.pieces, group.frames = kept.rows, kept.pos, kept.pieces, kept.frames
             text = text.filter(pa.array(plain))
