@@ -149,7 +149,7 @@ def test_a_chunk_of_maps_is_refused_from_a_sample_and_a_rare_map_by_the_walk():
 
 
 def test_a_chunk_takes_its_plain_documents_columnar_and_the_rest_exactly():
-    """What the walk refuses in one document (a map, an array of documents or of arrays, a binary,
+    """What the walk refuses in one document (a map, an array of documents or of arrays, an old binary,
     a regex, a timestamp, an empty document, a string like a key separator, a key named like a
     wrapper) sends that document down the exact path, not its whole chunk: the documents take
     their turns in the file as they came, and every column, count and outlier is the exact path's."""
@@ -158,7 +158,7 @@ def test_a_chunk_takes_its_plain_documents_columnar_and_the_rest_exactly():
         {"scores": {"5f1d7a9e3c2b4a6d8e0f1a2b": 1.5, "5f1d7a9e3c2b4a6d8e0f1a2c": 2}},
         {"items": [{"sku": "a", "qty": 2}, {"sku": "b"}]},
         {"grid": [[1, 2], [3]]},
-        {"blob": Binary(b"\x00\xff", 0), "uuid": Binary(uuid.UUID(int=7).bytes, 4)},
+        {"blob": Binary(b"\x00\xff", 2)},
         {"pattern": Regex("^a", "i"), "at": Timestamp(1, 2)},
         {"context": {}},
         {"type": 'says "a" : b'},
@@ -171,6 +171,34 @@ def test_a_chunk_takes_its_plain_documents_columnar_and_the_rest_exactly():
     _, columnar = assert_equivalent(documents, batch=len(documents))
     assert columnar == len(documents) - 3 * len(odd)
     # In batches of a few documents, some all plain, some all odd, some mixed: the same.
+    assert_equivalent(documents, batch=7)
+
+
+def test_uuids_and_binaries_take_the_columnar_path():
+    """UUIDs (subtype 4, 16 bytes) as text, binaries of every other subtype and length as bytes, in
+    arrays too; a few UUIDs among strings, a few strings and ints among UUIDs (outliers): every value
+    what the exact path gives."""
+    rng = random.Random(11)
+    documents = events(600)
+    for i, d in enumerate(documents):
+        d["user"] = uuid.UUID(int=rng.getrandbits(128)) if i % 97 else f"user-{i}"
+        d["label"] = f"label-{i}" if i % 89 else uuid.UUID(int=i)
+        d["hash"] = Binary(rng.randbytes(rng.randint(0, 33)), rng.choice([0, 1, 3, 4, 5, 6, 7, 8, 0x80]))
+        d["sessions"] = [uuid.UUID(int=rng.getrandbits(128)) for _ in range(i % 3)]
+        d["legacy"] = Binary(rng.randbytes(16), 3)
+        if i % 50 == 0:
+            d["user"] = 12  # an outlier in a UUID column
+    documents = [
+        {k: Binary.from_uuid(v) if isinstance(v, uuid.UUID) else v for k, v in d.items()} for d in documents
+    ]
+    for d in documents:
+        d["sessions"] = [Binary.from_uuid(u) for u in d["sessions"]]
+    table, columnar = assert_equivalent(documents, batch=len(documents))
+    # A string where the others hold a UUID (or the other way) is a JSON string beside an object:
+    # those few take the exact path; an int beside UUIDs (both objects) stays columnar.
+    assert columnar == len(documents) - len([i for i in range(600) if i % 89 == 0 or i % 97 == 0])
+    assert table.column("user_")[1].as_py() == str(Binary.as_uuid(documents[1]["user"]))  # `user`: SQL
+    assert table.column("hash").type == pa.binary()
     assert_equivalent(documents, batch=7)
 
 

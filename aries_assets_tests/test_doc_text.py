@@ -125,6 +125,11 @@ KINDS = {
     "bool": lambda r: r.choice([True, False]),
     "null": lambda r: None,
     "objectid": lambda r: ObjectId(),
+    "uuid": lambda r: uuid.UUID(int=r.getrandbits(128)),  # one length: encoded for every row at once
+    # Every subtype (2, the old one, nests its length: libbson's) and lengths 0 to 40: one at a time.
+    "binary": lambda r: Binary(
+        r.randbytes(r.randint(0, 40)), r.choice([0, 1, 2, 3, 4, 5, 6, 7, 8, 0x80, 0xFF])
+    ),
     "array": lambda r: [r.randint(0, 5) for _ in range(r.randint(0, 12))],  # lengths past one digit
     "document": lambda r: {"a": a_string(r), "b": a_decimal(r)} if r.random() < 0.8 else {"b": 1},
     "empty": lambda r: r.choice([{}, [], [{}], {"x": []}]),
@@ -176,10 +181,21 @@ def test_a_chunk_of_one_shape_is_rendered_without_libbson(monkeypatch):
     assert rendered_by_libbson(raws, monkeypatch) == []
 
 
+def test_uuids_and_binaries_are_rendered_without_libbson_but_the_old_subtype(monkeypatch):
+    rng = random.Random(4)
+    documents = [
+        dict(d, user=uuid.UUID(int=rng.getrandbits(128)), hash=Binary(rng.randbytes(rng.randint(0, 9)), 0))
+        for d in events(1000)
+    ]
+    documents[7]["hash"] = Binary(b"abc", 2)
+    raws = encoded(documents)
+    assert rendered_by_libbson(raws, monkeypatch) == [raws[7]]
+
+
 def test_what_the_walk_leaves_goes_to_libbson_alone(monkeypatch):
-    """A binary value and a string libbson escapes: those documents only are rendered by bsonjs."""
+    """A regular expression and a string libbson escapes: those documents only are rendered by bsonjs."""
     documents = events(1000)
-    documents[10]["blob"] = Binary(b"\x00\xff", 0)
+    documents[10]["pattern"] = Regex("^a", "i")
     documents[20]["type"] = 'say "hi"\n'
     raws = encoded(documents)
     assert sorted(rendered_by_libbson(raws, monkeypatch)) == sorted([raws[10], raws[20]])

@@ -8,7 +8,7 @@ exact path (decode every document, walk it in Python) would give.
 
 `columnar_part` first sets aside, by their text, the documents the walk would
 refuse: maps, arrays of documents or arrays, empty documents, arrays that begin
-with null, the rarer BSON types (binary, regex, code, timestamps, min/max keys),
+with null, the rarer BSON types (regex, code, timestamps, min/max keys, old binaries),
 keys named like an Extended JSON wrapper; and, when Arrow's reader meets a field
 in two JSON shapes, the documents of the rarer shape. Those take the exact path;
 the rest are walked. What the walk still refuses (documents deeper than
@@ -20,6 +20,7 @@ count cannot settle it refuses the batch.
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 from collections import Counter
@@ -32,7 +33,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.json as pajson
-from bson import Decimal128, Int64, ObjectId
+from bson import Binary, Decimal128, Int64, ObjectId
 from bson.codec_options import CodecOptions
 from bson.datetime_ms import _millis_to_datetime
 
@@ -41,7 +42,7 @@ from aries_assets.core import schema as s
 # Kind codes of one value: ABSENT and NULL first, then the kinds the statistics count.
 ABSENT, NULL = -1, 0
 CODES = {s.BOOL: 1, s.INT32: 2, s.INT64: 3, s.DOUBLE: 4, s.DECIMAL: 5, s.STRING: 6, s.OBJECTID: 7}
-CODES.update({s.DATE: 8, s.ARRAY: 9})
+CODES.update({s.DATE: 8, s.ARRAY: 9, s.UUID: 10, s.BINARY: 11})
 KIND_OF_CODE = {code: kind for kind, code in CODES.items()}
 _NUMBER_WRAPPERS = {
     "$numberInt": CODES[s.INT32],
@@ -55,9 +56,9 @@ _KEY_SEPARATOR = '" : '  # how libbson writes a key; a string holding it shows a
 _NOT_A_KEY_SEPARATOR = r'\\" : |: " : |\[ " : |, " : |\{ " : '
 _PLAIN_KEY = re.compile(r"^[A-Za-z0-9_ .:/'-]+$")  # written as is in JSON, no escapes
 # A key named like a wrapper, as BSON holds it (the name, then its terminating zero byte): one scan.
-_WRAPPER_KEY = re.compile(
-    rb"\$(?:" + b"|".join(re.escape(n[1:]).encode() for n in ("$oid", "$date", *_NUMBER_WRAPPERS)) + rb")\x00"
-)
+# Each wrapper the walk reads, and the keys its text holds (`{ "$date" : { "$numberLong" : ... } }`: 2).
+_WRAPPERS = {"$oid": 1, "$date": 2, "$binary": 3} | {name: 1 for name in _NUMBER_WRAPPERS}
+_WRAPPER_KEY = re.compile(rb"\$(?:" + b"|".join(re.escape(n[1:]).encode() for n in _WRAPPERS) + rb")\x00")
 _NOT_DECIMAL = s.MAX_DECIMAL_PRECISION + 1
 _PLAIN_DECIMAL = r"^-?[0-9]+\.?[0-9]*$"
 
@@ -231,7 +232,8 @@ _REFUSED_TEXT = "|".join(
         r"\{ +\}",  # an empty document
         _NOT_A_KEY_SEPARATOR,  # a string or key holding what looks like a key separator (`_settle_nulls`)
         # The wrappers the walk does not read.
-        r'\{ "\$(?:binary|code|timestamp|regularExpression|symbol|dbPointer|minKey|maxKey|undefined)"',
+        r'\{ "\$(?:code|timestamp|regularExpression|symbol|dbPointer|minKey|maxKey|undefined)"',
+        r'"subType" : "02" \}',  # the old binary subtype, which nests its own length
         '"(?:' + s._DATA_KEY.pattern[4:-2] + ')" : ',  # a key that is data: maybe a map
     ]
 )
@@ -370,35 +372,50 @@ class _Walker:
             self._member((*path, name), child, valid)
 
     def _wrapped(self, array: pa.StructArray, valid: np.ndarray, path: s.Path) -> Values:
+        """Values of wrapped types (`{ "$oid" : ... }`, `{ "$binary" : ... }`, ...), several kinds at
+        one path too: the reader merges their wrappers into one struct, a member valid per kind."""
         names = [f.name for f in array.type]
-        children = dict(zip(names, array.flatten(), strict=True))
+        if not set(names) <= _WRAPPERS.keys():
+            raise Refused(f"{path}: {names}")
         kinds = np.where(valid, NULL, ABSENT).astype(np.int8)
         holding = np.zeros(len(kinds), bool)
-        for child in children.values():
-            holding |= _valid(child)
+        texts = []
+        for name, child in zip(names, array.flatten(), strict=True):
+            here = _valid(child)
+            if (holding & here).any():
+                raise Refused(f"{path}: two wrappers in one value")
+            holding |= here
+            text, codes = self._unwrapped(name, child, path)
+            kinds[here] = codes if isinstance(codes, int) else codes[here]
+            self.found_keys += _WRAPPERS[name] * here
+            texts.append(text)
         if (valid & ~holding).any():  # `{}` beside wrapped values: the reader made it a wrapper of nulls
             raise Refused(f"{path}: an empty document")
-        if names == ["$oid"]:
-            kinds[valid] = CODES[s.OBJECTID]
-            self.found_keys += valid
-            return Values(kinds, children["$oid"])
-        if names == ["$date"]:
-            inner = children["$date"]
-            if [f.name for f in inner.type] != ["$numberLong"]:
+        return Values(kinds, texts[0] if len(texts) == 1 else pc.coalesce(*texts))
+
+    @staticmethod
+    def _unwrapped(name: str, child: pa.Array, path: s.Path) -> tuple[pa.Array, int | np.ndarray]:
+        """A wrapper's values as text (what `_CONVERT` and the casts read) and their kind codes."""
+        if name in _NUMBER_WRAPPERS:
+            return child, _NUMBER_WRAPPERS[name]
+        if name == "$oid":
+            return child, CODES[s.OBJECTID]
+        inner = [f.name for f in child.type] if pa.types.is_struct(child.type) else None
+        if name == "$date":
+            if inner != ["$numberLong"]:
                 raise Refused(f"{path}: a date beyond the canonical form")
-            kinds[valid] = CODES[s.DATE]
-            self.found_keys += 2 * valid
-            return Values(kinds, inner.flatten()[0])
-        if not set(names) <= set(_NUMBER_WRAPPERS):
-            raise Refused(f"{path}: {names}")
-        texts = []
-        for name in names:
-            child = children[name]
-            texts.append(child)
-            kinds[_valid(child)] = _NUMBER_WRAPPERS[name]
-        self.found_keys += valid
-        text = texts[0] if len(texts) == 1 else pc.coalesce(*texts)
-        return Values(kinds, text)
+            return child.flatten()[0], CODES[s.DATE]
+        if inner != ["base64", "subType"]:  # "$binary"
+            raise Refused(f"{path}: a binary beyond the canonical form")
+        encoded, subtype = child.flatten()
+        # A UUID is subtype 4 of 16 bytes (24 characters of base64, the last two `=`), as
+        # `arrow.kind_of` tells them.
+        uuid = pc.and_(
+            pc.equal(subtype, "04"),
+            pc.and_(pc.equal(pc.binary_length(encoded), 24), pc.ends_with(encoded, "==")),
+        )
+        codes = np.where(uuid.to_numpy(zero_copy_only=False), CODES[s.UUID], CODES[s.BINARY])
+        return pc.binary_join_element_wise(subtype, encoded, ""), codes  # "04" + base64: `_binary` reads both
 
     def _array(self, array: pa.ListArray, valid: np.ndarray) -> Values:
         kinds = np.where(valid, CODES[s.ARRAY], ABSENT).astype(np.int8)
@@ -659,7 +676,18 @@ _CONVERT: dict[int, Callable[[Any, CodecOptions], Any]] = {
     CODES[s.DECIMAL]: lambda t, o: Decimal128(t),
     CODES[s.OBJECTID]: lambda t, o: ObjectId(t),
     CODES[s.DATE]: lambda t, o: _millis_to_datetime(int(t), o),
+    CODES[s.UUID]: lambda t, o: _binary(t),
+    CODES[s.BINARY]: lambda t, o: _binary(t),
 }
+
+
+def _binary(text: str) -> bytes | Binary:
+    """What `bson.decode` gives for a binary (as `_wrapped` keeps it: subtype in hex, then base64):
+    bytes for subtype 0, a `Binary` of its subtype for any other."""
+    data = base64.b64decode(text[2:])
+    subtype = int(text[:2], 16)
+    return data if subtype == 0 else Binary(data, subtype)
+
 
 # Kinds a column type takes straight from the text with one Arrow cast, and how.
 _TIMESTAMP = pa.timestamp("ms", tz="UTC")
@@ -675,6 +703,8 @@ def fast_column(values: Values, type_name: str, accepts: frozenset[str]) -> tupl
         return pa.nulls(len(kinds), _arrow_type(type_name)), outliers
     target = _arrow_type(type_name)
     text = values.text
+    if CODES[s.UUID] in codes:  # UUIDs are decoded: only theirs, not an outlier's text
+        text = pc.if_else(pa.array(accepted), text, pa.scalar(None, text.type))
     try:
         if type_name.startswith("list<"):
             column = _fast_list(values, type_name[5:-1], target, accepted)
@@ -693,6 +723,8 @@ def _fast_scalar(text: pa.Array, codes: set[int], type_name: str, target: pa.Dat
     ints = {CODES[s.INT32], CODES[s.INT64]}
     if type_name == s.T_STRING and codes <= {CODES[s.STRING], CODES[s.OBJECTID]} | ints:
         return text
+    if type_name == s.T_STRING and codes == {CODES[s.UUID]}:
+        return _uuid_strings(text)
     if type_name == s.T_STRING and codes == {CODES[s.BOOL]}:
         return pc.if_else(text, "true", "false")
     if type_name == s.T_BOOL and codes == {CODES[s.BOOL]}:
@@ -712,6 +744,36 @@ def _fast_scalar(text: pa.Array, codes: set[int], type_name: str, target: pa.Dat
             return None
         return column
     return None
+
+
+_BASE64_VALUES = np.zeros(256, np.uint8)
+_BASE64_VALUES[
+    np.frombuffer(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/", np.uint8)
+] = np.arange(64, dtype=np.uint8)
+_HEX_DIGITS = np.frombuffer(b"0123456789abcdef", np.uint8)
+# Where each of a UUID's 32 hex digits goes in its 36 characters (`8-4-4-4-12`).
+_UUID_DIGIT_AT = np.array([i + (i >= 8) + (i >= 12) + (i >= 16) + (i >= 20) for i in range(32)])
+
+
+def _uuid_strings(text: pa.Array) -> pa.Array:
+    """UUIDs (`"04"` and 24 characters of base64, valid or null in each row) as `arrow._text`
+    writes them: `xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx`. Rows not valid are null."""
+    valid = _valid(text)
+    rows = int(np.count_nonzero(valid))
+    data = text.filter(pa.array(valid)) if rows != len(text) else text
+    data = pa.concat_arrays([data]) if data.offset else data
+    chars = np.frombuffer(data.buffers()[2], np.uint8, rows * 26).reshape(rows, 26)[:, 2:]
+    sextets = _BASE64_VALUES[chars].astype(np.uint32).reshape(rows, 6, 4)
+    word = (sextets[:, :, 0] << 18) | (sextets[:, :, 1] << 12) | (sextets[:, :, 2] << 6) | sextets[:, :, 3]
+    octets = np.stack([(word >> 16) & 255, (word >> 8) & 255, word & 255], axis=2).reshape(rows, 18)[:, :16]
+    octets = octets.astype(np.uint8)
+    out = np.full((rows, 36), ord("-"), np.uint8)
+    out[:, _UUID_DIGIT_AT[0::2]] = _HEX_DIGITS[octets >> 4]
+    out[:, _UUID_DIGIT_AT[1::2]] = _HEX_DIGITS[octets & 15]
+    offsets = np.zeros(len(text) + 1, np.int32)
+    np.cumsum(np.where(valid, 36, 0), out=offsets[1:])
+    mask = None if rows == len(text) else pa.py_buffer(np.packbits(valid, bitorder="little"))
+    return pa.StringArray.from_buffers(len(text), pa.py_buffer(offsets), pa.py_buffer(out), mask)
 
 
 def _fast_list(

@@ -13,7 +13,7 @@ sample datasets).
 Where documents part ways (a field missing here, an int there, an array one
 element longer), the walk splits them into groups that go on separately. What it
 does not render itself goes to bsonjs, one document at a time, as before: a type
-it does not know (binary, regex, code, timestamps, min/max keys, ...), a string
+it does not know (regex, code, timestamps, min/max keys, the old binary subtype, ...), a string
 or key that needs escaping, a group too small to repay a walk, or more groups
 than `MAX_GROUPS`.
 
@@ -27,6 +27,7 @@ chunk never costs much more than bsonjs alone, and one of one shape far less.
 
 from __future__ import annotations
 
+import base64
 import io
 import itertools
 from dataclasses import dataclass, field
@@ -48,10 +49,12 @@ STEP_NS_PER_DOCUMENT = 50
 # The share of bsonjs's cost the walk may spend: if it renders nothing, the chunk costs 1.75x.
 BUDGET_SHARE = 0.75
 
-_DOUBLE, _STRING, _DOCUMENT, _ARRAY, _OBJECTID, _BOOL, _DATE, _NULL = 1, 2, 3, 4, 7, 8, 9, 10
+_DOUBLE, _STRING, _DOCUMENT, _ARRAY, _BINARY, _OBJECTID, _BOOL, _DATE, _NULL = 1, 2, 3, 4, 5, 7, 8, 9, 10
 _INT32, _INT64, _DECIMAL = 16, 18, 19
 _FIXED_WIDTH = {_DOUBLE: 8, _OBJECTID: 12, _BOOL: 1, _DATE: 8, _NULL: 0, _INT32: 4, _INT64: 8, _DECIMAL: 16}
 _HEX = np.frombuffer(b"0123456789abcdef", np.uint8)
+_BASE64 = np.frombuffer(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/", np.uint8)
+_OLD_BINARY = 2  # a binary subtype that nests its own length, which libbson reads its own way
 # libbson writes a key's text as is unless it holds one of these (it escapes them).
 _ESCAPED = np.zeros(256, bool)
 _ESCAPED[:0x20] = True
@@ -250,8 +253,10 @@ class _Walk:
             return True
         if kind == _STRING:
             return self._string(group, prefix)
+        if kind == _BINARY:
+            return self._binary(group, prefix)
         width = _FIXED_WIDTH.get(kind)
-        if width is None:  # binary, regex, code, timestamp, min/max key, ...: bsonjs's
+        if width is None:  # regex, code, timestamp, min/max key, ...: bsonjs's
             self.by_bsonjs.append(group.rows)
             return False
         raw = self._fixed(at, width)
@@ -314,6 +319,58 @@ class _Walk:
             text = text.filter(pa.array(plain))
         group.pieces += [prefix + '"', text, '"']
         return True
+
+    def _binary(self, group: _Group, prefix: str) -> bool:
+        """`{ "$binary" : { "base64" : ..., "subType" : "04" } }`: UUIDs and other binaries."""
+        at = group.pos
+        size = self._fixed(at, 4).view("<i4").ravel().astype(np.int64)
+        if (size < 0).any():
+            self.by_bsonjs.append(group.rows)
+            return False
+        group.pos = at + 5 + size
+        subtype = self.buf[at + 4]
+        plain = subtype != _OLD_BINARY
+        if not plain.all():
+            kept = self._keep(group, plain)
+            if kept is None:
+                return False
+            group.rows, group.pos, group.pieces, group.frames = kept.rows, kept.pos, kept.pieces, kept.frames
+            at, size, subtype = at[plain], size[plain], subtype[plain]
+        hexed = np.empty((len(subtype), 2), np.uint8)
+        hexed[:, 0] = _HEX[subtype >> 4]
+        hexed[:, 1] = _HEX[subtype & 15]
+        group.pieces += [
+            prefix + '{ "$binary" : { "base64" : "',
+            self._base64(at + 5, size),
+            '", "subType" : "',
+            _fixed_text(hexed),
+            '" } }',
+        ]
+        return True
+
+    def _base64(self, starts: np.ndarray, sizes: np.ndarray) -> pa.BinaryArray:
+        """Each byte range in standard base64 with padding, as libbson writes it."""
+        width = int(sizes[0])
+        if not (sizes == width).all():  # binaries of several lengths: one at a time
+            view = memoryview(self.buf)
+            spans = zip(starts.tolist(), sizes.tolist(), strict=True)
+            encoded = [base64.b64encode(view[start : start + size]) for start, size in spans]
+            return pa.array(encoded, pa.binary())
+        # One length (UUIDs, hashes): three bytes give four characters, for every row at once.
+        triples = -(-width // 3)
+        padded = np.zeros((len(starts), triples * 3), np.uint8)
+        if width:
+            padded[:, :width] = self._fixed(starts, width)
+        bits = padded.reshape(len(starts), triples, 3).astype(np.uint32)
+        word = (bits[:, :, 0] << 16) | (bits[:, :, 1] << 8) | bits[:, :, 2]
+        chars = np.empty((len(starts), triples, 4), np.uint8)
+        for i, shift in enumerate((18, 12, 6, 0)):
+            chars[:, :, i] = _BASE64[(word >> shift) & 63]
+        chars = chars.reshape(len(starts), triples * 4)
+        missing = triples * 3 - width  # the last triple's missing bytes are written as `=`
+        if missing:
+            chars[:, -missing:] = ord("=")
+        return _fixed_text(chars)
 
 
 def _gather(buf: np.ndarray, starts: np.ndarray, sizes: np.ndarray) -> pa.BinaryArray:
