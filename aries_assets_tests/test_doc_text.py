@@ -193,12 +193,41 @@ def test_uuids_and_binaries_are_rendered_without_libbson_but_the_old_subtype(mon
 
 
 def test_what_the_walk_leaves_goes_to_libbson_alone(monkeypatch):
-    """A regular expression and a string libbson escapes: those documents only are rendered by bsonjs."""
+    """A regular expression sends its document to bsonjs; a string libbson escapes goes alone."""
     documents = events(1000)
     documents[10]["pattern"] = Regex("^a", "i")
     documents[20]["type"] = 'say "hi"\n'
     raws = encoded(documents)
-    assert sorted(rendered_by_libbson(raws, monkeypatch)) == sorted([raws[10], raws[20]])
+    assert sorted(rendered_by_libbson(raws, monkeypatch)) == sorted([raws[10], alone('say "hi"\n')])
+
+
+def alone(value) -> bytes:
+    """`{"": value}`: how the walk hands bsonjs one value."""
+    return bson.encode({"": value}, codec_options=OPTIONS)
+
+
+def test_maps_escaped_keys_and_strings_go_to_libbson_value_by_value(monkeypatch):
+    """Keys that differ from document to document (maps keyed by ids, at any depth, maps of
+    documents, arrays of documents of many shapes), strings libbson escapes (a newline in every
+    address) and keys it escapes: only those values are bsonjs's, the documents are walked."""
+    rng = random.Random(9)
+    documents = []
+    for i, d in enumerate(events(600)):
+        d["scores"] = {f"{rng.getrandbits(64):016x}": rng.random() for _ in range(rng.randint(0, 3))}
+        d["context"]["tiers"] = {f"{rng.getrandbits(32):08x}": {"tier": "gold", "n": i} for _ in range(2)}
+        d["items"] = [{f"k{rng.randint(0, 99)}": i} for _ in range(2)]
+        d["address"] = f"{i} Main St\nSpringfield"
+        d['say "what"'] = i
+        d["context"]["tab\there"] = "x"
+        documents.append(d)
+    raws = encoded(documents)
+    rendered = rendered_by_libbson(raws, monkeypatch)
+    assert not set(rendered) & set(raws), "no whole document"
+    alone = [bson.decode(r)[""] for r in rendered if bson.decode(r).keys() == {""}]
+    keys = [bson.decode(r) for r in rendered if bson.decode(r).keys() != {""}]
+    assert sorted(s for s in alone if isinstance(s, str)) == sorted(d["address"] for d in documents)
+    assert all(isinstance(v, (str, dict)) for v in alone), "maps and array elements: documents alone"
+    assert {next(iter(k)) for k in keys} == {'say "what"', "tab\there"}  # each escaped key, once a group
 
 
 def raw_document(elements: bytes) -> bytes:

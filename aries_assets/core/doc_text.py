@@ -11,11 +11,13 @@ libbson formats it (the tests compare the two on every BSON type and on the
 sample datasets).
 
 Where documents part ways (a field missing here, an int there, an array one
-element longer), the walk splits them into groups that go on separately. What it
-does not render itself goes to bsonjs, one document at a time, as before: a type
-it does not know (regex, code, timestamps, min/max keys, the old binary subtype, ...), a string
-or key that needs escaping, a group too small to repay a walk, or more groups
-than `MAX_GROUPS`.
+element longer), the walk splits them into groups that go on separately; inside a
+value where they part many ways (a map keyed by ids), that value is rendered by
+bsonjs alone, document by document, and the group goes on whole. So is a string or
+key that libbson escapes. What it does not render at all goes to bsonjs, one
+document at a time, as before: a type it does not know (regex, code, timestamps,
+min/max keys, the old binary subtype, ...), a group too small to repay a walk, or
+more groups than `MAX_GROUPS`.
 
 A step of the walk has a fixed cost (a few NumPy calls), whatever the number of
 documents it takes: a chunk of documents of many shapes, wide ones especially,
@@ -30,6 +32,7 @@ from __future__ import annotations
 import base64
 import io
 import itertools
+import struct
 from dataclasses import dataclass, field
 
 import bsonjs
@@ -54,6 +57,7 @@ _INT32, _INT64, _DECIMAL = 16, 18, 19
 _FIXED_WIDTH = {_DOUBLE: 8, _OBJECTID: 12, _BOOL: 1, _DATE: 8, _NULL: 0, _INT32: 4, _INT64: 8, _DECIMAL: 16}
 _HEX = np.frombuffer(b"0123456789abcdef", np.uint8)
 _BASE64 = np.frombuffer(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/", np.uint8)
+_VALUE_HEAD = struct.Struct("<iBx")  # a document's length, then its one element's type and empty key
 _OLD_BINARY = 2  # a binary subtype that nests its own length, which libbson reads its own way
 # libbson writes a key's text as is unless it holds one of these (it escapes them).
 _ESCAPED = np.zeros(256, bool)
@@ -107,6 +111,15 @@ def one_by_one(raw_documents: list[bytes]) -> pa.StringArray:
 class _Frame:
     is_array: bool
     members: int = 0
+    # Where the value began, to render it by bsonjs instead (`_Walk._rewind`): each document's
+    # offset of its length, the group's piece it began at, the text before it ("key" : ).
+    start: np.ndarray | None = None
+    pieces_at: int = 0
+    prefix: str = ""
+
+    def part(self, keep: np.ndarray) -> _Frame:
+        start = None if self.start is None else self.start[keep]
+        return _Frame(self.is_array, self.members, start, self.pieces_at, self.prefix)
 
 
 @dataclass
@@ -124,7 +137,7 @@ class _Group:
             self.rows[keep],
             self.pos[keep],
             [p if isinstance(p, str) else p.filter(mask) for p in self.pieces],
-            [_Frame(f.is_array, f.members) for f in self.frames],
+            [f.part(keep) for f in self.frames],
         )
 
 
@@ -172,6 +185,9 @@ class _Walk:
                 return None
             kind = buf[group.pos]
             same = kind == kind[0]
+            if not same.all() and self._diverse(group, same, kind):
+                self._rewind(group)
+                continue
             if not same.all():
                 split = self._split(group, same, todo)
                 if split is None:
@@ -189,11 +205,25 @@ class _Walk:
                     return group
                 continue
             key_at = group.pos + 1
-            key = str(frame.members).encode() if frame.is_array else self._key(int(key_at[0]))
+            if frame.is_array:
+                key = str(frame.members).encode()
+                key_text = ""
+            else:
+                key, key_text = self._key(int(key_at[0]))
             if key is None:
+                if len(group.frames) > 1:
+                    self._rewind(group)
+                    continue
                 self.by_bsonjs.append(group.rows)
                 return None
             same = self._equal(key_at, key + b"\x00")
+            if (
+                not same.all()
+                and not frame.is_array
+                and self._diverse(group, same, self._fixed(key_at, len(key) + 1))
+            ):
+                self._rewind(group)
+                continue
             if not same.all():
                 # An array keyed other than `0`, `1`, ...: bsonjs reads it its own way.
                 split = self._keep(group, same) if frame.is_array else self._split(group, same, todo)
@@ -203,7 +233,7 @@ class _Walk:
                 frame = group.frames[-1]
             separator = ", " if frame.members else ""
             frame.members += 1
-            prefix = separator if frame.is_array else f'{separator}"{key.decode()}" : '
+            prefix = separator if frame.is_array else f'{separator}"{key_text}" : '
             group.pos = key_at + len(key) + 1
             if not self._value(group, int(kind[0]), prefix):
                 return None
@@ -218,19 +248,55 @@ class _Walk:
             return None
         return kept
 
-    def _key(self, at: int) -> bytes | None:
-        """The key at `at`, if libbson writes it as is (None: it escapes some of it)."""
+    def _diverse(self, group: _Group, same: np.ndarray, values: np.ndarray) -> bool:
+        """Whether the documents part many ways inside a value (a map's keys, arrays of documents
+        of many shapes), not a few: neither the first document nor the first that differs is
+        shared by `MIN_GROUP` documents. Such a value is rendered by bsonjs (`_rewind`), document
+        by document, and the group goes on whole; at the top level, groups split."""
+        if len(group.frames) < 2 or np.count_nonzero(same) >= MIN_GROUP:
+            return False
+        other = int(np.argmin(same))
+        agree = (values == values[other]).reshape(len(values), -1).all(axis=1)
+        return np.count_nonzero(agree) < MIN_GROUP
+
+    def _rewind(self, group: _Group) -> None:
+        """Render the innermost value being walked by bsonjs, one document at a time, in place of
+        its pieces so far, and go on after it."""
+        frame = group.frames.pop()
+        del group.pieces[frame.pieces_at :]
+        size = self._fixed(frame.start, 4).view("<i4").ravel().astype(np.int64)
+        self.budget_ns -= BSONJS_NS_PER_BYTE * int(size.sum())
+        kind = _ARRAY if frame.is_array else _DOCUMENT
+        group.pieces += [frame.prefix, self._by_bsonjs(kind, frame.start, size)]
+        group.pos = frame.start + size
+
+    def _by_bsonjs(self, kind: int, starts: np.ndarray, sizes: np.ndarray) -> pa.BinaryArray:
+        """Values of one BSON type, each rendered by bsonjs alone: in `{"": value}`, whose text is
+        `{ "" : <value> }`."""
+        view = memoryview(self.buf)
+        texts = [
+            bsonjs.dumps(
+                _VALUE_HEAD.pack(size + 7, kind) + view[start : start + size] + b"\x00", bsonjs.CANONICAL
+            )[7:-2]
+            for start, size in zip(starts.tolist(), sizes.tolist(), strict=True)
+        ]
+        return pa.array(texts, pa.string()).view(pa.binary())
+
+    def _key(self, at: int) -> tuple[bytes | None, str]:
+        """The key at `at` and its text as libbson writes it (escaped: as bsonjs does); None for
+        a key that is not UTF-8."""
         end = at
         while self.buf[end]:
             end += 1
         key = self.buf[at:end]
-        if _ESCAPED[key].any():
-            return None
         try:
-            key.tobytes().decode()
+            text = key.tobytes().decode()
         except UnicodeDecodeError:
-            return None
-        return key.tobytes()
+            return None, ""
+        if _ESCAPED[key].any():  # `{key: null}` by bsonjs: `{ "<key>" : null }`
+            null = _VALUE_HEAD.pack(len(key) + 7, _NULL)[:-1] + key.tobytes() + b"\x00\x00"
+            text = bsonjs.dumps(null, bsonjs.CANONICAL)[3 : -len('" : null }')]
+        return key.tobytes(), text
 
     def _equal(self, at: np.ndarray, expected: bytes) -> np.ndarray:
         return (self._fixed(at, len(expected)) == np.frombuffer(expected, np.uint8)).all(axis=1)
@@ -247,8 +313,8 @@ class _Walk:
         at = group.pos
         pieces = group.pieces
         if kind in (_DOCUMENT, _ARRAY):
+            group.frames.append(_Frame(kind == _ARRAY, start=at, pieces_at=len(pieces), prefix=prefix))
             pieces.append(prefix + ("[ " if kind == _ARRAY else "{ "))
-            group.frames.append(_Frame(kind == _ARRAY))
             group.pos = at + 4
             return True
         if kind == _STRING:
@@ -301,23 +367,33 @@ class _Walk:
         text = _gather(self.buf, at + 4, size - 1)
         data = np.frombuffer(text.buffers()[2] or b"", np.uint8)
         offsets = np.frombuffer(text.buffers()[1], np.int32, len(text) + 1)
-        # The strings libbson writes as is: no byte it escapes, valid UTF-8 (checked where not ASCII).
-        plain = ~_any_per_row(_ESCAPED[data], offsets)
-        wide = _any_per_row(data >= 0x80, offsets)
-        if wide.any():
-            for row in np.flatnonzero(wide & plain).tolist():
-                try:
-                    data[offsets[row] : offsets[row + 1]].tobytes().decode()
-                except UnicodeDecodeError:
-                    plain[row] = False
+        # libbson writes a string as is unless it holds a byte it escapes; one that is not UTF-8
+        # (checked where not ASCII) it writes its own way, in its document.
+        escaped = _any_per_row(_ESCAPED[data], offsets)
+        utf8 = np.ones(len(text), bool)
+        for row in np.flatnonzero(_any_per_row(data >= 0x80, offsets)).tolist():
+            try:
+                data[offsets[row] : offsets[row + 1]].tobytes().decode()
+            except UnicodeDecodeError:
+                utf8[row] = False
         group.pos = at + 4 + size
-        if not plain.all():  # strings libbson escapes are rare: their documents are bsonjs's
-            kept = self._keep(group, plain)
+        if not utf8.all():
+            kept = self._keep(group, utf8)
             if kept is None:
                 return False
             group.rows, group.pos, group.pieces, group.frames = kept.rows, kept.pos, kept.pieces, kept.frames
-            text = text.filter(pa.array(plain))
-        group.pieces += [prefix + '"', text, '"']
+            text, escaped, at, size = text.filter(pa.array(utf8)), escaped[utf8], at[utf8], size[utf8]
+        if not escaped.any():
+            group.pieces += [prefix + '"', text, '"']
+            return True
+        # Strings with a quote, a backslash or a control character (a newline in an address):
+        # those values alone are escaped by bsonjs, quotes included.
+        plain = np.flatnonzero(~escaped)
+        odd = np.flatnonzero(escaped)
+        quote = pa.scalar(b'"', pa.binary())
+        quoted = pc.binary_join_element_wise(quote, text.take(pa.array(plain)), quote, b"")
+        texts = pa.concat_arrays([quoted, self._by_bsonjs(_STRING, at[odd], 4 + size[odd])])
+        group.pieces += [prefix, texts.take(pa.array(np.argsort(np.concatenate([plain, odd]))))]
         return True
 
     def _binary(self, group: _Group, prefix: str) -> bool:
