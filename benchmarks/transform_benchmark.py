@@ -7,8 +7,8 @@ schema, Parquet), pymongoarrow (its own inferred schema, Parquet), pymongoarrow
 plus a canonical `_doc` column (python-bsonjs), and the decode floor
 (`bson.decode_all`), in documents/s, MB/s of raw BSON and as a ratio to
 pymongoarrow + `_doc`; for an events set shaped like sync_benchmark.py's, for the
-same with one document in 50 carrying what the columnar path cannot take, and for a
-messy set (MongoDB's sample datasets next to the repository, in
+same with a UUID in each document, for the same with one document in 50 carrying
+what the columnar path cannot take, and for a messy set (MongoDB's sample datasets next to the repository, in
 `../shared/datasets/mongodb-sample`, else generated, plus maps, hostile names, type
 conflicts, Decimal128, UUIDs and a 2 MB document). Then the peak RSS of writing
 one bucket, in a fresh process per bucket size, against the bucket's raw size.
@@ -139,6 +139,12 @@ def mostly_plain(count: int) -> list[dict]:
         odd = hostile_documents(rng, i)
         documents[i] = dict(documents[i], uuid=odd["uuid"], scores=odd["scores"], items=odd["items"])
     return documents
+
+
+def with_uuids(count: int) -> list[dict]:
+    """Events, each with a UUID (BSON binary subtype 4), as many collections key users by."""
+    rng = random.Random(4)
+    return [dict(d, user=Binary(uuid.UUID(int=rng.getrandbits(128)).bytes, 4)) for d in events(count)]
 
 
 def batches_of(documents: list[dict]) -> list[list[bytes]]:
@@ -375,6 +381,7 @@ def main() -> None:
     print(f"one core, in memory; pyarrow {pa.__version__}, python {sys.version.split()[0]}")
     print(f"allocators as in a bucket writer: {allocators}")
     report("events", events(args.documents), args.repeat)
+    report("events, each with a UUID", with_uuids(args.documents), args.repeat)
     report(
         "events, 1 in 50 with a map, a UUID and an array of documents",
         mostly_plain(args.documents),
