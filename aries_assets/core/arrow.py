@@ -318,21 +318,24 @@ class BucketConverter:
     def _convert(self, raw_documents: list[bytes]) -> Iterator[_Batch | ColumnarBatch | SplitBatch]:
         if self._exclude:
             raw_documents = [self._without_excluded(raw) for raw in raw_documents]
-        docs = doc_text.canonical_json(raw_documents)
+        rendered = doc_text.render(raw_documents)
+        docs = rendered.docs
         columnar = None
         if self.fast and self._refused < _GIVE_UP_AFTER:
-            columnar = self._columnar(raw_documents, docs)
+            columnar = self._columnar(raw_documents, rendered)
             self._refused = 0 if columnar is not None else self._refused + 1
         for batch in [columnar] if columnar is not None else self._exact_parts(raw_documents, docs):
             self._stats.merge(batch.stats)
             self._stats.maps |= self._maps
             yield batch
 
-    def _columnar(self, raw_documents: list[bytes], docs: pa.Array) -> ColumnarBatch | SplitBatch | None:
+    def _columnar(
+        self, raw_documents: list[bytes], rendered: doc_text.Rendered
+    ) -> ColumnarBatch | SplitBatch | None:
         """The chunk by the columnar path, but for the documents it cannot take, which take the exact
         path beside it (a map, an array of documents or a binary in one document no longer sends the
         whole chunk down the exact path); None when the columnar path cannot take the chunk."""
-        part = columnar_part(raw_documents, docs, self.options, self.known_maps, self._split)
+        part = columnar_part(raw_documents, rendered, self.options, self.known_maps, self._split)
         self._split = part is None or len(part[1]) < len(raw_documents)
         if part is None:
             return None
@@ -342,7 +345,7 @@ class BucketConverter:
         columnar.docs = _no_text(len(rows))  # read; the chunk's own `_doc` is written
         others = np.setdiff1d(np.arange(len(raw_documents)), rows, assume_unique=True)
         exact = self._exact_parts([raw_documents[i] for i in others.tolist()], _no_text(len(others)))
-        return SplitBatch(columnar, list(exact), np.concatenate([rows, others]), docs)
+        return SplitBatch(columnar, list(exact), np.concatenate([rows, others]), rendered.docs)
 
     def _exact_parts(self, raw_documents: list[bytes], docs: pa.Array) -> Iterator[_Batch]:
         """Decoded, a document takes several times its BSON: the exact path takes a chunk in parts."""

@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
+import bson
+import bsonjs
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -38,11 +40,12 @@ from bson.codec_options import CodecOptions
 from bson.datetime_ms import _millis_to_datetime
 
 from aries_assets.core import schema as s
+from aries_assets.core.doc_text import Rendered, Whole
 
 # Kind codes of one value: ABSENT and NULL first, then the kinds the statistics count.
 ABSENT, NULL = -1, 0
 CODES = {s.BOOL: 1, s.INT32: 2, s.INT64: 3, s.DOUBLE: 4, s.DECIMAL: 5, s.STRING: 6, s.OBJECTID: 7}
-CODES.update({s.DATE: 8, s.ARRAY: 9, s.UUID: 10, s.BINARY: 11})
+CODES.update({s.DATE: 8, s.ARRAY: 9, s.UUID: 10, s.BINARY: 11, s.DOCUMENT: 12})
 KIND_OF_CODE = {code: kind for kind, code in CODES.items()}
 _NUMBER_WRAPPERS = {
     "$numberInt": CODES[s.INT32],
@@ -80,6 +83,9 @@ class Values:
     text: pa.Array
     elements: Values | None = None  # for arrays: every element, in order
     offsets: np.ndarray | None = None  # for arrays: where each slot's elements start and end
+    # Arrays and documents held whole (`doc_text.Whole`): `text` is their canonical text, and
+    # `elements` only counts their elements' kinds.
+    whole: bool = False
 
     def rows(self) -> np.ndarray:
         return np.flatnonzero(self.kinds != ABSENT)
@@ -107,7 +113,7 @@ _CONFLICTS_SET_ASIDE = 4
 
 def columnar_part(
     raw_documents: list[bytes],
-    docs: pa.Array,
+    rendered: Rendered,
     options: s.SchemaOptions,
     known_maps: set[s.Path],
     expect_refusals: bool = True,
@@ -120,10 +126,20 @@ def columnar_part(
     plain chunk is spared the search). A field holding two JSON shapes (`"n" : {` in most,
     `"n" : "` in a few) stops Arrow's reader: the documents of the rarer shape are set aside, and
     the rest read again.
+
+    The walk parses `rendered.columnar`, where arrays of documents and maps are `null`: those it
+    takes whole from `rendered.wholes` (a map only if the exact path would call it one).
     """
+    docs = rendered.columnar
     # Always: the reader would lose these documents' nulls, not refuse them.
     refused = pc.match_substring_regex(docs, _BEGINS_WITH_NULL).to_numpy(zero_copy_only=False)
-    searched = expect_refusals
+    if rendered.exact is not None:
+        refused |= rendered.exact
+    for whole in rendered.wholes:
+        refused[whole.rows[~_takes_whole(whole, options, known_maps)]] = True
+    # Where the walk held values whole, the documents it left to bsonjs still hold theirs in the
+    # text: those would meet the others' `null` as another JSON shape.
+    searched = expect_refusals or bool(rendered.wholes)
     if searched:
         refused |= refused_documents(raw_documents, docs, known_maps)
     for _ in range(_CONFLICTS_SET_ASIDE + 2):
@@ -133,11 +149,25 @@ def columnar_part(
         whole = len(rows) == len(raw_documents)
         part = raw_documents if whole else [raw_documents[i] for i in rows.tolist()]
         try:
-            batch = columnar_batch(part, docs if whole else docs.take(rows), options, known_maps)
+            batch = columnar_batch(
+                part,
+                docs if whole else docs.take(rows),
+                options,
+                known_maps,
+                _wholes_of(rendered.wholes, rows, len(raw_documents)),
+                rendered.docs if whole else None,
+                screened=searched,
+            )
+        except _SetAside as set_aside:
+            refused[rows[set_aside.rows]] = True
+            continue
         except _TypeConflict as conflict:
             rarer = conflict.rarer_shape(docs)
             if rarer is None or not (rarer & ~refused).any():
-                return None
+                if searched:
+                    return None
+                rarer = refused_documents(raw_documents, docs, known_maps)
+                searched = True
             refused |= rarer
             continue
         if batch is None and not searched:
@@ -146,6 +176,42 @@ def columnar_part(
             continue
         return None if batch is None else (batch, rows)
     return None
+
+
+def _takes_whole(whole: Whole, options: s.SchemaOptions, known_maps: set[s.Path]) -> np.ndarray:
+    """Which of a `Whole`'s values the exact path would keep whole too (`arrow.BucketConverter._flatten`):
+    arrays (of documents and nulls) always, documents if it would call them maps; not `_id`."""
+    if whole.path == ("_id",):
+        return np.zeros(len(whole.rows), bool)
+    if whole.is_array:
+        return np.ones(len(whole.rows), bool)
+    if len(whole.path) >= options.max_depth:
+        return np.zeros(len(whole.rows), bool)
+    known = whole.path in known_maps
+    return np.fromiter((known or s.looks_like_map(k) for k in whole.keys), bool, len(whole.rows))
+
+
+def _wholes_of(wholes: list[Whole], rows: np.ndarray, count: int) -> list[tuple[Whole, np.ndarray]]:
+    """The wholes of the documents at `rows`, each with their positions among those rows."""
+    if not wholes:
+        return []
+    position = np.full(count, -1, np.int64)
+    position[rows] = np.arange(len(rows))
+    taken = []
+    for whole in wholes:
+        at = position[whole.rows]
+        keep = at >= 0
+        if keep.any():
+            taken.append((whole, at, keep))
+    return taken
+
+
+class _SetAside(Exception):
+    """Documents of the batch (by their rows in it) that only the exact path can take."""
+
+    def __init__(self, rows: np.ndarray) -> None:
+        super().__init__(f"{len(rows)} documents")
+        self.rows = rows
 
 
 class _TypeConflict(Exception):
@@ -188,9 +254,14 @@ def columnar_batch(
     docs: pa.Array,
     options: s.SchemaOptions,
     known_maps: set[s.Path],
+    wholes: list[tuple[Whole, np.ndarray, np.ndarray]] = (),
+    doc_text: pa.Array | None = None,
+    screened: bool = False,
 ) -> ColumnarBatch | None:
     """The batch as columns, or None when only the exact path can convert it; raises `_TypeConflict`
-    for a field of two JSON shapes."""
+    for a field of two JSON shapes, `_SetAside` for documents only the exact path can take.
+    `docs` is the text parsed, `doc_text` the batch's `_doc` where they differ; `screened`: the
+    documents passed `refused_documents`."""
     if _WRAPPER_KEY.search(b"".join(raw_documents)):  # (the joined copy is freed at once)
         return None  # a key that would read as Extended JSON syntax (or, rarely, bytes that look like one)
     # The documents back to back, read straight from `_doc`'s buffer: each is one JSON object, so
@@ -208,7 +279,10 @@ def columnar_batch(
         )
         if table.num_rows != len(docs):
             return None
-        return _Walker(table, docs, options, known_maps).batch()
+        batch = _Walker(table, docs, options, known_maps, wholes, screened).batch()
+        if doc_text is not None:
+            batch.docs = doc_text
+        return batch
     except pa.ArrowInvalid as error:
         if "changed from" in str(error):
             raise _TypeConflict(str(error)) from None
@@ -242,6 +316,30 @@ _REFUSED_TEXT = "|".join(
 # An array that begins with null: Arrow's reader drops the nulls an array begins with while its
 # element type is unknown (`[null, "x"]` reads as `["x"]`).
 _BEGINS_WITH_NULL = r"\[ null"
+# A key holding null, as libbson writes it, ends `" : null`; its name has no escape (no quote, no
+# backslash), and the quote before it is no string's (inside a string, every quote follows a
+# backslash). `(?:^|[^\\])` keeps a key `a\"name` from passing for `name`.
+_NULL_KEY_END = '" : null'
+_NULL_KEY_NAME = r'(?:^|[^\\])"(?P<name>[^"\\]*)$'
+
+
+def _null_keys(texts: pa.Array) -> dict[str, np.ndarray]:
+    """How many keys of each name hold null in each text: the text split at each `" : null`, and
+    the name read off the end of each piece but the last. The tally in `_settle_nulls` checks the
+    counts against the keys each document holds."""
+    pieces = pc.split_pattern(texts, _NULL_KEY_END)
+    offsets = pieces.offsets.to_numpy(zero_copy_only=False)
+    parents = pc.list_parent_indices(pieces).to_numpy(zero_copy_only=False)
+    keep = np.ones(len(parents), bool)
+    keep[offsets[1:][offsets[1:] > offsets[:-1]] - 1] = False  # each text's last piece: after its last null
+    flat = pc.list_flatten(pieces).filter(pa.array(keep))
+    names = pc.struct_field(pc.extract_regex(flat, _NULL_KEY_NAME), [0])
+    parents = parents[keep]
+    counts: dict[str, np.ndarray] = {}
+    for name in pc.unique(names).drop_null().to_pylist():
+        mask = pc.fill_null(pc.equal(names, name), False).to_numpy(zero_copy_only=False)
+        counts[name] = np.bincount(parents[mask], minlength=len(texts)).astype(np.int64)
+    return counts
 
 
 def refused_documents(raw_documents: list[bytes], docs: pa.Array, known_maps: set[s.Path]) -> np.ndarray:
@@ -296,7 +394,21 @@ def _refused_by_sample(docs: pa.Array, options: s.SchemaOptions, known_maps: set
 
 
 class _Walker:
-    def __init__(self, table: pa.Table, docs: pa.Array, options: s.SchemaOptions, known_maps: set[s.Path]):
+    def __init__(
+        self,
+        table: pa.Table,
+        docs: pa.Array,
+        options: s.SchemaOptions,
+        known_maps: set[s.Path],
+        wholes: list[tuple[Whole, np.ndarray, np.ndarray]] = (),
+        screened: bool = False,
+    ):
+        self.screened = screened
+        self.wholes = wholes
+        self.held: dict[s.Path, np.ndarray] = {}  # rows of each path whose values are held whole
+        for whole, at, keep in wholes:
+            rows = self.held.setdefault(whole.path, np.zeros(table.num_rows, bool))
+            rows[at[keep]] = True
         self.table = table
         self.docs = docs
         self.options = options
@@ -323,6 +435,7 @@ class _Walker:
                     has_null |= self.paths[child].kinds == NULL
             if (rows & ~has_null).any():
                 raise Refused("an empty document")  # a value of its own at its path: the exact path keeps it
+        maps = self._take_wholes()
         if ("_id",) not in self.paths:
             raise Refused("no _id")
         ids, keys = _ids(self.paths.pop(("_id",)))
@@ -331,13 +444,75 @@ class _Walker:
             stats.fields = {path: field_stats(values) for path, values in self.paths.items()}
         else:
             self.paths = {}
+        stats.maps = maps
         return ColumnarBatch(ids, keys, self.docs, self.paths, stats)
+
+    def _take_wholes(self) -> set[s.Path]:
+        """Put the values held whole where the text says `null`; the maps among them."""
+        by_path: dict[s.Path, list[tuple[Whole, np.ndarray, np.ndarray]]] = {}
+        for whole, at, keep in self.wholes:
+            by_path.setdefault(whole.path, []).append((whole, at, keep))
+        maps: set[s.Path] = set()
+        for path, wholes in by_path.items():
+            values = self.paths.get(path)
+            if values is None or values.whole:
+                raise Refused(f"{path}: values held whole where the reader saw none")
+            n = self.n
+            at = np.concatenate([a[k] for _, a, k in wholes])
+            if (values.kinds[at] != NULL).any():
+                raise Refused(f"{path}: a value held whole is not null in the text")
+            codes = np.concatenate(
+                [np.full(np.count_nonzero(k), CODES[s.ARRAY if w.is_array else s.DOCUMENT], np.int8)
+                 for w, _, k in wholes]
+            )  # fmt: skip
+            documents = np.zeros(n, np.int64)
+            nulls = np.zeros(n, np.int64)
+            for whole, a, keep in wholes:
+                if whole.is_array:
+                    documents[a[keep]] = whole.documents[keep]
+                    nulls[a[keep]] = whole.nulls[keep]
+                else:
+                    maps.add(path)
+            if values.elements is not None:
+                # Arrays the reader parsed, beside arrays held whole: only empty ones can join them.
+                lengths = np.diff(values.offsets)
+                parsed = (values.kinds == CODES[s.ARRAY]) & (lengths > 0)
+                if parsed.any():
+                    raise _SetAside(np.flatnonzero(parsed))
+            empty = values.kinds == CODES[s.ARRAY]  # arrays the reader parsed: empty ones (above)
+            if pa.types.is_string(values.text.type):
+                text = values.text
+            elif pa.types.is_null(values.text.type):
+                text = pa.nulls(n, pa.string())
+            else:  # booleans beside arrays or maps: rare
+                raise Refused(f"{path}: {values.text.type} beside values held whole")
+            if empty.any():
+                text = pc.if_else(pa.array(empty), pa.scalar("[  ]"), text)  # libbson: two spaces
+            texts = [t.text.filter(pa.array(k)).view(pa.string()) for t, _, k in wholes]
+            order = np.arange(n)
+            order[at] = n + np.arange(len(at))
+            text = pa.concat_arrays([text, *texts]).take(pa.array(order))
+            kinds = values.kinds.copy()
+            kinds[at] = codes
+            counts = documents + nulls
+            offsets = np.zeros(n + 1, np.int64)
+            np.cumsum(counts, out=offsets[1:])
+            total = int(offsets[-1])
+            row = np.repeat(np.arange(n), counts)
+            element_kinds = np.where(
+                np.arange(total) - offsets[row] < documents[row], CODES[s.DOCUMENT], NULL
+            )
+            elements = Values(element_kinds.astype(np.int8), pa.nulls(total, pa.string()))
+            self.paths[path] = Values(kinds, text, elements, offsets, whole=True)
+        return maps
 
     def _member(self, path: s.Path, array: pa.Array, parent: np.ndarray) -> None:
         """A key of a document at `path`, present or not in each row where its parent is."""
         valid = _valid(array) & parent
-        self.found_keys += valid
-        null_here = parent & ~valid
+        held = self.held.get(path)
+        present = valid if held is None else valid | held  # `null` in the text, held whole
+        self.found_keys += present
+        null_here = parent & ~present
         if null_here.any():
             self.unknown.append((path, null_here))
         kind = array.type
@@ -349,6 +524,11 @@ class _Walker:
             self.paths[path] = self._array(array, valid)
         else:
             self.paths[path] = _scalar(array, valid)
+        if held is not None:  # null until `_take_wholes` puts the values held there
+            values = self.paths.get(path)
+            if values is None:
+                values = self.paths[path] = Values(np.full(self.n, ABSENT, np.int8), pa.nulls(self.n))
+            values.kinds[held] = NULL
 
     def _record(self, path: s.Path, array: pa.StructArray, valid: np.ndarray) -> None:
         names = [f.name for f in array.type]
@@ -450,8 +630,11 @@ class _Walker:
         """
         if not self.unknown:
             return
-        if pc.any(pc.match_substring_regex(self.docs, _NOT_A_KEY_SEPARATOR)).as_py():
-            raise Refused("a key or string holding what looks like a key separator")
+        # Documents whose count cannot settle it go to the exact path (`_SetAside`), the rest stay.
+        if self.screened:  # `_REFUSED_TEXT` holds `_NOT_A_KEY_SEPARATOR`: none is left
+            aside = np.zeros(self.n, bool)
+        else:
+            aside = pc.match_substring_regex(self.docs, _NOT_A_KEY_SEPARATOR).to_numpy(zero_copy_only=False)
         in_text = pc.count_substring(self.docs, _KEY_SEPARATOR).to_numpy(zero_copy_only=False)
         null_keys = in_text - self.found_keys
         candidates = np.zeros(self.n, np.int64)
@@ -463,23 +646,22 @@ class _Walker:
         # Only the documents the counts leave unsettled are searched, by name: a chunk of documents
         # that differ in their fields has many names, and searching all of its text for each is
         # most of its walk.
-        unsettled = np.flatnonzero(~settled)
+        unsettled = np.flatnonzero(~settled & ~aside)
         null_by_name: dict[str, np.ndarray] = {}
         if len(unsettled):
-            texts = self.docs.take(pa.array(unsettled))
-            if pc.any(pc.match_substring(texts, '\\"')).as_py():
-                raise Refused("cannot tell null fields from missing ones")
+            found_names = _null_keys(self.docs.take(pa.array(unsettled)))
             by_name: dict[str, np.ndarray] = {}
             for path, null_here in self.unknown:
                 by_name[path[-1]] = by_name.get(path[-1], 0) + null_here[unsettled]
             for name, expected in by_name.items():
                 if not expected.any():
                     continue  # no null of this name to find (the tally below still checks every row)
-                if not _PLAIN_KEY.match(name):
-                    raise Refused("cannot tell null fields from missing ones")
-                found = pc.count_substring(texts, f'"{name}" : null').to_numpy(zero_copy_only=False)
-                if ((found != 0) & (found != expected)).any():
-                    raise Refused("cannot tell null fields from missing ones")
+                found = found_names.get(name)
+                found = np.zeros(len(unsettled), np.int64) if found is None else found.copy()
+                for path, held in self.held.items():  # a value held whole is `null` in the text
+                    if path[-1] == name:
+                        found -= held[unsettled]
+                aside[unsettled[(found != 0) & (found != expected)]] = True
                 null_by_name[name] = np.zeros(self.n, bool)
                 null_by_name[name][unsettled] = found == expected
         resolved = np.zeros(self.n, np.int64)
@@ -490,8 +672,9 @@ class _Walker:
             nulls = null_here & is_null
             resolved += nulls
             nulls_of.append((path, nulls))
-        if (resolved != null_keys).any():
-            raise Refused("cannot tell null fields from missing ones")
+        aside |= resolved != null_keys
+        if aside.any():
+            raise _SetAside(np.flatnonzero(aside))
         for path, nulls in nulls_of:
             if not nulls.any():
                 continue
@@ -656,6 +839,9 @@ def python_values(values: Values, codec_options: CodecOptions) -> tuple[np.ndarr
 def _python(values: Values, rows: np.ndarray, codec_options: CodecOptions) -> list[Any]:
     kinds = values.kinds[rows].tolist()
     text = values.text.take(pa.array(rows, pa.int64())).to_pylist() if len(rows) else []
+    if values.whole:
+        return [_CONVERT_WHOLE[k](t, codec_options) if k in _CONVERT_WHOLE else _CONVERT[k](t, codec_options)
+                for k, t in zip(kinds, text, strict=True)]  # fmt: skip
     if values.elements is not None:
         offsets = values.offsets
         element_list = _python(values.elements, np.arange(len(values.elements.kinds)), codec_options)
@@ -679,6 +865,45 @@ _CONVERT: dict[int, Callable[[Any, CodecOptions], Any]] = {
     CODES[s.UUID]: lambda t, o: _binary(t),
     CODES[s.BINARY]: lambda t, o: _binary(t),
 }
+
+
+def _decoded_whole(text: str, codec_options: CodecOptions) -> Any:
+    """A value held whole, from its canonical text, as `bson.decode` gives it: libbson reads the
+    text back into the value's own BSON."""
+    return bson.decode(bsonjs.loads('{"": ' + text + "}"), codec_options)[""]
+
+
+_CONVERT_WHOLE = {CODES[s.ARRAY]: _decoded_whole, CODES[s.DOCUMENT]: _decoded_whole}
+
+
+# Relaxed Extended JSON differs from canonical only in numbers and dates (libbson's
+# `bson_as_relaxed_extended_json`): int32 and int64 are bare digits, a finite double its digits
+# (written alike in both), a date in years 1970 to 9999 ISO 8601. A wrapper cannot be a document's
+# own key here: `columnar_batch` refuses a chunk that holds one (`_WRAPPER_KEY`).
+_RELAXED_NUMBERS = [
+    (r'\{ "\$numberInt" : "(-?[0-9]+)" \}', r"\1"),
+    (r'\{ "\$numberLong" : "(-?[0-9]+)" \}', r"\1"),
+    (r'\{ "\$numberDouble" : "(-?[0-9][^"]*)" \}', r"\1"),  # not NaN or ±Infinity: wrapped in both
+]
+
+
+def relaxed_texts(text: pa.Array) -> pa.Array:
+    """Values held whole (canonical text, or null), as relaxed Extended JSON (`arrow.relaxed_json_value`):
+    numbers unwrapped by Arrow's regular expressions; a value that holds a date, by libbson."""
+    canonical = text
+    for pattern, replacement in _RELAXED_NUMBERS:
+        text = pc.replace_substring_regex(text, pattern, replacement)
+    dated = pc.fill_null(pc.match_substring(canonical, '{ "$date" : '), False).to_numpy(zero_copy_only=False)
+    if not dated.any():
+        return text
+    rows = np.flatnonzero(dated)
+    relaxed = []
+    for value in canonical.take(pa.array(rows)).to_pylist():
+        document = bsonjs.dumps(bsonjs.loads('{"": ' + value + "}"), bsonjs.RELAXED)
+        relaxed.append(document[document.index(":") + 1 : document.rindex("}")].strip())
+    order = np.arange(len(text))
+    order[rows] = len(text) + np.arange(len(rows))
+    return pa.concat_arrays([text, pa.array(relaxed, text.type)]).take(pa.array(order))
 
 
 def _binary(text: str) -> bytes | Binary:
@@ -705,6 +930,10 @@ def fast_column(values: Values, type_name: str, accepts: frozenset[str]) -> tupl
     text = values.text
     if CODES[s.UUID] in codes:  # UUIDs are decoded: only theirs, not an outlier's text
         text = pc.if_else(pa.array(accepted), text, pa.scalar(None, text.type))
+    if values.whole:
+        if type_name != s.T_JSON or not codes <= {CODES[s.ARRAY], CODES[s.DOCUMENT]}:
+            return None
+        return relaxed_texts(pc.if_else(pa.array(accepted), text, pa.scalar(None, text.type))), outliers
     try:
         if type_name.startswith("list<"):
             column = _fast_list(values, type_name[5:-1], target, accepted)

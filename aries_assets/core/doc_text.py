@@ -35,10 +35,12 @@ import itertools
 import struct
 from dataclasses import dataclass, field
 
+import bson
 import bsonjs
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+from bson.codec_options import CodecOptions, DatetimeConversion
 
 # A group of fewer documents goes to bsonjs: a walk's fixed cost per element is tens of µs.
 MIN_GROUP = 24
@@ -65,25 +67,81 @@ _ESCAPED[:0x20] = True
 _ESCAPED[[ord('"'), ord("\\")]] = True
 
 
+@dataclass
+class Whole:
+    """Values at one field path, each rendered whole for the columnar path to take as its text:
+    arrays of documents (`documents` and `nulls` count their elements) and documents whose keys
+    part ways (maps, likely: `keys` lists each one's)."""
+
+    path: tuple[str, ...]
+    is_array: bool
+    rows: np.ndarray  # the documents' rows in the chunk
+    text: pa.BinaryArray  # each value's canonical text, as in `_doc`
+    documents: np.ndarray | None = None
+    nulls: np.ndarray | None = None
+    keys: list[list[str]] | None = None
+
+
+@dataclass
+class Rendered:
+    """A chunk's `_doc`, and what the walk found in it for the columnar path."""
+
+    docs: pa.StringArray
+    # `docs` with each `Whole` value written `null`: what the columnar path parses (its
+    # values come from `wholes`); `docs` itself where there are none.
+    columnar: pa.StringArray
+    wholes: list[Whole] = field(default_factory=list)
+    # Documents that hold, at a path of documents, what neither the walk nor `wholes` can give the
+    # columnar path (an array of documents beside other values, a record of many shapes).
+    exact: np.ndarray | None = None
+
+
 def canonical_json(raw_documents: list[bytes]) -> pa.StringArray:
     """What `bsonjs.dumps(raw, bsonjs.CANONICAL)` gives for each document, as one Arrow array."""
+    return render(raw_documents).docs
+
+
+def render(raw_documents: list[bytes]) -> Rendered:
+    """The chunk's `_doc` (see `canonical_json`), and its text and values for the columnar path."""
     count = len(raw_documents)
     if count < MIN_GROUP:
-        return one_by_one(raw_documents)
-    buf = np.frombuffer(b"".join(raw_documents), np.uint8)
+        docs = one_by_one(raw_documents)
+        return Rendered(docs, docs)
+    joined = b"".join(raw_documents)
+    buf = np.frombuffer(joined, np.uint8)
     sizes = np.fromiter(map(len, raw_documents), np.int64, count)
     starts = np.zeros(count, np.int64)
     np.cumsum(sizes[:-1], out=starts[1:])
     walk = _Walk(buf, BUDGET_SHARE * BSONJS_NS_PER_BYTE * len(buf))
     try:
-        done = walk.run(_Group(np.arange(count), starts + 4, ["{ "], [_Frame(False)]))
+        done = walk.run(_Group(np.arange(count), starts + 4, ["{ "], [_Frame(False, path=())]))
     except (IndexError, ValueError):  # bytes that are not BSON: bsonjs says what is wrong with them
-        return one_by_one(raw_documents)
+        docs = one_by_one(raw_documents)
+        return Rendered(docs, docs)
     parts = [(group.rows, _joined(group.pieces)) for group in done]
+    held = any(isinstance(p, _Held) for group in done for p in group.pieces)
+    columnar_parts = [(g.rows, _joined(g.pieces, held=False)) for g in done] if held else None
     rest = walk.by_bsonjs
     if rest:
         rows = np.concatenate(rest)
-        parts.append((rows, one_by_one([raw_documents[i] for i in rows.tolist()]).view(pa.binary())))
+        text = one_by_one([raw_documents[i] for i in rows.tolist()]).view(pa.binary())
+        parts.append((rows, text))
+        if columnar_parts is not None:
+            columnar_parts.append((rows, text))
+    docs = _in_order(parts)
+    wholes = [
+        Whole(p.path, p.is_array, g.rows, p.text, p.documents, p.nulls, p.keys)
+        for g in done
+        for p in g.pieces
+        if isinstance(p, _Held)
+    ]
+    exact = np.zeros(count, bool)
+    for rows in walk.exact:
+        exact[rows] = True
+    return Rendered(docs, docs if columnar_parts is None else _in_order(columnar_parts), wholes, exact)
+
+
+def _in_order(parts: list[tuple[np.ndarray, pa.Array]]) -> pa.StringArray:
     if len(parts) == 1 and (np.diff(parts[0][0]) > 0).all():
         return parts[0][1].view(pa.string())  # one shape, or bsonjs's alone, in order
     order = np.concatenate([rows for rows, _ in parts])
@@ -112,14 +170,42 @@ class _Frame:
     is_array: bool
     members: int = 0
     # Where the value began, to render it by bsonjs instead (`_Walk._rewind`): each document's
-    # offset of its length, the group's piece it began at, the text before it ("key" : ).
+    # offset of its length, and the group's piece its text begins at.
     start: np.ndarray | None = None
     pieces_at: int = 0
-    prefix: str = ""
+    path: tuple[str, ...] | None = None  # the field path of the value, if only documents lead to it
+    # An array's elements so far: documents, nulls, and whether any other value.
+    documents: int = 0
+    nulls: int = 0
+    others: bool = False
 
     def part(self, keep: np.ndarray) -> _Frame:
         start = None if self.start is None else self.start[keep]
-        return _Frame(self.is_array, self.members, start, self.pieces_at, self.prefix)
+        return _Frame(
+            self.is_array, self.members, start, self.pieces_at, self.path,
+            self.documents, self.nulls, self.others,
+        )  # fmt: skip
+
+
+@dataclass
+class _Held:
+    """A piece holding `Whole` values: their text in `_doc`, `null` in the columnar text."""
+
+    text: pa.BinaryArray
+    path: tuple[str, ...]
+    is_array: bool
+    documents: np.ndarray | None = None
+    nulls: np.ndarray | None = None
+    keys: list[list[str]] | None = None
+
+    def filter(self, mask: pa.BooleanArray) -> _Held:
+        keep = mask.to_numpy(zero_copy_only=False)
+        return _Held(
+            self.text.filter(mask), self.path, self.is_array,
+            None if self.documents is None else self.documents[keep],
+            None if self.nulls is None else self.nulls[keep],
+            None if self.keys is None else [k for k, kept in zip(self.keys, keep.tolist(), strict=True) if kept],
+        )  # fmt: skip
 
 
 @dataclass
@@ -146,6 +232,7 @@ class _Walk:
         self.buf = buf
         self.budget_ns = budget_ns
         self.by_bsonjs: list[np.ndarray] = []
+        self.exact: list[np.ndarray] = []  # rows only the exact path can take (`Rendered.exact`)
         self.groups = 1
         self._windows: dict[int, np.ndarray] = {}
 
@@ -203,6 +290,8 @@ class _Walk:
                 group.frames.pop()
                 if not group.frames:
                     return group
+                if frame.is_array and frame.documents and frame.path is not None:
+                    self._hold_array(group, frame)
                 continue
             key_at = group.pos + 1
             if frame.is_array:
@@ -235,8 +324,33 @@ class _Walk:
             frame.members += 1
             prefix = separator if frame.is_array else f'{separator}"{key_text}" : '
             group.pos = key_at + len(key) + 1
-            if not self._value(group, int(kind[0]), prefix):
+            value_kind = int(kind[0])
+            path = None
+            if frame.is_array:
+                if value_kind == _DOCUMENT:
+                    frame.documents += 1
+                elif value_kind == _NULL:
+                    frame.nulls += 1
+                else:
+                    frame.others = True
+            elif frame.path is not None:
+                path = (*frame.path, key.decode())
+            if not self._value(group, value_kind, prefix, path):
                 return None
+
+    def _hold_array(self, group: _Group, frame: _Frame) -> None:
+        """An array of documents (and nulls) at a path of documents, just walked: its text becomes
+        one `Whole` value. Beside other values, its documents are the exact path's."""
+        if frame.others:
+            self.exact.append(group.rows)
+            return
+        pieces = group.pieces
+        text = _joined(pieces[frame.pieces_at :])
+        del pieces[frame.pieces_at :]
+        rows = len(group.rows)
+        pieces.append(
+            _Held(text, frame.path, True, np.full(rows, frame.documents), np.full(rows, frame.nulls))
+        )
 
     def _keep(self, group: _Group, keep: np.ndarray) -> _Group | None:
         """The group without the documents not kept, which are bsonjs's; None when too few are
@@ -261,25 +375,47 @@ class _Walk:
 
     def _rewind(self, group: _Group) -> None:
         """Render the innermost value being walked by bsonjs, one document at a time, in place of
-        its pieces so far, and go on after it."""
+        its pieces so far, and go on after it. At a path of documents, it is a `Whole` value."""
         frame = group.frames.pop()
         del group.pieces[frame.pieces_at :]
         size = self._fixed(frame.start, 4).view("<i4").ravel().astype(np.int64)
-        self.budget_ns -= BSONJS_NS_PER_BYTE * int(size.sum())
         kind = _ARRAY if frame.is_array else _DOCUMENT
-        group.pieces += [frame.prefix, self._by_bsonjs(kind, frame.start, size)]
+        values: list | None = [] if frame.path is not None else None
+        text = self._by_bsonjs(kind, frame.start, size, values)
         group.pos = frame.start + size
+        if values is None:
+            group.pieces.append(text)
+            return
+        if not frame.is_array:  # a map, likely: the columnar path tells by its keys
+            keys = [list(v) if type(v) is dict else None for v in values]
+            self.exact.append(group.rows[[k is None for k in keys]])
+            group.pieces.append(_Held(text, frame.path, False, keys=[k or [] for k in keys]))
+            return
+        values = [v if type(v) is list else [0] for v in values]
+        documents = np.array([sum(type(e) is dict for e in v) for v in values], np.int64)
+        nulls = np.array([sum(e is None for e in v) for v in values], np.int64)
+        lengths = np.array([len(v) for v in values], np.int64)
+        whole = (documents > 0) & (documents + nulls == lengths)
+        if not whole.any():
+            self.exact.append(group.rows)  # arrays of mixed values: as before, the exact path's
+            group.pieces.append(text)
+            return
+        self.exact.append(group.rows[~whole])
+        group.pieces.append(_Held(text, frame.path, True, documents, nulls))
 
-    def _by_bsonjs(self, kind: int, starts: np.ndarray, sizes: np.ndarray) -> pa.BinaryArray:
+    def _by_bsonjs(
+        self, kind: int, starts: np.ndarray, sizes: np.ndarray, values: list | None = None
+    ) -> pa.BinaryArray:
         """Values of one BSON type, each rendered by bsonjs alone: in `{"": value}`, whose text is
-        `{ "" : <value> }`."""
+        `{ "" : <value> }`. With `values`, each is decoded into it too."""
         view = memoryview(self.buf)
-        texts = [
-            bsonjs.dumps(
-                _VALUE_HEAD.pack(size + 7, kind) + view[start : start + size] + b"\x00", bsonjs.CANONICAL
-            )[7:-2]
+        alone = [
+            _VALUE_HEAD.pack(size + 7, kind) + view[start : start + size] + b"\x00"
             for start, size in zip(starts.tolist(), sizes.tolist(), strict=True)
         ]
+        if values is not None:
+            values += map(_decoded, alone)
+        texts = [bsonjs.dumps(raw, bsonjs.CANONICAL)[7:-2] for raw in alone]
         return pa.array(texts, pa.string()).view(pa.binary())
 
     def _key(self, at: int) -> tuple[bytes | None, str]:
@@ -308,13 +444,15 @@ class _Walk:
             windows = self._windows[width] = np.lib.stride_tricks.sliding_window_view(self.buf, width)
         return windows[at]
 
-    def _value(self, group: _Group, kind: int, prefix: str) -> bool:
-        """Append the value's text to the group's pieces and step past it; False if the group left."""
+    def _value(self, group: _Group, kind: int, prefix: str, path: tuple[str, ...] | None = None) -> bool:
+        """Append the value's text to the group's pieces and step past it; False if the group left.
+        `path`: the value's field path, if only documents lead to it."""
         at = group.pos
         pieces = group.pieces
         if kind in (_DOCUMENT, _ARRAY):
-            group.frames.append(_Frame(kind == _ARRAY, start=at, pieces_at=len(pieces), prefix=prefix))
-            pieces.append(prefix + ("[ " if kind == _ARRAY else "{ "))
+            pieces.append(prefix)
+            group.frames.append(_Frame(kind == _ARRAY, start=at, pieces_at=len(pieces), path=path))
+            pieces.append("[ " if kind == _ARRAY else "{ ")
             group.pos = at + 4
             return True
         if kind == _STRING:
@@ -546,10 +684,25 @@ def _rare_decimal(bid: bytes) -> str:
     return bsonjs.dumps(head + bid + tail, bsonjs.CANONICAL)[_DECIMAL_TEXT]
 
 
-def _joined(pieces: list) -> pa.BinaryArray:
-    """The group's text: its pieces joined row by row (runs of literal pieces first joined once)."""
+# Only keys and types are read from a decoded value: no datetime objects, and what decoding refuses
+# makes its document the exact path's (which says what is wrong with it).
+_DECODE_OPTIONS = CodecOptions(datetime_conversion=DatetimeConversion.DATETIME_MS)
+
+
+def _decoded(raw: bytes) -> dict | list | None:
+    try:
+        return bson.decode(raw, _DECODE_OPTIONS)[""]
+    except Exception:  # bson.errors.InvalidBSON and what it wraps
+        return None
+
+
+def _joined(pieces: list, held: bool = True) -> pa.BinaryArray:
+    """The group's text: its pieces joined row by row (runs of literal pieces first joined once).
+    `held=False`: the columnar text, `Whole` values written `null`."""
     merged: list = []
     for piece in pieces:
+        if isinstance(piece, _Held):
+            piece = piece.text if held else "null"
         if isinstance(piece, str) and merged and isinstance(merged[-1], str):
             merged[-1] += piece
         else:
