@@ -318,10 +318,11 @@ class BucketConverter:
     def _convert(self, raw_documents: list[bytes]) -> Iterator[_Batch | ColumnarBatch | SplitBatch]:
         if self._exclude:
             raw_documents = [self._without_excluded(raw) for raw in raw_documents]
-        rendered = doc_text.render(raw_documents)
+        columnar_too = self.fast and self._refused < _GIVE_UP_AFTER
+        rendered = doc_text.render(raw_documents, hold=columnar_too)
         docs = rendered.docs
         columnar = None
-        if self.fast and self._refused < _GIVE_UP_AFTER:
+        if columnar_too:
             columnar = self._columnar(raw_documents, rendered)
             self._refused = 0 if columnar is not None else self._refused + 1
         for batch in [columnar] if columnar is not None else self._exact_parts(raw_documents, docs):

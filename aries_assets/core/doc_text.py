@@ -65,6 +65,13 @@ _OLD_BINARY = 2  # a binary subtype that nests its own length, which libbson rea
 _ESCAPED = np.zeros(256, bool)
 _ESCAPED[:0x20] = True
 _ESCAPED[[ord('"'), ord("\\")]] = True
+# How it escapes them: a backslash first (the others write one), then the short escapes; any other
+# control character as `\u00XX` (left to bsonjs, see `_Walk._string`).
+_SHORT_ESCAPES = [(b"\\", b"\\\\"), (b'"', b'\\"')] + [
+    (bytes([code]), b"\\" + bytes([letter])) for code, letter in zip(b"\b\t\n\f\r", b"btnfr", strict=True)
+]
+_RARE_CONTROL = _ESCAPED.copy()
+_RARE_CONTROL[[ord('"'), ord("\\"), *b"\b\t\n\f\r"]] = False
 
 
 @dataclass
@@ -101,8 +108,9 @@ def canonical_json(raw_documents: list[bytes]) -> pa.StringArray:
     return render(raw_documents).docs
 
 
-def render(raw_documents: list[bytes]) -> Rendered:
-    """The chunk's `_doc` (see `canonical_json`), and its text and values for the columnar path."""
+def render(raw_documents: list[bytes], hold: bool = True) -> Rendered:
+    """The chunk's `_doc` (see `canonical_json`), and its text and values for the columnar path
+    (with `hold`; else `_doc` alone, for a chunk the exact path converts)."""
     count = len(raw_documents)
     if count < MIN_GROUP:
         docs = one_by_one(raw_documents)
@@ -112,7 +120,7 @@ def render(raw_documents: list[bytes]) -> Rendered:
     sizes = np.fromiter(map(len, raw_documents), np.int64, count)
     starts = np.zeros(count, np.int64)
     np.cumsum(sizes[:-1], out=starts[1:])
-    walk = _Walk(buf, BUDGET_SHARE * BSONJS_NS_PER_BYTE * len(buf))
+    walk = _Walk(buf, BUDGET_SHARE * BSONJS_NS_PER_BYTE * len(buf), hold)
     try:
         done = walk.run(_Group(np.arange(count), starts + 4, ["{ "], [_Frame(False, path=())]))
     except (IndexError, ValueError):  # bytes that are not BSON: bsonjs says what is wrong with them
@@ -228,7 +236,8 @@ class _Group:
 
 
 class _Walk:
-    def __init__(self, buf: np.ndarray, budget_ns: float) -> None:
+    def __init__(self, buf: np.ndarray, budget_ns: float, hold: bool = True) -> None:
+        self.hold = hold
         self.buf = buf
         self.budget_ns = budget_ns
         self.by_bsonjs: list[np.ndarray] = []
@@ -290,7 +299,7 @@ class _Walk:
                 group.frames.pop()
                 if not group.frames:
                     return group
-                if frame.is_array and frame.documents and frame.path is not None:
+                if frame.is_array and frame.documents and frame.path is not None and self.hold:
                     self._hold_array(group, frame)
                 continue
             key_at = group.pos + 1
@@ -380,7 +389,7 @@ class _Walk:
         del group.pieces[frame.pieces_at :]
         size = self._fixed(frame.start, 4).view("<i4").ravel().astype(np.int64)
         kind = _ARRAY if frame.is_array else _DOCUMENT
-        values: list | None = [] if frame.path is not None else None
+        values: list | None = [] if frame.path is not None and self.hold else None
         text = self._by_bsonjs(kind, frame.start, size, values)
         group.pos = frame.start + size
         if values is None:
@@ -525,11 +534,19 @@ class _Walk:
             group.pieces += [prefix + '"', text, '"']
             return True
         # Strings with a quote, a backslash or a control character (a newline in an address):
-        # those values alone are escaped by bsonjs, quotes included.
-        plain = np.flatnonzero(~escaped)
-        odd = np.flatnonzero(escaped)
+        # escaped as libbson escapes them, by Arrow's kernels; those with a control character
+        # that has no short escape (`\u0001`) by bsonjs, value by value, quotes included.
+        rare = _any_per_row(_RARE_CONTROL[data], offsets)
+        plain = np.flatnonzero(~rare)
+        odd = np.flatnonzero(rare)
+        common = text.take(pa.array(plain))
+        for raw, written in _SHORT_ESCAPES:
+            common = pc.replace_substring(common, raw, written)
         quote = pa.scalar(b'"', pa.binary())
-        quoted = pc.binary_join_element_wise(quote, text.take(pa.array(plain)), quote, b"")
+        quoted = pc.binary_join_element_wise(quote, common, quote, b"")
+        if not len(odd):
+            group.pieces += [prefix, quoted]
+            return True
         texts = pa.concat_arrays([quoted, self._by_bsonjs(_STRING, at[odd], 4 + size[odd])])
         group.pieces += [prefix, texts.take(pa.array(np.argsort(np.concatenate([plain, odd]))))]
         return True
