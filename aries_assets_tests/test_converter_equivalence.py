@@ -243,6 +243,15 @@ def test_arrays_of_documents_and_maps_take_the_columnar_path():
     assert columnar < len(documents) // 10
 
 
+def test_values_held_whole_of_literal_text_only():
+    """Arrays of empty documents (the same text in every document), held whole, then a split."""
+    documents = [
+        {"_id": i, "v": [{}], "w": i if i % 3 else f"s{i}", "x": {"y": [{}, None]}} for i in range(300)
+    ]
+    assert_equivalent(documents, batch=300)
+    assert_equivalent(documents, batch=37)
+
+
 def test_sample_datasets():
     for path in sorted(SAMPLES.glob("*.jsonl")):
         documents = [json_util.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -231,6 +231,16 @@ def test_maps_escaped_keys_and_strings_go_to_libbson_value_by_value(monkeypatch)
     assert {next(iter(k)) for k in keys} == {'say "what"', "tab\there"}  # each escaped key, once a group
 
 
+def test_values_of_literal_text_only_then_a_split():
+    """An array of empty documents held whole, and empty binaries, are the same text in every
+    document; the group splitting after them (a string here, an int there) still renders each."""
+    documents = [
+        {"_id": i, "v": [{}], "b": Binary(b"", 0), "w": i if i % 3 else f"s{i}", "x": {"y": [{}, None]}}
+        for i in range(300)
+    ]
+    assert_libbsons(encoded(documents))
+
+
 def raw_document(elements: bytes) -> bytes:
     return struct.pack("<i", len(elements) + 5) + elements + b"\x00"
 

@@ -126,9 +126,9 @@ def render(raw_documents: list[bytes], hold: bool = True) -> Rendered:
     except (IndexError, ValueError):  # bytes that are not BSON: bsonjs says what is wrong with them
         docs = one_by_one(raw_documents)
         return Rendered(docs, docs)
-    parts = [(group.rows, _joined(group.pieces)) for group in done]
+    parts = [(group.rows, _joined(group.pieces, len(group.rows))) for group in done]
     held = any(isinstance(p, _Held) for group in done for p in group.pieces)
-    columnar_parts = [(g.rows, _joined(g.pieces, held=False)) for g in done] if held else None
+    columnar_parts = [(g.rows, _joined(g.pieces, len(g.rows), held=False)) for g in done] if held else None
     rest = walk.by_bsonjs
     if rest:
         rows = np.concatenate(rest)
@@ -354,7 +354,7 @@ class _Walk:
             self.exact.append(group.rows)
             return
         pieces = group.pieces
-        text = _joined(pieces[frame.pieces_at :])
+        text = _joined(pieces[frame.pieces_at :], len(group.rows))
         del pieces[frame.pieces_at :]
         rows = len(group.rows)
         pieces.append(
@@ -625,7 +625,7 @@ def _any_per_row(flags: np.ndarray, offsets: np.ndarray) -> np.ndarray:
 
 def _fixed_text(chars: np.ndarray) -> pa.BinaryArray:
     rows, width = chars.shape
-    offsets = np.arange(0, (rows + 1) * width, width, dtype=np.int32)
+    offsets = np.arange(rows + 1, dtype=np.int32) * width
     return pa.BinaryArray.from_buffers(pa.binary(), rows, [None, pa.py_buffer(offsets), pa.py_buffer(chars)])
 
 
@@ -713,9 +713,9 @@ def _decoded(raw: bytes) -> dict | list | None:
         return None
 
 
-def _joined(pieces: list, held: bool = True) -> pa.BinaryArray:
-    """The group's text: its pieces joined row by row (runs of literal pieces first joined once).
-    `held=False`: the columnar text, `Whole` values written `null`."""
+def _joined(pieces: list, rows: int, held: bool = True) -> pa.BinaryArray:
+    """The group's text, `rows` long: its pieces joined row by row (runs of literal pieces first
+    joined once). `held=False`: the columnar text, `Whole` values written `null`."""
     merged: list = []
     for piece in pieces:
         if isinstance(piece, _Held):
@@ -724,5 +724,7 @@ def _joined(pieces: list, held: bool = True) -> pa.BinaryArray:
             merged[-1] += piece
         else:
             merged.append(piece)
+    if all(isinstance(p, str) for p in merged):  # literals only (`[ {  } ]`): the same text in each row
+        merged.append(pa.array(np.full(rows, b""), pa.binary()))
     args = [pa.scalar(p.encode(), pa.binary()) if isinstance(p, str) else p for p in merged]
     return pc.binary_join_element_wise(*args, pa.scalar(b"", pa.binary()))
