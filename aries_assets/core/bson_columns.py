@@ -61,7 +61,10 @@ _PLAIN_KEY = re.compile(r"^[A-Za-z0-9_ .:/'-]+$")  # written as is in JSON, no e
 # A key named like a wrapper, as BSON holds it (the name, then its terminating zero byte): one scan.
 # Each wrapper the walk reads, and the keys its text holds (`{ "$date" : { "$numberLong" : ... } }`: 2).
 _WRAPPERS = {"$oid": 1, "$date": 2, "$binary": 3} | {name: 1 for name in _NUMBER_WRAPPERS}
-_WRAPPER_KEY = re.compile(rb"\$(?:" + b"|".join(re.escape(n[1:]).encode() for n in _WRAPPERS) + rb")\x00")
+# `$ref` too: pymongo decodes a document holding one (and `$id`) as a DBRef, not a document.
+_WRAPPER_KEY = re.compile(
+    rb"\$(?:" + b"|".join(re.escape(n[1:]).encode() for n in [*_WRAPPERS, "$ref"]) + rb")\x00"
+)
 _NOT_DECIMAL = s.MAX_DECIMAL_PRECISION + 1
 _PLAIN_DECIMAL = r"^-?[0-9]+\.?[0-9]*$"
 
@@ -444,7 +447,7 @@ class _Walker:
             stats.fields = {path: field_stats(values) for path, values in self.paths.items()}
         else:
             self.paths = {}
-        stats.maps = maps
+        stats.maps = maps if self.options.infer else set()  # the exact path finds none without inference
         return ColumnarBatch(ids, keys, self.docs, self.paths, stats)
 
     def _take_wholes(self) -> set[s.Path]:

@@ -186,12 +186,13 @@ class _Frame:
     documents: int = 0
     nulls: int = 0
     others: bool = False
+    keys: set[bytes] = field(default_factory=set)  # a document's keys so far (one twice: see `_walk`)
 
     def part(self, keep: np.ndarray) -> _Frame:
         start = None if self.start is None else self.start[keep]
         return _Frame(
             self.is_array, self.members, start, self.pieces_at, self.path,
-            self.documents, self.nulls, self.others,
+            self.documents, self.nulls, self.others, set(self.keys),
         )  # fmt: skip
 
 
@@ -329,6 +330,10 @@ class _Walk:
                     return None
                 group, key_at = split, key_at[same]
                 frame = group.frames[-1]
+            if not frame.is_array:
+                if key in frame.keys:  # a key twice: decoded, the exact path keeps the last only
+                    self.exact.append(group.rows)
+                frame.keys.add(key)
             separator = ", " if frame.members else ""
             frame.members += 1
             prefix = separator if frame.is_array else f'{separator}"{key_text}" : '
@@ -707,8 +712,11 @@ _DECODE_OPTIONS = CodecOptions(datetime_conversion=DatetimeConversion.DATETIME_M
 
 
 def _decoded(raw: bytes) -> dict | list | None:
+    """The value in `{"": value}`, or None where decoding does not give it back byte for byte (the
+    exact path would see another value: a key twice, a DBRef, a symbol, undefined, ...)."""
     try:
-        return bson.decode(raw, _DECODE_OPTIONS)[""]
+        value = bson.decode(raw, _DECODE_OPTIONS)[""]
+        return value if bson.encode({"": value}, codec_options=_DECODE_OPTIONS) == raw else None
     except Exception:  # bson.errors.InvalidBSON and what it wraps
         return None
 
