@@ -313,6 +313,31 @@ def test_values_that_decode_to_others_stay_exact():
     assert_equivalent(maps, s.SchemaOptions(infer=False), expect_columnar=True)
 
 
+def test_a_held_value_libbson_cannot_read_back_stays_exact():
+    """A Decimal128 whose coefficient is past 34 digits: libbson writes its 35 digits, as `_doc`
+    keeps them, but cannot read that text back, which the columnar path does for a held value
+    holding a date, or beside other kinds, or under an override. Those documents stay exact.
+    (Found by a review's fuzz.)"""
+    coefficient_past_34_digits = Decimal128.from_bid(
+        ((1 << 64) - 1).to_bytes(8, "little") + ((0x3040 << 48) | ((1 << 49) - 1)).to_bytes(8, "little")
+    )
+    at = datetime.datetime(2020, 1, 1, tzinfo=UTC)
+    cases = {
+        "a date beside": lambda i: [{f"k{i}": coefficient_past_34_digits, "at": at}],
+        "a map": lambda i: {f"{i:016x}": [coefficient_past_34_digits, at]},
+        "a string beside": lambda i: [{f"k{i}": coefficient_past_34_digits}] if i % 2 else "x",
+    }
+    for name, make in cases.items():
+        documents = [{"_id": ObjectId(), "pad": "p" * 3000, "items": make(i)} for i in range(100)]
+        assert_equivalent(documents), name
+    overridden = s.SchemaOptions(overrides={"items": "string"})
+    documents = [
+        {"_id": ObjectId(), "pad": "p" * 3000, "items": [{"k": coefficient_past_34_digits}]}
+        for _ in range(100)
+    ]
+    assert_equivalent(documents, overridden)
+
+
 def raw_document(elements: bytes) -> bytes:
     return struct.pack("<i", len(elements) + 5) + elements + b"\x00"
 

@@ -362,6 +362,7 @@ class _Walk:
         text = _joined(pieces[frame.pieces_at :], len(group.rows))
         del pieces[frame.pieces_at :]
         rows = len(group.rows)
+        self.exact.append(group.rows[_unreadable(text)])
         pieces.append(
             _Held(text, frame.path, True, np.full(rows, frame.documents), np.full(rows, frame.nulls))
         )
@@ -400,6 +401,7 @@ class _Walk:
         if values is None:
             group.pieces.append(text)
             return
+        self.exact.append(group.rows[_unreadable(text)])
         if not frame.is_array:  # a map, likely: the columnar path tells by its keys
             keys = [list(v) if type(v) is dict else None for v in values]
             self.exact.append(group.rows[[k is None for k in keys]])
@@ -709,6 +711,24 @@ def _rare_decimal(bid: bytes) -> str:
 # Only keys and types are read from a decoded value: no datetime objects, and what decoding refuses
 # makes its document the exact path's (which says what is wrong with it).
 _DECODE_OPTIONS = CodecOptions(datetime_conversion=DatetimeConversion.DATETIME_MS)
+
+
+def _unreadable(text: pa.BinaryArray) -> np.ndarray:
+    """Which held values libbson cannot read back from their text, as the columnar path does
+    where it needs the value (a date to write in relaxed form, a column of another type): a
+    Decimal128 whose coefficient is past 34 digits, which libbson writes but refuses to read.
+    Only values that hold a decimal are tried."""
+    unreadable = np.zeros(len(text), bool)
+    decimals = pc.fill_null(pc.match_substring(text, '"$numberDecimal"'), False).to_numpy(
+        zero_copy_only=False
+    )
+    rows = np.flatnonzero(decimals)
+    for row, value in zip(rows.tolist(), text.take(pa.array(rows)).to_pylist(), strict=True):
+        try:
+            bsonjs.loads('{"": ' + value.decode() + "}")
+        except Exception:  # libbson's ValueError, or bytes that are not UTF-8
+            unreadable[row] = True
+    return unreadable
 
 
 def _decoded(raw: bytes) -> dict | list | None:
