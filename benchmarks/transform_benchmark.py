@@ -7,8 +7,9 @@ schema, Parquet), pymongoarrow (its own inferred schema, Parquet), pymongoarrow
 plus a canonical `_doc` column (python-bsonjs), and the decode floor
 (`bson.decode_all`), in documents/s, MB/s of raw BSON and as a ratio to
 pymongoarrow + `_doc`; for an events set shaped like sync_benchmark.py's, for the
-same with a UUID in each document, for the same with one document in 50 carrying
-what the columnar path cannot take, and for a messy set (MongoDB's sample datasets next to the repository, in
+same with a UUID in each document, for orders with an array of line items, for events
+with one document in 50 carrying a map, a UUID and an array of documents, and for a
+messy set (MongoDB's sample datasets next to the repository, in
 `../shared/datasets/mongodb-sample`, else generated, plus maps, hostile names, type
 conflicts, Decimal128, UUIDs and a 2 MB document). Then the peak RSS of writing
 one bucket, in a fresh process per bucket size, against the bucket's raw size.
@@ -145,6 +146,28 @@ def with_uuids(count: int) -> list[dict]:
     """Events, each with a UUID (BSON binary subtype 4), as many collections key users by."""
     rng = random.Random(4)
     return [dict(d, user=Binary(uuid.UUID(int=rng.getrandbits(128)).bytes, 4)) for d in events(count)]
+
+
+def orders(count: int) -> list[dict]:
+    """Orders with 1 to 5 line items each: an array of documents, as most collections have one."""
+    rng = random.Random(5)
+    start = datetime.datetime(2026, 1, 1, tzinfo=UTC)
+    return [
+        {
+            "_id": ObjectId(),
+            "customer": f"c{rng.randint(0, 999)}",
+            "at": start + datetime.timedelta(seconds=i),
+            "items": [
+                {
+                    "sku": f"s{rng.randint(0, 99)}",
+                    "qty": rng.randint(1, 5),
+                    "price": Decimal128(f"{rng.randint(1, 999)}.{rng.randint(0, 99):02d}"),
+                }
+                for _ in range(rng.randint(1, 5))
+            ],
+        }
+        for i in range(count)
+    ]
 
 
 def batches_of(documents: list[dict]) -> list[list[bytes]]:
@@ -382,6 +405,7 @@ def main() -> None:
     print(f"allocators as in a bucket writer: {allocators}")
     report("events", events(args.documents), args.repeat)
     report("events, each with a UUID", with_uuids(args.documents), args.repeat)
+    report("orders, each with 1 to 5 line items (an array of documents)", orders(args.documents), args.repeat)
     report(
         "events, 1 in 50 with a map, a UUID and an array of documents",
         mostly_plain(args.documents),
