@@ -6,16 +6,22 @@ one Arrow array, from which the type statistics and the typed columns follow wit
 vectorised compute. Documents are taken only when the result is provably what the
 exact path (decode every document, walk it in Python) would give.
 
+The reader parses `doc_text.Rendered.columnar`: `_doc`, but with each array of
+documents and each map the `_doc` walk held whole written `null`. Those values
+come from `Rendered.wholes` instead, as their canonical text (`_take_wholes`):
+values of their own in the schema, as the exact path keeps them.
+
 `columnar_part` first sets aside, by their text, the documents the walk would
-refuse: maps, arrays of documents or arrays, empty documents, arrays that begin
-with null, the rarer BSON types (regex, code, timestamps, min/max keys, old binaries),
-keys named like an Extended JSON wrapper; and, when Arrow's reader meets a field
-in two JSON shapes, the documents of the rarer shape. Those take the exact path;
-the rest are walked. What the walk still refuses (documents deeper than
-`max_depth`, two `_id` types, a document whose keys all start with `$`) sends
-the whole chunk down the exact path. A null and a missing field are both null in
-Arrow; the keys counted in the text tell them apart, and a document where the
-count cannot settle it refuses the batch.
+refuse: maps and arrays of documents not held whole, arrays of arrays, empty
+documents, arrays that begin with null, the rarer BSON types (regex, code,
+timestamps, min/max keys, old binaries), keys named like an Extended JSON wrapper;
+and, when Arrow's reader meets a field in two JSON shapes, the documents of the
+rarer shape. Those take the exact path; the rest are walked. A null and a missing
+field are both null in Arrow; the keys counted in the text tell them apart, and a
+document where the count cannot settle it takes the exact path alone
+(`_SetAside`). What the walk still refuses (documents deeper than `max_depth`, two
+`_id` types, a document whose keys all start with `$`) sends the whole chunk down
+the exact path.
 """
 
 from __future__ import annotations
