@@ -889,19 +889,16 @@ _CONVERT_WHOLE = {CODES[s.ARRAY]: _decoded_whole, CODES[s.DOCUMENT]: _decoded_wh
 # `bson_as_relaxed_extended_json`): int32 and int64 are bare digits, a finite double its digits
 # (written alike in both), a date in years 1970 to 9999 ISO 8601. A wrapper cannot be a document's
 # own key here: `columnar_batch` refuses a chunk that holds one (`_WRAPPER_KEY`).
-_RELAXED_NUMBERS = [
-    (r'\{ "\$numberInt" : "(-?[0-9]+)" \}', r"\1"),
-    (r'\{ "\$numberLong" : "(-?[0-9]+)" \}', r"\1"),
-    (r'\{ "\$numberDouble" : "(-?[0-9][^"]*)" \}', r"\1"),  # not NaN or ±Infinity: wrapped in both
-]
+# One pass: an int's digits, or a double's that begin with a digit (not NaN or ±Infinity,
+# which both forms wrap).
+_RELAXED_NUMBER = r'\{ "\$number(?:Int|Long|Double)" : "(-?[0-9][^"]*)" \}'
 
 
 def relaxed_texts(text: pa.Array) -> pa.Array:
     """Values held whole (canonical text, or null), as relaxed Extended JSON (`arrow.relaxed_json_value`):
     numbers unwrapped by Arrow's regular expressions; a value that holds a date, by libbson."""
     canonical = text
-    for pattern, replacement in _RELAXED_NUMBERS:
-        text = pc.replace_substring_regex(text, pattern, replacement)
+    text = pc.replace_substring_regex(text, _RELAXED_NUMBER, r"\1")
     dated = pc.fill_null(pc.match_substring(canonical, '{ "$date" : '), False).to_numpy(zero_copy_only=False)
     if not dated.any():
         return text

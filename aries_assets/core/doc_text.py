@@ -713,16 +713,19 @@ def _rare_decimal(bid: bytes) -> str:
 _DECODE_OPTIONS = CodecOptions(datetime_conversion=DatetimeConversion.DATETIME_MS)
 
 
+# A decimal written with more than 34 significant digits (leading zeros aside): only a
+# non-canonical coefficient is; canonical ones have at most 34.
+_DECIMAL_PAST_34_DIGITS = r'"\$numberDecimal" : "-?0*\.?0*[1-9](?:\.?[0-9]){34}'
+
+
 def _unreadable(text: pa.BinaryArray) -> np.ndarray:
     """Which held values libbson cannot read back from their text, as the columnar path does
     where it needs the value (a date to write in relaxed form, a column of another type): a
     Decimal128 whose coefficient is past 34 digits, which libbson writes but refuses to read.
-    Only values that hold a decimal are tried."""
+    Only values whose text shows such a decimal are tried."""
     unreadable = np.zeros(len(text), bool)
-    decimals = pc.fill_null(pc.match_substring(text, '"$numberDecimal"'), False).to_numpy(
-        zero_copy_only=False
-    )
-    rows = np.flatnonzero(decimals)
+    past_34_digits = pc.fill_null(pc.match_substring_regex(text, _DECIMAL_PAST_34_DIGITS), False)
+    rows = np.flatnonzero(past_34_digits.to_numpy(zero_copy_only=False))
     for row, value in zip(rows.tolist(), text.take(pa.array(rows)).to_pylist(), strict=True):
         try:
             bsonjs.loads('{"": ' + value.decode() + "}")
