@@ -164,8 +164,7 @@ def options_fingerprint(options: s.SchemaOptions) -> str:
 
 def relaxed_json_value(value: Any) -> str:
     """A value as relaxed Extended JSON; bsonjs (libbson) is much faster than json_util."""
-    text = bsonjs.dumps(bson.encode({"v": value}), mode=bsonjs.RELAXED)
-    return text[text.index(":") + 1 : text.rindex("}")].strip()
+    return doc_text.value_text(bsonjs.dumps(bson.encode({"v": value}), mode=bsonjs.RELAXED))
 
 
 def _field_stats(values: list[Any]) -> s.FieldStats:
@@ -338,11 +337,7 @@ class BucketConverter:
         docs = rendered.docs
         columnar = None
         if columnar_too:
-            try:
-                columnar = self._columnar(raw_documents, rendered)
-            except Exception as error:  # noqa: BLE001 (see `_fall_back`)
-                _fall_back(error, "the columnar path")
-                self._split = False
+            columnar = self._columnar(raw_documents, rendered)
             self._refused = 0 if columnar is not None else self._refused + 1
         for batch in [columnar] if columnar is not None else self._exact_parts(raw_documents, docs):
             self._stats.merge(batch.stats)
@@ -355,7 +350,11 @@ class BucketConverter:
         """The chunk by the columnar path, but for the documents it cannot take, which take the exact
         path beside it (a map, an array of documents or a binary in one document no longer sends the
         whole chunk down the exact path); None when the columnar path cannot take the chunk."""
-        part = columnar_part(raw_documents, rendered, self.options, self.known_maps, self._split)
+        try:
+            part = columnar_part(raw_documents, rendered, self.options, self.known_maps, self._split)
+        except Exception as error:  # noqa: BLE001 (see `_fall_back`): taken as a refusal
+            _fall_back(error, "the columnar path")
+            part = None
         self._split = part is None or len(part[1]) < len(raw_documents)
         if part is None:
             return None

@@ -46,7 +46,7 @@ from bson.codec_options import CodecOptions
 from bson.datetime_ms import _millis_to_datetime
 
 from aries_assets.core import schema as s
-from aries_assets.core.doc_text import Rendered, Whole
+from aries_assets.core.doc_text import BASE64_ALPHABET, HEX_DIGITS, Rendered, Whole, value_bson, value_text
 
 # Kind codes of one value: ABSENT and NULL first, then the kinds the statistics count.
 ABSENT, NULL = -1, 0
@@ -64,9 +64,9 @@ _KEY_SEPARATOR = '" : '  # how libbson writes a key; a string holding it shows a
 # ` : ` (a member's value after ` : `, an array's element after `[ ` or `, `, a key after `{ ` or `, `).
 _NOT_A_KEY_SEPARATOR = r'\\" : |: " : |\[ " : |, " : |\{ " : '
 _PLAIN_KEY = re.compile(r"^[A-Za-z0-9_ .:/'-]+$")  # written as is in JSON, no escapes
-# A key named like a wrapper, as BSON holds it (the name, then its terminating zero byte): one scan.
 # Each wrapper the walk reads, and the keys its text holds (`{ "$date" : { "$numberLong" : ... } }`: 2).
 _WRAPPERS = {"$oid": 1, "$date": 2, "$binary": 3} | {name: 1 for name in _NUMBER_WRAPPERS}
+# A key named like a wrapper, as BSON holds it (the name, then its terminating zero byte): one scan.
 # `$ref` too: pymongo decodes a document holding one (and `$id`) as a DBRef, not a document.
 _WRAPPER_KEY = re.compile(
     rb"\$(?:" + b"|".join(re.escape(n[1:]).encode() for n in [*_WRAPPERS, "$ref"]) + rb")\x00"
@@ -200,8 +200,11 @@ def _takes_whole(whole: Whole, options: s.SchemaOptions, known_maps: set[s.Path]
     return np.fromiter((known or s.looks_like_map(k) for k in whole.keys), bool, len(whole.rows))
 
 
-def _wholes_of(wholes: list[Whole], rows: np.ndarray, count: int) -> list[tuple[Whole, np.ndarray]]:
-    """The wholes of the documents at `rows`, each with their positions among those rows."""
+def _wholes_of(
+    wholes: list[Whole], rows: np.ndarray, count: int
+) -> list[tuple[Whole, np.ndarray, np.ndarray]]:
+    """The wholes of the documents at `rows`: each with its values' positions among those rows,
+    and which of its values are there."""
     if not wholes:
         return []
     position = np.full(count, -1, np.int64)
@@ -848,9 +851,9 @@ def python_values(values: Values, codec_options: CodecOptions) -> tuple[np.ndarr
 def _python(values: Values, rows: np.ndarray, codec_options: CodecOptions) -> list[Any]:
     kinds = values.kinds[rows].tolist()
     text = values.text.take(pa.array(rows, pa.int64())).to_pylist() if len(rows) else []
-    if values.whole:
-        return [_CONVERT_WHOLE[k](t, codec_options) if k in _CONVERT_WHOLE else _CONVERT[k](t, codec_options)
-                for k, t in zip(kinds, text, strict=True)]  # fmt: skip
+    if values.whole:  # arrays and documents from their text; the other kinds as usual
+        convert = _CONVERT | _CONVERT_WHOLE
+        return [convert[k](t, codec_options) for k, t in zip(kinds, text, strict=True)]
     if values.elements is not None:
         offsets = values.offsets
         element_list = _python(values.elements, np.arange(len(values.elements.kinds)), codec_options)
@@ -879,7 +882,7 @@ _CONVERT: dict[int, Callable[[Any, CodecOptions], Any]] = {
 def _decoded_whole(text: str, codec_options: CodecOptions) -> Any:
     """A value held whole, from its canonical text, as `bson.decode` gives it: libbson reads the
     text back into the value's own BSON."""
-    return bson.decode(bsonjs.loads('{"": ' + text + "}"), codec_options)[""]
+    return bson.decode(value_bson(text), codec_options)[""]
 
 
 _CONVERT_WHOLE = {CODES[s.ARRAY]: _decoded_whole, CODES[s.DOCUMENT]: _decoded_whole}
@@ -905,8 +908,7 @@ def relaxed_texts(text: pa.Array) -> pa.Array:
     rows = np.flatnonzero(dated)
     relaxed = []
     for value in canonical.take(pa.array(rows)).to_pylist():
-        document = bsonjs.dumps(bsonjs.loads('{"": ' + value + "}"), bsonjs.RELAXED)
-        relaxed.append(document[document.index(":") + 1 : document.rindex("}")].strip())
+        relaxed.append(value_text(bsonjs.dumps(value_bson(value), bsonjs.RELAXED)))
     order = np.arange(len(text))
     order[rows] = len(text) + np.arange(len(rows))
     return pa.concat_arrays([text, pa.array(relaxed, text.type)]).take(pa.array(order))
@@ -934,12 +936,12 @@ def fast_column(values: Values, type_name: str, accepts: frozenset[str]) -> tupl
         return pa.nulls(len(kinds), _arrow_type(type_name)), outliers
     target = _arrow_type(type_name)
     text = values.text
-    if CODES[s.UUID] in codes:  # UUIDs are decoded: only theirs, not an outlier's text
+    if CODES[s.UUID] in codes or values.whole:  # decoded: only their own text, not an outlier's
         text = pc.if_else(pa.array(accepted), text, pa.scalar(None, text.type))
     if values.whole:
         if type_name != s.T_JSON or not codes <= {CODES[s.ARRAY], CODES[s.DOCUMENT]}:
             return None
-        return relaxed_texts(pc.if_else(pa.array(accepted), text, pa.scalar(None, text.type))), outliers
+        return relaxed_texts(text), outliers
     try:
         if type_name.startswith("list<"):
             column = _fast_list(values, type_name[5:-1], target, accepted)
@@ -982,10 +984,7 @@ def _fast_scalar(text: pa.Array, codes: set[int], type_name: str, target: pa.Dat
 
 
 _BASE64_VALUES = np.zeros(256, np.uint8)
-_BASE64_VALUES[
-    np.frombuffer(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/", np.uint8)
-] = np.arange(64, dtype=np.uint8)
-_HEX_DIGITS = np.frombuffer(b"0123456789abcdef", np.uint8)
+_BASE64_VALUES[BASE64_ALPHABET] = np.arange(64, dtype=np.uint8)
 # Where each of a UUID's 32 hex digits goes in its 36 characters (`8-4-4-4-12`).
 _UUID_DIGIT_AT = np.array([i + (i >= 8) + (i >= 12) + (i >= 16) + (i >= 20) for i in range(32)])
 
@@ -1003,8 +1002,8 @@ def _uuid_strings(text: pa.Array) -> pa.Array:
     octets = np.stack([(word >> 16) & 255, (word >> 8) & 255, word & 255], axis=2).reshape(rows, 18)[:, :16]
     octets = octets.astype(np.uint8)
     out = np.full((rows, 36), ord("-"), np.uint8)
-    out[:, _UUID_DIGIT_AT[0::2]] = _HEX_DIGITS[octets >> 4]
-    out[:, _UUID_DIGIT_AT[1::2]] = _HEX_DIGITS[octets & 15]
+    out[:, _UUID_DIGIT_AT[0::2]] = HEX_DIGITS[octets >> 4]
+    out[:, _UUID_DIGIT_AT[1::2]] = HEX_DIGITS[octets & 15]
     offsets = np.zeros(len(text) + 1, np.int32)
     np.cumsum(np.where(valid, 36, 0), out=offsets[1:])
     mask = None if rows == len(text) else pa.py_buffer(np.packbits(valid, bitorder="little"))

@@ -33,7 +33,7 @@ import base64
 import io
 import itertools
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import bson
 import bsonjs
@@ -57,8 +57,8 @@ BUDGET_SHARE = 0.75
 _DOUBLE, _STRING, _DOCUMENT, _ARRAY, _BINARY, _OBJECTID, _BOOL, _DATE, _NULL = 1, 2, 3, 4, 5, 7, 8, 9, 10
 _INT32, _INT64, _DECIMAL = 16, 18, 19
 _FIXED_WIDTH = {_DOUBLE: 8, _OBJECTID: 12, _BOOL: 1, _DATE: 8, _NULL: 0, _INT32: 4, _INT64: 8, _DECIMAL: 16}
-_HEX = np.frombuffer(b"0123456789abcdef", np.uint8)
-_BASE64 = np.frombuffer(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/", np.uint8)
+HEX_DIGITS = np.frombuffer(b"0123456789abcdef", np.uint8)
+BASE64_ALPHABET = np.frombuffer(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/", np.uint8)
 _VALUE_HEAD = struct.Struct("<iBx")  # a document's length, then its one element's type and empty key
 _OLD_BINARY = 2  # a binary subtype that nests its own length, which libbson reads its own way
 # libbson writes a key's text as is unless it holds one of these (it escapes them).
@@ -78,15 +78,26 @@ _RARE_CONTROL[[ord('"'), ord("\\"), *b"\b\t\n\f\r"]] = False
 class Whole:
     """Values at one field path, each rendered whole for the columnar path to take as its text:
     arrays of documents (`documents` and `nulls` count their elements) and documents whose keys
-    part ways (maps, likely: `keys` lists each one's)."""
+    part ways (maps, likely: `keys` lists each one's). While a group is walked, one of its
+    pieces: its text in `_doc`, `null` in the columnar text (`_joined`)."""
 
     path: tuple[str, ...]
     is_array: bool
-    rows: np.ndarray  # the documents' rows in the chunk
     text: pa.BinaryArray  # each value's canonical text, as in `_doc`
     documents: np.ndarray | None = None
     nulls: np.ndarray | None = None
     keys: list[list[str]] | None = None
+    rows: np.ndarray | None = None  # the documents' rows in the chunk, once their group is walked
+
+    def filter(self, mask: pa.BooleanArray) -> Whole:
+        keep = mask.to_numpy(zero_copy_only=False)
+        return replace(
+            self,
+            text=self.text.filter(mask),
+            documents=None if self.documents is None else self.documents[keep],
+            nulls=None if self.nulls is None else self.nulls[keep],
+            keys=None if self.keys is None else list(itertools.compress(self.keys, keep)),
+        )
 
 
 @dataclass
@@ -115,8 +126,7 @@ def render(raw_documents: list[bytes], hold: bool = True) -> Rendered:
     if count < MIN_GROUP:
         docs = one_by_one(raw_documents)
         return Rendered(docs, docs)
-    joined = b"".join(raw_documents)
-    buf = np.frombuffer(joined, np.uint8)
+    buf = np.frombuffer(b"".join(raw_documents), np.uint8)
     sizes = np.fromiter(map(len, raw_documents), np.int64, count)
     starts = np.zeros(count, np.int64)
     np.cumsum(sizes[:-1], out=starts[1:])
@@ -127,7 +137,7 @@ def render(raw_documents: list[bytes], hold: bool = True) -> Rendered:
         docs = one_by_one(raw_documents)
         return Rendered(docs, docs)
     parts = [(group.rows, _joined(group.pieces, len(group.rows))) for group in done]
-    held = any(isinstance(p, _Held) for group in done for p in group.pieces)
+    held = any(isinstance(p, Whole) for group in done for p in group.pieces)
     columnar_parts = [(g.rows, _joined(g.pieces, len(g.rows), held=False)) for g in done] if held else None
     rest = walk.by_bsonjs
     if rest:
@@ -137,12 +147,7 @@ def render(raw_documents: list[bytes], hold: bool = True) -> Rendered:
         if columnar_parts is not None:
             columnar_parts.append((rows, text))
     docs = _in_order(parts)
-    wholes = [
-        Whole(p.path, p.is_array, g.rows, p.text, p.documents, p.nulls, p.keys)
-        for g in done
-        for p in g.pieces
-        if isinstance(p, _Held)
-    ]
+    wholes = [replace(p, rows=g.rows) for g in done for p in g.pieces if isinstance(p, Whole)]
     exact = np.zeros(count, bool)
     for rows in walk.exact:
         exact[rows] = True
@@ -189,32 +194,7 @@ class _Frame:
     keys: set[bytes] = field(default_factory=set)  # a document's keys so far (one twice: see `_walk`)
 
     def part(self, keep: np.ndarray) -> _Frame:
-        start = None if self.start is None else self.start[keep]
-        return _Frame(
-            self.is_array, self.members, start, self.pieces_at, self.path,
-            self.documents, self.nulls, self.others, set(self.keys),
-        )  # fmt: skip
-
-
-@dataclass
-class _Held:
-    """A piece holding `Whole` values: their text in `_doc`, `null` in the columnar text."""
-
-    text: pa.BinaryArray
-    path: tuple[str, ...]
-    is_array: bool
-    documents: np.ndarray | None = None
-    nulls: np.ndarray | None = None
-    keys: list[list[str]] | None = None
-
-    def filter(self, mask: pa.BooleanArray) -> _Held:
-        keep = mask.to_numpy(zero_copy_only=False)
-        return _Held(
-            self.text.filter(mask), self.path, self.is_array,
-            None if self.documents is None else self.documents[keep],
-            None if self.nulls is None else self.nulls[keep],
-            None if self.keys is None else [k for k, kept in zip(self.keys, keep.tolist(), strict=True) if kept],
-        )  # fmt: skip
+        return replace(self, start=None if self.start is None else self.start[keep], keys=set(self.keys))
 
 
 @dataclass
@@ -364,7 +344,7 @@ class _Walk:
         rows = len(group.rows)
         self.exact.append(group.rows[_unreadable(text)])
         pieces.append(
-            _Held(text, frame.path, True, np.full(rows, frame.documents), np.full(rows, frame.nulls))
+            Whole(frame.path, True, text, np.full(rows, frame.documents), np.full(rows, frame.nulls))
         )
 
     def _keep(self, group: _Group, keep: np.ndarray) -> _Group | None:
@@ -405,7 +385,7 @@ class _Walk:
         if not frame.is_array:  # a map, likely: the columnar path tells by its keys
             keys = [list(v) if type(v) is dict else None for v in values]
             self.exact.append(group.rows[[k is None for k in keys]])
-            group.pieces.append(_Held(text, frame.path, False, keys=[k or [] for k in keys]))
+            group.pieces.append(Whole(frame.path, False, text, keys=[k or [] for k in keys]))
             return
         values = [v if type(v) is list else [0] for v in values]
         documents = np.array([sum(type(e) is dict for e in v) for v in values], np.int64)
@@ -417,7 +397,7 @@ class _Walk:
             group.pieces.append(text)
             return
         self.exact.append(group.rows[~whole])
-        group.pieces.append(_Held(text, frame.path, True, documents, nulls))
+        group.pieces.append(Whole(frame.path, True, text, documents, nulls))
 
     def _by_bsonjs(
         self, kind: int, starts: np.ndarray, sizes: np.ndarray, values: list | None = None
@@ -491,8 +471,8 @@ class _Walk:
             pieces += [prefix, pc.if_else(pa.array(flags == 1), b"true", b"false")]
         elif kind == _OBJECTID:
             hexed = np.empty((len(raw), 24), np.uint8)
-            hexed[:, 0::2] = _HEX[raw >> 4]
-            hexed[:, 1::2] = _HEX[raw & 15]
+            hexed[:, 0::2] = HEX_DIGITS[raw >> 4]
+            hexed[:, 1::2] = HEX_DIGITS[raw & 15]
             pieces += [prefix + '{ "$oid" : "', _fixed_text(hexed), '" }']
         elif kind == _INT32:
             pieces += [prefix + '{ "$numberInt" : "', _decimal_text(raw.view("<i4").ravel()), '" }']
@@ -575,8 +555,8 @@ class _Walk:
             group.rows, group.pos, group.pieces, group.frames = kept.rows, kept.pos, kept.pieces, kept.frames
             at, size, subtype = at[plain], size[plain], subtype[plain]
         hexed = np.empty((len(subtype), 2), np.uint8)
-        hexed[:, 0] = _HEX[subtype >> 4]
-        hexed[:, 1] = _HEX[subtype & 15]
+        hexed[:, 0] = HEX_DIGITS[subtype >> 4]
+        hexed[:, 1] = HEX_DIGITS[subtype & 15]
         group.pieces += [
             prefix + '{ "$binary" : { "base64" : "',
             self._base64(at + 5, size),
@@ -603,7 +583,7 @@ class _Walk:
         word = (bits[:, :, 0] << 16) | (bits[:, :, 1] << 8) | bits[:, :, 2]
         chars = np.empty((len(starts), triples, 4), np.uint8)
         for i, shift in enumerate((18, 12, 6, 0)):
-            chars[:, :, i] = _BASE64[(word >> shift) & 63]
+            chars[:, :, i] = BASE64_ALPHABET[(word >> shift) & 63]
         chars = chars.reshape(len(starts), triples * 4)
         missing = triples * 3 - width  # the last triple's missing bytes are written as `=`
         if missing:
@@ -718,6 +698,16 @@ _DECODE_OPTIONS = CodecOptions(datetime_conversion=DatetimeConversion.DATETIME_M
 _DECIMAL_PAST_34_DIGITS = r'"\$numberDecimal" : "-?0*\.?0*[1-9](?:\.?[0-9]){34}'
 
 
+def value_bson(text: str) -> bytes:
+    """`{"": value}` as BSON, read back by libbson from the value's canonical text."""
+    return bsonjs.loads('{"": ' + text + "}")
+
+
+def value_text(document: str) -> str:
+    """The value's text in libbson's text of a one-element document, `{ "<key>" : <value> }`."""
+    return document[document.index(":") + 1 : document.rindex("}")].strip()
+
+
 def _unreadable(text: pa.BinaryArray) -> np.ndarray:
     """Which held values libbson cannot read back from their text, as the columnar path does
     where it needs the value (a date to write in relaxed form, a column of another type): a
@@ -728,7 +718,7 @@ def _unreadable(text: pa.BinaryArray) -> np.ndarray:
     rows = np.flatnonzero(past_34_digits.to_numpy(zero_copy_only=False))
     for row, value in zip(rows.tolist(), text.take(pa.array(rows)).to_pylist(), strict=True):
         try:
-            bsonjs.loads('{"": ' + value.decode() + "}")
+            value_bson(value.decode())
         except Exception:  # libbson's ValueError, or bytes that are not UTF-8
             unreadable[row] = True
     return unreadable
@@ -749,7 +739,7 @@ def _joined(pieces: list, rows: int, held: bool = True) -> pa.BinaryArray:
     joined once). `held=False`: the columnar text, `Whole` values written `null`."""
     merged: list = []
     for piece in pieces:
-        if isinstance(piece, _Held):
+        if isinstance(piece, Whole):
             piece = piece.text if held else "null"
         if isinstance(piece, str) and merged and isinstance(merged[-1], str):
             merged[-1] += piece
