@@ -648,6 +648,56 @@ def test_statistics_are_kept_where_a_reader_can_prune_by_them(tmp_path):
     }
 
 
+def test_long_text_is_not_dictionary_encoded(tmp_path):
+    """A dictionary would copy each long value, only to be dropped once it outgrew its page (a
+    2 MB string cost 2 MB more at its peak): text past 4 KB is written plain; short text and
+    the other columns keep their dictionaries."""
+    documents = [{"_id": i, "name": f"n{i % 3}", "blob": "x" * (5000 + i)} for i in range(50)]
+    streamed(documents, tmp_path, "bucket")
+    group = pq.ParquetFile(tmp_path / "bucket.parquet").metadata.row_group(0)
+    dictionary = {
+        group.column(i).path_in_schema: group.column(i).has_dictionary_page for i in range(group.num_columns)
+    }
+    assert dictionary == {"_id": False, "_doc": False, "_id_key": False, "name": True, "blob": False}
+
+
+def test_doubles_digits_counted_at_once_as_one_by_one():
+    """A double's integer digits and scale, from Arrow's shortest text of each, are those of
+    `Decimal(repr(value))`, which the exact path counts: random bit patterns, round numbers and
+    where `repr` turns to exponent form (1e-4 and 1e16), zero, subnormals, NaN and infinities."""
+    from decimal import Decimal
+
+    from aries_assets.core.bson_columns import _digits, double_digits
+
+    rng = random.Random(11)
+    values = [1e-5, 1e-4, 9.999e-5, 9.9999999e15, 1e16, 1e15, 0.0, -0.0, 5e-324, 1.7976931348623157e308]
+    values += [100.0, 0.1, 12.5, -3.25e-10, 2.0**53 + 2, float("nan"), float("inf"), float("-inf")]
+    for _ in range(20_000):
+        roll = rng.random()
+        if roll < 0.4:
+            value = struct.unpack("<d", struct.pack("<Q", rng.getrandbits(64)))[0]
+        elif roll < 0.7:
+            value = round(rng.uniform(-1e6, 1e6), rng.randint(0, 6))
+        else:
+            value = float(f"{rng.choice([1, 1.5, 9.999, 1.2345678901234567])}e{rng.randint(-330, 308)}")
+        values.append(value)
+
+    def one_by_one(numbers: list[float]) -> tuple[int, int]:
+        stats = s.FieldStats()
+        _digits(stats, (Decimal(repr(v)) for v in numbers))
+        return stats.int_digits, stats.scale
+
+    def at_once(numbers: list[float]) -> tuple[int, int]:
+        stats = s.FieldStats()
+        double_digits(stats, pa.array(numbers, pa.float64()))
+        return stats.int_digits, stats.scale
+
+    for value in values:
+        assert at_once([value]) == one_by_one([value]), repr(value)
+    for start in range(0, len(values), 997):
+        assert at_once(values[start : start + 997]) == one_by_one(values[start : start + 997])
+
+
 def test_arrays_that_begin_with_nulls_keep_every_element():
     """Arrow's JSON reader drops the nulls an array begins with while its element type is unknown
     (`[null, "x"]` reads as `["x"]`, `[null, null]` as `[null]`): such documents take the exact path."""

@@ -339,6 +339,7 @@ class BucketConverter:
         if columnar_too:
             columnar = self._columnar(raw_documents, rendered)
             self._refused = 0 if columnar is not None else self._refused + 1
+        del rendered  # its columnar text and held values: not alive while the batch is written
         for batch in [columnar] if columnar is not None else self._exact_parts(raw_documents, docs):
             self._stats.merge(batch.stats)
             self._stats.maps |= self._maps
@@ -456,7 +457,7 @@ class BucketConverter:
         _, arrow_schema, by_path = self._layout
         docs = batch.docs
         if isinstance(batch, ColumnarBatch):
-            return _columnar_table(batch, docs, by_path, arrow_schema, outliers)
+            return _columnar_table(batch, docs, by_path, arrow_schema, outliers)  # takes its values
         rows = len(batch.ids)
         # The walk gives what it gave when the statistics were counted: map decisions are per value.
         path_values, batch.values = batch.values, None  # taken: the batch is written once
@@ -499,8 +500,12 @@ def _columnar_table(
 ) -> pa.Table:
     """A columnar batch in the schema's columns: vectorised casts, the exact converters where they are needed."""
     columns: dict[str, pa.Array] = {}
+    # Taken, a path at a time (the batch is written once): what the reader parsed is freed as its
+    # columns are made, not held beside the table while Parquet writes it.
+    paths, batch.paths = batch.paths, None
+    assert paths is not None, "a batch's table is made once"
     for path, candidates in by_path.items():
-        values = batch.paths.get(path)
+        values = paths.pop(path, None)
         if values is None:
             continue
         if len(candidates) == 1:

@@ -136,29 +136,42 @@ def render(raw_documents: list[bytes], hold: bool = True) -> Rendered:
     except (IndexError, ValueError):  # bytes that are not BSON: bsonjs says what is wrong with them
         docs = one_by_one(raw_documents)
         return Rendered(docs, docs)
-    parts = [(group.rows, _joined(group.pieces, len(group.rows))) for group in done]
+    rest, exact_rows = walk.by_bsonjs, walk.exact
+    del walk, buf  # the chunk's bytes, joined: not alive beside its text
     held = any(isinstance(p, Whole) for group in done for p in group.pieces)
-    columnar_parts = [(g.rows, _joined(g.pieces, len(g.rows), held=False)) for g in done] if held else None
-    rest = walk.by_bsonjs
+    parts: list[tuple[np.ndarray, pa.Array]] = []
+    columnar_parts: list[tuple[np.ndarray, pa.Array]] | None = [] if held else None
+    wholes: list[Whole] = []
+    done.reverse()
+    while done:  # in order, each group's pieces freed once joined
+        group = done.pop()
+        parts.append((group.rows, _joined(group.pieces, len(group.rows))))
+        if columnar_parts is not None:
+            columnar_parts.append((group.rows, _joined(group.pieces, len(group.rows), held=False)))
+        wholes += [replace(p, rows=group.rows) for p in group.pieces if isinstance(p, Whole)]
+        del group
     if rest:
         rows = np.concatenate(rest)
         text = one_by_one([raw_documents[i] for i in rows.tolist()]).view(pa.binary())
         parts.append((rows, text))
         if columnar_parts is not None:
             columnar_parts.append((rows, text))
+        del text
     docs = _in_order(parts)
-    wholes = [replace(p, rows=g.rows) for g in done for p in g.pieces if isinstance(p, Whole)]
     exact = np.zeros(count, bool)
-    for rows in walk.exact:
+    for rows in exact_rows:
         exact[rows] = True
     return Rendered(docs, docs if columnar_parts is None else _in_order(columnar_parts), wholes, exact)
 
 
 def _in_order(parts: list[tuple[np.ndarray, pa.Array]]) -> pa.StringArray:
+    """The parts' texts in the chunk's order. Takes the parts: the list is emptied, so that only
+    the joined text and its reordered copy are alive at once."""
     if len(parts) == 1 and (np.diff(parts[0][0]) > 0).all():
-        return parts[0][1].view(pa.string())  # one shape, or bsonjs's alone, in order
+        return parts.pop()[1].view(pa.string())  # one shape, or bsonjs's alone, in order
     order = np.concatenate([rows for rows, _ in parts])
     text = pa.concat_arrays([array for _, array in parts])
+    parts.clear()
     return text.take(pa.array(np.argsort(order, kind="stable"))).view(pa.string())
 
 

@@ -298,8 +298,10 @@ _UNIQUE_COLUMNS = frozenset(s.RESERVED_COLUMNS) | {KEY_COLUMN}
 _STATED_BYTES = 4096
 
 
-def _parquet_writer(path: str, schema: pa.Schema, unstated: frozenset[str]) -> pq.ParquetWriter:
-    dictionary, stated = _leaf_columns(schema, unstated)
+def _parquet_writer(
+    path: str, schema: pa.Schema, unstated: frozenset[str], long: frozenset[str]
+) -> pq.ParquetWriter:
+    dictionary, stated = _leaf_columns(schema, unstated, long)
     return pq.ParquetWriter(
         path, schema, compression="zstd", use_dictionary=dictionary, write_statistics=stated
     )
@@ -311,22 +313,35 @@ def _unstated(schema: s.InferredSchema, stats: s.TypeStats) -> frozenset[str]:
     names = {DOC_COLUMN, KEY_COLUMN}
     for column in schema.columns:
         base = column.type.removeprefix("list<").removesuffix(">")
+        if base in (s.T_JSON, s.T_BINARY):
+            names.add(column.name)
+    return frozenset(names) | _long(schema, stats)
+
+
+def _long(schema: s.InferredSchema, stats: s.TypeStats) -> frozenset[str]:
+    """Columns whose values run past `_STATED_BYTES` (in the statistics so far). Nor are they
+    dictionary-encoded: the dictionary would hold a copy of each long value, only to be dropped
+    once it outgrew its page (a 2 MB string cost 2 MB more at its peak)."""
+    names = set()
+    for column in schema.columns:
         field = stats.fields.get(column.path)
-        if base in (s.T_JSON, s.T_BINARY) or (field is not None and field.max_bytes > _STATED_BYTES):
+        if field is not None and field.max_bytes > _STATED_BYTES:
             names.add(column.name)
     return frozenset(names)
 
 
 @functools.lru_cache(maxsize=64)
-def _leaf_columns(schema: pa.Schema, unstated: frozenset[str]) -> tuple[list[str], list[str]]:
+def _leaf_columns(
+    schema: pa.Schema, unstated: frozenset[str], long: frozenset[str]
+) -> tuple[list[str], list[str]]:
     """Parquet leaf columns (`tags.list.element` for a list) to dictionary-encode (all but the
-    one-per-document ones) and to keep statistics for (all but `unstated`)."""
+    one-per-document ones and `long`) and to keep statistics for (all but `unstated`)."""
     buffer = pa.BufferOutputStream()
     pq.write_table(schema.empty_table(), buffer)
     leaves = pq.ParquetFile(pa.BufferReader(buffer.getvalue())).schema
     paths = [leaves.column(i).path for i in range(len(leaves))]
     return (
-        [p for p in paths if p.split(".", 1)[0] not in _UNIQUE_COLUMNS],
+        [p for p in paths if p.split(".", 1)[0] not in _UNIQUE_COLUMNS | long],
         [p for p in paths if p.split(".", 1)[0] not in unstated],
     )
 
@@ -346,7 +361,10 @@ class _SchemaRuns:
             self._close_writer()
             path = self.path if not self.runs else f"{self.path}.run{len(self.runs)}"
             self.writer = _parquet_writer(
-                path, table.schema.with_metadata(self.metadata), _unstated(schema, stats)
+                path,
+                table.schema.with_metadata(self.metadata),
+                _unstated(schema, stats),
+                _long(schema, stats),
             )
             self.runs.append((path, schema, set()))
         self.writer.write_table(table)
@@ -369,7 +387,7 @@ class _SchemaRuns:
             return False
         arrow_schema = arrow_schema_of(schema).with_metadata(self.metadata)
         joined = f"{self.path}.joined"
-        with _parquet_writer(joined, arrow_schema, _unstated(schema, stats)) as writer:
+        with _parquet_writer(joined, arrow_schema, _unstated(schema, stats), _long(schema, stats)) as writer:
             for path, _, _ in self.runs:
                 source = pq.ParquetFile(path)
                 for group in range(source.num_row_groups):
