@@ -790,8 +790,7 @@ def _measure(stats: s.FieldStats, values: Values) -> None:
     if stats.kinds[s.STRING]:
         stats.max_bytes = pc.max(pc.binary_length(_of_kind(values, CODES[s.STRING]))).as_py()
     if stats.kinds[s.DOUBLE]:
-        floats = pc.cast(_of_kind(values, CODES[s.DOUBLE]), pa.float64()).to_pylist()
-        _digits(stats, (Decimal(repr(v)) for v in floats))
+        double_digits(stats, pc.cast(_of_kind(values, CODES[s.DOUBLE]), pa.float64()))
     if stats.kinds[s.DECIMAL]:
         _decimal_digits(stats, _of_kind(values, CODES[s.DECIMAL]))
 
@@ -826,6 +825,41 @@ def _decimal_digits(stats: s.FieldStats, text: pa.Array) -> None:
         ):
             raise Refused("a Decimal128 beyond 34 digits")
         _digits(stats, others)
+
+
+# A double's shortest text as Arrow writes it: `12.5`, `0.00001`, `1e+16`, `1.5e-7`.
+_SHORTEST = r"^(?P<whole>[0-9]*)\.?(?P<fraction>[0-9]*)(?:e\+?(?P<exponent>-?[0-9]+))?$"
+
+
+def double_digits(stats: s.FieldStats, floats: pa.Array) -> None:
+    """Integer digits and scale of doubles as the exact path counts them, `Decimal(repr(value))`,
+    for all at once. Arrow's text of a double has the same digits as Python's `repr` (each the
+    shortest that reads back as the double, the nearest of those), written another way: so it is
+    read as digits and an exponent, and laid out as `repr` lays them out (plain from 1e-4 up to
+    1e16, with at least one digit after the point; else in exponent form)."""
+    finite = pc.is_finite(floats)
+    if not pc.all(finite).as_py():
+        stats.scale = max(stats.scale, _NOT_DECIMAL)  # NaN and infinities have no decimal form
+        floats = floats.filter(finite)
+    zero = pc.equal(floats, 0.0)
+    if pc.any(zero).as_py():
+        stats.scale = max(stats.scale, 1)  # `0.0`: no integer digit, one after the point
+        floats = floats.filter(pc.invert(zero))
+    if not len(floats):
+        return
+    parts = pc.extract_regex(pc.cast(pc.abs(floats), pa.string()), _SHORTEST)
+    whole, fraction, exponent = (parts.field(i) for i in range(3))
+    digits = pc.binary_join_element_wise(whole, fraction, "")
+    significant = pc.utf8_rtrim(pc.utf8_ltrim(digits, "0"), "0")
+    count = pc.binary_length(significant).to_numpy().astype(np.int64)
+    leading = pc.subtract(pc.binary_length(digits), pc.binary_length(pc.utf8_ltrim(digits, "0")))
+    power = pc.cast(pc.if_else(pc.equal(exponent, ""), "0", exponent), pa.int64()).to_numpy()
+    # The first significant digit's power of ten: `1.5e-7` -> -7, `0.001` -> -3, `12.5` -> 1.
+    first = pc.binary_length(whole).to_numpy() - 1 - leading.to_numpy() + power
+    plain = (first >= -4) & (first < 16)
+    scale = np.where(plain, np.maximum(1, count - 1 - first), np.maximum(0, count - 1 - first))
+    stats.int_digits = max(stats.int_digits, int(np.maximum(0, first + 1).max()))
+    stats.scale = max(stats.scale, int(scale.max()))
 
 
 def _digits(stats: s.FieldStats, numbers) -> None:
