@@ -278,3 +278,26 @@ def test_a_chunk_of_many_wide_shapes_spends_its_budget_then_goes_to_libbson(monk
     documents = [{"_id": i, f"shape{i % 40}": 1, **{f"field{j}": j for j in range(300)}} for i in range(2000)]
     raws = encoded(documents)
     assert 0 < len(rendered_by_libbson(raws, monkeypatch)) < len(raws)
+
+
+def test_byte_ranges_are_gathered_in_order_or_not_and_flags_found_per_row():
+    """`_gather` copies each range out (in the chunk's order by spans, else by an index per byte),
+    and `_any_per_row` tells each row's span apart, empty spans included."""
+    import numpy as np
+
+    from aries_assets.core.doc_text import _any_per_row, _gather
+
+    rng = np.random.default_rng(1)
+    for trial in range(500):
+        buf = rng.integers(0, 256, int(rng.integers(1, 400))).astype(np.uint8)
+        count = int(rng.integers(0, 12))
+        cuts = np.sort(rng.integers(0, len(buf) + 1, 2 * count))
+        starts, ends = cuts[0::2].astype(np.int64), cuts[1::2].astype(np.int64)
+        if trial % 5 == 0:
+            starts, ends = starts[::-1].copy(), ends[::-1].copy()
+        gathered = _gather(buf, starts, ends - starts).to_pylist()
+        assert gathered == [buf[a:b].tobytes() for a, b in zip(starts, ends, strict=True)], trial
+        flags = rng.random(len(buf)) < 0.05
+        offsets = np.concatenate([[0], np.sort(rng.integers(0, len(buf) + 1, count))]).astype(np.int32)
+        expected = [bool(flags[a:b].any()) for a, b in zip(offsets[:-1], offsets[1:], strict=True)]
+        assert _any_per_row(flags, offsets).tolist() == expected, trial
