@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import logging
 import os
 import time
 from collections import Counter
@@ -19,6 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from bson import json_util
 
+from aries_assets.core import parquet_join
 from aries_assets.core import schema as s
 from aries_assets.core.arrow import (
     DOC_COLUMN,
@@ -30,6 +32,8 @@ from aries_assets.core.arrow import (
 from aries_assets.core.buckets import BucketDocuments
 from aries_assets.core.extract import SourceCollection
 from aries_assets.core.lake import Lake, bucket_file, collection_prefix, schema_file
+
+_log = logging.getLogger(__name__)
 
 # Bumped when the file layout changes, so existing bucket files are rewritten.
 FORMAT_VERSION = "4"  # 4: `_id_key`, excluded paths removed through arrays
@@ -386,8 +390,28 @@ class _SchemaRuns:
         if not all(_carries_over(written, seen, schema) for _, written, seen in self.runs):
             return False
         arrow_schema = arrow_schema_of(schema).with_metadata(self.metadata)
+        unstated, long = _unstated(schema, stats), _long(schema, stats)
         joined = f"{self.path}.joined"
-        with _parquet_writer(joined, arrow_schema, _unstated(schema, stats), _long(schema, stats)) as writer:
+        try:
+            # The rows written keep their column chunks, copied byte for byte.
+            parquet_join.join(
+                [path for path, _, _ in self.runs],
+                arrow_schema,
+                joined,
+                lambda sink, columns: _parquet_writer(sink, columns, unstated, long),
+                late,
+            )
+        except parquet_join.CannotJoin as reason:
+            _log.info("%s: rows written before new columns are rewritten (%s)", self.path, reason)
+            self._rewrite(joined, arrow_schema, unstated, long, late)
+        os.replace(joined, self.path)
+        return True
+
+    def _rewrite(
+        self, joined: str, arrow_schema: pa.Schema, unstated: frozenset[str], long: frozenset[str], late: dict
+    ) -> None:
+        """The runs' rows read back and written again in `arrow_schema`, a row group at a time."""
+        with _parquet_writer(joined, arrow_schema, unstated, long) as writer:
             for path, _, _ in self.runs:
                 source = pq.ParquetFile(path)
                 for group in range(source.num_row_groups):
@@ -401,8 +425,6 @@ class _SchemaRuns:
                     writer.write_table(pa.Table.from_arrays(arrays, schema=arrow_schema))
                 source.close()
             writer.add_key_value_metadata(late)
-        os.replace(joined, self.path)
-        return True
 
     def reset(self) -> None:
         self._close_writer()
@@ -418,7 +440,7 @@ class _SchemaRuns:
     def discard(self) -> None:
         """Remove the runs' files but the bucket's own (whose owner removes it on failure)."""
         self._close_writer()
-        for path in [p for p, _, _ in self.runs[1:]] + [f"{self.path}.joined"]:
+        for path in [p for p, _, _ in self.runs[1:]] + [f"{self.path}.joined", f"{self.path}.joined.nulls"]:
             if os.path.exists(path):
                 os.unlink(path)
 
