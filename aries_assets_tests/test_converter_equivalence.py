@@ -648,6 +648,30 @@ def test_statistics_are_kept_where_a_reader_can_prune_by_them(tmp_path):
     }
 
 
+def test_a_field_of_two_shapes_is_set_aside_before_the_reader_meets_it_again(monkeypatch):
+    """An int field with a rare string stops Arrow's reader (`changed from`): once per bucket.
+    Its later chunks set the rarer shape aside before they are read, and the file is the exact
+    path's."""
+    from aries_assets.core import bson_columns
+
+    documents = events(3000)
+    for i, document in enumerate(documents):
+        document["maybe"] = i if i % 50 else f"s{i}"
+    met = []
+    conflict = bson_columns._TypeConflict.__init__
+
+    def counted(self, message):
+        met.append(message)
+        conflict(self, message)
+
+    monkeypatch.setattr(bson_columns._TypeConflict, "__init__", counted)
+    raws = [bson.encode(d, codec_options=CODEC_OPTIONS) for d in documents]
+    batches = list(BucketConverter(DEFAULTS, chunk_bytes=32 * 1024).chunks(raws))
+    assert len(batches) > 5 and all(isinstance(b, SplitBatch) for b in batches)
+    assert len(met) == 1, met
+    assert_equivalent(documents, batch=len(documents), expect_columnar=True)
+
+
 def test_long_text_is_not_dictionary_encoded(tmp_path):
     """A dictionary would copy each long value, only to be dropped once it outgrew its page (a
     2 MB string cost 2 MB more at its peak): text past 4 KB is written plain; short text and

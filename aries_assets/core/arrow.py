@@ -301,6 +301,7 @@ class BucketConverter:
     _refused: int = 0  # chunks in a row the columnar path refused
     _split: bool = False  # whether the last chunk had documents the columnar path refused
     _layout: tuple | None = None  # (schema, arrow schema, columns by path) of the last `table` call
+    _conflicts: list = field(default_factory=list)  # fields met in two JSON shapes (`columnar_part`)
 
     def __post_init__(self) -> None:
         self._exclude = [tuple(p.split(".")) for p in self.options.exclude]
@@ -352,7 +353,9 @@ class BucketConverter:
         path beside it (a map, an array of documents or a binary in one document no longer sends the
         whole chunk down the exact path); None when the columnar path cannot take the chunk."""
         try:
-            part = columnar_part(raw_documents, rendered, self.options, self.known_maps, self._split)
+            part = columnar_part(
+                raw_documents, rendered, self.options, self.known_maps, self._split, self._conflicts
+            )
         except Exception as error:  # noqa: BLE001 (see `_fall_back`): taken as a refusal
             _fall_back(error, "the columnar path")
             part = None

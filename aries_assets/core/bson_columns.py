@@ -118,6 +118,8 @@ class ColumnarBatch:
 MOSTLY_REFUSED = 0.8
 # Fields of two JSON shapes (an int here, a string there) set aside per chunk before giving up on it.
 _CONFLICTS_SET_ASIDE = 4
+# Fields of two shapes a bucket remembers, to set their rarer shape aside in its next chunks.
+_CONFLICTS_REMEMBERED = 16
 
 
 def columnar_part(
@@ -126,6 +128,7 @@ def columnar_part(
     options: s.SchemaOptions,
     known_maps: set[s.Path],
     expect_refusals: bool = True,
+    conflicts: list[_TypeConflict] | None = None,
 ) -> tuple[ColumnarBatch, np.ndarray] | None:
     """The chunk's documents the walk takes, as a batch, and their rows in the chunk; the rest are
     the exact path's. None when the walk takes too few of them to be worth it, or refuses them all.
@@ -138,6 +141,9 @@ def columnar_part(
 
     The walk parses `rendered.columnar`, where arrays of documents and maps are `null`: those it
     takes whole from `rendered.wholes` (a map only if the exact path would call it one).
+
+    `conflicts` are the fields met in two shapes in the bucket's chunks so far (this chunk's are
+    added): their rarer shape is set aside before the reader starts, not after it stopped.
     """
     docs = rendered.columnar
     # Always: the reader would lose these documents' nulls, not refuse them.
@@ -151,6 +157,10 @@ def columnar_part(
     searched = expect_refusals or bool(rendered.wholes)
     if searched:
         refused |= refused_documents(raw_documents, docs, known_maps)
+    for known in conflicts or ():
+        rarer = known.rarer_shape(docs)
+        if rarer is not None:
+            refused |= rarer
     for _ in range(_CONFLICTS_SET_ASIDE + 2):
         if np.count_nonzero(refused) > MOSTLY_REFUSED * len(raw_documents):
             return None
@@ -171,6 +181,8 @@ def columnar_part(
             refused[rows[set_aside.rows]] = True
             continue
         except _TypeConflict as conflict:
+            if conflicts is not None and len(conflicts) < _CONFLICTS_REMEMBERED:
+                conflicts.append(conflict)
             rarer = conflict.rarer_shape(docs)
             if rarer is None or not (rarer & ~refused).any():
                 if searched:
