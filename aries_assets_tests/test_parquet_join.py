@@ -127,3 +127,46 @@ def test_footers_decode_and_encode_back_byte_for_byte(tmp_path):
         (b"bin",),
         (b"list", b"list", b"element"),
     ]
+
+
+def test_every_byte_copied_is_a_chunk_the_footer_points_at(tmp_path):
+    """No dead bytes: the null columns are written only for the row groups that lack them, and
+    a row group's offset is where its first chunk lies, whichever column comes first (readers
+    split files by that offset)."""
+    first, second, target = (str(tmp_path / n) for n in ("r0.parquet", "r1.parquet", "j.parquet"))
+    pq.write_table(pa.table({"a": list(range(5000))}), first, row_group_size=1000)
+    pq.write_table(pa.table({"z": ["q", "r"], "a": [1, 2]}), second)
+    schema = pa.schema([("z", pa.string()), ("a", pa.int64())])
+    parquet_join.join(
+        [first, second], schema, target, lambda sink, columns: pq.ParquetWriter(sink, columns), {}
+    )
+    footer = parquet_join._Footer(target)
+    spans = []
+    for group in footer.row_groups():
+        fields = {entry[0]: entry[2] for entry in group}
+        chunks = fields[1][1]
+        starts = [parquet_join._start(chunk) for chunk in chunks]
+        assert fields[5] == min(starts)
+        for chunk, start in zip(chunks, starts, strict=True):
+            spans.append((start, start + parquet_join._field(parquet_join._field(chunk, 3)[2], 7)[2]))
+    spans.sort()
+    assert spans[0][0] == 4 and spans[-1][1] == footer.data_end
+    assert all(end == start for (_, end), (start, _) in zip(spans, spans[1:], strict=False)), (
+        "a gap of unreferenced bytes"
+    )
+    assert pq.read_table(target).to_pydict() == {"z": [None] * 5000 + ["q", "r"], "a": [*range(5000), 1, 2]}
+
+
+def test_a_stated_sort_order_is_refused(tmp_path):
+    """A row group's sorting columns count the run's own columns: joined, they could point at
+    another column. Such runs (Aries writes none) are refused, not copied."""
+    first, second, target = (str(tmp_path / n) for n in ("r0.parquet", "r1.parquet", "j.parquet"))
+    sorting = [pq.SortingColumn(0)]
+    pq.write_table(pa.table({"n": [1, 2]}), first, sorting_columns=sorting)
+    pq.write_table(pa.table({"m": ["x"], "n": [3]}), second)
+    schema = pa.schema([("m", pa.string()), ("n", pa.int64())])
+    with pytest.raises(parquet_join.CannotJoin, match="sort order"):
+        parquet_join.join(
+            [first, second], schema, target, lambda sink, columns: pq.ParquetWriter(sink, columns), {}
+        )
+    assert sorted(os.listdir(tmp_path)) == ["r0.parquet", "r1.parquet"]

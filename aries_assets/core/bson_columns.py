@@ -849,6 +849,8 @@ def double_digits(stats: s.FieldStats, floats: pa.Array) -> None:
     shortest that reads back as the double, the nearest of those), written another way: so it is
     read as digits and an exponent, and laid out as `repr` lays them out (plain from 1e-4 up to
     1e16, with at least one digit after the point; else in exponent form)."""
+    if not len(floats):
+        return
     finite = pc.is_finite(floats)
     if not pc.all(finite).as_py():
         stats.scale = max(stats.scale, _NOT_DECIMAL)  # NaN and infinities have no decimal form

@@ -29,7 +29,8 @@ _TRUE, _FALSE, _BYTE, _I16, _I32, _I64, _DOUBLE, _BINARY, _LIST, _SET, _MAP, _ST
 _FILE_SCHEMA = 2
 _ELEMENT_NAME, _ELEMENT_CHILDREN = 4, 5
 _FILE_NUM_ROWS, _FILE_ROW_GROUPS = 3, 4
-_GROUP_COLUMNS, _GROUP_BYTES, _GROUP_ROWS, _GROUP_OFFSET, _GROUP_COMPRESSED, _GROUP_ORDINAL = 1, 2, 3, 5, 6, 7
+_GROUP_COLUMNS, _GROUP_BYTES, _GROUP_ROWS, _GROUP_SORTING = 1, 2, 3, 4
+_GROUP_OFFSET, _GROUP_COMPRESSED, _GROUP_ORDINAL = 5, 6, 7
 _CHUNK_FILE_PATH, _CHUNK_FILE_OFFSET, _CHUNK_META = 1, 2, 3
 _META_PATH, _META_UNCOMPRESSED, _META_COMPRESSED = 3, 6, 7
 _META_DATA_PAGE, _META_INDEX_PAGE, _META_DICTIONARY_PAGE = 9, 10, 11
@@ -45,6 +46,25 @@ class CannotJoin(Exception):
 
 # --- Thrift compact protocol ---------------------------------------------------------------------
 # A struct is a list of [field id, type, value]; a list or set is (element type, [values]).
+
+
+class _Raw(bytes):
+    """A value kept as it was encoded: read past, written back as is."""
+
+
+# Which fields are read, and in what shape: a column chunk's metadata only for its path, sizes
+# and page offsets (the rest, statistics above all, as bytes: most of a footer, and untouched).
+_READ = "read"
+_META_READ = {
+    _META_PATH,
+    _META_UNCOMPRESSED,
+    _META_COMPRESSED,
+    _META_DATA_PAGE,
+    _META_INDEX_PAGE,
+    _META_DICTIONARY_PAGE,
+}
+_META_SHAPE = {_READ: _META_READ}
+_FILE_SHAPE = {_FILE_ROW_GROUPS: {_GROUP_COLUMNS: {_CHUNK_META: _META_SHAPE}}}
 
 
 class _Reader:
@@ -70,7 +90,11 @@ class _Reader:
         n = self.varint()
         return (n >> 1) ^ -(n & 1)
 
-    def struct(self) -> list:
+    def struct(self, shape: dict | None = None) -> list:
+        """A struct's fields; with `shape`, a field it names is read in its own shape, and where
+        it lists the fields to read (`_READ`), the others are kept as their bytes (`_Raw`)."""
+        shape = shape or {}
+        read = shape.get(_READ)
         fields: list = []
         last = 0
         while True:
@@ -79,9 +103,16 @@ class _Reader:
                 return fields
             kind, delta = head & 0x0F, head >> 4
             last = last + delta if delta else self.zigzag()
-            fields.append([last, kind, kind == _TRUE if kind in (_TRUE, _FALSE) else self.value(kind)])
+            if kind in (_TRUE, _FALSE):
+                fields.append([last, kind, kind == _TRUE])
+            elif read is not None and last not in read:
+                start = self.pos
+                self.skip(kind)
+                fields.append([last, kind, _Raw(self.data[start : self.pos])])
+            else:
+                fields.append([last, kind, self.value(kind, shape.get(last))])
 
-    def value(self, kind: int):
+    def value(self, kind: int, shape: dict | None = None):
         if kind == _BYTE:
             return self.byte()
         if kind in (_I16, _I32, _I64):
@@ -94,16 +125,48 @@ class _Reader:
             self.pos += size
             return self.data[self.pos - size : self.pos]
         if kind in (_LIST, _SET):
-            head = self.byte()
-            size, element = head >> 4, head & 0x0F
-            if size == 15:
-                size = self.varint()
+            element, size = self._collection()
             # A boolean element is a byte of its own (kept as read).
-            read = self.byte if element in (_TRUE, _FALSE) else lambda: self.value(element)
+            read = self.byte if element in (_TRUE, _FALSE) else lambda: self.value(element, shape)
             return (element, [read() for _ in range(size)])
         if kind == _STRUCT:
-            return self.struct()
+            return self.struct(shape)
         raise CannotJoin(f"a Thrift value of type {kind} in a Parquet footer")
+
+    def skip(self, kind: int) -> None:
+        """Past a value (of a struct's field: a boolean field has none)."""
+        if kind == _BYTE:
+            self.pos += 1
+        elif kind in (_I16, _I32, _I64):
+            self.varint()
+        elif kind == _DOUBLE:
+            self.pos += 8
+        elif kind == _BINARY:
+            size = self.varint()  # read first: `self.pos += self.varint()` would drop its own bytes
+            self.pos += size
+        elif kind in (_LIST, _SET):
+            element, size = self._collection()
+            if element in (_TRUE, _FALSE):
+                self.pos += size
+            else:
+                for _ in range(size):
+                    self.skip(element)
+        elif kind == _STRUCT:
+            while True:
+                head = self.byte()
+                if head == 0:
+                    return
+                if not head >> 4:
+                    self.zigzag()
+                if head & 0x0F not in (_TRUE, _FALSE):
+                    self.skip(head & 0x0F)
+        else:
+            raise CannotJoin(f"a Thrift value of type {kind} in a Parquet footer")
+
+    def _collection(self) -> tuple[int, int]:
+        head = self.byte()
+        size, element = head >> 4, head & 0x0F
+        return element, self.varint() if size == 15 else size
 
 
 class _Writer:
@@ -136,7 +199,9 @@ class _Writer:
         self.out.append(0)
 
     def value(self, kind: int, value) -> None:
-        if kind == _BYTE:
+        if type(value) is _Raw:
+            self.out += value
+        elif kind == _BYTE:
             self.out.append(value)
         elif kind in (_I16, _I32, _I64):
             self.zigzag(value)
@@ -202,7 +267,7 @@ class _Footer:
             raise CannotJoin("not a Parquet file (or an encrypted one)")
         length = int.from_bytes(tail[:4], "little")
         raw = bytes(data[len(data) - 8 - length : len(data) - 8])
-        self.metadata = _Reader(raw).struct()
+        self.metadata = _Reader(raw).struct(_FILE_SHAPE)
         writer = _Writer()
         writer.struct(self.metadata)
         if bytes(writer.out) != raw:  # what this module cannot write back as it was, it does not touch
@@ -274,7 +339,26 @@ def join(
     run lacks null for its rows. Each run's columns must be `schema`'s, written alike (the
     caller checks the Arrow fields). `open_writer(sink, schema)` opens a writer as the runs'
     were opened; `late_metadata` is added to the footer as the runs' writer added it on close.
+    Raises `CannotJoin` (and leaves nothing behind) where the files are not as expected.
     """
+    nulls_paths = [f"{target}.nulls{i}" for i in range(len(runs))]
+    try:
+        _join(runs, schema, target, open_writer, late_metadata, nulls_paths)
+    except BaseException as error:
+        if os.path.exists(target):
+            os.unlink(target)
+        if isinstance(
+            error, (IndexError, KeyError, TypeError, ValueError, AttributeError, pa.ArrowException)
+        ):
+            raise CannotJoin(f"{type(error).__name__}: {error}") from error  # a footer not as expected
+        raise
+    finally:
+        for path in nulls_paths:
+            if os.path.exists(path):
+                os.unlink(path)
+
+
+def _join(runs, schema, target, open_writer, late_metadata, nulls_paths) -> None:
     footers = [_Footer(path) for path in runs]
     # The joined footer's schema and key-value metadata: an empty file in `schema`, written alike.
     empty = io.BytesIO()
@@ -284,91 +368,84 @@ def join(
     final = _Footer(empty.getvalue())
     leaves = _leaves(final.metadata)
 
-    # The columns each run lacks, all null, a row group per run's row group, in one more file.
-    missing: list[tuple[int, list[str]]] = []  # (row count, columns) for each run's row groups
-    for footer, path in zip(footers, runs, strict=True):
+    # The columns a run lacks, all null, a row group for each of its row groups, in a file of its own.
+    nulls: list[_Footer | None] = []
+    for footer, path, nulls_path in zip(footers, runs, nulls_paths, strict=True):
         names = set(pq.read_schema(path).names)
-        lacking = [f.name for f in schema if f.name not in names]
-        for group in footer.row_groups():
-            missing.append((_field(group, _GROUP_ROWS)[2], lacking))
-    needed = sorted({name for _, lacking in missing for name in lacking}, key=schema.names.index)
-    nulls_path = f"{target}.nulls"
-    if needed:
-        nulls_schema = pa.schema([schema.field(name) for name in needed])
-        if any(not f.nullable for f in nulls_schema):
+        lacking = pa.schema([f for f in schema if f.name not in names])
+        if not len(lacking):
+            nulls.append(None)
+            continue
+        if any(not f.nullable for f in lacking):
             raise CannotJoin("a column the earlier rows lack cannot be null")
-        with open_writer(nulls_path, nulls_schema) as nulls_writer:
-            for rows, _ in missing:
-                nulls_writer.write_table(
-                    nulls_schema.empty_table() if not rows else _nulls(nulls_schema, rows)
-                )
-        nulls = _Footer(nulls_path)
-        nulls_groups = nulls.row_groups()
-        if len(nulls_groups) != len(missing):
+        with open_writer(nulls_path, lacking) as nulls_writer:
+            for group in footer.row_groups():
+                rows = _field(group, _GROUP_ROWS)[2]
+                nulls_writer.write_table(_nulls(lacking, rows) if rows else lacking.empty_table())
+        nulls.append(_Footer(nulls_path))
+        if len(nulls[-1].row_groups()) != len(footer.row_groups()):
             raise CannotJoin("the null columns' row groups do not line up")
-    try:
-        groups: list = []
-        total_rows = 0
-        with open(target, "wb") as out:
-            out.write(_MAGIC)
-            shifts = []
-            for footer, path in zip(footers, runs, strict=True):
-                shifts.append(out.tell() - 4)
+
+    groups: list = []
+    total_rows = 0
+    with open(target, "wb") as out:
+        out.write(_MAGIC)
+        shifts = []
+        for footer, path in zip(footers, runs, strict=True):
+            shifts.append(out.tell() - 4)
+            _copy_range(path, 4, footer.data_end, out)
+        null_shifts = []
+        for footer, path in zip(nulls, nulls_paths, strict=True):
+            null_shifts.append(out.tell() - 4)
+            if footer is not None:
                 _copy_range(path, 4, footer.data_end, out)
-            nulls_shift = out.tell() - 4
-            if needed:
-                _copy_range(nulls_path, 4, nulls.data_end, out)
-            index = 0
-            for footer, shift in zip(footers, shifts, strict=True):
-                for group in footer.row_groups():
-                    own = _columns_by_path(group)
-                    null_columns = _columns_by_path(nulls_groups[index]) if needed else {}
-                    chunks = []
-                    for leaf in leaves:
-                        if leaf in own:
-                            chunks.append(_moved(own.pop(leaf), shift))
-                        elif leaf in null_columns:
-                            chunks.append(_moved(null_columns[leaf], nulls_shift))
-                        else:
-                            raise CannotJoin(f"no column chunk for {b'.'.join(leaf).decode()!r}")
-                    if own:
-                        raise CannotJoin("a run holds a column the joined schema does not")
-                    joined = [list(entry) for entry in group]
-                    metas = [_field(c, _CHUNK_META)[2] for c in chunks]
-                    _set(joined, _GROUP_COLUMNS, _LIST, (_STRUCT, chunks))
-                    _set(joined, _GROUP_BYTES, _I64, sum(_field(m, _META_UNCOMPRESSED)[2] for m in metas))
-                    if _field(joined, _GROUP_OFFSET) is not None:
-                        _set(joined, _GROUP_OFFSET, _I64, _start(chunks[0]))
-                    if _field(joined, _GROUP_COMPRESSED) is not None:
-                        _set(
-                            joined,
-                            _GROUP_COMPRESSED,
-                            _I64,
-                            sum(_field(m, _META_COMPRESSED)[2] for m in metas),
-                        )
-                    if _field(joined, _GROUP_ORDINAL) is not None:
-                        _set(joined, _GROUP_ORDINAL, _I16, len(groups))
-                    groups.append(joined)
-                    total_rows += _field(group, _GROUP_ROWS)[2]
-                    index += 1
-            metadata = [list(entry) for entry in final.metadata]
-            _set(metadata, _FILE_NUM_ROWS, _I64, total_rows)
-            _set(metadata, _FILE_ROW_GROUPS, _LIST, (_STRUCT, groups))
-            writer = _Writer()
-            writer.struct(metadata)
-            out.write(writer.out)
-            out.write(len(writer.out).to_bytes(4, "little"))
-            out.write(_MAGIC)
-        check = pq.ParquetFile(target)
-        if check.metadata.num_rows != total_rows or not check.schema_arrow.equals(schema):
-            raise CannotJoin("the joined file does not read back as written")
-    except BaseException:
-        if os.path.exists(target):
-            os.unlink(target)
-        raise
-    finally:
-        if os.path.exists(nulls_path):
-            os.unlink(nulls_path)
+        for footer, shift, null_footer, null_shift in zip(footers, shifts, nulls, null_shifts, strict=True):
+            null_groups = null_footer.row_groups() if null_footer is not None else []
+            for index, group in enumerate(footer.row_groups()):
+                if _field(group, _GROUP_SORTING) is not None:
+                    raise CannotJoin("row groups that state a sort order (by column numbers)")
+                own = _columns_by_path(group)
+                null_columns = _columns_by_path(null_groups[index]) if null_groups else {}
+                chunks = []
+                for leaf in leaves:
+                    if leaf in own:
+                        chunks.append(_moved(own.pop(leaf), shift))
+                    elif leaf in null_columns:
+                        chunks.append(_moved(null_columns.pop(leaf), null_shift))
+                    else:
+                        raise CannotJoin(f"no column chunk for {b'.'.join(leaf).decode()!r}")
+                if own or null_columns:
+                    raise CannotJoin("a column chunk the joined schema does not hold")
+                groups.append(_group(group, chunks, len(groups)))
+                total_rows += _field(group, _GROUP_ROWS)[2]
+        metadata = [list(entry) for entry in final.metadata]
+        _set(metadata, _FILE_NUM_ROWS, _I64, total_rows)
+        _set(metadata, _FILE_ROW_GROUPS, _LIST, (_STRUCT, groups))
+        writer = _Writer()
+        writer.struct(metadata)
+        out.write(writer.out)
+        out.write(len(writer.out).to_bytes(4, "little"))
+        out.write(_MAGIC)
+    check = pq.ParquetFile(target)
+    if check.metadata.num_rows != total_rows or not check.schema_arrow.equals(schema):
+        raise CannotJoin("the joined file does not read back as written")
+
+
+def _group(group: list, chunks: list, ordinal: int) -> list:
+    """A run's row group with the joined schema's column chunks, its sizes and offset to match."""
+    joined = [list(entry) for entry in group]
+    metas = [_field(c, _CHUNK_META)[2] for c in chunks]
+    _set(joined, _GROUP_COLUMNS, _LIST, (_STRUCT, chunks))
+    _set(joined, _GROUP_BYTES, _I64, sum(_field(m, _META_UNCOMPRESSED)[2] for m in metas))
+    if _field(joined, _GROUP_OFFSET) is not None:  # where its first byte is (readers split files by it)
+        _set(joined, _GROUP_OFFSET, _I64, min(_start(c) for c in chunks))
+    if _field(joined, _GROUP_COMPRESSED) is not None:
+        _set(joined, _GROUP_COMPRESSED, _I64, sum(_field(m, _META_COMPRESSED)[2] for m in metas))
+    if _field(joined, _GROUP_ORDINAL) is not None:
+        if ordinal > 0x7FFF:
+            raise CannotJoin("more row groups than an ordinal counts")
+        _set(joined, _GROUP_ORDINAL, _I16, ordinal)
+    return joined
 
 
 def _nulls(schema: pa.Schema, rows: int) -> pa.Table:
