@@ -181,9 +181,9 @@ def columnar_part(
             refused[rows[set_aside.rows]] = True
             continue
         except _TypeConflict as conflict:
-            if conflicts is not None and len(conflicts) < _CONFLICTS_REMEMBERED:
-                conflicts.append(conflict)
             rarer = conflict.rarer_shape(docs)
+            if rarer is not None and conflicts is not None and len(conflicts) < _CONFLICTS_REMEMBERED:
+                conflicts.append(conflict)  # one whose shape cannot be found by its key would not help
             if rarer is None or not (rarer & ~refused).any():
                 if searched:
                     return None

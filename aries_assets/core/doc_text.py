@@ -142,14 +142,12 @@ def render(raw_documents: list[bytes], hold: bool = True) -> Rendered:
     parts: list[tuple[np.ndarray, pa.Array]] = []
     columnar_parts: list[tuple[np.ndarray, pa.Array]] | None = [] if held else None
     wholes: list[Whole] = []
-    done.reverse()
-    while done:  # in order, each group's pieces freed once joined
-        group = done.pop()
+    for group in done:  # each group's pieces freed once joined
         parts.append((group.rows, _joined(group.pieces, len(group.rows))))
         if columnar_parts is not None:
             columnar_parts.append((group.rows, _joined(group.pieces, len(group.rows), held=False)))
         wholes += [replace(p, rows=group.rows) for p in group.pieces if isinstance(p, Whole)]
-        del group
+        group.pieces = []
     if rest:
         rows = np.concatenate(rest)
         text = one_by_one([raw_documents[i] for i in rows.tolist()]).view(pa.binary())
@@ -610,18 +608,16 @@ class _Walk:
 def _gather(buf: np.ndarray, starts: np.ndarray, sizes: np.ndarray) -> pa.BinaryArray:
     """The byte ranges [start, start + size) of `buf`, as one binary array of their own.
 
-    The ranges follow one another in `buf` (a group's documents are in the chunk's order): read
-    as every other value of one array over `buf` (the gaps between them the others), Arrow's
-    `take` copies them out, a byte for a byte (an index per byte cost eight more)."""
+    The ranges follow one another in `buf` (a group's documents are in the chunk's order; others
+    are put in order first): read as every other value of one array over `buf` (the gaps between
+    them the others), Arrow's `take` copies them out, a byte for a byte."""
     count = len(sizes)
     ends = starts + sizes
-    if count and (starts[1:] < ends[:-1]).any():  # not in order: an index per byte
-        offsets = np.zeros(count + 1, np.int64)
-        np.cumsum(sizes, out=offsets[1:])
-        index = np.repeat(starts - offsets[:-1], sizes) + np.arange(int(offsets[-1]))
-        return pa.BinaryArray.from_buffers(
-            pa.binary(), count, [None, pa.py_buffer(offsets.astype(np.int32)), pa.py_buffer(buf[index])]
-        )
+    if count and (starts[1:] < ends[:-1]).any():  # not in order: gathered in order, then put back
+        order = np.lexsort((ends, starts))  # by start, an empty range before one that begins there
+        if (starts[order][1:] < ends[order][:-1]).any():
+            raise ValueError("overlapping byte ranges: not BSON")  # `render` hands the chunk to bsonjs
+        return _gather(buf, starts[order], sizes[order]).take(pa.array(np.argsort(order)))
     if not count:
         return pa.array([], pa.binary())
     first = int(starts[0])

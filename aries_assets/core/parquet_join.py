@@ -370,8 +370,8 @@ def _join(runs, schema, target, open_writer, late_metadata, nulls_paths) -> None
 
     # The columns a run lacks, all null, a row group for each of its row groups, in a file of its own.
     nulls: list[_Footer | None] = []
-    for footer, path, nulls_path in zip(footers, runs, nulls_paths, strict=True):
-        names = set(pq.read_schema(path).names)
+    for footer, nulls_path in zip(footers, nulls_paths, strict=True):
+        names = {leaf[0].decode() for leaf in _leaves(footer.metadata)}  # top-level columns
         lacking = pa.schema([f for f in schema if f.name not in names])
         if not len(lacking):
             nulls.append(None)

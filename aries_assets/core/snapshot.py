@@ -311,7 +311,7 @@ def _parquet_writer(
     )
 
 
-def _unstated(schema: s.InferredSchema, stats: s.TypeStats) -> frozenset[str]:
+def _unstated(schema: s.InferredSchema, long: frozenset[str]) -> frozenset[str]:
     """Columns whose statistics Parquet would drop anyway, or no reader prunes by: JSON text (like
     `_doc`), binary, and text whose values run past `_STATED_BYTES` (in the statistics so far)."""
     names = {DOC_COLUMN, KEY_COLUMN}
@@ -319,7 +319,7 @@ def _unstated(schema: s.InferredSchema, stats: s.TypeStats) -> frozenset[str]:
         base = column.type.removeprefix("list<").removesuffix(">")
         if base in (s.T_JSON, s.T_BINARY):
             names.add(column.name)
-    return frozenset(names) | _long(schema, stats)
+    return frozenset(names) | long
 
 
 def _long(schema: s.InferredSchema, stats: s.TypeStats) -> frozenset[str]:
@@ -367,8 +367,8 @@ class _SchemaRuns:
             self.writer = _parquet_writer(
                 path,
                 table.schema.with_metadata(self.metadata),
-                _unstated(schema, stats),
-                _long(schema, stats),
+                _unstated(schema, long := _long(schema, stats)),
+                long,
             )
             self.runs.append((path, schema, set()))
         self.writer.write_table(table)
@@ -390,7 +390,8 @@ class _SchemaRuns:
         if not all(_carries_over(written, seen, schema) for _, written, seen in self.runs):
             return False
         arrow_schema = arrow_schema_of(schema).with_metadata(self.metadata)
-        unstated, long = _unstated(schema, stats), _long(schema, stats)
+        long = _long(schema, stats)
+        unstated = _unstated(schema, long)
         joined = f"{self.path}.joined"
         try:
             # The rows written keep their column chunks, copied byte for byte.
