@@ -163,3 +163,45 @@ def test_the_sensor_refreshes_lake_and_table_together(client, mongo_uri, databas
             apply(defs, instance, result)
         assert result.run_requests == []
         assert_table_equals_mongo(url, database, coll)
+
+
+def test_a_lake_started_afresh_leaves_no_row_of_its_old_buckets_in_the_table(
+    client, mongo_uri, database, workdir, warehouse_url
+):
+    """The lake is wiped (or moved) while the table stays: the new first load cuts other buckets,
+    and the rows the old buckets held for documents deleted meanwhile must not linger."""
+    import shutil
+
+    coll = client[database].events
+    coll.insert_many([{"_id": i, "n": i} for i in range(60)])
+    sync(workdir, mongo_uri, database, warehouse_url)
+    shutil.rmtree(workdir / "lake")
+    # Deleting from the first buckets shifts every later bucket's lower bound.
+    coll.delete_many({"_id": {"$in": [1, 2, 3, 15, 33, 47]}})
+    code, out, err = run_cli("sync", "--workers", "1", "--plain")
+    assert code == 0, err + out
+    assert_table_equals_mongo(warehouse_url, database, coll)
+    assert "deleted 3 rows of 5 buckets the lake no longer has" in out + err, out + err
+
+
+def test_a_deleted_duckdb_file_is_loaded_afresh_not_restored_from_the_working_copy(
+    client, mongo_uri, database, workdir
+):
+    """Aries loads a private working copy and publishes it; a user who deletes the published file
+    to start over gets a file built from the lake now, not the old copy back."""
+    url = f"duckdb:///{workdir / 'warehouse.duckdb'}"
+    for name in ("events", "orders"):
+        client[database][name].insert_many([{"_id": i, "n": i} for i in range(30)])
+    entries = [{"database": database, "collection": c, "bucket_size": 10} for c in ("events", "orders")]
+    write_config(workdir / "aries.yaml", mongo_uri, "./lake", entries, warehouse={"url": url})
+    assert run_cli("sync", "--workers", "1")[0] == 0
+    (workdir / "warehouse.duckdb").unlink()
+    sync(workdir, mongo_uri, database, url)  # orders no longer configured
+    assert_table_equals_mongo(url, database, client[database].events)
+    with duckdb.connect(str(workdir / "warehouse.duckdb"), read_only=True) as connection:
+        tables = connection.execute(
+            "SELECT table_schema, table_name FROM information_schema.tables"
+        ).fetchall()
+        loads = connection.execute('SELECT DISTINCT table_name FROM "_aries_loads"').fetchall()
+    assert sorted(tables) == sorted([("main", "_aries_loads"), (database, "events")])
+    assert loads == [(f"{database}.events",)]

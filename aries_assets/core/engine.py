@@ -889,6 +889,16 @@ class _CollectionSync:
                                                 max(0, in_table - rebuilt.rows))  # fmt: skip
                 return {k for k in keys if files.get(k) is not None}, []
             self._report_load(loader, table, result, data)
+        # Rows of buckets the bucket map no longer names (the lake was started afresh and cut other
+        # buckets): live documents moved to the new buckets above, the rest were deleted meanwhile.
+        gone = sorted(set(loaded) - set(keys))
+        if gone:
+            self.lease.check()
+            rows = loader.drop_buckets(table, gone)
+            self.reporter.message(
+                f"{self.source.label}: deleted {rows} rows of {len(gone)} buckets the lake no longer has "
+                f"from {table.label}"
+            )
         failed = {e.bucket for e in refused}
         return {k for k in keys if files.get(k) is not None and k not in failed}, refused
 

@@ -417,6 +417,23 @@ class Loader:
             )
             return [row[0] for row in cursor.fetchall()]
 
+    def drop_buckets(self, table: TableRef, buckets: list[str]) -> int:
+        """Delete the rows and load records of `buckets`, in one transaction; the rows deleted."""
+        target, deleted = self.table_sql(table), 0
+        with self.transaction() as cursor:
+            exists = bool(self.existing_columns(cursor, table))
+            for start in range(0, len(buckets), 500):
+                names = ", ".join(literal(b) for b in buckets[start : start + 500])
+                if exists:
+                    cursor.execute(f"SELECT COUNT(*) FROM {target} WHERE {quote('_bucket')} IN ({names})")
+                    deleted += int(cursor.fetchone()[0])
+                    cursor.execute(f"DELETE FROM {target} WHERE {quote('_bucket')} IN ({names})")
+                cursor.execute(
+                    f"DELETE FROM {quote(LOADS_TABLE)} WHERE table_name = {literal(table.label)} "
+                    f"AND bucket IN ({names})"
+                )
+        return deleted
+
     def replace_bucket(
         self,
         table: TableRef,
@@ -651,6 +668,13 @@ class DuckDBLoader(Loader):
                 fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
 
     def _connect_working_file(self):
+        if os.path.exists(self.work_path) and not os.path.exists(self.path):
+            # The published file is gone: deleted to start over (the copy is never removed, only
+            # replaced), or never published by a load that was killed. Either way the working copy
+            # holds nothing the lake cannot load again, with its own record of loads.
+            for leftover in (self.work_path, f"{self.work_path}.wal", self._published_path):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(leftover)
         if not os.path.exists(self.work_path) and os.path.exists(self.path):
             # Take over a file written in place by an older Aries: copy it, with its WAL if any.
             for suffix in ("", ".wal"):
