@@ -6,6 +6,7 @@ import contextlib
 import http.client
 import http.server
 import json
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -175,7 +176,14 @@ class FaultProxy:
 
             do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _handle
 
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        class Server(http.server.ThreadingHTTPServer):
+            def handle_error(self, request: Any, client_address: Any) -> None:
+                # A client that hung up mid-answer (a retry giving up): kept, not printed. Printed, it
+                # lands in the stderr a test captures from the CLI run in this process.
+                proxy.errors.append(repr(sys.exc_info()[1]))
+
+        self.errors: list[str] = []
+        self.server = Server(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)

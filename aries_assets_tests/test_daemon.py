@@ -151,7 +151,9 @@ def test_a_run_killed_with_kill_9_is_repaired_by_the_next_ticks(client, mongo_ur
         while not daemon.run_processes():
             assert time.monotonic() < deadline, "no run started:\n" + log.read_text()[-3000:]
             time.sleep(0.2)
-        time.sleep(3)
+        # Killed once its first bucket file lands, of 40: mid-write however fast the machine.
+        while not any(folder.glob("*.parquet")) and time.monotonic() < deadline:
+            time.sleep(0.02)
         victims = daemon.run_processes()
         assert victims, "the run finished before it could be killed; make the collection larger"
         for process in victims:
@@ -191,13 +193,19 @@ def test_a_serving_run_killed_with_kill_9_is_repaired_by_the_next_ticks(client, 
     with running_daemon(workdir, config) as daemon:
         log = workdir / "daemon.log"
         time.sleep(5)  # the daemon is up and ticking
+        changed = time.time()
         coll.update_many({}, {"$set": {"v": 1}})  # every bucket dirty: a long rewrite
         other.update_one({"_id": 3}, {"$set": {"v": 1}})
         deadline = time.monotonic() + 120
         while not daemon.run_processes():
             assert time.monotonic() < deadline, "no run started:\n" + log.read_text()[-3000:]
             time.sleep(0.2)
-        time.sleep(3)
+        # Killed once it has rewritten its first bucket file, of 40: mid-write however fast the machine.
+        folder = workdir / "lake" / database / "events"
+        while time.monotonic() < deadline and not any(
+            p.stat().st_mtime > changed for p in folder.glob("*.parquet")
+        ):
+            time.sleep(0.02)
         victims = daemon.run_processes()
         assert victims, "the run finished before it could be killed"
         for process in victims:
