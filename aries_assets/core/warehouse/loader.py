@@ -668,10 +668,11 @@ class DuckDBLoader(Loader):
                 fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
 
     def _connect_working_file(self):
-        if os.path.exists(self.work_path) and not os.path.exists(self.path):
-            # The published file is gone: deleted to start over (the copy is never removed, only
-            # replaced), or never published by a load that was killed. Either way the working copy
-            # holds nothing the lake cannot load again, with its own record of loads.
+        if os.path.exists(self._published_path) and not os.path.exists(self.path):
+            # Published once, and gone since: deleted to start over (Aries only ever replaces it).
+            # The working copy holds nothing the lake cannot load again, with its own record of
+            # loads. (Before its first publication the file is missing by design: a rebuild's
+            # shadow table is built unpublished.)
             for leftover in (self.work_path, f"{self.work_path}.wal", self._published_path):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(leftover)
