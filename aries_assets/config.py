@@ -294,6 +294,18 @@ def _parse(raw: Any, path: str) -> AriesConfig:
                 f"collections: {coll.label} and {seen[coll.name]} map to the same asset name {coll.name!r}"
             )
         seen[coll.name] = coll.label
+    if warehouse_url is not None:
+        # Each table is one collection's: a load deletes the rows of buckets its collection no
+        # longer has. Compared as DuckDB and Redshift compare names: case aside.
+        tables: dict[tuple[str, str], str] = {}
+        for coll in collections:
+            table = tuple(part.lower() for part in coll.table)
+            if table in tables:
+                raise ConfigError(
+                    f"collections: {coll.label} and {tables[table]} load the same warehouse table "
+                    f'"{coll.table[0]}"."{coll.table[1]}"; give one its own warehouse_schema or warehouse_table'
+                )
+            tables[table] = coll.label
 
     return AriesConfig(
         sync=_sync_options(top.get("sync")),

@@ -39,6 +39,11 @@ collections:
             "ARIES_TEST_UNSET_VAR is not set",
         ),
         (GOOD + "warehouse: {url: mysql://x}\n", "warehouse.url must start with one of"),
+        (
+            GOOD
+            + "  - {database: app, collection: Apps2, warehouse_table: APPS}\nwarehouse: {url: duckdb:///w.db}\n",
+            'app.Apps2 and app.apps load the same warehouse table "app"."APPS"',
+        ),
         ("mongo: [unclosed\n", "not valid YAML at line"),
     ],
 )

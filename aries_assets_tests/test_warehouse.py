@@ -184,6 +184,30 @@ def test_a_lake_started_afresh_leaves_no_row_of_its_old_buckets_in_the_table(
     assert "deleted 3 rows of 5 buckets the lake no longer has" in out + err, out + err
 
 
+def test_old_buckets_rows_stay_while_a_new_bucket_is_refused(
+    client, mongo_uri, database, workdir, postgres_url
+):
+    """A new bucket that PostgreSQL refuses (a NUL character) never loads: its live documents are
+    still only under the old buckets' keys, so those rows stay until it loads."""
+    import shutil
+
+    coll = client[database].events
+    coll.insert_many([{"_id": i, "n": i} for i in range(60)])
+    sync(workdir, mongo_uri, database, postgres_url)
+    shutil.rmtree(workdir / "lake")
+    coll.delete_many({"_id": {"$in": [1, 2, 3]}})
+    coll.update_one({"_id": 15}, {"$set": {"note": "a\x00b"}})  # a new column, not a type change
+    code, out, err = run_cli("sync", "--workers", "1", "--plain")
+    assert code == 1 and "NUL" in out + err, out + err
+    in_table = table_documents(postgres_url, database, "events")
+    assert set(range(60)) - {1, 2, 3, 15} <= {int(k) for k in in_table}, sorted(in_table)
+
+    coll.update_one({"_id": 15}, {"$set": {"note": "ab"}})
+    code, out, err = run_cli("sync", "--workers", "1", "--plain")
+    assert code == 0, out + err
+    assert_table_equals_mongo(postgres_url, database, coll)
+
+
 def test_a_deleted_duckdb_file_is_loaded_afresh_not_restored_from_the_working_copy(
     client, mongo_uri, database, workdir
 ):
@@ -205,3 +229,22 @@ def test_a_deleted_duckdb_file_is_loaded_afresh_not_restored_from_the_working_co
         loads = connection.execute('SELECT DISTINCT table_name FROM "_aries_loads"').fetchall()
     assert sorted(tables) == sorted([("main", "_aries_loads"), (database, "events")])
     assert loads == [(f"{database}.events",)]
+
+
+def test_a_duckdb_file_deleted_during_a_load_is_not_put_back(workdir):
+    from aries_assets.core.warehouse.loader import DuckDBDialect, DuckDBLoader, WarehouseError
+
+    path = workdir / "warehouse.duckdb"
+    loader = DuckDBLoader(DuckDBDialect(), str(path))
+    with loader.transaction() as cursor:
+        cursor.execute("CREATE TABLE kept AS SELECT 1 AS x")
+    assert path.exists()
+    deleted = pytest.raises(WarehouseError, match="deleted during the load; the next sync loads it afresh")
+    with deleted, loader.transaction() as cursor:
+        cursor.execute("CREATE TABLE later AS SELECT 2 AS x")
+        path.unlink()
+    assert not path.exists()
+    with loader.transaction() as cursor:  # afresh: neither table of the deleted file
+        cursor.execute("SELECT table_name FROM information_schema.tables")
+        assert cursor.fetchall() == []
+    assert path.exists()

@@ -891,8 +891,9 @@ class _CollectionSync:
             self._report_load(loader, table, result, data)
         # Rows of buckets the bucket map no longer names (the lake was started afresh and cut other
         # buckets): live documents moved to the new buckets above, the rest were deleted meanwhile.
+        # Not while a bucket is refused: its documents may still be only under the old keys.
         gone = sorted(set(loaded) - set(keys))
-        if gone:
+        if gone and not refused:
             self.lease.check()
             rows = loader.drop_buckets(table, gone)
             self.reporter.message(

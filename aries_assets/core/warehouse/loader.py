@@ -625,6 +625,12 @@ class DuckDBLoader(Loader):
 
         Call with the writer lock held and the working file checkpointed (as `committed` does).
         """
+        if os.path.exists(self._published_path) and not os.path.exists(self.path):
+            # Deleted while this load ran: not put back. The next load starts afresh (see below).
+            self._drop_working_copy()
+            raise WarehouseError(
+                f"{self.path} was deleted during the load; the next sync loads it afresh from the lake"
+            )
         stat = os.stat(self.work_path)
         version = f"{stat.st_size} {stat.st_mtime_ns}"
         if os.path.exists(self.path) and _read(self._published_path) == version:
@@ -673,9 +679,7 @@ class DuckDBLoader(Loader):
             # The working copy holds nothing the lake cannot load again, with its own record of
             # loads. (Before its first publication the file is missing by design: a rebuild's
             # shadow table is built unpublished.)
-            for leftover in (self.work_path, f"{self.work_path}.wal", self._published_path):
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(leftover)
+            self._drop_working_copy()
         if not os.path.exists(self.work_path) and os.path.exists(self.path):
             # Take over a file written in place by an older Aries: copy it, with its WAL if any.
             for suffix in ("", ".wal"):
@@ -685,6 +689,11 @@ class DuckDBLoader(Loader):
                 os.replace(f"{self.work_path}.tmp.wal", f"{self.work_path}.wal")
             os.replace(f"{self.work_path}.tmp", self.work_path)
         return _duckdb_connect(self.work_path)
+
+    def _drop_working_copy(self) -> None:
+        for leftover in (self.work_path, f"{self.work_path}.wal", self._published_path):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(leftover)
 
     def stage(self, cursor, stage, table, schema, data, file_uri):
         # DuckDB reads Arrow directly; the lake file's own types carry over.
