@@ -296,10 +296,12 @@ def _parse(raw: Any, path: str) -> AriesConfig:
         seen[coll.name] = coll.label
     if warehouse_url is not None:
         # Each table is one collection's: a load deletes the rows of buckets its collection no
-        # longer has. Compared as DuckDB and Redshift compare names: case aside.
-        tables: dict[tuple[str, str], str] = {}
+        # longer has. Compared as the warehouse compares quoted names: DuckDB and Redshift case
+        # aside, PostgreSQL exactly.
+        exact_case = urlsplit(expand_url(warehouse_url, "warehouse.url")).scheme.startswith("postgres")
+        tables: dict[tuple[str, ...], str] = {}
         for coll in collections:
-            table = tuple(part.lower() for part in coll.table)
+            table = coll.table if exact_case else tuple(part.lower() for part in coll.table)
             if table in tables:
                 raise ConfigError(
                     f"collections: {coll.label} and {tables[table]} load the same warehouse table "

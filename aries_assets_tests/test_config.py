@@ -60,6 +60,16 @@ def test_bad_config_gives_one_clear_line(workdir, text, message):
     assert sorted(p.name for p in workdir.iterdir()) == ["aries.yaml"], "nothing may be written"
 
 
+def test_tables_differing_only_by_case_are_two_tables_in_postgresql_one_in_duckdb(workdir):
+
+    two = GOOD + "  - {database: app, collection: Apps2, warehouse_table: APPS}\n"
+    (workdir / "aries.yaml").write_text(two + "warehouse: {url: postgresql://u@h/db}\n")
+    assert len(load_config(workdir / "aries.yaml").collections) == 2
+    (workdir / "aries.yaml").write_text(two + "warehouse: {url: duckdb:///w.db}\n")
+    with pytest.raises(ConfigError, match="load the same warehouse table"):
+        load_config(workdir / "aries.yaml")
+
+
 def test_missing_config_file(workdir):
     code, _, err = run_cli("sync", "--config", "nope.yaml")
     assert code == 2 and "nope.yaml: no such config file" in err
