@@ -266,19 +266,19 @@ def _parse(raw: Any, path: str) -> AriesConfig:
     elif scheme not in ("", "file"):
         raise ConfigError(f"lake.url {expanded!r}: use a directory path or s3://bucket/prefix")
 
-    warehouse_url = warehouse_iam_role = None
+    warehouse_url = warehouse_iam_role = warehouse_scheme = None
     if top.get("warehouse") is not None:
         warehouse = _mapping(top["warehouse"], "warehouse", _WAREHOUSE_KEYS, {"url"})
         warehouse_url = _string(warehouse["url"], "warehouse.url")
-        scheme = urlsplit(expand_url(warehouse_url, "warehouse.url")).scheme
-        if scheme not in _WAREHOUSE_SCHEMES:
+        warehouse_scheme = urlsplit(expand_url(warehouse_url, "warehouse.url")).scheme
+        if warehouse_scheme not in _WAREHOUSE_SCHEMES:
             raise ConfigError(
                 f"warehouse.url must start with one of {', '.join(s + '://' for s in _WAREHOUSE_SCHEMES)}"
             )
         warehouse_iam_role = _optional_string(warehouse, "iam_role", "warehouse")
         if warehouse_iam_role:
             expand_env(warehouse_iam_role, "warehouse.iam_role")
-        if scheme == "redshift" and not expanded.startswith("s3://"):
+        if warehouse_scheme == "redshift" and not expanded.startswith("s3://"):
             raise ConfigError(
                 "a redshift:// warehouse loads with COPY from S3: lake.url must be s3://bucket/prefix"
             )
@@ -294,11 +294,11 @@ def _parse(raw: Any, path: str) -> AriesConfig:
                 f"collections: {coll.label} and {seen[coll.name]} map to the same asset name {coll.name!r}"
             )
         seen[coll.name] = coll.label
-    if warehouse_url is not None:
+    if warehouse_scheme is not None:
         # Each table is one collection's: a load deletes the rows of buckets its collection no
         # longer has. Compared as the warehouse compares quoted names: DuckDB and Redshift case
         # aside, PostgreSQL exactly.
-        exact_case = urlsplit(expand_url(warehouse_url, "warehouse.url")).scheme.startswith("postgres")
+        exact_case = warehouse_scheme.startswith("postgres")
         tables: dict[tuple[str, ...], str] = {}
         for coll in collections:
             table = coll.table if exact_case else tuple(part.lower() for part in coll.table)

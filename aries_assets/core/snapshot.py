@@ -441,9 +441,9 @@ class _SchemaRuns:
     def discard(self) -> None:
         """Remove the runs' files but the bucket's own (whose owner removes it on failure)."""
         self._close_writer()
-        joined = f"{self.path}.joined"
-        nulls = [f"{joined}.nulls{i}" for i in range(len(self.runs))]  # `parquet_join`'s
-        for path in [p for p, _, _ in self.runs[1:]] + [joined, *nulls]:
+        for path in [p for p, _, _ in self.runs[1:]] + [
+            f"{self.path}.joined"
+        ]:  # (`parquet_join` removes its own)
             if os.path.exists(path):
                 os.unlink(path)
 

@@ -625,8 +625,7 @@ class DuckDBLoader(Loader):
 
         Call with the writer lock held and the working file checkpointed (as `committed` does).
         """
-        if os.path.exists(self._published_path) and not os.path.exists(self.path):
-            # Deleted while this load ran: not put back. The next load starts afresh (see below).
+        if self._deleted_since_published():  # while this load ran: not put back
             self._drop_working_copy()
             raise WarehouseError(
                 f"{self.path} was deleted during the load; the next sync loads it afresh from the lake"
@@ -674,11 +673,7 @@ class DuckDBLoader(Loader):
                 fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
 
     def _connect_working_file(self):
-        if os.path.exists(self._published_path) and not os.path.exists(self.path):
-            # Published once, and gone since: deleted to start over (Aries only ever replaces it).
-            # The working copy holds nothing the lake cannot load again, with its own record of
-            # loads. (Before its first publication the file is missing by design: a rebuild's
-            # shadow table is built unpublished.)
+        if self._deleted_since_published():
             self._drop_working_copy()
         if not os.path.exists(self.work_path) and os.path.exists(self.path):
             # Take over a file written in place by an older Aries: copy it, with its WAL if any.
@@ -689,6 +684,13 @@ class DuckDBLoader(Loader):
                 os.replace(f"{self.work_path}.tmp.wal", f"{self.work_path}.wal")
             os.replace(f"{self.work_path}.tmp", self.work_path)
         return _duckdb_connect(self.work_path)
+
+    def _deleted_since_published(self) -> bool:
+        """The configured file was published once and is gone: deleted to start over (Aries only
+        ever replaces it). Its working copy is then dropped, not published again: it holds nothing
+        the lake cannot load again, with its own record of loads. (Before its first publication the
+        file is missing by design: a rebuild's shadow table is built unpublished.)"""
+        return os.path.exists(self._published_path) and not os.path.exists(self.path)
 
     def _drop_working_copy(self) -> None:
         for leftover in (self.work_path, f"{self.work_path}.wal", self._published_path):
