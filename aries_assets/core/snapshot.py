@@ -441,9 +441,8 @@ class _SchemaRuns:
     def discard(self) -> None:
         """Remove the runs' files but the bucket's own (whose owner removes it on failure)."""
         self._close_writer()
-        for path in [p for p, _, _ in self.runs[1:]] + [
-            f"{self.path}.joined"
-        ]:  # (`parquet_join` removes its own)
+        # `parquet_join` removes its own temporary files.
+        for path in [p for p, _, _ in self.runs[1:]] + [f"{self.path}.joined"]:
             if os.path.exists(path):
                 os.unlink(path)
 
