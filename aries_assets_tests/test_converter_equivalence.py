@@ -8,6 +8,7 @@ import random
 import struct
 import uuid
 from collections import Counter
+from contextlib import contextmanager
 from pathlib import Path
 
 import bson
@@ -30,6 +31,7 @@ from bson.max_key import MaxKey
 from bson.min_key import MinKey
 from bson.son import SON
 
+from aries_assets.core import doc_text
 from aries_assets.core import schema as s
 from aries_assets.core.arrow import (
     CODEC_OPTIONS,
@@ -70,21 +72,44 @@ def columnar_rows(batches) -> int:
     )
 
 
-def assert_equivalent(documents, options=DEFAULTS, batch=1000, schema=None, expect_columnar=None):
+# The two ways the columnar path reads a chunk: the values the `_doc` walk found while rendering,
+# and Arrow's JSON reader over the text (a chunk whose documents the walk left to bsonjs).
+ROUTES = ("found", "text")
+
+
+@contextmanager
+def reading(route: str):
+    saved = doc_text.FOUND_UNWALKED_SHARE
+    doc_text.FOUND_UNWALKED_SHARE = saved if route == "found" else -1.0
+    try:
+        yield
+    finally:
+        doc_text.FOUND_UNWALKED_SHARE = saved
+
+
+def assert_equivalent(
+    documents, options=DEFAULTS, batch=1000, schema=None, expect_columnar=None, route="found"
+):
+    """The columnar path's file is the exact path's, by either route; returns the table, and how
+    many documents `route` took columnar."""
     exact_stats, exact, exact_outliers, _ = convert(documents, options, batch, fast=False, schema=schema)
     schema = schema or s.resolve_schema(exact_stats, None, options)
-    stats, table, outliers, columnar = convert(documents, options, batch, fast=True, schema=schema)
-    assert stats.to_json() == exact_stats.to_json()
-    assert [(p, dict(f.kinds), dict(f.element_kinds)) for p, f in sorted(stats.fields.items())] == [
-        (p, dict(f.kinds), dict(f.element_kinds)) for p, f in sorted(exact_stats.fields.items())
-    ]
-    assert outliers == exact_outliers
-    assert table.schema == exact.schema
-    for name in exact.column_names:
-        assert comparable(table.column(name)) == comparable(exact.column(name)), name
-    if expect_columnar is not None:
-        assert (columnar > 0) == expect_columnar, f"{columnar} documents columnar"
-    return table, columnar
+    taken = {}
+    for way in ROUTES:
+        with reading(way):
+            stats, table, outliers, columnar = convert(documents, options, batch, fast=True, schema=schema)
+        assert stats.to_json() == exact_stats.to_json(), way
+        assert [(p, dict(f.kinds), dict(f.element_kinds)) for p, f in sorted(stats.fields.items())] == [
+            (p, dict(f.kinds), dict(f.element_kinds)) for p, f in sorted(exact_stats.fields.items())
+        ], way
+        assert outliers == exact_outliers, way
+        assert table.schema == exact.schema, way
+        for name in exact.column_names:
+            assert comparable(table.column(name)) == comparable(exact.column(name)), (way, name)
+        if expect_columnar is not None:
+            assert (columnar > 0) == expect_columnar, f"{way}: {columnar} documents columnar"
+        taken[way] = (table, columnar)
+    return taken[route]
 
 
 def comparable(column: pa.ChunkedArray) -> list[str]:
@@ -144,15 +169,17 @@ def test_a_chunk_of_maps_is_refused_from_a_sample_and_a_rare_map_by_the_walk():
     rare = list(plain)
     rare[7] = maps[7]
     assert not _refused_by_sample(chunk(rare), DEFAULTS, set())
-    _, columnar = assert_equivalent(rare, batch=len(rare))
+    _, columnar = assert_equivalent(rare, batch=len(rare), route="text")
     assert columnar == len(rare) - 1
     # A chunk of maps, though, is walked whole by the `_doc` walk, which holds each map's text
     # aside: the reader parses `"scores" : null` instead, and the chunk is columnar.
-    rendered = render([bson.encode(d, codec_options=CODEC_OPTIONS) for d in maps])
+    with reading("text"):
+        rendered = render([bson.encode(d, codec_options=CODEC_OPTIONS) for d in maps])
     assert '"scores" : null' in rendered.columnar[0].as_py()
     assert not _refused_by_sample(rendered.columnar, DEFAULTS, set())
-    _, columnar = assert_equivalent(maps)
-    assert columnar == len(maps)
+    for route in ROUTES:
+        _, columnar = assert_equivalent(maps, route=route)
+        assert columnar == len(maps), route
 
 
 def test_a_chunk_takes_its_plain_documents_columnar_and_the_rest_exactly():
@@ -175,8 +202,11 @@ def test_a_chunk_takes_its_plain_documents_columnar_and_the_rest_exactly():
     ]
     for i, extra in enumerate(odd * 3):
         documents[20 * i + 3].update(extra)
-    _, columnar = assert_equivalent(documents, batch=len(documents))
+    _, columnar = assert_equivalent(documents, batch=len(documents), route="text")
     assert columnar == len(documents) - 3 * len(odd)
+    # The walk reads the string like a key separator as it is: only the text needs it set aside.
+    _, columnar = assert_equivalent(documents, batch=len(documents))
+    assert columnar == len(documents) - 3 * (len(odd) - 1)
     # In batches of a few documents, some all plain, some all odd, some mixed: the same.
     assert_equivalent(documents, batch=7)
 
@@ -200,10 +230,14 @@ def test_uuids_and_binaries_take_the_columnar_path():
     ]
     for d in documents:
         d["sessions"] = [Binary.from_uuid(u) for u in d["sessions"]]
-    table, columnar = assert_equivalent(documents, batch=len(documents))
+    table, columnar = assert_equivalent(documents, batch=len(documents), route="text")
     # A string where the others hold a UUID (or the other way) is a JSON string beside an object:
     # those few take the exact path; an int beside UUIDs (both objects) stays columnar.
     assert columnar == len(documents) - len([i for i in range(600) if i % 89 == 0 or i % 97 == 0])
+    # The walk reads strings, ints and UUIDs alike as text; what parts it from its group (a
+    # string, an int, binaries of other lengths in too few documents to walk) takes the exact path.
+    table, columnar = assert_equivalent(documents, batch=len(documents))
+    assert columnar >= 0.95 * len(documents)
     assert table.column("user_")[1].as_py() == str(Binary.as_uuid(documents[1]["user"]))  # `user`: SQL
     assert table.column("hash").type == pa.binary()
     assert_equivalent(documents, batch=7)
@@ -352,6 +386,37 @@ def test_sample_datasets():
 def test_messy_documents():
     assert_equivalent(messy_documents(), batch=5)
     assert_equivalent(messy_documents(), batch=1000)
+
+
+def test_a_walked_chunk_is_read_from_the_walk_with_no_text_parsed(monkeypatch):
+    """Where the `_doc` walk walks a chunk, the columnar path takes the values it read on the
+    way (`Rendered.found`): no JSON is parsed. Fields of several types, hostile and `$` names,
+    empty documents beside records and maps, arrays of documents and of scalars: every document
+    columnar, and the file the exact path's."""
+    from aries_assets.core import bson_columns
+
+    rng = random.Random(5)
+    documents = events(1200)
+    for i, d in enumerate(documents):
+        d["maybe"] = i if i % 3 else f"s{i}"  # ints and strings in one field, each in many documents
+        d["flag"] = None if i % 4 == 0 else bool(i % 2)
+        d["$dollar"], d["dotted.name"], d['double"quote'], d["名前"] = "d", 1.5, "q", i
+        d["details"] = [{}, {"kind": "x"}, {f"{rng.getrandbits(64):016x}": 1}][i % 3]  # empty, record, map
+        d["items"] = [{"sku": f"s{j}", "qty": j} for j in range(i % 3)]
+        d["nested"] = {"empty": {}, "deep": {"n": Decimal128("1.25"), "u": Binary(bytes(16), 4)}}
+    parsed = []
+    read_json = bson_columns.pajson.read_json
+    monkeypatch.setattr(
+        bson_columns.pajson, "read_json", lambda *a, **k: parsed.append(1) or read_json(*a, **k)
+    )
+    raws = [bson.encode(d, codec_options=CODEC_OPTIONS) for d in documents]
+    batches = list(BucketConverter(DEFAULTS, chunk_bytes=None).chunks(raws))
+    assert columnar_rows(batches) == len(documents)
+    assert parsed == []
+    monkeypatch.undo()
+    for route in ROUTES:
+        assert_equivalent(documents, batch=len(documents), route=route)
+    assert_equivalent(documents, batch=100)
 
 
 def scalar_cases() -> dict[str, list]:
@@ -666,9 +731,14 @@ def test_a_field_of_two_shapes_is_set_aside_before_the_reader_meets_it_again(mon
 
     monkeypatch.setattr(bson_columns._TypeConflict, "__init__", counted)
     raws = [bson.encode(d, codec_options=CODEC_OPTIONS) for d in documents]
-    batches = list(BucketConverter(DEFAULTS, chunk_bytes=32 * 1024).chunks(raws))
+    with reading("text"):
+        batches = list(BucketConverter(DEFAULTS, chunk_bytes=32 * 1024).chunks(raws))
     assert len(batches) > 5 and all(isinstance(b, SplitBatch) for b in batches)
     assert len(met) == 1, met
+    # The walk meets no reader: the rare string parts its documents from their group, too few
+    # to walk, so they alone take the exact path.
+    batches = list(BucketConverter(DEFAULTS, chunk_bytes=32 * 1024).chunks(raws))
+    assert columnar_rows(batches) == len(documents) - len(documents) // 50
     assert_equivalent(documents, batch=len(documents), expect_columnar=True)
 
 

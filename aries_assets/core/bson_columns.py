@@ -1,12 +1,20 @@
 """A bucket batch as Arrow columns without a Python object per value, for the documents that allow it.
 
-The `_doc` column is canonical Extended JSON, in which every value names its BSON
-type. Parsing that text with Arrow's JSON reader (C++) gives each field path as
-one Arrow array, from which the type statistics and the typed columns follow with
-vectorised compute. Documents are taken only when the result is provably what the
-exact path (decode every document, walk it in Python) would give.
+Each field path becomes one `Values` (a kind code per document, and the values'
+text), from which the type statistics and the typed columns follow with vectorised
+compute. Documents are taken only when the result is provably what the exact path
+(decode every document, walk it in Python) would give.
 
-The reader parses `doc_text.Rendered.columnar`: `_doc`, but with each array of
+Where the `_doc` walk (`doc_text`) walked nearly all of a chunk, it read every value
+on the way, a NumPy array per field for all of a group's documents at once:
+`found_part` puts those together (`Rendered.found`), and nothing is parsed. It sets
+aside the documents the exact path must take by the rules the text reader below
+follows, and the walk itself tells a null from a missing field.
+
+Otherwise (the walk left more than a tenth of the chunk to bsonjs) the `_doc` column, canonical
+Extended JSON, in which every value names its BSON type, is parsed with Arrow's JSON
+reader (C++), which gives each field path as one Arrow array. It parses
+`doc_text.Rendered.columnar`: `_doc`, but with each array of
 documents and each map the `_doc` walk held whole written `null`. Those values
 come from `Rendered.wholes` instead, as their canonical text (`_take_wholes`):
 values of their own in the schema, as the exact path keeps them.
@@ -45,8 +53,17 @@ from bson import Binary, Decimal128, Int64, ObjectId
 from bson.codec_options import CodecOptions
 from bson.datetime_ms import _millis_to_datetime
 
+from aries_assets.core import doc_text
 from aries_assets.core import schema as s
-from aries_assets.core.doc_text import BASE64_ALPHABET, HEX_DIGITS, Rendered, Whole, value_bson, value_text
+from aries_assets.core.doc_text import (
+    BASE64_ALPHABET,
+    HEX_DIGITS,
+    Found,
+    Rendered,
+    Whole,
+    value_bson,
+    value_text,
+)
 
 # Kind codes of one value: ABSENT and NULL first, then the kinds the statistics count.
 ABSENT, NULL = -1, 0
@@ -145,6 +162,8 @@ def columnar_part(
     `conflicts` are the fields met in two shapes in the bucket's chunks so far (this chunk's are
     added): their rarer shape is set aside before the reader starts, not after it stopped.
     """
+    if rendered.found is not None:
+        return found_part(raw_documents, rendered, options, known_maps)
     docs = rendered.columnar
     # Always: the reader would lose these documents' nulls, not refuse them.
     refused = pc.match_substring_regex(docs, _BEGINS_WITH_NULL).to_numpy(zero_copy_only=False)
@@ -197,6 +216,225 @@ def columnar_part(
             continue
         return None if batch is None else (batch, rows)
     return None
+
+
+# --- the values the `_doc` walk read ----------------------------------------------------------
+
+# Kind codes of the BSON types the walk reads (a binary is a UUID or not by its subtype and length).
+_CODE_OF_TYPE = {
+    1: CODES[s.DOUBLE],
+    2: CODES[s.STRING],
+    5: CODES[s.BINARY],
+    7: CODES[s.OBJECTID],
+    8: CODES[s.BOOL],
+    9: CODES[s.DATE],
+    10: NULL,
+    16: CODES[s.INT32],
+    18: CODES[s.INT64],
+    19: CODES[s.DECIMAL],
+}
+_EMPTY_DOCUMENT = (3, b"{  }")  # its BSON type, and its text as libbson writes it
+_CODE_OF_TYPE[_EMPTY_DOCUMENT[0]] = CODES[s.DOCUMENT]
+_ARRAYS, _BOOLEANS, _TEXTS = "arrays", "booleans", "texts"  # a field's shapes one `Values` cannot mix
+
+
+def found_part(
+    raw_documents: list[bytes], rendered: Rendered, options: s.SchemaOptions, known_maps: set[s.Path]
+) -> tuple[ColumnarBatch, np.ndarray] | None:
+    """`columnar_part` from the values the `_doc` walk read (`Rendered.found`), not from its text:
+    no JSON to parse, and a null is told from a missing field by the walk itself.
+
+    The documents the exact path must take are set aside as the text reader's rules set them
+    aside (a record keyed by data or past `max_depth`, a key named like a wrapper, an array of
+    documents not held whole, ...); so are a field's rarer shape where one `Values` cannot hold
+    both (arrays beside scalars, booleans beside text), and what the walk left to bsonjs."""
+    count = len(raw_documents)
+    exact = np.zeros(count, bool) if rendered.exact is None else rendered.exact.copy()
+    exact[rendered.unwalked] = True
+    if _WRAPPER_KEY.search(b"".join(raw_documents)):
+        exact |= np.fromiter((bool(_WRAPPER_KEY.search(r)) for r in raw_documents), bool, count)
+    for whole in rendered.wholes:
+        exact[whole.rows[~_takes_whole(whole, options, known_maps)]] = True
+        if not _a_field(whole.path):
+            exact[whole.rows] = True
+    by_path: dict[s.Path, list[tuple[np.ndarray, Found]]] = {}
+    for rows, found in rendered.found:
+        for item in found:
+            if item.what == doc_text.EXACT or not _a_field(item.path):
+                exact[rows] = True
+            elif item.what == doc_text.RECORD:
+                path = item.path
+                if len(path) >= options.max_depth or path in known_maps or path == ("_id",):
+                    exact[rows] = True
+            else:
+                by_path.setdefault(item.path, []).append((rows, item))
+    held = {whole.path for whole in rendered.wholes}
+    for path, items in by_path.items():
+        _set_aside_rarer_shape(items, exact, path in held)
+    for _ in range(3):
+        if np.count_nonzero(exact) > MOSTLY_REFUSED * count:
+            return None
+        taken = np.flatnonzero(~exact)
+        try:
+            batch = _found_batch(by_path, rendered, taken, count, options)
+        except _SetAside as set_aside:
+            exact[taken[set_aside.rows]] = True
+            continue
+        except Refused:
+            return None
+        return batch, taken
+    return None
+
+
+def _a_field(path: s.Path) -> bool:
+    """Whether the columnar path takes a value at `path` as this field, as the text walk does: not
+    in a record with a key like an operator's (`$...`) or keyed by data (a map, maybe). A key
+    named like a wrapper, at any depth, sets its document aside by its BSON (`_WRAPPER_KEY`)."""
+    return not any(name.startswith("$") or s._DATA_KEY.match(name) for name in path[1:])
+
+
+def _shape(item: Found) -> str | None:
+    if item.what == doc_text.ARRAY_OF:
+        return _ARRAYS
+    if item.kind == 10:  # null: beside any shape
+        return None
+    return _BOOLEANS if item.kind == 8 else _TEXTS
+
+
+def _set_aside_rarer_shape(items: list[tuple[np.ndarray, Found]], exact: np.ndarray, held: bool) -> None:
+    """Documents holding a shape of the field one `Values` cannot hold beside the commonest are
+    the exact path's; beside values held whole, arrays not empty and booleans are."""
+    for elements in (False, True):
+        rows_of: dict[str, list[np.ndarray]] = {}
+        for rows, item in items:
+            if (item.what == doc_text.ELEMENT) != elements:
+                continue
+            shape = _shape(item)
+            if shape == _ARRAYS and held and item.index == 0:
+                continue  # an empty array joins arrays held whole
+            if shape is not None:
+                rows_of.setdefault(shape, []).append(rows)
+        if held and not elements:
+            for shape in (_ARRAYS, _BOOLEANS):
+                for rows in rows_of.pop(shape, []):
+                    exact[rows] = True
+        if len(rows_of) < 2:
+            continue
+        sizes = {shape: sum(len(r) for r in rows) for shape, rows in rows_of.items()}
+        kept = max(sizes, key=sizes.__getitem__)
+        for shape, rows_list in rows_of.items():
+            if shape != kept:
+                for rows in rows_list:
+                    exact[rows] = True
+
+
+def _found_batch(
+    by_path: dict[s.Path, list[tuple[np.ndarray, Found]]],
+    rendered: Rendered,
+    taken: np.ndarray,
+    count: int,
+    options: s.SchemaOptions,
+) -> ColumnarBatch:
+    n = len(taken)
+    position = np.full(count, -1, np.int64)
+    position[taken] = np.arange(n)
+    paths: dict[s.Path, Values] = {}
+    for path, items in by_path.items():
+        values = _found_values(items, position, n)
+        if values is not None:
+            paths[path] = values
+    wholes = _wholes_of(rendered.wholes, taken, count)
+    for whole, at, keep in wholes:  # null until `_take_wholes` puts the values held there
+        values = paths.get(whole.path)
+        if values is None:
+            values = paths[whole.path] = Values(np.full(n, ABSENT, np.int8), pa.nulls(n))
+        values.kinds[at[keep]] = NULL
+    maps = _take_wholes(paths, n, wholes)
+    if ("_id",) not in paths:
+        raise Refused("no _id")
+    ids, keys = _ids(paths.pop(("_id",)))
+    stats = s.TypeStats(documents=n)
+    if options.infer:
+        stats.fields = {path: field_stats(values) for path, values in paths.items()}
+    else:
+        paths = {}
+    stats.maps = maps if options.infer else set()
+    docs = rendered.docs if n == count else rendered.docs.take(pa.array(taken))
+    return ColumnarBatch(ids, keys, docs, paths, stats)
+
+
+def _found_values(items: list[tuple[np.ndarray, Found]], position: np.ndarray, n: int) -> Values | None:
+    """One field's values in the rows taken (`position`: each chunk row's, -1 where not taken)."""
+    kinds = np.full(n, ABSENT, np.int8)
+    texts: list[tuple[np.ndarray, pa.Array]] = []
+    lengths: np.ndarray | None = None
+    elements: list[tuple[np.ndarray, Found]] = []
+    for rows, item in items:
+        at = position[rows]
+        keep = at >= 0
+        if not keep.any():
+            continue
+        every = keep.all()
+        at = at if every else at[keep]
+        if item.what == doc_text.VALUE:
+            code = _CODE_OF_TYPE[item.kind]
+            if item.uuid is not None:
+                kinds[at] = np.where(item.uuid if every else item.uuid[keep], CODES[s.UUID], code)
+            else:
+                kinds[at] = code
+            if item.kind == _EMPTY_DOCUMENT[0]:
+                texts.append((at, pa.array(np.full(len(at), _EMPTY_DOCUMENT[1]), pa.binary())))
+            elif item.text is not None:
+                texts.append((at, item.text if every else item.text.filter(pa.array(keep))))
+        elif item.what == doc_text.ARRAY_OF:
+            kinds[at] = CODES[s.ARRAY]
+            if lengths is None:
+                lengths = np.zeros(n, np.int64)
+            lengths[at] = item.index
+        else:
+            elements.append((rows, item))
+    if not (kinds != ABSENT).any():
+        return None
+    if lengths is None:  # empty documents are values held whole: the exact path keeps them so
+        return Values(kinds, _placed(texts, n), whole=bool((kinds == CODES[s.DOCUMENT]).any()))
+    offsets = np.zeros(n + 1, np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    total = int(offsets[-1])
+    element_kinds = np.full(total, NULL, np.int8)
+    element_texts: list[tuple[np.ndarray, pa.Array]] = []
+    for rows, item in elements:
+        at = position[rows]
+        keep = at >= 0
+        if not keep.any():
+            continue
+        every = keep.all()
+        at = offsets[at if every else at[keep]] + item.index
+        code = _CODE_OF_TYPE[item.kind]
+        if item.uuid is not None:
+            element_kinds[at] = np.where(item.uuid if every else item.uuid[keep], CODES[s.UUID], code)
+        else:
+            element_kinds[at] = code
+        if item.text is not None:
+            element_texts.append((at, item.text if every else item.text.filter(pa.array(keep))))
+    element_values = Values(element_kinds, _placed(element_texts, total))
+    # Beside arrays only values held whole have text (`_set_aside_rarer_shape`): strings, and `{}`.
+    text = _placed(texts, n) if texts else pa.nulls(n, pa.string())
+    return Values(kinds, text, element_values, offsets)
+
+
+def _placed(texts: list[tuple[np.ndarray, pa.Array]], n: int) -> pa.Array:
+    """Texts (or booleans) each at its slots, null elsewhere: one array of `n`."""
+    if not texts:
+        return pa.nulls(n)
+    arrays = [text if pa.types.is_boolean(text.type) else text.view(pa.string()) for _, text in texts]
+    if len(texts) == 1 and len(texts[0][0]) == n and (np.diff(texts[0][0]) == 1).all():
+        return arrays[0]  # one group, in order: as the walk read it
+    index = np.full(n, -1, np.int64)
+    start = 0
+    for at, text in texts:
+        index[at] = np.arange(start, start + len(text))
+        start += len(text)
+    return pa.concat_arrays(arrays).take(pa.array(index, mask=index < 0))
 
 
 def _takes_whole(whole: Whole, options: s.SchemaOptions, known_maps: set[s.Path]) -> np.ndarray:
@@ -459,7 +697,7 @@ class _Walker:
                     has_null |= self.paths[child].kinds == NULL
             if (rows & ~has_null).any():
                 raise Refused("an empty document")  # a value of its own at its path: the exact path keeps it
-        maps = self._take_wholes()
+        maps = _take_wholes(self.paths, self.n, self.wholes)
         if ("_id",) not in self.paths:
             raise Refused("no _id")
         ids, keys = _ids(self.paths.pop(("_id",)))
@@ -470,65 +708,6 @@ class _Walker:
             self.paths = {}
         stats.maps = maps if self.options.infer else set()  # the exact path finds none without inference
         return ColumnarBatch(ids, keys, self.docs, self.paths, stats)
-
-    def _take_wholes(self) -> set[s.Path]:
-        """Put the values held whole where the text says `null`; the maps among them."""
-        by_path: dict[s.Path, list[tuple[Whole, np.ndarray, np.ndarray]]] = {}
-        for whole, at, keep in self.wholes:
-            by_path.setdefault(whole.path, []).append((whole, at, keep))
-        maps: set[s.Path] = set()
-        for path, wholes in by_path.items():
-            values = self.paths.get(path)
-            if values is None or values.whole:
-                raise Refused(f"{path}: values held whole where the reader saw none")
-            n = self.n
-            at = np.concatenate([a[k] for _, a, k in wholes])
-            if (values.kinds[at] != NULL).any():
-                raise Refused(f"{path}: a value held whole is not null in the text")
-            codes = np.concatenate(
-                [np.full(np.count_nonzero(k), CODES[s.ARRAY if w.is_array else s.DOCUMENT], np.int8)
-                 for w, _, k in wholes]
-            )  # fmt: skip
-            documents = np.zeros(n, np.int64)
-            nulls = np.zeros(n, np.int64)
-            for whole, a, keep in wholes:
-                if whole.is_array:
-                    documents[a[keep]] = whole.documents[keep]
-                    nulls[a[keep]] = whole.nulls[keep]
-                else:
-                    maps.add(path)
-            if values.elements is not None:
-                # Arrays the reader parsed, beside arrays held whole: only empty ones can join them.
-                lengths = np.diff(values.offsets)
-                parsed = (values.kinds == CODES[s.ARRAY]) & (lengths > 0)
-                if parsed.any():
-                    raise _SetAside(np.flatnonzero(parsed))
-            empty = values.kinds == CODES[s.ARRAY]  # arrays the reader parsed: empty ones (above)
-            if pa.types.is_string(values.text.type):
-                text = values.text
-            elif pa.types.is_null(values.text.type):
-                text = pa.nulls(n, pa.string())
-            else:  # booleans beside arrays or maps: rare
-                raise Refused(f"{path}: {values.text.type} beside values held whole")
-            if empty.any():
-                text = pc.if_else(pa.array(empty), pa.scalar("[  ]"), text)  # libbson: two spaces
-            texts = [t.text.filter(pa.array(k)).view(pa.string()) for t, _, k in wholes]
-            order = np.arange(n)
-            order[at] = n + np.arange(len(at))
-            text = pa.concat_arrays([text, *texts]).take(pa.array(order))
-            kinds = values.kinds.copy()
-            kinds[at] = codes
-            counts = documents + nulls
-            offsets = np.zeros(n + 1, np.int64)
-            np.cumsum(counts, out=offsets[1:])
-            total = int(offsets[-1])
-            row = np.repeat(np.arange(n), counts)
-            element_kinds = np.where(
-                np.arange(total) - offsets[row] < documents[row], CODES[s.DOCUMENT], NULL
-            )
-            elements = Values(element_kinds.astype(np.int8), pa.nulls(total, pa.string()))
-            self.paths[path] = Values(kinds, text, elements, offsets, whole=True)
-        return maps
 
     def _member(self, path: s.Path, array: pa.Array, parent: np.ndarray) -> None:
         """A key of a document at `path`, present or not in each row where its parent is."""
@@ -706,6 +885,65 @@ class _Walker:
             if values is None:  # a record that is null in some documents: a null value at its path
                 values = self.paths[path] = Values(np.full(self.n, ABSENT, np.int8), pa.nulls(self.n))
             values.kinds[nulls] = NULL
+
+
+def _take_wholes(
+    paths: dict[s.Path, Values], n: int, wholes_taken: list[tuple[Whole, np.ndarray, np.ndarray]]
+) -> set[s.Path]:
+    """Put the values held whole where `paths` says null (the text's `null`); the maps among them."""
+    by_path: dict[s.Path, list[tuple[Whole, np.ndarray, np.ndarray]]] = {}
+    for whole, at, keep in wholes_taken:
+        by_path.setdefault(whole.path, []).append((whole, at, keep))
+    maps: set[s.Path] = set()
+    for path, wholes in by_path.items():
+        values = paths.get(path)
+        if values is None or values.elements is not None and values.whole:
+            raise Refused(f"{path}: values held whole where the reader saw none")
+        at = np.concatenate([a[k] for _, a, k in wholes])
+        if (values.kinds[at] != NULL).any():
+            raise Refused(f"{path}: a value held whole is not null in the text")
+        codes = np.concatenate(
+            [np.full(np.count_nonzero(k), CODES[s.ARRAY if w.is_array else s.DOCUMENT], np.int8)
+             for w, _, k in wholes]
+        )  # fmt: skip
+        documents = np.zeros(n, np.int64)
+        nulls = np.zeros(n, np.int64)
+        for whole, a, keep in wholes:
+            if whole.is_array:
+                documents[a[keep]] = whole.documents[keep]
+                nulls[a[keep]] = whole.nulls[keep]
+            else:
+                maps.add(path)
+        if values.elements is not None:
+            # Arrays the reader parsed, beside arrays held whole: only empty ones can join them.
+            lengths = np.diff(values.offsets)
+            parsed = (values.kinds == CODES[s.ARRAY]) & (lengths > 0)
+            if parsed.any():
+                raise _SetAside(np.flatnonzero(parsed))
+        empty = values.kinds == CODES[s.ARRAY]  # arrays the reader parsed: empty ones (above)
+        if pa.types.is_string(values.text.type):
+            text = values.text
+        elif pa.types.is_null(values.text.type):
+            text = pa.nulls(n, pa.string())
+        else:  # booleans beside arrays or maps: rare
+            raise Refused(f"{path}: {values.text.type} beside values held whole")
+        if empty.any():
+            text = pc.if_else(pa.array(empty), pa.scalar("[  ]"), text)  # libbson: two spaces
+        texts = [t.text.filter(pa.array(k)).view(pa.string()) for t, _, k in wholes]
+        order = np.arange(n)
+        order[at] = n + np.arange(len(at))
+        text = pa.concat_arrays([text, *texts]).take(pa.array(order))
+        kinds = values.kinds.copy()
+        kinds[at] = codes
+        counts = documents + nulls
+        offsets = np.zeros(n + 1, np.int64)
+        np.cumsum(counts, out=offsets[1:])
+        total = int(offsets[-1])
+        row = np.repeat(np.arange(n), counts)
+        element_kinds = np.where(np.arange(total) - offsets[row] < documents[row], CODES[s.DOCUMENT], NULL)
+        elements = Values(element_kinds.astype(np.int8), pa.nulls(total, pa.string()))
+        paths[path] = Values(kinds, text, elements, offsets, whole=True)
+    return maps
 
 
 def _combined(column: pa.ChunkedArray) -> pa.Array:

@@ -25,6 +25,12 @@ would cost more walked than rendered one by one. So the walk has a budget, what
 bsonjs would take for the chunk by the bytes (`BSONJS_NS_PER_BYTE`), and spends
 it on the largest groups first; what is left when it runs out goes to bsonjs. A
 chunk never costs much more than bsonjs alone, and one of one shape far less.
+
+What the walk reads on the way it keeps for the columnar path (`Found`, in
+`Rendered.found`): each value's type and text at its field path, array elements,
+arrays' lengths, where records begin, and which documents hold what only the exact
+path takes. `bson_columns.found_part` builds the chunk's columns from them, with
+no JSON parsed.
 """
 
 from __future__ import annotations
@@ -100,6 +106,39 @@ class Whole:
         )
 
 
+# What a `Found` says of its group's documents at its path.
+VALUE, ELEMENT, ARRAY_OF, RECORD, EXACT = range(5)
+
+
+@dataclass
+class Found:
+    """What the walk read for the columnar path, for every document of its group at once: a
+    `VALUE` at a field path (its BSON type, and its text as `_doc` writes it inside the wrapper:
+    digits, hex, epoch milliseconds; a string as it is, unescaped; a boolean array for booleans;
+    none for null), an `ELEMENT` of the array at the path (at `index`), the array's length
+    (`ARRAY_OF`, after its elements), a `RECORD` (a document of fields) beginning at the path,
+    or that the documents hold what only the exact path takes (`EXACT`: an empty document, a
+    document or an array in an array not held whole)."""
+
+    what: int
+    path: tuple[str, ...] = ()
+    kind: int = 0  # the BSON type
+    text: pa.Array | None = None
+    index: int = 0
+    uuid: np.ndarray | None = None  # binaries: which are UUIDs (subtype 4, 16 bytes)
+
+    def part(self, keep: np.ndarray, mask: pa.BooleanArray) -> Found:
+        if self.text is None:
+            return self
+        return replace(self, text=self.text.filter(mask), uuid=None if self.uuid is None else self.uuid[keep])
+
+
+# The walk reads the values for the columnar path while it renders (`Rendered.found`) where it
+# leaves at most this share of a chunk's documents to bsonjs; else Arrow's JSON reader parses the
+# text (`Rendered.columnar`), bsonjs's documents too.
+FOUND_UNWALKED_SHARE = 0.1
+
+
 @dataclass
 class Rendered:
     """A chunk's `_doc`, and what the walk found in it for the columnar path."""
@@ -107,11 +146,15 @@ class Rendered:
     docs: pa.StringArray
     # `docs` with each `Whole` value written `null`: what the columnar path parses (its
     # values come from `wholes`); `docs` itself where there are none.
-    columnar: pa.StringArray
+    columnar: pa.StringArray | None
     wholes: list[Whole] = field(default_factory=list)
     # Documents that hold, at a path of documents, what neither the walk nor `wholes` can give the
     # columnar path (an array of documents beside other values, a record of many shapes).
     exact: np.ndarray | None = None
+    # What the walk read, group by group (the documents' rows, and their values), where it walked
+    # nearly all of the chunk; `columnar` is then None. `unwalked`: the rows bsonjs rendered.
+    found: list[tuple[np.ndarray, list[Found]]] | None = None
+    unwalked: np.ndarray | None = None
 
 
 def canonical_json(raw_documents: list[bytes]) -> pa.StringArray:
@@ -138,7 +181,11 @@ def render(raw_documents: list[bytes], hold: bool = True) -> Rendered:
         return Rendered(docs, docs)
     rest, exact_rows = walk.by_bsonjs, walk.exact
     del walk, buf  # the chunk's bytes, joined: not alive beside its text
-    held = any(isinstance(p, Whole) for group in done for p in group.pieces)
+    unwalked = np.concatenate(rest) if rest else np.zeros(0, np.int64)
+    found = [(group.rows, group.values) for group in done] if hold else None
+    if found is not None and len(unwalked) > FOUND_UNWALKED_SHARE * count:
+        found = None  # Arrow's JSON reader parses the chunk's text instead, bsonjs's documents too
+    held = found is None and any(isinstance(p, Whole) for group in done for p in group.pieces)
     parts: list[tuple[np.ndarray, pa.Array]] = []
     columnar_parts: list[tuple[np.ndarray, pa.Array]] | None = [] if held else None
     wholes: list[Whole] = []
@@ -147,7 +194,7 @@ def render(raw_documents: list[bytes], hold: bool = True) -> Rendered:
         if columnar_parts is not None:
             columnar_parts.append((group.rows, _joined(group.pieces, len(group.rows), held=False)))
         wholes += [replace(p, rows=group.rows) for p in group.pieces if isinstance(p, Whole)]
-        group.pieces = []
+        group.pieces = group.values = []
     if rest:
         rows = np.concatenate(rest)
         text = one_by_one([raw_documents[i] for i in rows.tolist()]).view(pa.binary())
@@ -159,6 +206,8 @@ def render(raw_documents: list[bytes], hold: bool = True) -> Rendered:
     exact = np.zeros(count, bool)
     for rows in exact_rows:
         exact[rows] = True
+    if found is not None:
+        return Rendered(docs, None, wholes, exact, found, unwalked)
     return Rendered(docs, docs if columnar_parts is None else _in_order(columnar_parts), wholes, exact)
 
 
@@ -197,6 +246,7 @@ class _Frame:
     # offset of its length, and the group's piece its text begins at.
     start: np.ndarray | None = None
     pieces_at: int = 0
+    values_at: int = 0  # the group's values found before the value began (`_Group.values`)
     path: tuple[str, ...] | None = None  # the field path of the value, if only documents lead to it
     # An array's elements so far: documents, nulls, and whether any other value.
     documents: int = 0
@@ -216,6 +266,8 @@ class _Group:
     pos: np.ndarray  # offset in the chunk's bytes of each document's next element
     pieces: list  # str, or an Arrow binary array with a value per document
     frames: list[_Frame] = field(default_factory=list)
+    # What the walk read for the columnar path (`Found`), in the order it read it.
+    values: list[Found] = field(default_factory=list)
 
     def part(self, keep: np.ndarray) -> _Group:
         mask = pa.array(keep)
@@ -224,6 +276,7 @@ class _Group:
             self.pos[keep],
             [p if isinstance(p, str) else p.filter(mask) for p in self.pieces],
             [f.part(keep) for f in self.frames],
+            [found.part(keep, mask) for found in self.values],
         )
 
 
@@ -291,8 +344,8 @@ class _Walk:
                 group.frames.pop()
                 if not group.frames:
                     return group
-                if frame.is_array and frame.documents and frame.path is not None and self.hold:
-                    self._hold_array(group, frame)
+                if self.hold:
+                    self._closed(group, frame)
                 continue
             key_at = group.pos + 1
             if frame.is_array:
@@ -331,6 +384,7 @@ class _Walk:
             group.pos = key_at + len(key) + 1
             value_kind = int(kind[0])
             path = None
+            slot: tuple[int, tuple[str, ...], int] | None = None  # where the value goes in `Found`
             if frame.is_array:
                 if value_kind == _DOCUMENT:
                     frame.documents += 1
@@ -338,10 +392,22 @@ class _Walk:
                     frame.nulls += 1
                 else:
                     frame.others = True
+                if frame.path is not None:
+                    slot = (ELEMENT, frame.path, frame.members - 1)
             elif frame.path is not None:
                 path = (*frame.path, key.decode())
-            if not self._value(group, value_kind, prefix, path):
+                slot = (VALUE, path, 0)
+            if not self._value(group, value_kind, prefix, path, slot if self.hold else None):
                 return None
+
+    def _closed(self, group: _Group, frame: _Frame) -> None:
+        """A document or array just walked (not the top one), as the columnar path takes it."""
+        if frame.is_array and frame.documents and frame.path is not None:
+            self._hold_array(group, frame)
+        elif frame.is_array and frame.path is not None:
+            group.values.append(Found(ARRAY_OF, frame.path, index=frame.members))
+        elif not frame.is_array and not frame.members and frame.path is not None:
+            group.values.append(Found(VALUE, frame.path, _DOCUMENT))  # `{}`: a value of its own
 
     def _hold_array(self, group: _Group, frame: _Frame) -> None:
         """An array of documents (and nulls) at a path of documents, just walked: its text becomes
@@ -352,6 +418,7 @@ class _Walk:
         pieces = group.pieces
         text = _joined(pieces[frame.pieces_at :], len(group.rows))
         del pieces[frame.pieces_at :]
+        del group.values[frame.values_at :]
         rows = len(group.rows)
         self.exact.append(group.rows[_unreadable(text)])
         pieces.append(
@@ -384,6 +451,7 @@ class _Walk:
         its pieces so far, and go on after it. At a path of documents, it is a `Whole` value."""
         frame = group.frames.pop()
         del group.pieces[frame.pieces_at :]
+        del group.values[frame.values_at :]
         size = self._fixed(frame.start, 4).view("<i4").ravel().astype(np.int64)
         kind = _ARRAY if frame.is_array else _DOCUMENT
         values: list | None = [] if frame.path is not None and self.hold else None
@@ -454,27 +522,44 @@ class _Walk:
             windows = self._windows[width] = np.lib.stride_tricks.sliding_window_view(self.buf, width)
         return windows[at]
 
-    def _value(self, group: _Group, kind: int, prefix: str, path: tuple[str, ...] | None = None) -> bool:
+    def _value(
+        self,
+        group: _Group,
+        kind: int,
+        prefix: str,
+        path: tuple[str, ...] | None = None,
+        slot: tuple[int, tuple[str, ...], int] | None = None,
+    ) -> bool:
         """Append the value's text to the group's pieces and step past it; False if the group left.
-        `path`: the value's field path, if only documents lead to it."""
+        `path`: the value's field path, if only documents lead to it; `slot`: where it goes in the
+        group's `Found` values (None: nowhere, or the walk reads none)."""
         at = group.pos
         pieces = group.pieces
         if kind in (_DOCUMENT, _ARRAY):
             pieces.append(prefix)
-            group.frames.append(_Frame(kind == _ARRAY, start=at, pieces_at=len(pieces), path=path))
+            values_at = len(group.values)
+            if self.hold:
+                if slot is None or slot[0] == ELEMENT:  # in an array: held whole with it, or exact
+                    group.values.append(Found(EXACT))
+                    values_at += 1
+                elif kind == _DOCUMENT:  # before `values_at`: a record rewound into a map is no record
+                    group.values.append(Found(RECORD, path))
+            frame = _Frame(kind == _ARRAY, start=at, pieces_at=len(pieces), values_at=values_at, path=path)
+            group.frames.append(frame)
             pieces.append("[ " if kind == _ARRAY else "{ ")
             group.pos = at + 4
             return True
         if kind == _STRING:
-            return self._string(group, prefix)
+            return self._string(group, prefix, slot)
         if kind == _BINARY:
-            return self._binary(group, prefix)
+            return self._binary(group, prefix, slot)
         width = _FIXED_WIDTH.get(kind)
         if width is None:  # regex, code, timestamp, min/max key, ...: bsonjs's
             self.by_bsonjs.append(group.rows)
             return False
         raw = self._fixed(at, width)
         group.pos = at + width
+        text = None
         if kind == _NULL:
             pieces.append(prefix + "null")
         elif kind == _BOOL:
@@ -482,31 +567,33 @@ class _Walk:
             if (flags > 1).any():
                 self.by_bsonjs.append(group.rows)
                 return False
-            pieces += [prefix, pc.if_else(pa.array(flags == 1), b"true", b"false")]
+            text = pa.array(flags == 1)
+            pieces += [prefix, pc.if_else(text, b"true", b"false")]
         elif kind == _OBJECTID:
             hexed = np.empty((len(raw), 24), np.uint8)
             hexed[:, 0::2] = HEX_DIGITS[raw >> 4]
             hexed[:, 1::2] = HEX_DIGITS[raw & 15]
-            pieces += [prefix + '{ "$oid" : "', _fixed_text(hexed), '" }']
+            text = _fixed_text(hexed)
+            pieces += [prefix + '{ "$oid" : "', text, '" }']
         elif kind == _INT32:
-            pieces += [prefix + '{ "$numberInt" : "', _decimal_text(raw.view("<i4").ravel()), '" }']
+            text = _decimal_text(raw.view("<i4").ravel())
+            pieces += [prefix + '{ "$numberInt" : "', text, '" }']
         elif kind == _INT64:
-            pieces += [prefix + '{ "$numberLong" : "', _decimal_text(raw.view("<i8").ravel()), '" }']
+            text = _decimal_text(raw.view("<i8").ravel())
+            pieces += [prefix + '{ "$numberLong" : "', text, '" }']
         elif kind == _DATE:
             text = _decimal_text(raw.view("<i8").ravel())
             pieces += [prefix + '{ "$date" : { "$numberLong" : "', text, '" } }']
         elif kind == _DOUBLE:
-            values = raw.view("<f8").ravel().tolist()
-            pieces += [
-                prefix + '{ "$numberDouble" : "',
-                pa.array(map(double_text, values), pa.binary()),
-                '" }',
-            ]
+            text = pa.array(map(double_text, raw.view("<f8").ravel().tolist()), pa.binary())
+            pieces += [prefix + '{ "$numberDouble" : "', text, '" }']
         else:  # _DECIMAL
-            pieces += [prefix + '{ "$numberDecimal" : "', decimal_texts(raw), '" }']
+            text = decimal_texts(raw)
+            pieces += [prefix + '{ "$numberDecimal" : "', text, '" }']
+        _found(group, slot, kind, text)
         return True
 
-    def _string(self, group: _Group, prefix: str) -> bool:
+    def _string(self, group: _Group, prefix: str, slot: tuple | None = None) -> bool:
         at = group.pos
         size = self._fixed(at, 4).view("<i4").ravel().astype(np.int64)  # with the terminating zero
         if (size < 1).any() or self.buf[at + 3 + size].any():
@@ -529,8 +616,9 @@ class _Walk:
             kept = self._keep(group, utf8)
             if kept is None:
                 return False
-            group.rows, group.pos, group.pieces, group.frames = kept.rows, kept.pos, kept.pieces, kept.frames
+            _go_on_with(group, kept)
             text, escaped, at, size = text.filter(pa.array(utf8)), escaped[utf8], at[utf8], size[utf8]
+        _found(group, slot, _STRING, text)
         if not escaped.any():
             group.pieces += [prefix + '"', text, '"']
             return True
@@ -552,7 +640,7 @@ class _Walk:
         group.pieces += [prefix, texts.take(pa.array(np.argsort(np.concatenate([plain, odd]))))]
         return True
 
-    def _binary(self, group: _Group, prefix: str) -> bool:
+    def _binary(self, group: _Group, prefix: str, slot: tuple | None = None) -> bool:
         """`{ "$binary" : { "base64" : ..., "subType" : "04" } }`: UUIDs and other binaries."""
         at = group.pos
         size = self._fixed(at, 4).view("<i4").ravel().astype(np.int64)
@@ -566,18 +654,22 @@ class _Walk:
             kept = self._keep(group, plain)
             if kept is None:
                 return False
-            group.rows, group.pos, group.pieces, group.frames = kept.rows, kept.pos, kept.pieces, kept.frames
+            _go_on_with(group, kept)
             at, size, subtype = at[plain], size[plain], subtype[plain]
         hexed = np.empty((len(subtype), 2), np.uint8)
         hexed[:, 0] = HEX_DIGITS[subtype >> 4]
         hexed[:, 1] = HEX_DIGITS[subtype & 15]
+        encoded, hex_subtype = self._base64(at + 5, size), _fixed_text(hexed)
         group.pieces += [
             prefix + '{ "$binary" : { "base64" : "',
-            self._base64(at + 5, size),
+            encoded,
             '", "subType" : "',
-            _fixed_text(hexed),
+            hex_subtype,
             '" } }',
         ]
+        if slot is not None:  # the subtype in hex, then base64, as `bson_columns` reads a binary
+            text = pc.binary_join_element_wise(hex_subtype, encoded, b"")
+            _found(group, slot, _BINARY, text, (subtype == 4) & (size == 16))
         return True
 
     def _base64(self, starts: np.ndarray, sizes: np.ndarray) -> pa.BinaryArray:
@@ -603,6 +695,21 @@ class _Walk:
         if missing:
             chars[:, -missing:] = ord("=")
         return _fixed_text(chars)
+
+
+def _found(
+    group: _Group, slot: tuple | None, kind: int, text: pa.Array | None, uuid: np.ndarray | None = None
+) -> None:
+    if slot is not None:
+        what, path, index = slot
+        group.values.append(Found(what, path, kind, text, index, uuid))
+
+
+def _go_on_with(group: _Group, kept: _Group) -> None:
+    """Go on walking `kept`, part of `group`, in its place."""
+    group.rows, group.pos, group.pieces, group.frames, group.values = (
+        kept.rows, kept.pos, kept.pieces, kept.frames, kept.values
+    )  # fmt: skip
 
 
 def _gather(buf: np.ndarray, starts: np.ndarray, sizes: np.ndarray) -> pa.BinaryArray:
