@@ -18,6 +18,7 @@ from bson.datetime_ms import DatetimeMS
 from bson.max_key import MaxKey
 from bson.min_key import MinKey
 
+from aries_assets.core import doc_text
 from aries_assets.core import schema as s
 from aries_assets_tests.test_converter_equivalence import assert_equivalent
 
@@ -99,3 +100,14 @@ def test_random_documents_convert_alike_on_both_paths(seed):
     for _ in range(40):
         documents = collection(rng)
         assert_equivalent(documents, options=rng.choice(options), batch=rng.choice([1, 3, 7, 40]))
+
+
+@pytest.mark.parametrize("seed", range(SEEDS))
+def test_random_documents_walked_one_by_one_convert_alike(seed, monkeypatch):
+    """The same collections with every document walked, in groups of one and with no budget:
+    random documents rarely share a shape, so this is what makes the columnar path read their
+    values from the walk (`found_part`) rather than parse their text."""
+    monkeypatch.setattr(doc_text, "MIN_GROUP", 1)
+    monkeypatch.setattr(doc_text, "BUDGET_SHARE", 1e6)
+    monkeypatch.setattr(doc_text, "FOUND_UNWALKED_SHARE", 1.0)
+    test_random_documents_convert_alike_on_both_paths(seed)
