@@ -638,9 +638,12 @@ def test_the_exact_path_decodes_a_chunk_in_parts(tmp_path, monkeypatch):
     stats, exact, outliers, _ = convert(documents, DEFAULTS, 10**6, fast=False)  # in one part
     monkeypatch.setattr(arrow, "EXACT_CHUNK_BYTES", 2048)
     batches = list(BucketConverter(DEFAULTS).chunks(raws))
-    assert all(not isinstance(b, ColumnarBatch) for b in batches)
-    assert len(batches) > 1 and max(b.raw_size for b in batches) < 2048 + max(map(len, raws))
-    assert sum(len(b.ids) for b in batches) == len(raws)
+    # The 3 MB document (the last) is a chunk of its own; the chunk of all the others is refused.
+    assert len(raws[-1]) > 3 * 10**6 and isinstance(batches[-1], ColumnarBatch) and batches[-1].rows == 1
+    refused = batches[:-1]
+    assert all(not isinstance(b, ColumnarBatch) for b in refused)
+    assert len(refused) > 1 and max(b.raw_size for b in refused) < 2048 + max(map(len, raws[:-1]))
+    assert sum(len(b.ids) for b in refused) == len(raws) - 1
     converted, table, _ = streamed(documents, tmp_path, "bucket")
     assert converted.stats.to_json() == stats.to_json() and converted.outliers == dict(outliers)
     assert table.column("_doc").to_pylist() == exact.column("_doc").to_pylist()
@@ -665,28 +668,47 @@ def test_doc_is_libbsons_canonical_json_byte_for_byte():
     assert any(not text.isascii() for text in docs.to_pylist())
 
 
-def test_a_bucket_converts_in_even_chunks_of_a_twelfth_of_it(tmp_path, monkeypatch):
-    """Memory follows a bucket's own bytes: a chunk (a row group) is a twelfth of the bucket, at
+def test_a_bucket_converts_in_even_chunks_of_an_eighth_of_it(tmp_path, monkeypatch):
+    """Memory follows a bucket's own bytes: a chunk (a row group) is an eighth of the bucket, at
     least MIN_CHUNK_BYTES (each chunk has a fixed cost) and at most CHUNK_BYTES, in equal parts;
     and the file is the exact path's."""
     from aries_assets.core import arrow
 
-    mb = 1024 * 1024
-    assert arrow.chunk_bytes_for(int(1.1 * mb)) == int(1.1 * mb), "one chunk, not 1 MB and a sliver"
-    assert arrow.chunk_bytes_for(int(2.3 * mb)) == -(-int(2.3 * mb) // 2)
+    kb, mb = 1024, 1024 * 1024
+    assert arrow.chunk_bytes_for(500 * kb) == 500 * kb, "one chunk, not 384 KiB and a sliver"
+    assert arrow.chunk_bytes_for(int(2.3 * mb)) == -(-int(2.3 * mb) // 6)
+    assert arrow.chunk_bytes_for(8 * mb) == mb
     assert arrow.chunk_bytes_for(24 * mb) == 2 * mb
     assert 1.9 * mb < arrow.chunk_bytes_for(63 * mb) <= 2 * mb
     monkeypatch.setattr(arrow, "MIN_CHUNK_BYTES", 64 * 1024)
-    documents = events(9_000)
+    documents = events(6_000)
     raw = sum(len(bson.encode(d, codec_options=CODEC_OPTIONS)) for d in documents)
-    assert raw // 12 >= arrow.MIN_CHUNK_BYTES
+    assert raw // 8 >= arrow.MIN_CHUNK_BYTES
     converted, table, _ = streamed(documents, tmp_path, "bucket")
     groups = pq.ParquetFile(tmp_path / "bucket.parquet").metadata
-    assert 11 <= groups.num_row_groups <= 12
+    assert 7 <= groups.num_row_groups <= 8
     stats, exact, _, _ = convert(documents, DEFAULTS, 1000, fast=False)
     assert converted.stats.to_json() == stats.to_json()
     for name in exact.column_names:
         assert comparable(table.column(name)) == comparable(exact.column(name)), name
+
+
+def test_a_document_larger_than_a_chunk_is_a_chunk_of_its_own(tmp_path):
+    """A 2 MB document takes its own chunk, so its copies (BSON, `_doc`, its column, Parquet pages)
+    are not held beside a chunk of others' too; the documents around it keep their order."""
+    documents = events(4_000)
+    documents.insert(2_500, {"_id": ObjectId(), "blob": "x" * (2 * 1024 * 1024)})
+    raws = [bson.encode(d, codec_options=CODEC_OPTIONS) for d in documents]
+    converter = BucketConverter(DEFAULTS, chunk_bytes=None)
+    sizes = [
+        len(b.rows) if isinstance(b, SplitBatch) else b.rows if isinstance(b, ColumnarBatch) else len(b.ids)
+        for b in converter.chunks(raws)
+    ]
+    assert 1 in sizes and sum(sizes) == len(documents)
+    assert sum(sizes[: sizes.index(1)]) == 2_500, "the large document alone, where it was"
+    converted, table, _ = streamed(documents, tmp_path, "bucket")
+    assert table.column("_id").to_pylist() == [str(d["_id"]) for d in documents]
+    assert table.column("blob").to_pylist()[2_500] == documents[2_500]["blob"]
 
 
 def test_statistics_are_kept_where_a_reader_can_prune_by_them(tmp_path):

@@ -76,11 +76,14 @@ _OUTLIER = object()
 # Converted and written at a time (a row group): the transient copies (JSON text, decoded documents)
 # are a few times this, and the exact path's Python objects about ten times.
 CHUNK_BYTES = 2 * 1024 * 1024
-# A bucket converts in chunks of a twelfth of it (`chunk_bytes_for`), since a chunk's transient copies
-# (its JSON text, Arrow arrays, Parquet pages) come to about twelve times its BSON; but not below
-# this: each chunk has a fixed cost (a row group, a JSON reader, per-column statistics) of a few
-# milliseconds, and 128 KB chunks made a 1 MB bucket's conversion half as fast.
-MIN_CHUNK_BYTES = 1024 * 1024
+# A bucket converts in chunks of an eighth of it (`chunk_bytes_for`), since a chunk's transient copies
+# (its `_doc` text, the values the walk read, Arrow arrays, Parquet pages) come to about ten times its
+# BSON, and the bucket's raw BSON is held beside them: so a write's peak stays under three times the
+# bucket. But not below this: each chunk has a fixed cost (a row group, a walk's steps, per-column
+# statistics) of a few milliseconds, and 384 KiB chunks made a 2.3 MB bucket's conversion a third
+# slower than 1 MiB chunks (128 KB chunks, half as fast).
+MIN_CHUNK_BYTES = 384 * 1024
+CHUNKS_PER_BUCKET = 8
 # A chunk whose documents took both paths held Arrow's parse of some beside the Python objects of
 # the others, twice what either alone takes: after one, chunks are cut at most this large.
 SPLIT_CHUNK_BYTES = 1024 * 1024
@@ -100,10 +103,10 @@ def _fall_back(error: Exception, path: str) -> None:
 
 
 def chunk_bytes_for(bucket_bytes: int) -> int:
-    """The chunk size for a bucket of this much raw BSON: a twelfth of it, at least MIN_CHUNK_BYTES
-    and at most CHUNK_BYTES, evened out so the bucket splits into equal chunks (a 1.1 MB bucket is
-    one chunk, not 1 MB and a sliver)."""
-    target = min(CHUNK_BYTES, max(MIN_CHUNK_BYTES, bucket_bytes // 12))
+    """The chunk size for a bucket of this much raw BSON: an eighth of it, at least MIN_CHUNK_BYTES
+    and at most CHUNK_BYTES, evened out so the bucket splits into equal chunks (a 500 KB bucket is
+    one chunk, not 384 KiB and a sliver)."""
+    target = min(CHUNK_BYTES, max(MIN_CHUNK_BYTES, bucket_bytes // CHUNKS_PER_BUCKET))
     count = max(1, round(bucket_bytes / target))
     return -(-bucket_bytes // count) if bucket_bytes else target
 
@@ -322,6 +325,8 @@ class BucketConverter:
             size = SPLIT_CHUNK_BYTES if split else chunk_bytes
             reached = (ends[start - 1] if start else 0) + size
             end = min(int(np.searchsorted(ends, reached)) + 1, len(raw_documents))
+            if end - start > 1 and ends[end - 1] - ends[end - 2] > size:
+                end -= 1  # a document larger than a chunk is a chunk of its own: its copies, not others'
             yield from self._convert(list(map(bytes, raw_documents[start:end])))
             start = end
 

@@ -31,6 +31,7 @@ from aries_assets.core.arrow import (
 )
 from aries_assets.core.buckets import BucketDocuments
 from aries_assets.core.extract import SourceCollection
+from aries_assets.core.heap import HeapWatch
 from aries_assets.core.lake import Lake, bucket_file, collection_prefix, schema_file
 
 _log = logging.getLogger(__name__)
@@ -257,6 +258,7 @@ def convert_to_parquet(
     converted again in the settled schema.
     """
     runs = _SchemaRuns(local_path, metadata or {})
+    heap = HeapWatch(sum(map(len, documents)))
     try:
         # Chunks sized from the bucket's own bytes (`chunk_bytes_for`), so memory follows them.
         converter = BucketConverter(options, set(known_maps or ()), chunk_bytes=None)
@@ -264,6 +266,7 @@ def convert_to_parquet(
             schema = settle(converter.stats)
             runs.write(converter.table(batch, schema, runs.outliers), schema, converter.stats)
             del batch
+            heap.after_chunk()
         stats = converter.stats
         schema = settle(stats)
         if not runs.finish(schema, stats):
@@ -272,6 +275,7 @@ def convert_to_parquet(
             for batch in converter.chunks(documents):
                 runs.write(converter.table(batch, schema, runs.outliers), schema, stats)
                 del batch
+                heap.after_chunk()
             runs.finish(schema, stats)
     finally:
         runs.discard()
