@@ -370,29 +370,20 @@ def _found_values(items: list[tuple[np.ndarray, Found]], position: np.ndarray, n
     lengths: np.ndarray | None = None
     elements: list[tuple[np.ndarray, Found]] = []
     for rows, item in items:
-        at = position[rows]
-        keep = at >= 0
-        if not keep.any():
+        if item.what == doc_text.ELEMENT:
+            elements.append((rows, item))  # placed once the arrays' lengths are known
             continue
-        every = keep.all()
-        at = at if every else at[keep]
+        taken = _taken(rows, position)
+        if taken is None:
+            continue
+        at, keep = taken
         if item.what == doc_text.VALUE:
-            code = _CODE_OF_TYPE[item.kind]
-            if item.uuid is not None:
-                kinds[at] = np.where(item.uuid if every else item.uuid[keep], CODES[s.UUID], code)
-            else:
-                kinds[at] = code
-            if item.kind == _EMPTY_DOCUMENT[0]:
-                texts.append((at, pa.array(np.full(len(at), _EMPTY_DOCUMENT[1]), pa.binary())))
-            elif item.text is not None:
-                texts.append((at, item.text if every else item.text.filter(pa.array(keep))))
-        elif item.what == doc_text.ARRAY_OF:
+            _put(item, at, keep, kinds, texts)
+        else:  # ARRAY_OF
             kinds[at] = CODES[s.ARRAY]
             if lengths is None:
                 lengths = np.zeros(n, np.int64)
             lengths[at] = item.index
-        else:
-            elements.append((rows, item))
     if not (kinds != ABSENT).any():
         return None
     if lengths is None:  # empty documents are values held whole: the exact path keeps them so
@@ -403,23 +394,36 @@ def _found_values(items: list[tuple[np.ndarray, Found]], position: np.ndarray, n
     element_kinds = np.full(total, NULL, np.int8)
     element_texts: list[tuple[np.ndarray, pa.Array]] = []
     for rows, item in elements:
-        at = position[rows]
-        keep = at >= 0
-        if not keep.any():
-            continue
-        every = keep.all()
-        at = offsets[at if every else at[keep]] + item.index
-        code = _CODE_OF_TYPE[item.kind]
-        if item.uuid is not None:
-            element_kinds[at] = np.where(item.uuid if every else item.uuid[keep], CODES[s.UUID], code)
-        else:
-            element_kinds[at] = code
-        if item.text is not None:
-            element_texts.append((at, item.text if every else item.text.filter(pa.array(keep))))
+        taken = _taken(rows, position)
+        if taken is not None:
+            at, keep = taken
+            _put(item, offsets[at] + item.index, keep, element_kinds, element_texts)
     element_values = Values(element_kinds, _placed(element_texts, total))
     # Beside arrays only values held whole have text (`_set_aside_rarer_shape`): strings, and `{}`.
     text = _placed(texts, n) if texts else pa.nulls(n, pa.string())
     return Values(kinds, text, element_values, offsets)
+
+
+def _taken(rows: np.ndarray, position: np.ndarray) -> tuple[np.ndarray, np.ndarray | None] | None:
+    """A group's rows among those taken, and which of the group's are (None: all); None if none."""
+    at = position[rows]
+    keep = at >= 0
+    if keep.all():
+        return at, None
+    return (at[keep], keep) if keep.any() else None
+
+
+def _put(item: Found, slots: np.ndarray, keep: np.ndarray | None, kinds: np.ndarray, texts: list) -> None:
+    """A value's (or element's) kind codes and text at `slots`, of the group's documents `keep`s."""
+    code = _CODE_OF_TYPE[item.kind]
+    if item.uuid is None:
+        kinds[slots] = code
+    else:
+        kinds[slots] = np.where(item.uuid if keep is None else item.uuid[keep], CODES[s.UUID], code)
+    if item.kind == _EMPTY_DOCUMENT[0]:
+        texts.append((slots, pa.array(np.full(len(slots), _EMPTY_DOCUMENT[1]), pa.binary())))
+    elif item.text is not None:
+        texts.append((slots, item.text if keep is None else item.text.filter(pa.array(keep))))
 
 
 def _placed(texts: list[tuple[np.ndarray, pa.Array]], n: int) -> pa.Array:
