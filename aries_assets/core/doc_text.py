@@ -97,12 +97,14 @@ class Whole:
 
     def filter(self, mask: pa.BooleanArray) -> Whole:
         keep = mask.to_numpy(zero_copy_only=False)
-        return replace(
-            self,
-            text=self.text.filter(mask),
-            documents=None if self.documents is None else self.documents[keep],
-            nulls=None if self.nulls is None else self.nulls[keep],
-            keys=None if self.keys is None else list(itertools.compress(self.keys, keep)),
+        return Whole(
+            self.path,
+            self.is_array,
+            self.text.filter(mask),
+            None if self.documents is None else self.documents[keep],
+            None if self.nulls is None else self.nulls[keep],
+            None if self.keys is None else list(itertools.compress(self.keys, keep)),
+            self.rows,
         )
 
 
@@ -130,7 +132,9 @@ class Found:
     def part(self, keep: np.ndarray, mask: pa.BooleanArray) -> Found:
         if self.text is None:
             return self
-        return replace(self, text=self.text.filter(mask), uuid=None if self.uuid is None else self.uuid[keep])
+        # Built, not `dataclasses.replace`d: a split parts every value found so far.
+        uuid = None if self.uuid is None else self.uuid[keep]
+        return Found(self.what, self.path, self.kind, self.text.filter(mask), self.index, uuid)
 
 
 # The walk reads the values for the columnar path while it renders (`Rendered.found`) where it
@@ -255,7 +259,11 @@ class _Frame:
     keys: set[bytes] = field(default_factory=set)  # a document's keys so far (one twice: see `_walk`)
 
     def part(self, keep: np.ndarray) -> _Frame:
-        return replace(self, start=None if self.start is None else self.start[keep], keys=set(self.keys))
+        start = None if self.start is None else self.start[keep]
+        return _Frame(
+            self.is_array, self.members, start, self.pieces_at, self.values_at, self.path,
+            self.documents, self.nulls, self.others, set(self.keys),
+        )  # fmt: skip
 
 
 @dataclass
@@ -585,7 +593,7 @@ class _Walk:
             text = _decimal_text(raw.view("<i8").ravel())
             pieces += [prefix + '{ "$date" : { "$numberLong" : "', text, '" } }']
         elif kind == _DOUBLE:
-            text = pa.array(map(double_text, raw.view("<f8").ravel().tolist()), pa.binary())
+            text = double_texts(raw.view("<f8").ravel())
             pieces += [prefix + '{ "$numberDouble" : "', text, '" }']
         else:  # _DECIMAL
             text = decimal_texts(raw)
@@ -605,12 +613,7 @@ class _Walk:
         # libbson writes a string as is unless it holds a byte it escapes; one that is not UTF-8
         # (checked where not ASCII) it writes its own way, in its document.
         escaped = _any_per_row(_ESCAPED[data], offsets)
-        utf8 = np.ones(len(text), bool)
-        for row in np.flatnonzero(_any_per_row(data >= 0x80, offsets)).tolist():
-            try:
-                data[offsets[row] : offsets[row + 1]].tobytes().decode()
-            except UnicodeDecodeError:
-                utf8[row] = False
+        utf8 = _utf8(text, data, offsets)
         group.pos = at + 4 + size
         if not utf8.all():
             kept = self._keep(group, utf8)
@@ -737,6 +740,23 @@ def _gather(buf: np.ndarray, starts: np.ndarray, sizes: np.ndarray) -> pa.Binary
     return spans.take(pa.array(np.arange(0, 2 * count, 2, dtype=np.int32)))
 
 
+def _utf8(text: pa.BinaryArray, data: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """Which of the strings are UTF-8: Arrow checks them all at once; where one is not, each
+    string that is not ASCII is tried on its own."""
+    utf8 = np.ones(len(text), bool)
+    try:
+        text.view(pa.string()).validate(full=True)
+        return utf8
+    except pa.ArrowInvalid:
+        pass
+    for row in np.flatnonzero(_any_per_row(data >= 0x80, offsets)).tolist():
+        try:
+            data[offsets[row] : offsets[row + 1]].tobytes().decode()
+        except UnicodeDecodeError:
+            utf8[row] = False
+    return utf8
+
+
 def _any_per_row(flags: np.ndarray, offsets: np.ndarray) -> np.ndarray:
     """For each row's span of `flags` (by `offsets`), whether any is set; an empty span: False."""
     found = np.zeros(len(offsets) - 1, bool)
@@ -755,6 +775,26 @@ def _fixed_text(chars: np.ndarray) -> pa.BinaryArray:
 
 def _decimal_text(numbers: np.ndarray) -> pa.Array:
     return pc.cast(pa.array(numbers), pa.string()).view(pa.binary())
+
+
+def double_texts(values: np.ndarray) -> pa.BinaryArray:
+    """`double_text` of each, formatted by one C method per value (not a Python function): only
+    whole numbers (which need `.0`) and NaN and the infinities are then mended."""
+    texts = list(map(_TWENTY_DIGITS, values.tolist()))
+    finite = np.isfinite(values)
+    for row in np.flatnonzero(~finite).tolist():
+        texts[row] = double_text(float(values[row]))
+    text = pa.array(texts, pa.binary())
+    # `%.20g` writes a finite value without a point or an exponent only where it is a whole number
+    # under 1e20 (a fraction has at most 16 digits before the point, a tiny one an exponent).
+    with np.errstate(invalid="ignore"):  # NaN, mended above
+        whole = finite & (np.floor(values) == values) & (np.abs(values) < 1e20)
+    if whole.any():
+        text = pc.if_else(pa.array(whole), pc.binary_join_element_wise(text, b".0", b""), text)
+    return text
+
+
+_TWENTY_DIGITS = "{:.20g}".format
 
 
 def double_text(value: float) -> str:
@@ -869,10 +909,27 @@ def _all_decoded(alone: pa.BinaryArray, raws: list[bytes]) -> list:
         documents = bson.decode_all(data.to_pybytes(), _DECODE_OPTIONS)
     except Exception:  # one that does not decode: each on its own
         return list(map(_decoded, raws))
+    if _encoded_alike(documents, raws):
+        return [document[""] for document in documents]
     return [
         document[""] if bson.encode(document, codec_options=_DECODE_OPTIONS) == raw else None
         for document, raw in zip(documents, raws, strict=True)
     ]
+
+
+_ELEMENT_HEADS = [b"\x03%d\x00" % i for i in range(4096)]  # a document's type and key in an array
+
+
+def _encoded_alike(documents: list[dict], raws: list[bytes]) -> bool:
+    """Whether each document encodes back to its raw bytes, checked in one encoding: as the
+    elements of one array, `[d0, d1, ...]`, whose bytes are each element's type and key, then its
+    document. Equal bytes part into the same documents (each begins with its own length), so
+    every one is equal to its own."""
+    count = len(documents)
+    heads = _ELEMENT_HEADS if count <= len(_ELEMENT_HEADS) else [b"\x03%d\x00" % i for i in range(count)]
+    encoded = bson.encode({"": documents}, codec_options=_DECODE_OPTIONS)
+    # `{"": [...]}`: its length, the array's type and empty key, the array's length; two ends.
+    return encoded[10:-2] == b"".join(itertools.chain.from_iterable(zip(heads[:count], raws, strict=True)))
 
 
 def _decoded(raw: bytes) -> dict | list | None:
