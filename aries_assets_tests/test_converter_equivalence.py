@@ -40,7 +40,7 @@ from aries_assets.core.arrow import (
     SplitBatch,
     id_key,
 )
-from aries_assets.core.bson_columns import _refused_by_sample
+from aries_assets.core.bson_columns import _refused_by_sample, looks_like_maps
 from aries_assets.core.doc_text import canonical_json, render
 from aries_assets.core.snapshot import convert_to_parquet
 from aries_assets_tests.test_messy import messy_documents
@@ -276,6 +276,23 @@ def test_arrays_of_documents_and_maps_take_the_columnar_path():
     shallow = s.SchemaOptions(max_depth=1)  # `tiers` and `scores` are then values of their own
     _, columnar = assert_equivalent(documents, shallow, batch=len(documents))
     assert columnar < len(documents) // 10
+
+
+def test_keys_are_told_data_as_the_exact_path_tells_them():
+    """Keys are matched as data by Arrow, a chunk at a time, and by Python where the two could
+    differ (Python's `\\d` takes any Unicode digit, its `$` matches before a final newline): maps
+    keyed by such keys are maps on both paths, records keyed by the same keys with fields beside
+    them are records on both."""
+    odd_keys = ["\u0662\u0660\u0662\u0664-\u0660\u0661-\u0660\u0661", "123\n", "2024-01-01\n", "\u0661\u0662"]
+    plain_keys = ["0123456789abcdef", "42", "name", "caf\u00e9", "a\nb"]
+    cases = [[], *[[k] for k in odd_keys + plain_keys], odd_keys, [odd_keys[0], "name", "other"]]
+    assert looks_like_maps(cases).tolist() == [s.looks_like_map(k) for k in cases]
+    documents = events(300)
+    arabic = str.maketrans("0123456789", "".join(map(chr, range(0x660, 0x66A))))
+    for i, d in enumerate(documents):  # keys that only Python's `re` tells as data: maps all the same
+        d["m"] = {f"{i}\n": i, f"2024-01-{i % 28 + 1:02d}".translate(arabic): i, "name": i}
+    _, columnar = assert_equivalent(documents, batch=len(documents))
+    assert columnar == len(documents)
 
 
 def test_values_held_whole_of_literal_text_only():
