@@ -295,6 +295,22 @@ def test_keys_are_told_data_as_the_exact_path_tells_them():
     assert columnar == len(documents)
 
 
+def test_an_empty_array_beside_text_once_the_arrays_held_whole_are_set_aside(monkeypatch):
+    """An empty array joins arrays of documents held whole at its path; where those documents are
+    the exact path's (here: a key named like a wrapper), the empty array is left beside strings,
+    which one `Values` cannot hold: the rarer shape goes to the exact path too. (Found by the
+    walked fuzz once chunks with a rare decimal were walked.)"""
+    monkeypatch.setattr(doc_text, "MIN_GROUP", 1)
+    monkeypatch.setattr(doc_text, "BUDGET_SHARE", 1e6)
+    monkeypatch.setattr(doc_text, "FOUND_UNWALKED_SHARE", 1.0)
+    documents = [{"_id": i, "f": f"[ null {i}"} for i in range(30)]
+    documents[5]["f"] = []
+    documents[9]["f"] = [{"a": 1}, None]
+    documents[9]["g"] = {"$oid": "not an id"}
+    table, _ = assert_equivalent(documents, batch=len(documents))
+    assert json.loads(table.column("f")[0].as_py()) == "[ null 0"
+
+
 def test_values_held_whole_of_literal_text_only():
     """Arrays of empty documents (the same text in every document), held whole, then a split."""
     documents = [

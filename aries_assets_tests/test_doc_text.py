@@ -203,6 +203,18 @@ def test_what_the_walk_leaves_goes_to_libbson_alone(monkeypatch):
     assert sorted(rendered_by_libbson(raws, monkeypatch)) == sorted([raws[10], alone('say "hi"\x01')])
 
 
+def test_a_rare_decimal_goes_to_libbson_alone_not_its_chunk(monkeypatch):
+    """A decimal the walk does not write itself (NaN, an exponent, a huge coefficient) is written
+    by libbson value by value; its chunk is still walked. (The one-value document handed to
+    libbson was a byte too long: libbson refused it and the whole chunk went to bsonjs.)"""
+    documents = events(200)
+    rare = [Decimal128("NaN"), Decimal128("1E+6144"), Decimal128("-0E-6176")]
+    for i, value in enumerate(rare):
+        documents[10 * i]["amount"] = value
+    rendered = rendered_by_libbson(encoded(documents), monkeypatch)
+    assert sorted(rendered) == sorted(alone(value) for value in rare)
+
+
 def alone(value) -> bytes:
     """`{"": value}`: how the walk hands bsonjs one value."""
     return bson.encode({"": value}, codec_options=OPTIONS)

@@ -351,6 +351,9 @@ def _found_batch(
             values = paths[whole.path] = Values(np.full(n, ABSENT, np.int8), pa.nulls(n))
         values.kinds[at[keep]] = NULL
     maps = _take_wholes(paths, n, wholes)
+    for values in paths.values():
+        if values.elements is not None and not values.whole:
+            _no_text_beside_arrays(values)
     if ("_id",) not in paths:
         raise Refused("no _id")
     ids, keys = _ids(paths.pop(("_id",)))
@@ -403,6 +406,17 @@ def _found_values(items: list[tuple[np.ndarray, Found]], position: np.ndarray, n
     # Beside arrays only values held whole have text (`_set_aside_rarer_shape`): strings, and `{}`.
     text = _placed(texts, n) if texts else pa.nulls(n, pa.string())
     return Values(kinds, text, element_values, offsets)
+
+
+def _no_text_beside_arrays(values: Values) -> None:
+    """Arrays and values with text (strings, `{}`) side by side, which only values held whole
+    allow (an empty array joins them: `_set_aside_rarer_shape`): where none is held in the rows
+    taken, the rarer shape is set aside."""
+    arrays = values.kinds == CODES[s.ARRAY]
+    others = (values.kinds > NULL) & ~arrays
+    if others.any():
+        rarer = others if np.count_nonzero(others) <= np.count_nonzero(arrays) else arrays
+        raise _SetAside(np.flatnonzero(rarer))
 
 
 def _taken(rows: np.ndarray, position: np.ndarray) -> tuple[np.ndarray, np.ndarray | None] | None:

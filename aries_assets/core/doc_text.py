@@ -855,7 +855,7 @@ def decimal_texts(raw: np.ndarray) -> pa.Array:
     return text.view(pa.binary())
 
 
-_DECIMAL_DOCUMENT = (b"\x18\x00\x00\x00\x13\x00", b"\x00")  # `{"": <decimal>}` around the value's bytes
+_DECIMAL_DOCUMENT = (b"\x17\x00\x00\x00\x13\x00", b"\x00")  # `{"": <decimal>}` around the value's bytes
 _DECIMAL_TEXT = slice(len('{ "" : { "$numberDecimal" : "'), -len('" } }'))
 
 
