@@ -215,6 +215,20 @@ def test_a_rare_decimal_goes_to_libbson_alone_not_its_chunk(monkeypatch):
     assert sorted(rendered) == sorted(alone(value) for value in rare)
 
 
+def test_a_few_large_documents_are_walked_not_escaped_by_libbson(monkeypatch):
+    """Fewer documents than `MIN_GROUP` are walked where they hold `MIN_GROUP_BYTES` or more: a
+    2 MB string is written at once, where libbson escapes it a character at a time. A few small
+    ones still go to bsonjs."""
+    large = [
+        {"_id": ObjectId(), "blob": "x" * (2 * 1024 * 1024), "bytes": Binary(b"\xff" * 1024)},
+        {"_id": ObjectId(), "blob": "y\u00e9" * 40_000, "n": 1.5},
+    ]
+    raws = encoded(large)
+    assert rendered_by_libbson(raws, monkeypatch) == []
+    small = encoded(events(3))
+    assert sorted(rendered_by_libbson(small, monkeypatch)) == sorted(small)
+
+
 def alone(value) -> bytes:
     """`{"": value}`: how the walk hands bsonjs one value."""
     return bson.encode({"": value}, codec_options=OPTIONS)

@@ -48,8 +48,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from bson.codec_options import CodecOptions, DatetimeConversion
 
-# A group of fewer documents goes to bsonjs: a walk's fixed cost per element is tens of µs.
+# A group of fewer documents, and fewer bytes, goes to bsonjs: a walk's fixed cost per element is
+# tens of µs, while bsonjs's cost follows the bytes (a few large documents are worth a walk: it
+# writes a long string at once, where libbson escapes it character by character).
 MIN_GROUP = 24
+MIN_GROUP_BYTES = 64 * 1024
 # Groups a chunk may split into before the rest goes to bsonjs (a chunk of documents of many shapes).
 MAX_GROUPS = 48
 # The cost model of the budget, in ns (measured on events: bsonjs renders about 22 ns a byte; a
@@ -170,14 +173,14 @@ def render(raw_documents: list[bytes], hold: bool = True) -> Rendered:
     """The chunk's `_doc` (see `canonical_json`), and its text and values for the columnar path
     (with `hold`; else `_doc` alone, for a chunk the exact path converts)."""
     count = len(raw_documents)
-    if count < MIN_GROUP:
+    sizes = np.fromiter(map(len, raw_documents), np.int64, count)
+    if count < MIN_GROUP and sizes.sum() < MIN_GROUP_BYTES:
         docs = one_by_one(raw_documents)
         return Rendered(docs, docs)
     buf = np.frombuffer(b"".join(raw_documents), np.uint8)
-    sizes = np.fromiter(map(len, raw_documents), np.int64, count)
     starts = np.zeros(count, np.int64)
     np.cumsum(sizes[:-1], out=starts[1:])
-    walk = _Walk(buf, BUDGET_SHARE * BSONJS_NS_PER_BYTE * len(buf), hold)
+    walk = _Walk(buf, BUDGET_SHARE * BSONJS_NS_PER_BYTE * len(buf), hold, sizes)
     try:
         done = walk.run(_Group(np.arange(count), starts + 4, ["{ "], [_Frame(False, path=())]))
     except (IndexError, ValueError):  # bytes that are not BSON: bsonjs says what is wrong with them
@@ -289,9 +292,10 @@ class _Group:
 
 
 class _Walk:
-    def __init__(self, buf: np.ndarray, budget_ns: float, hold: bool = True) -> None:
+    def __init__(self, buf: np.ndarray, budget_ns: float, hold: bool, sizes: np.ndarray) -> None:
         self.hold = hold
         self.buf = buf
+        self.sizes = sizes  # each document's bytes
         self.budget_ns = budget_ns
         self.by_bsonjs: list[np.ndarray] = []
         self.exact: list[np.ndarray] = []  # rows only the exact path can take (`Rendered.exact`)
@@ -304,13 +308,17 @@ class _Walk:
         while todo:
             todo.sort(key=lambda g: len(g.rows))
             group = todo.pop()  # the largest: the budget goes where a step renders the most
-            if len(group.rows) < MIN_GROUP or self.budget_ns <= 0:
+            if self._few(group.rows) or self.budget_ns <= 0:
                 self.by_bsonjs.append(group.rows)
                 continue
             finished = self._walk(group, todo)
             if finished is not None:
                 done.append(finished)
         return done
+
+    def _few(self, rows: np.ndarray) -> bool:
+        """Too few documents, and bytes, to repay a walk: bsonjs renders them."""
+        return len(rows) < MIN_GROUP and self.sizes[rows].sum() < MIN_GROUP_BYTES
 
     def _split(self, group: _Group, same: np.ndarray, todo: list[_Group]) -> _Group | None:
         """Go on with the documents that agree with the first; the others are walked later."""
@@ -320,7 +328,7 @@ class _Walk:
         else:
             todo.append(group.part(~same))
         kept = group.part(same)
-        if len(kept.rows) < MIN_GROUP:
+        if self._few(kept.rows):
             self.by_bsonjs.append(kept.rows)
             return None
         return kept
@@ -438,7 +446,7 @@ class _Walk:
         left to walk on (those too are bsonjs's)."""
         self.by_bsonjs.append(group.rows[~keep])
         kept = group.part(keep)
-        if len(kept.rows) < MIN_GROUP:
+        if self._few(kept.rows):
             self.by_bsonjs.append(kept.rows)
             return None
         return kept
