@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import json
 import random
+import re
 import struct
 import uuid
 from collections import Counter
@@ -40,7 +41,7 @@ from aries_assets.core.arrow import (
     SplitBatch,
     id_key,
 )
-from aries_assets.core.bson_columns import _refused_by_sample, looks_like_maps
+from aries_assets.core.bson_columns import _refused_by_sample, looks_like_maps, wrapper_rows
 from aries_assets.core.doc_text import canonical_json, render
 from aries_assets.core.snapshot import convert_to_parquet
 from aries_assets_tests.test_messy import messy_documents
@@ -309,6 +310,39 @@ def test_an_empty_array_beside_text_once_the_arrays_held_whole_are_set_aside(mon
     documents[9]["g"] = {"$oid": "not an id"}
     table, _ = assert_equivalent(documents, batch=len(documents))
     assert json.loads(table.column("f")[0].as_py()) == "[ null 0"
+
+
+def test_keys_named_like_wrappers_are_found_in_the_bson_at_any_depth():
+    """`wrapper_rows` reads each `$` of a chunk's bytes: the documents it finds are those a
+    regular expression finds searching each one's BSON, keys and strings alike (a string holding
+    `$oid` and a zero byte cannot be told from a key there; such a document is the exact path's)."""
+    wrapper = re.compile(rb"\$(?:oid|date|binary|numberInt|numberLong|numberDouble|numberDecimal|ref)\x00")
+    rng = random.Random(7)
+    names = [
+        "$oid",
+        "$date",
+        "$numberLong",
+        "$numberDecimal",
+        "$binary",
+        "$ref",
+        "$id",
+        "$dollar",
+        "$oidx",
+        "oid",
+        "a$oid",
+        "$",
+    ]
+    raws = []
+    for i in range(3000):
+        d = {"_id": i}
+        for _ in range(rng.randint(0, 3)):
+            name = rng.choice(names)
+            d[name if rng.random() < 0.5 else "n"] = {rng.choice(names): rng.choice([1, "$oid", "x$date"])}
+        raws.append(bson.encode(d))
+    found = wrapper_rows(raws).tolist()
+    assert found == [bool(wrapper.search(r)) for r in raws]
+    assert 0 < sum(found) < len(raws)
+    assert wrapper_rows([]).tolist() == []
 
 
 def test_values_held_whole_of_literal_text_only():

@@ -84,11 +84,10 @@ _NOT_A_KEY_SEPARATOR = r'\\" : |: " : |\[ " : |, " : |\{ " : '
 _PLAIN_KEY = re.compile(r"^[A-Za-z0-9_ .:/'-]+$")  # written as is in JSON, no escapes
 # Each wrapper the walk reads, and the keys its text holds (`{ "$date" : { "$numberLong" : ... } }`: 2).
 _WRAPPERS = {"$oid": 1, "$date": 2, "$binary": 3} | {name: 1 for name in _NUMBER_WRAPPERS}
-# A key named like a wrapper, as BSON holds it (the name, then its terminating zero byte): one scan.
+# A key named like a wrapper, as BSON holds it (the name, then its terminating zero byte), after
+# its `$` (`wrapper_rows`).
 # `$ref` too: pymongo decodes a document holding one (and `$id`) as a DBRef, not a document.
-_WRAPPER_KEY = re.compile(
-    rb"\$(?:" + b"|".join(re.escape(n[1:]).encode() for n in [*_WRAPPERS, "$ref"]) + rb")\x00"
-)
+_WRAPPER_KEYS = [name[1:].encode() + b"\x00" for name in [*_WRAPPERS, "$ref"]]
 _NOT_DECIMAL = s.MAX_DECIMAL_PRECISION + 1
 _PLAIN_DECIMAL = r"^-?[0-9]+\.?[0-9]*$"
 
@@ -252,8 +251,7 @@ def found_part(
     count = len(raw_documents)
     exact = np.zeros(count, bool) if rendered.exact is None else rendered.exact.copy()
     exact[rendered.unwalked] = True
-    if _WRAPPER_KEY.search(b"".join(raw_documents)):
-        exact |= np.fromiter((bool(_WRAPPER_KEY.search(r)) for r in raw_documents), bool, count)
+    exact |= wrapper_rows(raw_documents)
     for whole in rendered.wholes:
         exact[whole.rows[~_takes_whole(whole, options, known_maps)]] = True
         if not _a_field(whole.path):
@@ -287,10 +285,29 @@ def found_part(
     return None
 
 
+def wrapper_rows(raw_documents: list[bytes]) -> np.ndarray:
+    """Which documents hold a key named like a wrapper (`_WRAPPER_KEYS`), at any depth, by their
+    BSON: each `$` of the chunk's bytes and what follows it, all at once (a regular expression
+    searching the bytes took six times as long)."""
+    width = max(map(len, _WRAPPER_KEYS))
+    sizes = np.fromiter(map(len, raw_documents), np.int64, len(raw_documents))
+    buf = np.frombuffer(b"".join([*raw_documents, bytes(width)]), np.uint8)  # a window past any `$`
+    dollars = np.flatnonzero(buf == ord("$"))
+    rows = np.zeros(len(raw_documents), bool)
+    if not len(dollars):
+        return rows
+    after = np.lib.stride_tricks.sliding_window_view(buf, width)[dollars + 1]
+    named = np.zeros(len(dollars), bool)
+    for key in _WRAPPER_KEYS:
+        named |= (after[:, : len(key)] == np.frombuffer(key, np.uint8)).all(axis=1)
+    rows[np.searchsorted(np.cumsum(sizes), dollars[named], side="right")] = True
+    return rows
+
+
 def _a_field(path: s.Path) -> bool:
     """Whether the columnar path takes a value at `path` as this field, as the text walk does: not
     in a record with a key like an operator's (`$...`) or keyed by data (a map, maybe). A key
-    named like a wrapper, at any depth, sets its document aside by its BSON (`_WRAPPER_KEY`)."""
+    named like a wrapper, at any depth, sets its document aside by its BSON (`wrapper_rows`)."""
     return not any(name.startswith("$") or s._DATA_KEY.match(name) for name in path[1:])
 
 
@@ -559,7 +576,7 @@ def columnar_batch(
     for a field of two JSON shapes, `_SetAside` for documents only the exact path can take.
     `docs` is the text parsed, `doc_text` the batch's `_doc` where they differ; `screened`: the
     documents passed `refused_documents`."""
-    if _WRAPPER_KEY.search(b"".join(raw_documents)):  # (the joined copy is freed at once)
+    if wrapper_rows(raw_documents).any():
         return None  # a key that would read as Extended JSON syntax (or, rarely, bytes that look like one)
     # The documents back to back, read straight from `_doc`'s buffer: each is one JSON object, so
     # the reader needs no separator between them, and no copy of the text is made.
@@ -645,10 +662,7 @@ def refused_documents(raw_documents: list[bytes], docs: pa.Array, known_maps: se
     for path in known_maps:
         key = json.dumps(path[-1], ensure_ascii=False) + " : {"
         refused |= pc.match_substring(docs, key).to_numpy(zero_copy_only=False)
-    if _WRAPPER_KEY.search(b"".join(raw_documents)):
-        refused |= np.fromiter(
-            (bool(_WRAPPER_KEY.search(r)) for r in raw_documents), bool, len(raw_documents)
-        )
+    refused |= wrapper_rows(raw_documents)
     return refused
 
 
@@ -1212,7 +1226,7 @@ _CONVERT_WHOLE = {CODES[s.ARRAY]: _decoded_whole, CODES[s.DOCUMENT]: _decoded_wh
 # Relaxed Extended JSON differs from canonical only in numbers and dates (libbson's
 # `bson_as_relaxed_extended_json`): int32 and int64 are bare digits, a finite double its digits
 # (written alike in both), a date in years 1970 to 9999 ISO 8601. A wrapper cannot be a document's
-# own key here: `columnar_batch` refuses a chunk that holds one (`_WRAPPER_KEY`).
+# own key here: `columnar_batch` refuses a chunk that holds one (`wrapper_rows`).
 # One pass: an int's digits, or a double's that begin with a digit (not NaN or ±Infinity,
 # which both forms wrap).
 _RELAXED_NUMBER = r'\{ "\$number(?:Int|Long|Double)" : "(-?[0-9][^"]*)" \}'
