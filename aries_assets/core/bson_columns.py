@@ -58,10 +58,10 @@ from aries_assets.core import doc_text
 from aries_assets.core import schema as s
 from aries_assets.core.doc_text import (
     BASE64_ALPHABET,
-    HEX_DIGITS,
     Found,
     Rendered,
     Whole,
+    hex_digits,
     value_bson,
     value_text,
 )
@@ -1337,8 +1337,8 @@ def _uuid_strings(text: pa.Array) -> pa.Array:
     octets = np.stack([(word >> 16) & 255, (word >> 8) & 255, word & 255], axis=2).reshape(rows, 18)[:, :16]
     octets = octets.astype(np.uint8)
     out = np.full((rows, 36), ord("-"), np.uint8)
-    out[:, _UUID_DIGIT_AT[0::2]] = HEX_DIGITS[octets >> 4]
-    out[:, _UUID_DIGIT_AT[1::2]] = HEX_DIGITS[octets & 15]
+    out[:, _UUID_DIGIT_AT[0::2]] = hex_digits(octets >> 4)
+    out[:, _UUID_DIGIT_AT[1::2]] = hex_digits(octets & 15)
     offsets = np.zeros(len(text) + 1, np.int32)
     np.cumsum(np.where(valid, 36, 0), out=offsets[1:])
     mask = None if rows == len(text) else pa.py_buffer(np.packbits(valid, bitorder="little"))
