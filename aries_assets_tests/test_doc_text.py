@@ -227,6 +227,13 @@ def test_a_few_large_documents_are_walked_not_escaped_by_libbson(monkeypatch):
     assert rendered_by_libbson(raws, monkeypatch) == []
     small = encoded(events(3))
     assert sorted(rendered_by_libbson(small, monkeypatch)) == sorted(small)
+    # A few large documents of many small values: a step each, so the walk soon leaves them to
+    # bsonjs (after a few hundred of their 400,000 elements).
+    many = encoded([{"_id": i, "a": list(range(200_000))} for i in range(2)])
+    value, steps = doc_text._Walk._value, []
+    monkeypatch.setattr(doc_text._Walk, "_value", lambda *a, **k: steps.append(1) or value(*a, **k))
+    assert sorted(rendered_by_libbson(many, monkeypatch)) == sorted(many)
+    assert len(steps) < 1000
 
 
 def alone(value) -> bytes:

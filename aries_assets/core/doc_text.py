@@ -62,6 +62,11 @@ STEP_NS = 25_000
 STEP_NS_PER_DOCUMENT = 50
 # The share of bsonjs's cost the walk may spend: if it renders nothing, the chunk costs 1.75x.
 BUDGET_SHARE = 0.75
+# A group under `MIN_GROUP` documents walked for its bytes (`MIN_GROUP_BYTES`): a step of one
+# document was measured at 50 to 110 µs (the higher is charged), and the walk may spend this share
+# of bsonjs's cost for them before bsonjs renders them (a million-element array: about 1.2x).
+FEW_STEP_NS = 110_000
+FEW_BUDGET_SHARE = 0.25
 
 _DOUBLE, _STRING, _DOCUMENT, _ARRAY, _BINARY, _OBJECTID, _BOOL, _DATE, _NULL = 1, 2, 3, 4, 5, 7, 8, 9, 10
 _INT32, _INT64, _DECIMAL = 16, 18, 19
@@ -334,9 +339,22 @@ class _Walk:
 
     def _walk(self, group: _Group, todo: list[_Group]) -> _Group | None:
         buf = self.buf
+        # A group of a few large documents has its own budget, a share of what bsonjs would take for
+        # them, spent at what a step of one document costs: a long string takes a step, an array
+        # of a million numbers a million, so that one goes back to bsonjs soon.
+        few = (
+            FEW_BUDGET_SHARE * BSONJS_NS_PER_BYTE * self.sizes[group.rows].sum()
+            if len(group.rows) < MIN_GROUP
+            else None
+        )
         while True:
-            self.budget_ns -= STEP_NS + STEP_NS_PER_DOCUMENT * len(group.rows)
-            if self.budget_ns <= 0:  # spent: bsonjs renders the rest faster than more steps would
+            if few is not None:
+                few -= FEW_STEP_NS
+                spent = few <= 0
+            else:
+                self.budget_ns -= STEP_NS + STEP_NS_PER_DOCUMENT * len(group.rows)
+                spent = self.budget_ns <= 0
+            if spent:  # bsonjs renders the rest faster than more steps would
                 self.by_bsonjs.append(group.rows)
                 return None
             kind = buf[group.pos]
