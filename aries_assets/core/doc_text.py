@@ -74,17 +74,15 @@ _FIXED_WIDTH = {_DOUBLE: 8, _OBJECTID: 12, _BOOL: 1, _DATE: 8, _NULL: 0, _INT32:
 BASE64_ALPHABET = np.frombuffer(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/", np.uint8)
 _VALUE_HEAD = struct.Struct("<iBx")  # a document's length, then its one element's type and empty key
 _OLD_BINARY = 2  # a binary subtype that nests its own length, which libbson reads its own way
-# libbson writes a key's text as is unless it holds one of these (it escapes them).
-_ESCAPED = np.zeros(256, bool)
-_ESCAPED[:0x20] = True
-_ESCAPED[[ord('"'), ord("\\")]] = True
-# How it escapes them: a backslash first (the others write one), then the short escapes; any other
-# control character as `\u00XX` (left to bsonjs, see `_Walk._string`).
+# libbson writes a key's or a string's text as is unless it holds a control character, a quote or
+# a backslash (`_escaped`). How it escapes them: a backslash first (the others write one), then
+# the short escapes; any other control character as `\u00XX` (left to bsonjs, see `_Walk._string`).
 _SHORT_ESCAPES = [(b"\\", b"\\\\"), (b'"', b'\\"')] + [
     (bytes([code]), b"\\" + bytes([letter])) for code, letter in zip(b"\b\t\n\f\r", b"btnfr", strict=True)
 ]
-_RARE_CONTROL = _ESCAPED.copy()
-_RARE_CONTROL[[ord('"'), ord("\\"), *b"\b\t\n\f\r"]] = False
+_RARE_CONTROL = np.zeros(256, bool)  # control characters with no short escape
+_RARE_CONTROL[:0x20] = True
+_RARE_CONTROL[list(b"\b\t\n\f\r")] = False
 
 
 @dataclass
@@ -540,7 +538,7 @@ class _Walk:
             text = key.tobytes().decode()
         except UnicodeDecodeError:
             return None, ""
-        if _ESCAPED[key].any():  # `{key: null}` by bsonjs: `{ "<key>" : null }`
+        if _escaped(key).any():  # `{key: null}` by bsonjs: `{ "<key>" : null }`
             null = _VALUE_HEAD.pack(len(key) + 7, _NULL)[:-1] + key.tobytes() + b"\x00\x00"
             text = bsonjs.dumps(null, bsonjs.CANONICAL)[3 : -len('" : null }')]
         return key.tobytes(), text
@@ -783,7 +781,8 @@ def _utf8(text: pa.BinaryArray, data: np.ndarray, offsets: np.ndarray) -> np.nda
 
 
 def _escaped(data: np.ndarray) -> np.ndarray:
-    """`_ESCAPED` of each byte, by comparisons (a table lookup per byte costs six times more)."""
+    """Which bytes libbson escapes in a key or a string: control characters, `"` and `\\`. By
+    comparisons: a table lookup per byte costs six times more."""
     return (data < 0x20) | (data == ord('"')) | (data == ord("\\"))
 
 
