@@ -996,3 +996,20 @@ def test_a_decimal128_from_its_bits_converts_as_from_its_digits():
 def test_documents_the_fuzzer_found_convert_as_the_exact_path_converts_them(documents):
     for batch in (1, 2, len(documents)):
         assert_equivalent(documents, batch=batch)
+
+
+def test_arrays_of_several_lengths_walked_as_one_group_are_the_exact_paths():
+    """The elements the walk read for some of a group's documents only (arrays ending at
+    different lengths), and each document's array length, give the exact path's columns and
+    statistics, by either route and in chunks of any size; a later element of another type in a
+    few documents still sets those aside."""
+    from aries_assets_tests.test_doc_text import ragged
+
+    documents = ragged(1500)
+    _, columnar = assert_equivalent(documents, batch=len(documents))
+    assert columnar == 1495  # all but the 5 whose tags run on (bsonjs's): read from the walk
+    for i in range(0, 1500, 97):
+        documents[i]["scores"] = documents[i]["scores"] + ["nine"]  # a string after ints, in a few
+    _, columnar = assert_equivalent(documents, batch=len(documents))
+    assert columnar >= 1480
+    assert_equivalent(documents, batch=100)

@@ -334,3 +334,35 @@ def test_byte_ranges_are_gathered_in_order_or_not_and_flags_found_per_row():
         offsets = np.concatenate([[0], np.sort(rng.integers(0, len(buf) + 1, count))]).astype(np.int32)
         expected = [bool(flags[a:b].any()) for a, b in zip(offsets[:-1], offsets[1:], strict=True)]
         assert _any_per_row(flags, offsets).tolist() == expected, trial
+
+
+def ragged(count: int, seed: int = 8) -> list[dict]:
+    """Events with arrays of scalars that end at different lengths, as tags and scores do: strings,
+    ints, doubles with NaN, nulls, dates, ObjectIds, decimals; an array whose first element's type
+    varies; a field after them; a long tail."""
+    rng = random.Random(seed)
+    documents = events(count)
+    for i, d in enumerate(documents):
+        d["tags"] = [f"t{j}\n" if j == 2 else f"t{j}" for j in range(rng.randint(1, 6))]
+        d["scores"] = [rng.choice([rng.randint(0, 9), None]) for _ in range(i % 5 + 1)]
+        d["when"] = [datetime.datetime(2026, 1, 1, tzinfo=UTC)] * rng.randint(1, 3)
+        d["ratios"] = [rng.choice([0.5, float("nan"), -0.0, 1e300]) for _ in range(rng.randint(1, 4))]
+        d["ids"] = [ObjectId() for _ in range(rng.randint(1, 3))]
+        d["prices"] = [Decimal128(f"{j}.25") for j in range(rng.randint(1, 3))]
+        d["mixed"] = [rng.choice([1, "one", None]), "b", "c"]  # types part ways, then not
+        d["after"] = i
+    for d in documents[:5]:
+        d["tags"] = d["tags"] + [f"long{j}" for j in range(50)]  # a few run on: bsonjs takes those
+    return documents
+
+
+def test_arrays_of_several_lengths_do_not_split_their_group(monkeypatch):
+    """Where documents' arrays of scalars end at different lengths, the walk goes on with the
+    documents that have the next element while the others wait at their array's end: one group,
+    not one per length (each of which walked every field after the array again). Documents whose
+    arrays run on after fewer than `MIN_GROUP` others go to bsonjs. Every text is libbson's."""
+    documents = ragged(1500)
+    raws = encoded(documents)
+    assert sorted(rendered_by_libbson(raws, monkeypatch)) == sorted(raws[:5])
+    rendered = doc_text.render(raws)
+    assert [len(rows) for rows, _ in rendered.found] == [1495]

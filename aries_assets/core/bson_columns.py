@@ -257,8 +257,11 @@ def found_part(
         if not _a_field(whole.path):
             exact[whole.rows] = True
     by_path: dict[s.Path, list[tuple[np.ndarray, Found]]] = {}
-    for rows, found in rendered.found:
+    for group_rows, found in rendered.found:
         for item in found:
+            rows = group_rows if item.rows is None else group_rows[item.rows]
+            if not len(rows):
+                continue  # an element only documents split off since had (`doc_text._Walk._ragged`)
             if item.what == doc_text.EXACT or not _a_field(item.path):
                 exact[rows] = True
             elif item.what == doc_text.RECORD:

@@ -71,6 +71,8 @@ FEW_BUDGET_SHARE = 0.25
 _DOUBLE, _STRING, _DOCUMENT, _ARRAY, _BINARY, _OBJECTID, _BOOL, _DATE, _NULL = 1, 2, 3, 4, 5, 7, 8, 9, 10
 _INT32, _INT64, _DECIMAL = 16, 18, 19
 _FIXED_WIDTH = {_DOUBLE: 8, _OBJECTID: 12, _BOOL: 1, _DATE: 8, _NULL: 0, _INT32: 4, _INT64: 8, _DECIMAL: 16}
+_RAGGED_KINDS = {*_FIXED_WIDTH, _STRING, _BINARY}  # elements `_Walk._ragged` walks for some documents
+_NOTHING = pa.array([b""], pa.binary())
 BASE64_ALPHABET = np.frombuffer(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/", np.uint8)
 _VALUE_HEAD = struct.Struct("<iBx")  # a document's length, then its one element's type and empty key
 _OLD_BINARY = 2  # a binary subtype that nests its own length, which libbson reads its own way
@@ -133,8 +135,16 @@ class Found:
     text: pa.Array | None = None
     index: int = 0
     uuid: np.ndarray | None = None  # binaries: which are UUIDs (subtype 4, 16 bytes)
+    # Which of its group's documents it speaks of (their array reached `index`: see `_Walk._ragged`);
+    # None: all of them. `text` and `uuid` hold a value for each of those only.
+    rows: np.ndarray | None = None
 
     def part(self, keep: np.ndarray, mask: pa.BooleanArray) -> Found:
+        if self.rows is not None:
+            inner = keep[self.rows]  # of the documents it speaks of, those kept
+            text = None if self.text is None else self.text.filter(pa.array(inner))
+            uuid = None if self.uuid is None else self.uuid[inner]
+            return Found(self.what, self.path, self.kind, text, self.index, uuid, self.rows[keep])
         if self.text is None:
             return self
         # Built, not `dataclasses.replace`d: a split parts every value found so far.
@@ -262,12 +272,15 @@ class _Frame:
     nulls: int = 0
     others: bool = False
     keys: set[bytes] = field(default_factory=set)  # a document's keys so far (one twice: see `_walk`)
+    # An array's length in each document, once they part ways (`_Walk._ragged`); else `members`.
+    lengths: np.ndarray | None = None
 
     def part(self, keep: np.ndarray) -> _Frame:
         start = None if self.start is None else self.start[keep]
+        lengths = None if self.lengths is None else self.lengths[keep]
         return _Frame(
             self.is_array, self.members, start, self.pieces_at, self.values_at, self.path,
-            self.documents, self.nulls, self.others, set(self.keys),
+            self.documents, self.nulls, self.others, set(self.keys), lengths,
         )  # fmt: skip
 
 
@@ -357,6 +370,12 @@ class _Walk:
                 return None
             kind = buf[group.pos]
             same = kind == kind[0]
+            if not same.all():
+                ragged = self._ragged(group, kind)
+                if ragged is not None:
+                    if not ragged:
+                        return None
+                    continue
             if not same.all() and self._diverse(group, same, kind):
                 self._rewind(group)
                 continue
@@ -411,6 +430,8 @@ class _Walk:
                 frame.keys.add(key)
             separator = ", " if frame.members else ""
             frame.members += 1
+            if frame.lengths is not None:  # arrays that parted ways earlier: each has this element
+                frame.lengths = frame.lengths + 1
             prefix = separator if frame.is_array else f'{separator}"{key_text}" : '
             group.pos = key_at + len(key) + 1
             value_kind = int(kind[0])
@@ -435,6 +456,9 @@ class _Walk:
         """A document or array just walked (not the top one), as the columnar path takes it."""
         if frame.is_array and frame.documents and frame.path is not None:
             self._hold_array(group, frame)
+        elif frame.is_array and frame.path is not None and frame.lengths is not None:
+            for length in np.unique(frame.lengths).tolist():  # arrays that ended apart (`_ragged`)
+                group.values.append(Found(ARRAY_OF, frame.path, index=length, rows=frame.lengths == length))
         elif frame.is_array and frame.path is not None:
             group.values.append(Found(ARRAY_OF, frame.path, index=frame.members))
         elif not frame.is_array and not frame.members and frame.path is not None:
@@ -455,6 +479,61 @@ class _Walk:
         pieces.append(
             Whole(frame.path, True, text, np.full(rows, frame.documents), np.full(rows, frame.nulls))
         )
+
+    def _ragged(self, group: _Group, kind: np.ndarray) -> bool | None:
+        """Arrays of scalars whose documents part ways at an element: ending at different lengths
+        (tags, scores), or holding scalars of different types there (an int, a null). The element
+        is walked for the documents of each type apart, while those whose array ended wait at its
+        end, so the group stays whole (split, each part walked every field after the array again,
+        and an array's patterns of nulls made groups by the hundred). Where fewer than `MIN_GROUP`
+        documents go on, bsonjs renders those. True: the element is walked (or the few are gone);
+        False: the group left; None: not such arrays (the walk splits the group as before)."""
+        frame = group.frames[-1]
+        if not frame.is_array or frame.documents or len(group.rows) < MIN_GROUP:
+            return None
+        going = kind != 0
+        kinds = np.unique(kind[going]).tolist()
+        if not kinds or not _RAGGED_KINDS.issuperset(kinds) or (not frame.members and not going.all()):
+            return None  # documents or arrays in arrays; or some arrays empty, others not
+        count = int(np.count_nonzero(going))
+        if count < MIN_GROUP:
+            kept = self._keep(group, ~going)
+            if kept is None:
+                return False
+            _go_on_with(group, kept)
+            return True
+        key = str(frame.members).encode() + b"\x00"
+        if not self._equal(group.pos[going] + 1, key).all():
+            return None  # an array keyed other than `0`, `1`, ...
+        left = len(self.by_bsonjs), len(self.exact)
+        slot = (ELEMENT, frame.path, frame.members) if self.hold and frame.path is not None else None
+        texts, order, found = [], [], []
+        pos = group.pos.copy()
+        for element_kind in kinds:
+            rows = kind == element_kind
+            at = np.flatnonzero(rows)
+            element = _Group(group.rows[at], group.pos[at] + 1 + len(key), [])
+            walked = self._value(element, element_kind, ", " if frame.members else "", None, slot)
+            if not walked or len(element.rows) != len(at):
+                del self.by_bsonjs[left[0] :], self.exact[left[1] :]  # some it cannot walk: split
+                return None
+            texts.append(_joined(element.pieces, len(at)))
+            order.append(at)
+            for value in element.values:
+                value.rows = rows
+                found.append(value)
+            pos[at] = element.pos
+        index = np.full(len(group.rows), count)  # where an array ended: no text
+        index[np.concatenate(order)] = np.arange(count)
+        group.pieces.append(pa.concat_arrays([*texts, _NOTHING]).take(pa.array(index)))
+        group.values += found
+        group.pos = pos
+        if frame.lengths is None:
+            frame.lengths = np.full(len(group.rows), frame.members)
+        frame.lengths[going] += 1
+        frame.members += 1
+        frame.others = True  # documents later in these arrays: the exact path's (`_hold_array`)
+        return True
 
     def _keep(self, group: _Group, keep: np.ndarray) -> _Group | None:
         """The group without the documents not kept, which are bsonjs's; None when too few are
