@@ -1013,3 +1013,23 @@ def test_arrays_of_several_lengths_walked_as_one_group_are_the_exact_paths():
     _, columnar = assert_equivalent(documents, batch=len(documents))
     assert columnar >= 1480
     assert_equivalent(documents, batch=100)
+
+
+def test_arrays_of_documents_walked_as_one_group_are_held_whole_as_the_exact_path_holds_them():
+    """Arrays of documents of several lengths, walked as one group, are held whole: each
+    document's count of documents and nulls in its array, and the JSON column, are the exact
+    path's; nulls and empty documents after the documents, and a field some documents lack, too."""
+    from aries_assets_tests.test_doc_text import line_items
+
+    documents = line_items(1500)
+    for d in documents[::7]:
+        d["items"] = d["items"] + [None]
+    for d in documents[::3]:
+        d["items"][0]["gift"] = True
+    for d in documents[::4]:
+        d["items"] = [*d["items"], {}]
+    _, columnar = assert_equivalent(documents, batch=len(documents))
+    # All but the 54 with a null, then `{}`: where others hold a document at that element, their
+    # group splits as before, into groups too small to walk.
+    assert columnar == len(documents) - 54
+    assert_equivalent(documents, batch=100)

@@ -366,3 +366,46 @@ def test_arrays_of_several_lengths_do_not_split_their_group(monkeypatch):
     assert sorted(rendered_by_libbson(raws, monkeypatch)) == sorted(raws[:5])
     rendered = doc_text.render(raws)
     assert [len(rows) for rows, _ in rendered.found] == [1495]
+
+
+def line_items(count: int, seed: int = 9) -> list[dict]:
+    """Orders of 1 to 5 line items (an array of documents), some items with a nested array of
+    its own length, some with a field the others lack; a field after the items."""
+    rng = random.Random(seed)
+    return [
+        {
+            "_id": ObjectId(),
+            "customer": f"c{rng.randint(0, 99)}",
+            "items": [
+                {
+                    "sku": f"s{rng.randint(0, 9)}",
+                    "qty": rng.randint(1, 5),
+                    "codes": list(range(rng.randint(1, 3))),
+                }
+                for _ in range(rng.randint(1, 5))
+            ],
+            "total": Decimal128(f"{rng.randint(0, 999)}.50"),
+            "note": "n" * 400,  # bytes enough that walking beats bsonjs by the budget's measure
+        }
+        for _ in range(count)
+    ]
+
+
+def test_arrays_of_documents_of_several_lengths_do_not_split_their_group(monkeypatch):
+    """An array of documents that ends at different lengths (line items) is walked a document
+    at a time for the documents that have one, as arrays of scalars are: one group. Where the
+    documents part ways inside one (a field some lack), each part is walked in turn, and the
+    group still goes on whole; a part too small to walk goes to bsonjs, its documents with it."""
+    raws = encoded(line_items(1500))
+    assert rendered_by_libbson(raws, monkeypatch) == []
+    assert [len(rows) for rows, _ in doc_text.render(raws).found] == [1500]
+    documents = line_items(1500)
+    for d in documents[::3]:
+        d["items"][-1]["gift"] = True
+    for d in documents[1:100:10]:
+        d["items"][0]["rare"] = 1  # 10 documents: too few to walk
+    for d in documents[::4]:
+        d["items"] = [*d["items"], {}]  # an empty document: walked too
+    raws = encoded(documents)
+    assert sorted(rendered_by_libbson(raws, monkeypatch)) == sorted(raws[1:100:10])
+    assert [len(rows) for rows, _ in doc_text.render(raws).found] == [1490]

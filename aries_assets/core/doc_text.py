@@ -294,6 +294,7 @@ class _Group:
     frames: list[_Frame] = field(default_factory=list)
     # What the walk read for the columnar path (`Found`), in the order it read it.
     values: list[Found] = field(default_factory=list)
+    nested: bool = False  # walking one value inside documents (`_Walk._ragged_documents`)
 
     def part(self, keep: np.ndarray) -> _Group:
         mask = pa.array(keep)
@@ -303,6 +304,7 @@ class _Group:
             [p if isinstance(p, str) else p.filter(mask) for p in self.pieces],
             [f.part(keep) for f in self.frames],
             [found.part(keep, mask) for found in self.values],
+            self.nested,
         )
 
 
@@ -370,7 +372,7 @@ class _Walk:
                 return None
             kind = buf[group.pos]
             same = kind == kind[0]
-            if not same.all():
+            if not same.all() or (kind[0] == _DOCUMENT and group.frames[-1].is_array):
                 ragged = self._ragged(group, kind)
                 if ragged is not None:
                     if not ragged:
@@ -378,6 +380,8 @@ class _Walk:
                     continue
             if not same.all() and self._diverse(group, same, kind):
                 self._rewind(group)
+                if not group.frames:  # the value walked was rendered by bsonjs whole
+                    return group
                 continue
             if not same.all():
                 split = self._split(group, same, todo)
@@ -386,7 +390,7 @@ class _Walk:
                 group, kind = split, kind[same]
             frame = group.frames[-1]
             if kind[0] == 0:  # the end of a document or array
-                if len(group.frames) == 1 and not frame.members:  # `{ }`: no `_id`, not from MongoDB
+                if len(group.frames) == 1 and not frame.members and not group.nested:  # `{ }`: no `_id`
                     self.by_bsonjs.append(group.rows)
                     return None
                 group.pieces.append(" ]" if frame.is_array else " }")
@@ -416,6 +420,8 @@ class _Walk:
                 and self._diverse(group, same, self._fixed(key_at, len(key) + 1))
             ):
                 self._rewind(group)
+                if not group.frames:  # the value walked was rendered by bsonjs whole
+                    return group
                 continue
             if not same.all():
                 # An array keyed other than `0`, `1`, ...: bsonjs reads it its own way.
@@ -476,9 +482,9 @@ class _Walk:
         del group.values[frame.values_at :]
         rows = len(group.rows)
         self.exact.append(group.rows[_unreadable(text)])
-        pieces.append(
-            Whole(frame.path, True, text, np.full(rows, frame.documents), np.full(rows, frame.nulls))
-        )
+        # Arrays that ended apart hold documents but for the nulls all of them reached (`_ragged`).
+        documents = np.full(rows, frame.documents) if frame.lengths is None else frame.lengths - frame.nulls
+        pieces.append(Whole(frame.path, True, text, documents, np.full(rows, frame.nulls)))
 
     def _ragged(self, group: _Group, kind: np.ndarray) -> bool | None:
         """Arrays of scalars whose documents part ways at an element: ending at different lengths
@@ -489,12 +495,15 @@ class _Walk:
         documents go on, bsonjs renders those. True: the element is walked (or the few are gone);
         False: the group left; None: not such arrays (the walk splits the group as before)."""
         frame = group.frames[-1]
-        if not frame.is_array or frame.documents or len(group.rows) < MIN_GROUP:
+        if not frame.is_array or len(group.rows) < MIN_GROUP:
             return None
         going = kind != 0
         kinds = np.unique(kind[going]).tolist()
-        if not kinds or not _RAGGED_KINDS.issuperset(kinds) or (not frame.members and not going.all()):
-            return None  # documents or arrays in arrays; or some arrays empty, others not
+        documents = kinds == [_DOCUMENT] and not frame.others  # an array of documents (and nulls) so far
+        if not documents and (frame.documents or not _RAGGED_KINDS.issuperset(kinds)):
+            return None  # documents beside other values, or arrays in arrays
+        if not kinds or (not frame.members and not going.all()):
+            return None  # some arrays empty, others not
         count = int(np.count_nonzero(going))
         if count < MIN_GROUP:
             kept = self._keep(group, ~going)
@@ -505,6 +514,8 @@ class _Walk:
         key = str(frame.members).encode() + b"\x00"
         if not self._equal(group.pos[going] + 1, key).all():
             return None  # an array keyed other than `0`, `1`, ...
+        if documents:
+            return self._ragged_documents(group, frame, going, key)
         left = len(self.by_bsonjs), len(self.exact)
         slot = (ELEMENT, frame.path, frame.members) if self.hold and frame.path is not None else None
         texts, order, found = [], [], []
@@ -528,12 +539,62 @@ class _Walk:
         group.pieces.append(pa.concat_arrays([*texts, _NOTHING]).take(pa.array(index)))
         group.values += found
         group.pos = pos
-        if frame.lengths is None:
-            frame.lengths = np.full(len(group.rows), frame.members)
-        frame.lengths[going] += 1
-        frame.members += 1
+        _grown(frame, going)
         frame.others = True  # documents later in these arrays: the exact path's (`_hold_array`)
         return True
+
+    def _ragged_documents(self, group: _Group, frame: _Frame, going: np.ndarray, key: bytes) -> bool:
+        """`_ragged` for an array of documents (line items): the next document is walked whole, by
+        a walk of its own, for the documents whose array has one; where they part ways inside it
+        (a field some lack), each part is walked whole in turn. A document it leaves to bsonjs
+        (a part of fewer than `MIN_GROUP`, a type it does not render) leaves the group for bsonjs."""
+        at = np.flatnonzero(going)
+        start = group.pos[at] + 1 + len(key)
+        prefix = ", " if frame.members else ""
+        element = _Frame(False, start=start, pieces_at=1)
+        todo = [_Group(group.rows[at], start + 4, [prefix, "{ "], [element], nested=True)]
+        left, walked = len(self.by_bsonjs), []
+        while todo:
+            part = todo.pop()
+            if self._few(part.rows):
+                self.by_bsonjs.append(part.rows)
+                continue
+            done = self._walk(part, todo)
+            if done is not None:
+                walked.append(done)
+        if len(self.by_bsonjs) > left:  # those documents are bsonjs's: the group goes on without them
+            kept = self._keep_only(group, ~np.isin(group.rows, np.concatenate(self.by_bsonjs[left:])))
+            if kept is None:
+                return False
+            going, frame = going[kept], group.frames[-1]  # the group's own, parted
+            if not going.any():
+                return True  # each array left has ended: the walk closes them
+        index = np.full(len(group.rows), np.count_nonzero(going))  # where an array ended: no text
+        texts, pos = [], group.pos.copy()
+        for done in walked:
+            rows = np.searchsorted(group.rows, done.rows)  # a part's documents among the group's
+            index[rows] = np.arange(len(rows)) + sum(map(len, texts))
+            texts.append(_joined(done.pieces, len(rows)))
+            pos[rows] = done.pos
+        group.pieces.append(pa.concat_arrays([*texts, _NOTHING]).take(pa.array(index)))
+        if self.hold:  # as `_value` marks a document in an array: the array is held whole, or exact
+            group.values.append(Found(EXACT, rows=going))
+        group.pos = pos
+        _grown(frame, going)
+        frame.documents += 1  # in each, as many as its length (`_hold_array`)
+        return True
+
+    def _keep_only(self, group: _Group, keep: np.ndarray) -> np.ndarray | None:
+        """The group without documents already gone to bsonjs; None (and all of them bsonjs's)
+        when too few are left to walk on. Returns which it kept."""
+        if keep.all():
+            return keep
+        kept = group.part(keep)
+        if self._few(kept.rows):
+            self.by_bsonjs.append(kept.rows)
+            return None
+        _go_on_with(group, kept)
+        return keep
 
     def _keep(self, group: _Group, keep: np.ndarray) -> _Group | None:
         """The group without the documents not kept, which are bsonjs's; None when too few are
@@ -550,7 +611,7 @@ class _Walk:
         of many shapes), not a few: neither the first document nor the first that differs is
         shared by `MIN_GROUP` documents. Such a value is rendered by bsonjs (`_rewind`), document
         by document, and the group goes on whole; at the top level, groups split."""
-        if len(group.frames) < 2 or np.count_nonzero(same) >= MIN_GROUP:
+        if len(group.frames) + group.nested < 2 or np.count_nonzero(same) >= MIN_GROUP:
             return False
         other = int(np.argmin(same))
         agree = (values == values[other]).reshape(len(values), -1).all(axis=1)
@@ -808,6 +869,14 @@ def _found(
     if slot is not None:
         what, path, index = slot
         group.values.append(Found(what, path, kind, text, index, uuid))
+
+
+def _grown(frame: _Frame, going: np.ndarray) -> None:
+    """An element walked for the documents `going` only: each one's array length, apart."""
+    if frame.lengths is None:
+        frame.lengths = np.full(len(going), frame.members)
+    frame.lengths[going] += 1
+    frame.members += 1
 
 
 def _go_on_with(group: _Group, kept: _Group) -> None:
