@@ -12,6 +12,8 @@ import datetime
 import os
 import random
 
+import bson
+import bsonjs
 import pytest
 from bson import Binary, Code, Decimal128, Int64, ObjectId, Regex, Timestamp
 from bson.datetime_ms import DatetimeMS
@@ -20,6 +22,7 @@ from bson.min_key import MinKey
 
 from aries_assets.core import doc_text
 from aries_assets.core import schema as s
+from aries_assets.core.arrow import CODEC_OPTIONS
 from aries_assets_tests.test_converter_equivalence import assert_equivalent
 
 UTC = datetime.UTC
@@ -111,3 +114,62 @@ def test_random_documents_walked_one_by_one_convert_alike(seed, monkeypatch):
     monkeypatch.setattr(doc_text, "BUDGET_SHARE", 1e6)
     monkeypatch.setattr(doc_text, "FOUND_UNWALKED_SHARE", 1.0)
     test_random_documents_convert_alike_on_both_paths(seed)
+
+
+def array_element(rng: random.Random, depth: int):
+    """An element of an array: a scalar, a null, a line item (with fields some lack, maybe an
+    array of its own), an array, or `{}`."""
+    roll = rng.random()
+    if roll < 0.5:
+        return scalar(rng) if roll < 0.2 else rng.choice([rng.randint(0, 5), None, "s", 1.5])
+    if depth < 2 and roll < 0.85:
+        item = {"sku": rng.choice(["a", "b"]), "qty": rng.randint(0, 3)}
+        if rng.random() < 0.3:
+            item["gift"] = True
+        if rng.random() < 0.3:
+            item["codes"] = [array_element(rng, depth + 1) for _ in range(rng.randint(0, 3))]
+        return item
+    if depth < 2 and roll < 0.9:
+        return [rng.randint(0, 3) for _ in range(rng.randint(0, 2))]
+    return {}
+
+
+@pytest.mark.parametrize("seed", range(SEEDS))
+def test_random_arrays_of_several_lengths_convert_alike(seed, monkeypatch):
+    """Groups large enough to walk, whose arrays end at different lengths and hold elements of
+    several kinds (`doc_text._Walk._ragged`): scalars, line items that part ways inside, both
+    mixed; the text libbson's and the file the exact path's. With no budget (small documents
+    are libbson's by it), and half with `MIN_GROUP` at 3, so that small parts are walked too."""
+    monkeypatch.setattr(doc_text, "BUDGET_SHARE", 1e6)
+    if seed % 2:
+        monkeypatch.setattr(doc_text, "MIN_GROUP", 3)
+    rng = random.Random(seed)
+    for _ in range(6):
+        style = rng.choice(["scalars", "items", "mixed"])
+        # Arrays of one length (of several types at an element), of several, or some empty.
+        lengths = rng.choice([(3, 3), (1, 6), (0, 6)])
+        odd = rng.choice([0.05, 0.3])  # how often an element is not the common one
+        upto = rng.choice([1, 6])  # at the first element only, or at any
+        documents = []
+        for i in range(rng.choice([60, 300])):
+            length = rng.randint(*lengths)
+            if style == "scalars":
+                values = [
+                    rng.choice([1, None, "a"]) if rng.random() < odd and j < upto else 7
+                    for j in range(length)
+                ]
+            elif style == "items":
+                values = [
+                    {"sku": "s", "qty": j, **({"gift": True} if rng.random() < odd and j < upto else {})}
+                    for j in range(length)
+                ]
+            else:
+                values = [array_element(rng, 0) for _ in range(length)]
+            documents.append({"_id": ObjectId(), "values": values, "n": i, "last": [array_element(rng, 1)]})
+        texts = doc_text.canonical_json([bson_of(d) for d in documents]).to_pylist()
+        assert texts == [bsonjs.dumps(bson_of(d), bsonjs.CANONICAL) for d in documents]
+        assert_equivalent(documents, batch=rng.choice([len(documents), 100]))
+
+
+def bson_of(document: dict) -> bytes:
+    return bson.encode(document, codec_options=CODEC_OPTIONS)
