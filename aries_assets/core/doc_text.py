@@ -520,10 +520,29 @@ class _Walk:
             return None  # an array keyed other than `0`, `1`, ...
         if documents:
             return self._ragged_documents(group, frame, going, key)
+        left = len(self.by_bsonjs), len(self.exact)
         slot = (ELEMENT, frame.path, frame.members) if self.hold and frame.path is not None else None
-        prefix = ", " if frame.members else ""
-        if not self._apart(group, kind, going, 1 + len(key), prefix, None, slot):
-            return None  # some it cannot walk: the group splits
+        texts, order, found = [], [], []
+        pos = group.pos.copy()
+        for element_kind in kinds:
+            rows = kind == element_kind
+            at = np.flatnonzero(rows)
+            element = _Group(group.rows[at], group.pos[at] + 1 + len(key), [])
+            walked = self._value(element, element_kind, ", " if frame.members else "", None, slot)
+            if not walked or len(element.rows) != len(at):
+                del self.by_bsonjs[left[0] :], self.exact[left[1] :]  # some it cannot walk: split
+                return None
+            texts.append(_joined(element.pieces, len(at)))
+            order.append(at)
+            for value in element.values:
+                value.rows = rows
+                found.append(value)
+            pos[at] = element.pos
+        index = np.full(len(group.rows), count)  # where an array ended: no text
+        index[np.concatenate(order)] = np.arange(count)
+        group.pieces.append(pa.concat_arrays([*texts, _NOTHING]).take(pa.array(index)))
+        group.values += found
+        group.pos = pos
         _grown(frame, going)
         frame.others = True  # documents later in these arrays: the exact path's (`_hold_array`)
         return True
@@ -555,60 +574,49 @@ class _Walk:
             after = self._element(self._past(int(at[rows[0]]) + 2 + len(held[1]), int(kind[rows[0]])))
             if after is None or not self._named(at[~holders], after).all():
                 continue  # the others are not where the first that has it is after it: not that
-            if self._field_walked(group, frame, holders, held):
+            if self._field_walked(group, frame, holders, kinds, held):
                 return True
         return False
 
-    def _field_walked(self, group: _Group, frame: _Frame, holders: np.ndarray, held: tuple) -> bool:
+    def _field_walked(
+        self, group: _Group, frame: _Frame, holders: np.ndarray, kinds: list[int], held: tuple
+    ) -> bool:
         """`_optional`'s field walked for the documents `holders`, if the others are where those are
         after it; else nothing changes and False."""
         _, key, key_text = held
+        kind, at = self.buf[group.pos], group.pos
         path = None if frame.path is None else (*frame.path, key.decode())
         slot = (VALUE, path, 0) if self.hold and path is not None else None
-        before = group.pos, len(group.pieces), len(group.values)
-        if not self._apart(
-            group, self.buf[group.pos], holders, 2 + len(key), f', "{key_text}" : ', path, slot
-        ):
-            return False
-        after = self._element(int(group.pos[np.argmax(holders)]))
-        if after is None or not self._named(group.pos, after).all():  # not one field the others lack
-            group.pos = before[0]
-            del group.pieces[before[1] :], group.values[before[2] :]
-            return False
-        if key in frame.keys:  # a key twice: decoded, the exact path keeps the last only
-            self.exact.append(group.rows[holders])
-        frame.keys.add(key)
-        return True
-
-    def _apart(
-        self, group: _Group, kind: np.ndarray, going: np.ndarray, skip: int, prefix: str, path, slot
-    ) -> bool:
-        """A value (an array's element, a field) walked for the documents `going` only, those of
-        each BSON type (`kind`) apart, `skip` bytes past where each is now: one piece of the group
-        (no text for the others), its values found for those documents (`Found.rows`), and
-        each one past it. False, and nothing changed, where some it cannot walk."""
         left = len(self.by_bsonjs), len(self.exact)
-        texts, order, found, pos = [], [], [], group.pos.copy()
-        for value_kind in np.unique(kind[going]).tolist():
-            rows = going & (kind == value_kind)
-            at = np.flatnonzero(rows)
-            value = _Group(group.rows[at], group.pos[at] + skip, [])
-            if not self._value(value, value_kind, prefix, path, slot) or len(value.rows) != len(at):
-                del self.by_bsonjs[left[0] :], self.exact[left[1] :]
-                return False
-            texts.append(_joined(value.pieces, len(at)))
-            order.append(at)
-            for item in value.values:
-                item.rows = rows
-                found.append(item)
-            pos[at] = value.pos
-        count = sum(map(len, order))
-        index = np.full(len(group.rows), count)  # where the others are: no text
-        index[np.concatenate(order)] = np.arange(count)
-        group.pieces.append(pa.concat_arrays([*texts, _NOTHING]).take(pa.array(index)))
-        group.values += found
-        group.pos = pos
-        return True
+        texts, order, found, pos = [], [], [], at.copy()
+        for value_kind in kinds:
+            mask = holders & (kind == value_kind)
+            rows = np.flatnonzero(mask)
+            field = _Group(group.rows[rows], at[rows] + 2 + len(key), [])
+            walked = self._value(field, value_kind, f', "{key_text}" : ', path, slot)
+            if not walked or len(field.rows) != len(rows):
+                break
+            texts.append(_joined(field.pieces, len(rows)))
+            order.append(rows)
+            for value in field.values:
+                value.rows = mask
+                found.append(value)
+            pos[rows] = field.pos
+        else:
+            after = self._element(int(pos[order[0][0]]))
+            if after is not None and self._named(pos, after).all():  # all at one element again
+                count = int(np.count_nonzero(holders))
+                index = np.full(len(group.rows), count)  # where the field is missing: no text
+                index[np.concatenate(order)] = np.arange(count)
+                group.pieces.append(pa.concat_arrays([*texts, _NOTHING]).take(pa.array(index)))
+                group.values += found
+                if key in frame.keys:  # a key twice: decoded, the exact path keeps the last only
+                    self.exact.append(group.rows[holders])
+                frame.keys.add(key)
+                group.pos = pos
+                return True
+        del self.by_bsonjs[left[0] :], self.exact[left[1] :]  # not a field the others lack
+        return False
 
     def _past(self, at: int, kind: int) -> int:
         """Where one document's value of this type (a scalar of `_RAGGED_KINDS`) at `at` ends."""
