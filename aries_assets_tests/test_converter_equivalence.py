@@ -1033,14 +1033,3 @@ def test_arrays_of_documents_walked_as_one_group_are_held_whole_as_the_exact_pat
     # group splits as before, into groups too small to walk.
     assert columnar == len(documents) - 54
     assert_equivalent(documents, batch=100)
-
-
-def test_fields_some_documents_lack_walked_as_one_group_are_the_exact_paths():
-    """Fields some documents lack, read for those documents only, are missing (not null) in the
-    others, as the exact path has them; a null stays a null."""
-    from aries_assets_tests.test_doc_text import optional_fields
-
-    documents = optional_fields(2000)
-    _, columnar = assert_equivalent(documents, batch=len(documents))
-    assert columnar == len(documents)
-    assert_equivalent(documents, batch=100)

@@ -409,33 +409,3 @@ def test_arrays_of_documents_of_several_lengths_do_not_split_their_group(monkeyp
     raws = encoded(documents)
     assert sorted(rendered_by_libbson(raws, monkeypatch)) == sorted(raws[1:100:10])
     assert [len(rows) for rows, _ in doc_text.render(raws).found] == [1490]
-
-
-def optional_fields(count: int, seed: int = 10) -> list[dict]:
-    """Events with fields some documents lack (`active` in the middle, `deleted` at the end, a
-    nullable `phone`), as customers' records have."""
-    rng = random.Random(seed)
-    documents = []
-    for d in events(count):
-        record = {"_id": d.pop("_id"), "type": d.pop("type")}
-        if rng.random() < 0.3:
-            record["active"] = rng.random() < 0.5
-        record.update(d)
-        if rng.random() < 0.2:
-            record["phone"] = rng.choice([None, f"+1-555-{rng.randint(1000, 9999)}"])
-        record["after"] = 1
-        if rng.random() < 0.1:
-            record["deleted"] = datetime.datetime(2026, 2, 1, tzinfo=UTC)
-        documents.append(record)
-    documents[-1].pop("deleted", None)  # the chunk's last byte: the end of one that lacks it
-    documents[0]["deleted"] = documents[-2]["deleted"] = datetime.datetime(2026, 2, 1, tzinfo=UTC)
-    return documents
-
-
-def test_a_field_some_documents_lack_does_not_split_their_group(monkeypatch):
-    """A scalar field some documents lack, between two fields all have, or after the last: walked
-    for the documents that have it while the others wait, one group (a split per pattern of
-    optional fields walked every field after them again, and made 2^n groups)."""
-    raws = encoded(optional_fields(2000))
-    assert rendered_by_libbson(raws, monkeypatch) == []
-    assert [len(rows) for rows, _ in doc_text.render(raws).found] == [2000]

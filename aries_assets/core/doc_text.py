@@ -372,8 +372,6 @@ class _Walk:
                 return None
             kind = buf[group.pos]
             same = kind == kind[0]
-            if not same.all() and not group.frames[-1].is_array and self._optional(group, kind):
-                continue
             if not same.all() or (kind[0] == _DOCUMENT and group.frames[-1].is_array):
                 ragged = self._ragged(group, kind)
                 if ragged is not None:
@@ -416,8 +414,6 @@ class _Walk:
                 self.by_bsonjs.append(group.rows)
                 return None
             same = self._equal(key_at, key + b"\x00")
-            if not same.all() and not frame.is_array and self._optional(group, kind):
-                continue
             if (
                 not same.all()
                 and not frame.is_array
@@ -546,105 +542,6 @@ class _Walk:
         _grown(frame, going)
         frame.others = True  # documents later in these arrays: the exact path's (`_hold_array`)
         return True
-
-    def _optional(self, group: _Group, kind: np.ndarray) -> bool:
-        """A scalar field some of a record's documents lack (`active` in some customers): walked for
-        those that have it, type by type, while the others wait, so the group stays whole, as
-        `_ragged` does for arrays. It is one where the documents part ways at an element, the
-        others all at one same next element (or the record's end), and the field's, once walked,
-        is that one. False where it is not such a field: the walk splits the group as before."""
-        frame = group.frames[-1]
-        if not frame.members or len(group.rows) < MIN_GROUP:
-            return False
-        at = group.pos
-        first = self._element(int(at[0]))
-        if first is None:
-            return False
-        agree = self._named(at, first)
-        if agree.all():
-            return False  # one field of several types: not one some lack
-        for holders in sorted((agree, ~agree), key=np.count_nonzero):  # the fewer: likelier the one
-            rows = np.flatnonzero(holders)
-            held = first if holders[0] else self._element(int(at[rows[0]]))
-            if held is None or not held[0] or not self._named(at[rows], held).all():
-                continue
-            kinds = np.unique(kind[rows]).tolist()
-            if not _RAGGED_KINDS.issuperset(kinds):
-                continue
-            after = self._element(self._past(int(at[rows[0]]) + 2 + len(held[1]), int(kind[rows[0]])))
-            if after is None or not self._named(at[~holders], after).all():
-                continue  # the others are not where the first that has it is after it: not that
-            if self._field_walked(group, frame, holders, kinds, held):
-                return True
-        return False
-
-    def _field_walked(
-        self, group: _Group, frame: _Frame, holders: np.ndarray, kinds: list[int], held: tuple
-    ) -> bool:
-        """`_optional`'s field walked for the documents `holders`, if the others are where those are
-        after it; else nothing changes and False."""
-        _, key, key_text = held
-        kind, at = self.buf[group.pos], group.pos
-        path = None if frame.path is None else (*frame.path, key.decode())
-        slot = (VALUE, path, 0) if self.hold and path is not None else None
-        left = len(self.by_bsonjs), len(self.exact)
-        texts, order, found, pos = [], [], [], at.copy()
-        for value_kind in kinds:
-            mask = holders & (kind == value_kind)
-            rows = np.flatnonzero(mask)
-            field = _Group(group.rows[rows], at[rows] + 2 + len(key), [])
-            walked = self._value(field, value_kind, f', "{key_text}" : ', path, slot)
-            if not walked or len(field.rows) != len(rows):
-                break
-            texts.append(_joined(field.pieces, len(rows)))
-            order.append(rows)
-            for value in field.values:
-                value.rows = mask
-                found.append(value)
-            pos[rows] = field.pos
-        else:
-            after = self._element(int(pos[order[0][0]]))
-            if after is not None and self._named(pos, after).all():  # all at one element again
-                count = int(np.count_nonzero(holders))
-                index = np.full(len(group.rows), count)  # where the field is missing: no text
-                index[np.concatenate(order)] = np.arange(count)
-                group.pieces.append(pa.concat_arrays([*texts, _NOTHING]).take(pa.array(index)))
-                group.values += found
-                if key in frame.keys:  # a key twice: decoded, the exact path keeps the last only
-                    self.exact.append(group.rows[holders])
-                frame.keys.add(key)
-                group.pos = pos
-                return True
-        del self.by_bsonjs[left[0] :], self.exact[left[1] :]  # not a field the others lack
-        return False
-
-    def _past(self, at: int, kind: int) -> int:
-        """Where one document's value of this type (a scalar of `_RAGGED_KINDS`) at `at` ends."""
-        width = _FIXED_WIDTH.get(kind)
-        if width is not None:
-            return at + width
-        size = int(self.buf[at : at + 4].view("<i4")[0])
-        return at + 4 + size + (kind == _BINARY)  # a string's size counts its zero; a binary has a subtype
-
-    def _element(self, at: int) -> tuple[int, bytes, str] | None:
-        """The element at `at` of one document: its BSON type, key and key's text (`_key`); at a
-        document's end, type 0 and no key. None for a key that is not UTF-8."""
-        kind = int(self.buf[at])
-        if not kind:
-            return 0, b"", ""
-        key, text = self._key(at + 1)
-        return None if key is None else (kind, key, text)
-
-    def _named(self, at: np.ndarray, element: tuple[int, bytes, str]) -> np.ndarray:
-        """Which documents' elements at `at` have this key (whatever their type); at a document's
-        end, which are at theirs."""
-        kind, key, _ = element
-        if not kind:
-            return self.buf[at] == 0
-        named = np.zeros(len(at), bool)  # not read past the chunk's end (a last document's end)
-        rows = np.flatnonzero((self.buf[at] != 0) & (at + 2 + len(key) <= len(self.buf)))
-        named[rows] = self._equal(at[rows] + 1, key + b"\x00")
-        return named
 
     def _ragged_documents(self, group: _Group, frame: _Frame, going: np.ndarray, key: bytes) -> bool:
         """`_ragged` for an array of documents (line items): the next document is walked whole, by
