@@ -760,6 +760,38 @@ def test_a_bucket_converts_in_even_chunks_of_an_eighth_of_it(tmp_path, monkeypat
         assert comparable(table.column(name)) == comparable(exact.column(name)), name
 
 
+def test_a_few_refused_documents_do_not_cut_the_chunks_after_them(monkeypatch):
+    """A chunk whose documents took both paths holds the columnar parse of some beside the Python
+    objects of the others: after one where those weigh much, chunks are cut smaller. One refused
+    document in a chunk (a map beside arrays, as in most messy collections) weighs nothing, and
+    halving every chunk after it cost a fifth of the conversion speed."""
+    from aries_assets.core import arrow
+
+    monkeypatch.setattr(arrow, "SPLIT_CHUNK_BYTES", 32 * 1024)
+
+    def chunked(every: int) -> tuple[int, int]:
+        documents = [
+            dict(d, mixed=[1, {"a": i}]) if i % every == 0 else d for i, d in enumerate(events(3_000))
+        ]
+        raws = [bson.encode(d, codec_options=CODEC_OPTIONS) for d in documents]
+        batches = list(BucketConverter(DEFAULTS, chunk_bytes=64 * 1024).chunks(raws))
+        rows = [
+            len(b.rows)
+            if isinstance(b, SplitBatch)
+            else b.rows
+            if isinstance(b, ColumnarBatch)
+            else len(b.ids)
+            for b in batches
+        ]
+        assert sum(rows) == len(raws) and any(isinstance(b, SplitBatch) for b in batches)
+        return len(batches), sum(map(len, raws))
+
+    chunks, size = chunked(every=250)  # one refused document in a chunk of about 280
+    assert chunks <= size // (64 * 1024) + 2, "only the first chunk is cut smaller"
+    chunks, size = chunked(every=2)  # half of each chunk refused
+    assert chunks >= size // (32 * 1024) - 1, "each chunk after the first mixed one is cut smaller"
+
+
 def test_a_document_larger_than_a_chunk_is_a_chunk_of_its_own(tmp_path):
     """A 2 MB document takes its own chunk, so its copies (BSON, `_doc`, its column, Parquet pages)
     are not held beside a chunk of others' too; the documents around it keep their order."""
