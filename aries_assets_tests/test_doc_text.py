@@ -264,6 +264,52 @@ def test_maps_escaped_keys_and_strings_go_to_libbson_value_by_value(monkeypatch)
     assert {next(iter(k)) for k in keys} == {'say "what"', "tab\there"}  # each escaped key, once a group
 
 
+def test_maps_are_walked_element_by_element_their_documents_and_arrays_by_libbson(monkeypatch):
+    """A map (keys that differ from document to document) is rendered element by element for all
+    its documents at once: its scalars of any type by the walk, a document or an array in it by
+    libbson alone. Empty maps, maps of one to eight elements and a key twice are walked too; a map
+    with a key libbson escapes, or longer than `MAP_ELEMENTS`, is libbson's whole, as before."""
+    rng = random.Random(11)
+    scalars = [
+        lambda: rng.random(),
+        lambda: rng.randint(-5, 5),
+        lambda: Int64(rng.randint(0, 2**40)),
+        lambda: f"s{rng.randint(0, 9)}",
+        lambda: None,
+        lambda: rng.random() < 0.5,
+        lambda: Decimal128(f"{rng.randint(0, 999)}.{rng.randint(0, 99)}"),
+        lambda: datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC),
+        lambda: ObjectId(),
+        lambda: Binary(bytes(rng.getrandbits(8) for _ in range(16)), 4),
+    ]
+    documents = []
+    for i in range(150):  # each type first in fewer than `MIN_GROUP` maps: the group stays whole
+        scores = {f"{rng.getrandbits(64):016x}": rng.choice(scalars)() for _ in range(rng.randint(0, 8))}
+        tiers = {f"{rng.getrandbits(32):08x}": {"tier": "gold", "n": i} for _ in range(rng.randint(1, 2))}
+        tiers["list"] = [i, "x"]
+        documents.append({"_id": i, "scores": scores, "tiers": tiers})
+    raws = encoded(documents)
+    rendered = rendered_by_libbson(raws, monkeypatch)
+    values = [bson.decode(r)[""] for r in rendered]  # values alone: no whole document
+    assert {type(v) for v in values} == {dict, list}
+    assert all(set(v) == {"tier", "n"} for v in values if isinstance(v, dict)), "no map, only its documents"
+    assert len(values) == sum(len(d["tiers"]) for d in documents)
+    twice = [  # a key twice in each map: `{ "k" : 1, "k" : 2 }`, as libbson writes it
+        raw_document(
+            bson.encode({"_id": i})[4:-1]
+            + b"\x03m\x00"
+            + raw_document(b"".join(b"\x10%08x\x00" % i + struct.pack("<i", n) for n in (1, 2)))
+        )
+        for i in range(100)
+    ]
+    assert_libbsons(twice)
+    long = encoded(
+        [{"_id": i, "m": {f"k{i}-{j}": j for j in range(doc_text.MAP_ELEMENTS + 1)}} for i in range(100)]
+    )
+    whole = [bson.decode(r) for r in rendered_by_libbson(long, monkeypatch)]
+    assert sum(len(d.get("", ())) == doc_text.MAP_ELEMENTS + 1 for d in whole) == 100, "libbson's whole"
+
+
 def test_values_of_literal_text_only_then_a_split():
     """An array of empty documents held whole, and empty binaries, are the same text in every
     document; the group splitting after them (a string here, an int there) still renders each."""

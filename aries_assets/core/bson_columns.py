@@ -35,7 +35,6 @@ the exact path.
 from __future__ import annotations
 
 import base64
-import itertools
 import json
 import re
 from collections import Counter
@@ -59,6 +58,7 @@ from aries_assets.core import schema as s
 from aries_assets.core.doc_text import (
     BASE64_ALPHABET,
     Found,
+    MapKeys,
     Rendered,
     Whole,
     hex_digits,
@@ -490,18 +490,19 @@ def _takes_whole(whole: Whole, options: s.SchemaOptions, known_maps: set[s.Path]
     return looks_like_maps(whole.keys)
 
 
-def looks_like_maps(keys: list[list[str]]) -> np.ndarray:
+def looks_like_maps(keys: MapKeys | list[list[str]]) -> np.ndarray:
     """`schema.looks_like_map` of each document's keys, the keys matched by Arrow at once. Keys
     not ASCII, or with a newline, are matched by Python's `re` (whose `\\d` takes any Unicode
     digit, and whose `$` matches before a final newline): the same answer as the exact path's."""
-    lengths = np.fromiter(map(len, keys), np.int64, len(keys))
-    flat = pa.array(itertools.chain.from_iterable(keys), pa.string())
+    if not isinstance(keys, MapKeys):
+        keys = MapKeys.of(keys)
+    flat, lengths = keys.flat, keys.lengths
     data_like = pc.fill_null(pc.match_substring_regex(flat, s._DATA_KEY.pattern), False)
     data_like = data_like.to_numpy(zero_copy_only=False)
     plain = pc.and_(pc.string_is_ascii(flat), pc.invert(pc.match_substring(flat, "\n")))
     for at in np.flatnonzero(~plain.to_numpy(zero_copy_only=False)).tolist():
         data_like[at] = s._DATA_KEY.match(flat[at].as_py()) is not None
-    counts = np.bincount(np.repeat(np.arange(len(keys)), lengths), data_like, len(keys))
+    counts = np.bincount(np.repeat(np.arange(len(lengths)), lengths), data_like, len(lengths))
     return (lengths > 0) & (counts * 2 >= lengths)
 
 

@@ -73,6 +73,8 @@ _INT32, _INT64, _DECIMAL = 16, 18, 19
 _FIXED_WIDTH = {_DOUBLE: 8, _OBJECTID: 12, _BOOL: 1, _DATE: 8, _NULL: 0, _INT32: 4, _INT64: 8, _DECIMAL: 16}
 _RAGGED_KINDS = {*_FIXED_WIDTH, _STRING, _BINARY}  # elements `_Walk._ragged` walks for some documents
 _NOTHING = pa.array([b""], pa.binary())
+# A map (`_Walk._map`) is walked element by element up to this many; a longer one, bsonjs renders.
+MAP_ELEMENTS = 64
 BASE64_ALPHABET = np.frombuffer(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/", np.uint8)
 _VALUE_HEAD = struct.Struct("<iBx")  # a document's length, then its one element's type and empty key
 _OLD_BINARY = 2  # a binary subtype that nests its own length, which libbson reads its own way
@@ -99,7 +101,7 @@ class Whole:
     text: pa.BinaryArray  # each value's canonical text, as in `_doc`
     documents: np.ndarray | None = None
     nulls: np.ndarray | None = None
-    keys: list[list[str]] | None = None
+    keys: MapKeys | None = None
     rows: np.ndarray | None = None  # the documents' rows in the chunk, once their group is walked
 
     def filter(self, mask: pa.BooleanArray) -> Whole:
@@ -110,9 +112,25 @@ class Whole:
             self.text.filter(mask),
             None if self.documents is None else self.documents[keep],
             None if self.nulls is None else self.nulls[keep],
-            None if self.keys is None else list(itertools.compress(self.keys, keep)),
+            None if self.keys is None else self.keys.filter(keep),
             self.rows,
         )
+
+
+@dataclass
+class MapKeys:
+    """Each map's keys (`Whole.keys`): all of them in one array, map after map, and how many each has."""
+
+    flat: pa.StringArray
+    lengths: np.ndarray
+
+    @staticmethod
+    def of(keys: list[list[str]]) -> MapKeys:
+        flat = pa.array(itertools.chain.from_iterable(keys), pa.string())
+        return MapKeys(flat, np.fromiter(map(len, keys), np.int64, len(keys)))
+
+    def filter(self, keep: np.ndarray) -> MapKeys:
+        return MapKeys(self.flat.filter(pa.array(np.repeat(keep, self.lengths))), self.lengths[keep])
 
 
 # What a `Found` says of its group's documents at its path.
@@ -318,6 +336,7 @@ class _Walk:
         self.exact: list[np.ndarray] = []  # rows only the exact path can take (`Rendered.exact`)
         self.groups = 1
         self._windows: dict[int, np.ndarray] = {}
+        self._zero_at: np.ndarray | None = None
 
     def run(self, first: _Group) -> list[_Group]:
         done: list[_Group] = []
@@ -626,16 +645,24 @@ class _Walk:
         size = self._fixed(frame.start, 4).view("<i4").ravel().astype(np.int64)
         kind = _ARRAY if frame.is_array else _DOCUMENT
         values: list | None = [] if frame.path is not None and self.hold else None
-        text = self._by_bsonjs(kind, frame.start, size, values)
+        mapped = None
+        if not frame.is_array and len(group.rows) >= MIN_GROUP:
+            mapped = self._map(group.rows, frame.start, size, values is not None)
+        text = mapped[0] if mapped is not None else self._by_bsonjs(kind, frame.start, size, values)
         group.pos = frame.start + size
         if values is None:
             group.pieces.append(text)
             return
         self.exact.append(group.rows[_unreadable(text)])
         if not frame.is_array:  # a map, likely: the columnar path tells by its keys
-            keys = [list(v) if type(v) is dict else None for v in values]
-            self.exact.append(group.rows[[k is None for k in keys]])
-            group.pieces.append(Whole(frame.path, False, text, keys=[k or [] for k in keys]))
+            if mapped is not None:
+                keys, exact = mapped[1], mapped[2]
+            else:
+                decoded = [list(v) if type(v) is dict else None for v in values]
+                keys = MapKeys.of([k or [] for k in decoded])
+                exact = np.array([k is None for k in decoded], bool)
+            self.exact.append(group.rows[exact])
+            group.pieces.append(Whole(frame.path, False, text, keys=keys))
             return
         values = [v if type(v) is list else [0] for v in values]
         documents = np.array([sum(type(e) is dict for e in v) for v in values], np.int64)
@@ -666,6 +693,101 @@ class _Walk:
             values += _all_decoded(alone, raws)
         texts = pa.array(map(bsonjs.dumps, raws, itertools.repeat(bsonjs.CANONICAL)), pa.string())
         return pc.binary_slice(texts.view(pa.binary()), 7, -2)  # `{ "" : <value> }`
+
+    def _map(
+        self, rows: np.ndarray, starts: np.ndarray, sizes: np.ndarray, keyed: bool
+    ) -> tuple[pa.BinaryArray, MapKeys | None, np.ndarray] | None:
+        """Documents whose keys part many ways (a map: scores keyed by id), rendered element by
+        element for all of them at once: the first element of each, then the second of those that
+        have one, and so on; each element's key by Arrow, its value by the walk's own renderers
+        (a document or an array in it by bsonjs). bsonjs took a few microseconds per map, most of
+        it writing doubles. Returns each one's text, with `keyed` its keys, and which ones only
+        the exact path takes (a key twice: decoded, the last one wins; a value that does not
+        decode back). None where a key is escaped or not UTF-8, a value of a type the walk leaves
+        to bsonjs, a map longer than `MAP_ELEMENTS`, or the budget is spent: bsonjs renders them."""
+        count = len(starts)
+        pos, ends = starts + 4, starts + sizes - 1
+        left = len(self.by_bsonjs), len(self.exact)
+        zeros = self._zeros()
+        exact = np.zeros(count, bool)
+        element_rows: list[np.ndarray] = []
+        element_texts: list[pa.BinaryArray] = []
+        element_keys: list[pa.BinaryArray] = []
+        active = np.flatnonzero(pos < ends)
+        while len(active):
+            self.budget_ns -= STEP_NS + STEP_NS_PER_DOCUMENT * len(active)
+            if len(element_rows) == MAP_ELEMENTS or self.budget_ns <= 0:
+                return None
+            at = pos[active]
+            kind = self.buf[at]
+            key_end = zeros[np.searchsorted(zeros, at + 1)]
+            key = _gather(self.buf, at + 1, key_end - at - 1)
+            if _escaped(np.frombuffer(key.buffers()[2] or b"", np.uint8)).any():
+                return None  # a key libbson escapes: `_key` does that one by one
+            try:
+                key.view(pa.string()).validate(full=True)
+            except pa.ArrowInvalid:
+                return None  # a key that is not UTF-8
+            value_at = key_end + 1
+            texts, order, after = [], [], np.empty(len(active), np.int64)
+            for value_kind in np.unique(kind).tolist():
+                these = np.flatnonzero(kind == value_kind)
+                if value_kind in (_DOCUMENT, _ARRAY):
+                    size = self._fixed(value_at[these], 4).view("<i4").ravel().astype(np.int64)
+                    decoded: list | None = [] if keyed else None
+                    texts.append(self._by_bsonjs(value_kind, value_at[these], size, decoded))
+                    if decoded is not None:
+                        exact[active[these[np.array([v is None for v in decoded], bool)]]] = True
+                    after[these] = value_at[these] + size
+                    order.append(these)
+                    continue
+                value = _Group(rows[active[these]], value_at[these], [])
+                if not _RAGGED_KINDS.issuperset([value_kind]) or not self._value(value, value_kind, ""):
+                    del self.by_bsonjs[left[0] :], self.exact[left[1] :]
+                    return None
+                if len(value.rows) != len(these):  # some it left to bsonjs (a string not UTF-8)
+                    del self.by_bsonjs[left[0] :], self.exact[left[1] :]
+                    return None
+                texts.append(_joined(value.pieces, len(these)))
+                after[these] = value.pos
+                order.append(these)
+            value_text = pa.concat_arrays(texts).take(pa.array(np.argsort(np.concatenate(order))))
+            element_texts.append(pc.binary_join_element_wise(b'"', key, b'" : ', value_text, b""))
+            element_keys.append(key)
+            element_rows.append(active)
+            pos[active] = after
+            active = active[pos[active] < ends[active]]
+        counts = np.zeros(count, np.int64)
+        offsets = np.zeros(count + 1, np.int32)
+        if element_rows:
+            every = np.concatenate(element_rows)
+            counts = np.bincount(every, minlength=count)
+            np.cumsum(counts, out=offsets[1:])
+            # Elements in each map's order: by map, then by step (a stable sort keeps the steps' order).
+            by_map = pa.array(np.argsort(every, kind="stable"))
+            elements = pa.concat_arrays(element_texts).take(by_map)
+            joined = pc.binary_join(pa.ListArray.from_arrays(pa.array(offsets), elements), b", ")
+        else:
+            joined = pa.array(np.full(count, b""), pa.binary())
+        text = pc.binary_join_element_wise(b"{ ", joined, b" }", b"")  # an empty one too: `{  }`
+        if not keyed:
+            return text, None, exact
+        if not element_rows:
+            return text, MapKeys(pa.array([], pa.string()), counts), exact
+        flat = pa.concat_arrays(element_keys).take(by_map).view(pa.string())
+        # A key twice in a map: each (map, key) pair as one number, sorted; equal neighbours.
+        encoded = flat.dictionary_encode()
+        pairs = np.repeat(np.arange(count), counts) * len(encoded.dictionary)
+        pairs += encoded.indices.to_numpy().astype(np.int64)
+        pairs.sort()
+        exact[pairs[1:][pairs[1:] == pairs[:-1]] // len(encoded.dictionary)] = True
+        return text, MapKeys(flat, counts), exact
+
+    def _zeros(self) -> np.ndarray:
+        """Where the chunk's zero bytes are, for the end of each key (`_map`)."""
+        if self._zero_at is None:
+            self._zero_at = np.flatnonzero(self.buf == 0)
+        return self._zero_at
 
     def _key(self, at: int) -> tuple[bytes | None, str]:
         """The key at `at` and its text as libbson writes it (escaped: as bsonjs does); None for
