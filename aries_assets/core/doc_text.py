@@ -336,7 +336,6 @@ class _Walk:
         self.exact: list[np.ndarray] = []  # rows only the exact path can take (`Rendered.exact`)
         self.groups = 1
         self._windows: dict[int, np.ndarray] = {}
-        self._zero_at: np.ndarray | None = None
 
     def run(self, first: _Group) -> list[_Group]:
         done: list[_Group] = []
@@ -708,7 +707,12 @@ class _Walk:
         count = len(starts)
         pos, ends = starts + 4, starts + sizes - 1
         left = len(self.by_bsonjs), len(self.exact)
-        zeros = self._zeros()
+        # Where each key ends: the maps' bytes, one after another, and their zero bytes (the
+        # chunk's own would be a quarter of its bytes, in 8-byte positions).
+        together = _gather(self.buf, starts, sizes)
+        zeros = np.flatnonzero(np.frombuffer(together.buffers()[2], np.uint8) == 0)
+        shift = np.cumsum(sizes) - sizes - starts  # a map's offset among them, less its own in the chunk
+        del together
         exact = np.zeros(count, bool)
         element_rows: list[np.ndarray] = []
         element_texts: list[pa.BinaryArray] = []
@@ -720,7 +724,7 @@ class _Walk:
                 return None
             at = pos[active]
             kind = self.buf[at]
-            key_end = zeros[np.searchsorted(zeros, at + 1)]
+            key_end = zeros[np.searchsorted(zeros, at + 1 + shift[active])] - shift[active]
             key = _gather(self.buf, at + 1, key_end - at - 1)
             if _escaped(np.frombuffer(key.buffers()[2] or b"", np.uint8)).any():
                 return None  # a key libbson escapes: `_key` does that one by one
@@ -782,12 +786,6 @@ class _Walk:
         pairs.sort()
         exact[pairs[1:][pairs[1:] == pairs[:-1]] // len(encoded.dictionary)] = True
         return text, MapKeys(flat, counts), exact
-
-    def _zeros(self) -> np.ndarray:
-        """Where the chunk's zero bytes are, for the end of each key (`_map`)."""
-        if self._zero_at is None:
-            self._zero_at = np.flatnonzero(self.buf == 0)
-        return self._zero_at
 
     def _key(self, at: int) -> tuple[bytes | None, str]:
         """The key at `at` and its text as libbson writes it (escaped: as bsonjs does); None for
