@@ -544,8 +544,7 @@ class _Walk:
             element = _Group(group.rows[at], group.pos[at] + 1 + len(key), [])
             walked = self._value(element, element_kind, ", " if frame.members else "", None, slot)
             if not walked or len(element.rows) != len(at):
-                del self.by_bsonjs[left[0] :], self.exact[left[1] :]  # some it cannot walk: split
-                return None
+                return self._undone(left)  # some it cannot walk: split
             texts.append(_joined(element.pieces, len(at)))
             order.append(at)
             for value in element.values:
@@ -721,17 +720,17 @@ class _Walk:
         while len(active):
             self.budget_ns -= STEP_NS + STEP_NS_PER_DOCUMENT * len(active)
             if len(element_rows) == MAP_ELEMENTS or self.budget_ns <= 0:
-                return None
+                return self._undone(left)
             at = pos[active]
             kind = self.buf[at]
             key_end = zeros[np.searchsorted(zeros, at + 1 + shift[active])] - shift[active]
             key = _gather(self.buf, at + 1, key_end - at - 1)
             if _escaped(np.frombuffer(key.buffers()[2] or b"", np.uint8)).any():
-                return None  # a key libbson escapes: `_key` does that one by one
+                return self._undone(left)  # a key libbson escapes: `_key` does that one by one
             try:
                 key.view(pa.string()).validate(full=True)
             except pa.ArrowInvalid:
-                return None  # a key that is not UTF-8
+                return self._undone(left)  # a key that is not UTF-8
             value_at = key_end + 1
             texts, order, after = [], [], np.empty(len(active), np.int64)
             for value_kind in np.unique(kind).tolist():
@@ -747,11 +746,9 @@ class _Walk:
                     continue
                 value = _Group(rows[active[these]], value_at[these], [])
                 if not _RAGGED_KINDS.issuperset([value_kind]) or not self._value(value, value_kind, ""):
-                    del self.by_bsonjs[left[0] :], self.exact[left[1] :]
-                    return None
+                    return self._undone(left)
                 if len(value.rows) != len(these):  # some it left to bsonjs (a string not UTF-8)
-                    del self.by_bsonjs[left[0] :], self.exact[left[1] :]
-                    return None
+                    return self._undone(left)
                 texts.append(_joined(value.pieces, len(these)))
                 after[these] = value.pos
                 order.append(these)
@@ -786,6 +783,11 @@ class _Walk:
         pairs.sort()
         exact[pairs[1:][pairs[1:] == pairs[:-1]] // len(encoded.dictionary)] = True
         return text, MapKeys(flat, counts), exact
+
+    def _undone(self, left: tuple[int, int]) -> None:
+        """Forget the documents a walk of values sent to bsonjs or to the exact path since `left`
+        (their counts then): bsonjs renders the values whole instead."""
+        del self.by_bsonjs[left[0] :], self.exact[left[1] :]
 
     def _key(self, at: int) -> tuple[bytes | None, str]:
         """The key at `at` and its text as libbson writes it (escaped: as bsonjs does); None for
