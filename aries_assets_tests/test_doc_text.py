@@ -310,6 +310,19 @@ def test_maps_are_walked_element_by_element_their_documents_and_arrays_by_libbso
     assert sum(len(d.get("", ())) == doc_text.MAP_ELEMENTS + 1 for d in whole) == 100, "libbson's whole"
 
 
+def test_a_short_last_key_at_the_end_of_a_chunk_keeps_the_chunk_walked():
+    """The key each document holds at a step is compared with the first document's in windows of
+    that key's length. The chunk's last document, ending in a shorter key, ran such a window past
+    the chunk's end, and the whole chunk went to libbson and the exact path. It takes only its own
+    way now."""
+    documents = [{"_id": i, "n": i, "a_rather_long_key_name": 1} for i in range(200)]
+    documents.append({"_id": 200, "n": 1, "b": 1})
+    raws = encoded(documents)
+    rendered = doc_text.render(raws)
+    assert rendered.found is not None and len(rendered.unwalked) <= 1
+    assert_libbsons(raws)
+
+
 def test_values_of_literal_text_only_then_a_split():
     """An array of empty documents held whole, and empty binaries, are the same text in every
     document; the group splitting after them (a string here, an int there) still renders each."""

@@ -435,7 +435,7 @@ class _Walk:
             if (
                 not same.all()
                 and not frame.is_array
-                and self._diverse(group, same, self._fixed(key_at, len(key) + 1))
+                and self._diverse(group, same, self._window(key_at, len(key) + 1))
             ):
                 self._rewind(group)
                 if not group.frames:  # the value walked was rendered by bsonjs whole
@@ -806,7 +806,20 @@ class _Walk:
         return key.tobytes(), text
 
     def _equal(self, at: np.ndarray, expected: bytes) -> np.ndarray:
-        return (self._fixed(at, len(expected)) == np.frombuffer(expected, np.uint8)).all(axis=1)
+        """Whether the bytes at each offset are `expected`: not where they would run past the
+        chunk's end (a shorter key ending the last document, compared with a longer one)."""
+        width = len(expected)
+        inside = at + width <= len(self.buf)
+        if inside.all():
+            return (self._fixed(at, width) == np.frombuffer(expected, np.uint8)).all(axis=1)
+        equal = np.zeros(len(at), bool)
+        equal[inside] = (self._fixed(at[inside], width) == np.frombuffer(expected, np.uint8)).all(axis=1)
+        return equal
+
+    def _window(self, at: np.ndarray, width: int) -> np.ndarray:
+        """`_fixed`, but where the bytes would run past the chunk's end, the last `width` bytes
+        instead: for comparing keys only (`_diverse`), where those rows are known to differ."""
+        return self._fixed(np.minimum(at, len(self.buf) - width), width)
 
     def _fixed(self, at: np.ndarray, width: int) -> np.ndarray:
         """The `width` bytes at each offset, a row each (one index per row, not per byte)."""
