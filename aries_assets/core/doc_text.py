@@ -551,9 +551,7 @@ class _Walk:
                 value.rows = rows
                 found.append(value)
             pos[at] = element.pos
-        index = np.full(len(group.rows), count)  # where an array ended: no text
-        index[np.concatenate(order)] = np.arange(count)
-        group.pieces.append(pa.concat_arrays([*texts, _NOTHING]).take(pa.array(index)))
+        group.pieces.append(_in_rows(texts, order, len(group.rows)))  # where an array ended: no text
         group.values += found
         group.pos = pos
         _grown(frame, going)
@@ -586,14 +584,13 @@ class _Walk:
             going, frame = going[kept], group.frames[-1]  # the group's own, parted
             if not going.any():
                 return True  # each array left has ended: the walk closes them
-        index = np.full(len(group.rows), np.count_nonzero(going))  # where an array ended: no text
-        texts, pos = [], group.pos.copy()
+        texts, order, pos = [], [], group.pos.copy()
         for done in walked:
             rows = np.searchsorted(group.rows, done.rows)  # a part's documents among the group's
-            index[rows] = np.arange(len(rows)) + sum(map(len, texts))
             texts.append(_joined(done.pieces, len(rows)))
+            order.append(rows)
             pos[rows] = done.pos
-        group.pieces.append(pa.concat_arrays([*texts, _NOTHING]).take(pa.array(index)))
+        group.pieces.append(_in_rows(texts, order, len(group.rows)))  # where an array ended: no text
         if self.hold:  # as `_value` marks a document in an array: the array is held whole, or exact
             group.values.append(Found(EXACT, rows=going))
         group.pos = pos
@@ -752,7 +749,7 @@ class _Walk:
                 texts.append(_joined(value.pieces, len(these)))
                 after[these] = value.pos
                 order.append(these)
-            value_text = pa.concat_arrays(texts).take(pa.array(np.argsort(np.concatenate(order))))
+            value_text = _in_rows(texts, order, len(active))
             element_texts.append(pc.binary_join_element_wise(b'"', key, b'" : ', value_text, b""))
             element_keys.append(key)
             element_rows.append(active)
@@ -1004,6 +1001,17 @@ def _found(
     if slot is not None:
         what, path, index = slot
         group.values.append(Found(what, path, kind, text, index, uuid))
+
+
+def _in_rows(texts: list[pa.BinaryArray], rows: list[np.ndarray], count: int) -> pa.BinaryArray:
+    """Texts walked for parts of `count` documents apart (each element type, each shape), put
+    back in the documents' order: each part's text at its `rows`; empty where no part has one."""
+    index = np.full(count, sum(map(len, texts)))
+    start = 0
+    for text, at in zip(texts, rows, strict=True):
+        index[at] = np.arange(start, start + len(text))
+        start += len(text)
+    return pa.concat_arrays([*texts, _NOTHING]).take(pa.array(index))
 
 
 def _grown(frame: _Frame, going: np.ndarray) -> None:
