@@ -7,12 +7,14 @@ import json
 import random
 import re
 import struct
+import tracemalloc
 import uuid
 from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
 
 import bson
+import bsonjs
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -808,6 +810,28 @@ def test_a_document_larger_than_a_chunk_is_a_chunk_of_its_own(tmp_path):
     converted, table, _ = streamed(documents, tmp_path, "bucket")
     assert table.column("_id").to_pylist() == [str(d["_id"]) for d in documents]
     assert table.column("blob").to_pylist()[2_500] == documents[2_500]["blob"]
+
+
+def test_a_long_string_is_tested_a_block_at_a_time_not_copied_whole(tmp_path):
+    """The walk's byte tests on a string (escapes, wrapper keys, UTF-8) and its statistics work a
+    block at a time: NumPy and Python hold no copy of a 4 MB string's bytes beside it (they held
+    five, which left a small bucket with a large document at four times its BSON)."""
+    blob = "x" * (4 * 1024 * 1024) + 'costs $5, "quoted"\n and \u00e9'
+    raw = bson.encode({"_id": 1, "blob": blob}, codec_options=CODEC_OPTIONS)
+    converter = BucketConverter(DEFAULTS)
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        batches = list(converter.chunks([raw]))
+        held = tracemalloc.get_traced_memory()[1] - before
+    finally:
+        tracemalloc.stop()
+    assert held < len(blob) // 2, f"{held:,} bytes of temporaries for a {len(blob):,}-byte string"
+    assert isinstance(batches[0], ColumnarBatch), "the columnar path took it"
+    assert converter.stats.fields[("blob",)].max_bytes == len(blob.encode())
+    converted, table, _ = streamed([bson.decode(raw, CODEC_OPTIONS)], tmp_path, "bucket")
+    assert table.column("blob").to_pylist() == [blob]
+    assert table.column("_doc").to_pylist() == [bsonjs.dumps(raw, bsonjs.CANONICAL)]
 
 
 def test_statistics_are_kept_where_a_reader_can_prune_by_them(tmp_path):

@@ -14,6 +14,7 @@ import uuid
 import bson
 import bson.json_util
 import bsonjs
+import numpy as np
 import pytest
 from bson import Binary, Code, Decimal128, Int64, ObjectId, Regex, Timestamp
 from bson.binary import UuidRepresentation
@@ -468,3 +469,21 @@ def test_arrays_of_documents_of_several_lengths_do_not_split_their_group(monkeyp
     raws = encoded(documents)
     assert sorted(rendered_by_libbson(raws, monkeypatch)) == sorted(raws[1:100:10])
     assert [len(rows) for rows, _ in doc_text.render(raws).found] == [1490]
+
+
+def test_byte_tests_a_block_at_a_time_flag_the_rows_a_whole_test_flags(monkeypatch):
+    """`rows_with` and `positions_of` work a block at a time; with blocks of a few bytes, rows that
+    span blocks, begin or end at a block's edge, or are empty are flagged as a test of all the
+    bytes at once flags them."""
+    rng = random.Random(7)
+    for block in (1, 3, 7, 64):
+        monkeypatch.setattr(doc_text, "BLOCK_BYTES", block)
+        for _ in range(50):
+            lengths = [rng.choice([0, 0, 1, 2, 5, 13, 40]) for _ in range(rng.randint(1, 30))]
+            offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+            data = np.frombuffer(bytes(rng.choice(b'ab"\n\x01') for _ in range(int(offsets[-1]))), np.uint8)
+            expected = [
+                bool((data[a:b] < 0x20).any()) for a, b in zip(offsets[:-1], offsets[1:], strict=True)
+            ]
+            assert doc_text.rows_with(data, offsets, lambda d: d < 0x20).tolist() == expected
+            assert doc_text.positions_of(data, ord('"')).tolist() == np.flatnonzero(data == ord('"')).tolist()

@@ -39,6 +39,7 @@ import base64
 import io
 import itertools
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import bson
@@ -87,6 +88,10 @@ _SHORT_ESCAPES = [(b"\\", b"\\\\"), (b'"', b'\\"')] + [
 _RARE_CONTROL = np.zeros(256, bool)  # control characters with no short escape
 _RARE_CONTROL[:0x20] = True
 _RARE_CONTROL[list(b"\b\t\n\f\r")] = False
+# Bytes a test over text (`rows_with`) flags at a time: a 2 MB string's flags and comparisons,
+# whole, were five copies of its size, and a small bucket with one such document went past three
+# times its BSON.
+BLOCK_BYTES = 256 * 1024
 
 
 @dataclass
@@ -907,7 +912,7 @@ class _Walk:
         offsets = np.frombuffer(text.buffers()[1], np.int32, len(text) + 1)
         # libbson writes a string as is unless it holds a byte it escapes; one that is not UTF-8
         # (checked where not ASCII) it writes its own way, in its document.
-        escaped = _any_per_row(_escaped(data), offsets)
+        escaped = rows_with(data, offsets, _escaped)
         utf8 = _utf8(text, data, offsets)
         group.pos = at + 4 + size
         if not utf8.all():
@@ -923,7 +928,7 @@ class _Walk:
         # Strings with a quote, a backslash or a control character (a newline in an address):
         # escaped as libbson escapes them, by Arrow's kernels; those with a control character
         # that has no short escape (`\u0001`) by bsonjs, value by value, quotes included.
-        rare = _any_per_row(_RARE_CONTROL[data], offsets)
+        rare = rows_with(data, offsets, _RARE_CONTROL.__getitem__)
         plain = np.flatnonzero(~rare)
         odd = np.flatnonzero(rare)
         common = text.take(pa.array(plain))
@@ -1063,7 +1068,7 @@ def _utf8(text: pa.BinaryArray, data: np.ndarray, offsets: np.ndarray) -> np.nda
         return utf8
     except pa.ArrowInvalid:
         pass
-    for row in np.flatnonzero(_any_per_row(data >= 0x80, offsets)).tolist():
+    for row in np.flatnonzero(rows_with(data, offsets, _non_ascii)).tolist():
         try:
             data[offsets[row] : offsets[row + 1]].tobytes().decode()
         except UnicodeDecodeError:
@@ -1090,6 +1095,39 @@ def base64_digits(values: np.ndarray) -> np.ndarray:
     v = values.astype(np.int16)
     digits = v + ord("A") + (v > 25) * 6 - (v > 51) * 75 - (v == 62) * 15 - (v == 63) * 12
     return digits.astype(np.uint8)
+
+
+def _non_ascii(data: np.ndarray) -> np.ndarray:
+    return data >= 0x80
+
+
+def rows_with(data: np.ndarray, offsets: np.ndarray, test: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+    """For each row's span of `data` (by `offsets`), whether `test` flags any of its bytes. A block
+    of `BLOCK_BYTES` at a time: the flags (and `test`'s own temporaries) of a long string are not
+    several copies of its size."""
+    start, end = int(offsets[0]), int(offsets[-1])
+    if end - start <= BLOCK_BYTES:
+        return _any_per_row(test(data[:end]), offsets)
+    found = np.zeros(len(offsets) - 1, bool)
+    for low in range(start, end, BLOCK_BYTES):
+        high = min(low + BLOCK_BYTES, end)
+        # The rows holding the block's first and last bytes, and those between, cut to the block.
+        first = int(np.searchsorted(offsets, low, "right")) - 1
+        last = int(np.searchsorted(offsets, high - 1, "right")) - 1
+        spans = np.clip(offsets[first : last + 2].astype(np.int64) - low, 0, high - low)
+        found[first : last + 1] |= _any_per_row(test(data[low:high]), spans)
+    return found
+
+
+def positions_of(data: np.ndarray, byte: int) -> np.ndarray:
+    """Where `byte` is in `data`, found a block at a time (see `rows_with`)."""
+    return np.concatenate(
+        [
+            np.flatnonzero(data[low : low + BLOCK_BYTES] == byte) + low
+            for low in range(0, len(data), BLOCK_BYTES)
+        ]
+        or [np.zeros(0, np.intp)]
+    )
 
 
 def _any_per_row(flags: np.ndarray, offsets: np.ndarray) -> np.ndarray:
