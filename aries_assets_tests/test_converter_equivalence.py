@@ -815,7 +815,8 @@ def test_a_document_larger_than_a_chunk_is_a_chunk_of_its_own(tmp_path):
 def test_a_long_string_is_tested_a_block_at_a_time_not_copied_whole(tmp_path):
     """The walk's byte tests on a string (escapes, wrapper keys, UTF-8) and its statistics work a
     block at a time: NumPy and Python hold no copy of a 4 MB string's bytes beside it (they held
-    five, which left a small bucket with a large document at four times its BSON)."""
+    five, which left a small bucket with a large document at four times its BSON); and its column
+    refers to the document's bytes, which the bucket holds anyway."""
     blob = "x" * (4 * 1024 * 1024) + 'costs $5, "quoted"\n and \u00e9'
     raw = bson.encode({"_id": 1, "blob": blob}, codec_options=CODEC_OPTIONS)
     converter = BucketConverter(DEFAULTS)
@@ -829,6 +830,11 @@ def test_a_long_string_is_tested_a_block_at_a_time_not_copied_whole(tmp_path):
     assert held < len(blob) // 2, f"{held:,} bytes of temporaries for a {len(blob):,}-byte string"
     assert isinstance(batches[0], ColumnarBatch), "the columnar path took it"
     assert converter.stats.fields[("blob",)].max_bytes == len(blob.encode())
+    # Nor does Arrow: the column's value is the document's own bytes, not a copy of them.
+    settled = s.resolve_schema(converter.stats, None, DEFAULTS)
+    column = converter.table(batches[0], settled, Counter()).column("blob")
+    at, start = column.chunk(0).buffers()[2].address, pa.py_buffer(raw).address
+    assert start <= at < start + len(raw), "the long string's column refers to its BSON"
     converted, table, _ = streamed([bson.decode(raw, CODEC_OPTIONS)], tmp_path, "bucket")
     assert table.column("blob").to_pylist() == [blob]
     assert table.column("_doc").to_pylist() == [bsonjs.dumps(raw, bsonjs.CANONICAL)]

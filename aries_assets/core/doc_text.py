@@ -222,7 +222,7 @@ def render(raw_documents: list[bytes], hold: bool = True) -> Rendered:
         docs = one_by_one(raw_documents)
         return Rendered(docs, docs)
     rest, exact_rows = walk.by_bsonjs, walk.exact
-    del walk, buf  # the chunk's bytes, joined: not alive beside its text
+    del walk, buf  # the chunk's bytes, joined: not alive beside its text (but where `_gather` refers to them)
     unwalked = np.concatenate(rest) if rest else np.zeros(0, np.int64)
     found = [(group.rows, group.values) for group in done] if hold else None
     if found is not None and len(unwalked) > FOUND_UNWALKED_SHARE * count:
@@ -1039,7 +1039,8 @@ def _gather(buf: np.ndarray, starts: np.ndarray, sizes: np.ndarray) -> pa.Binary
 
     The ranges follow one another in `buf` (a group's documents are in the chunk's order; others
     are put in order first): read as every other value of one array over `buf` (the gaps between
-    them the others), Arrow's `take` copies them out, a byte for a byte."""
+    them the others), Arrow's `take` copies them out, a byte for a byte. One range that is most of
+    `buf` is not copied."""
     count = len(sizes)
     ends = starts + sizes
     if count and (starts[1:] < ends[:-1]).any():  # not in order: gathered in order, then put back
@@ -1056,6 +1057,10 @@ def _gather(buf: np.ndarray, starts: np.ndarray, sizes: np.ndarray) -> pa.Binary
     spans = pa.BinaryArray.from_buffers(
         pa.binary(), 2 * count - 1, [None, pa.py_buffer(bounds), pa.py_buffer(buf[first : int(ends[-1])])]
     )
+    if count == 1 and 2 * int(sizes[0]) >= len(buf):
+        # Most of the buffer (a long string, in a document that is a chunk of its own, whose bytes
+        # the buffer is): referred to, not copied. Keeping the buffer alive costs no more than a copy.
+        return spans
     return spans.take(pa.array(np.arange(0, 2 * count, 2, dtype=np.int32)))
 
 
