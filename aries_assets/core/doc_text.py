@@ -1058,8 +1058,10 @@ def _gather(buf: np.ndarray, starts: np.ndarray, sizes: np.ndarray) -> pa.Binary
         pa.binary(), 2 * count - 1, [None, pa.py_buffer(bounds), pa.py_buffer(buf[first : int(ends[-1])])]
     )
     if count == 1 and 2 * int(sizes[0]) >= len(buf):
-        # Most of the buffer (a long string, in a document that is a chunk of its own, whose bytes
-        # the buffer is): referred to, not copied. Keeping the buffer alive costs no more than a copy.
+        # Most of the buffer: referred to, not copied. A long string is most often in a document
+        # that is a chunk of its own, whose bytes the buffer is (`render` joins one document into
+        # itself): keeping them alive costs nothing. Where the buffer joins several documents, it
+        # costs at most twice the copy, until the chunk is written.
         return spans
     return spans.take(pa.array(np.arange(0, 2 * count, 2, dtype=np.int32)))
 
