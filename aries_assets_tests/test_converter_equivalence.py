@@ -44,7 +44,7 @@ from aries_assets.core.arrow import (
     id_key,
 )
 from aries_assets.core.bson_columns import _refused_by_sample, looks_like_maps, wrapper_rows
-from aries_assets.core.doc_text import canonical_json, render
+from aries_assets.core.doc_text import MapKeys, canonical_json, render
 from aries_assets.core.snapshot import convert_to_parquet
 from aries_assets_tests.test_messy import messy_documents
 
@@ -289,7 +289,7 @@ def test_keys_are_told_data_as_the_exact_path_tells_them():
     odd_keys = ["\u0662\u0660\u0662\u0664-\u0660\u0661-\u0660\u0661", "123\n", "2024-01-01\n", "\u0661\u0662"]
     plain_keys = ["0123456789abcdef", "42", "name", "caf\u00e9", "a\nb"]
     cases = [[], *[[k] for k in odd_keys + plain_keys], odd_keys, [odd_keys[0], "name", "other"]]
-    assert looks_like_maps(cases).tolist() == [s.looks_like_map(k) for k in cases]
+    assert looks_like_maps(MapKeys.of(cases)).tolist() == [s.looks_like_map(k) for k in cases]
     documents = events(300)
     arabic = str.maketrans("0123456789", "".join(map(chr, range(0x660, 0x66A))))
     for i, d in enumerate(documents):  # keys that only Python's `re` tells as data: maps all the same

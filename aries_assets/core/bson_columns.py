@@ -494,12 +494,10 @@ def _takes_whole(whole: Whole, options: s.SchemaOptions, known_maps: set[s.Path]
     return looks_like_maps(whole.keys)
 
 
-def looks_like_maps(keys: MapKeys | list[list[str]]) -> np.ndarray:
+def looks_like_maps(keys: MapKeys) -> np.ndarray:
     """`schema.looks_like_map` of each document's keys, the keys matched by Arrow at once. Keys
     not ASCII, or with a newline, are matched by Python's `re` (whose `\\d` takes any Unicode
     digit, and whose `$` matches before a final newline): the same answer as the exact path's."""
-    if not isinstance(keys, MapKeys):
-        keys = MapKeys.of(keys)
     flat, lengths = keys.flat, keys.lengths
     data_like = pc.fill_null(pc.match_substring_regex(flat, s._DATA_KEY.pattern), False)
     data_like = data_like.to_numpy(zero_copy_only=False)
