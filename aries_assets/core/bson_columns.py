@@ -294,12 +294,13 @@ def wrapper_rows(raw_documents: list[bytes]) -> np.ndarray:
     expression searching the bytes took six times as long). Most documents hold none: they are
     not joined, nor is a document searched beside the others' copy."""
     rows = np.zeros(len(raw_documents), bool)
-    some = np.array([i for i, raw in enumerate(raw_documents) if b"$" in raw], np.intp)
-    if not len(some):
+    some = [i for i, raw in enumerate(raw_documents) if b"$" in raw]
+    if not some:
         return rows
     width = max(map(len, _WRAPPER_KEYS))
-    ends = np.cumsum(np.fromiter((len(raw_documents[i]) for i in some.tolist()), np.int64, len(some)))
-    buf = np.frombuffer(b"".join([raw_documents[i] for i in some.tolist()]), np.uint8)  # one: itself
+    picked = [raw_documents[i] for i in some]
+    ends = np.cumsum(np.fromiter(map(len, picked), np.int64, len(picked)))
+    buf = np.frombuffer(b"".join(picked), np.uint8)  # one document: itself, not a copy
     dollars = doc_text.positions_of(buf, ord("$"))
     # What follows each `$`; past the end, the last byte again (a document's closing zero, which
     # no key begins with: at worst a document goes to the exact path, which is always right).
@@ -307,7 +308,7 @@ def wrapper_rows(raw_documents: list[bytes]) -> np.ndarray:
     named = np.zeros(len(dollars), bool)
     for key in _WRAPPER_KEYS:
         named |= (after[:, : len(key)] == np.frombuffer(key, np.uint8)).all(axis=1)
-    rows[some[np.searchsorted(ends, dollars[named], side="right")]] = True
+    rows[np.asarray(some, np.intp)[np.searchsorted(ends, dollars[named], side="right")]] = True
     return rows
 
 

@@ -711,7 +711,7 @@ class _Walk:
         # Where each key ends: the maps' bytes, one after another, and their zero bytes (the
         # chunk's own would be a quarter of its bytes, in 8-byte positions).
         together = _gather(self.buf, starts, sizes)
-        zeros = np.flatnonzero(np.frombuffer(together.buffers()[2], np.uint8) == 0)
+        zeros = positions_of(np.frombuffer(together.buffers()[2], np.uint8), 0)
         shift = np.cumsum(sizes) - sizes - starts  # a map's offset among them, less its own in the chunk
         del together
         exact = np.zeros(count, bool)
