@@ -40,3 +40,46 @@ def test_resident_memory_is_read_where_linux_tells_it():
         assert heap._TRIM is not None, "glibc's malloc_trim"
     else:
         assert resident is None
+
+
+def test_arrow_gives_its_freed_pages_back_when_asked():
+    """jemalloc keeps what Arrow frees for a second; pyarrow's own `release_unused` cannot hand it
+    back (pyarrow 25 asks for `arena.MALLCTL_ARENAS_ALL.purge`, a name never expanded)."""
+    import ctypes
+
+    import pyarrow as pa
+
+    if not sys.platform.startswith("linux") or "jemalloc" not in pa.supported_memory_backends():
+        assert heap.give_back_arrow_pages() is False  # nothing to give back where nothing is kept
+        return
+    jemalloc = pa.jemalloc_memory_pool()
+    buffers = [pa.allocate_buffer(MB, memory_pool=jemalloc) for _ in range(64)]
+    for buffer in buffers:
+        ctypes.memset(buffer.address, 1, buffer.size)  # resident, as a chunk's copies are
+    holding = heap.resident_bytes()
+    del buffers, buffer
+    jemalloc.release_unused()  # pyarrow's own way: a no-op
+    assert heap.give_back_arrow_pages() is True
+    assert heap.resident_bytes() < holding - 48 * MB, "jemalloc's freed pages went back to the system"
+
+
+def test_a_document_larger_than_a_chunk_is_converted_on_pages_the_chunks_before_gave_back(monkeypatch):
+    """Its copies (its `_doc`, Arrow's page buffers, some times its size each) need extents larger
+    than any a small chunk freed: without the give-back they come on top of what jemalloc kept."""
+    import bson
+
+    from aries_assets.core import arrow
+    from aries_assets.core import schema as s
+
+    converted, given_back = [], []
+    monkeypatch.setattr(heap, "give_back_arrow_pages", lambda: given_back.append(len(converted)) or True)
+    small = [bson.encode({"_id": i, "name": f"n{i}" * 50}) for i in range(4000)]
+    large = bson.encode({"_id": 4000, "blob": "x" * (3 * MB)})
+    documents = small[:3000] + [large] + small[3000:]
+    converter = arrow.BucketConverter(s.SchemaOptions(), set(), chunk_bytes=256 * 1024)
+    for batch in converter.chunks(documents):
+        converted.append(len(batch.docs))
+    assert sum(converted) == len(documents)
+    assert len(given_back) == 1, "once, before the large document's chunk"
+    assert converted[given_back[0]] == 1, "the large document is a chunk of its own"
+    assert sum(converted[: given_back[0]]) == 3000

@@ -30,7 +30,7 @@ from bson import Binary, Decimal128, Int64, ObjectId, Timestamp, json_util
 from bson.codec_options import DatetimeConversion
 from bson.datetime_ms import DatetimeMS
 
-from aries_assets.core import doc_text
+from aries_assets.core import doc_text, heap
 from aries_assets.core import schema as s
 from aries_assets.core.bson_columns import (
     ColumnarBatch,
@@ -338,6 +338,10 @@ class BucketConverter:
             end = min(int(np.searchsorted(ends, reached)) + 1, len(raw_documents))
             if end - start > 1 and ends[end - 1] - ends[end - 2] > size:
                 end -= 1  # a document larger than a chunk is a chunk of its own: its copies, not others'
+            elif end - start == 1 and ends[start] - (ends[start - 1] if start else 0) > size:
+                # and its copies, each some times its size, go where the chunks before it freed
+                # theirs: jemalloc would keep those for a second, for extents of their own sizes.
+                heap.give_back_arrow_pages()
             yield from self._convert(list(map(bytes, raw_documents[start:end])))
             start = end
 
