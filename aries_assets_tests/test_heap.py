@@ -74,12 +74,14 @@ def test_a_document_larger_than_a_chunk_is_converted_on_pages_the_chunks_before_
     converted, given_back = [], []
     monkeypatch.setattr(heap, "give_back_arrow_pages", lambda: given_back.append(len(converted)) or True)
     small = [bson.encode({"_id": i, "name": f"n{i}" * 50}) for i in range(4000)]
-    large = bson.encode({"_id": 4000, "blob": "x" * (3 * MB)})
-    documents = small[:3000] + [large] + small[3000:]
+    large = [bson.encode({"_id": 4000 + i, "blob": "x" * (size * MB)}) for i, size in enumerate([3, 2, 3, 4])]
+    documents = small[:1000] + [large[0]] + small[1000:2000] + large[1:3] + small[2000:3000] + [large[3]]
     converter = arrow.BucketConverter(s.SchemaOptions(), set(), chunk_bytes=256 * 1024)
     for batch in converter.chunks(documents):
         converted.append(len(batch.docs))
     assert sum(converted) == len(documents)
-    assert len(given_back) == 1, "once, before the large document's chunk"
-    assert converted[given_back[0]] == 1, "the large document is a chunk of its own"
-    assert sum(converted[: given_back[0]]) == 3000
+    # Before the first large document, and before the one larger than it; the two between fit in
+    # the extents the first one freed.
+    assert len(given_back) == 2, given_back
+    assert [converted[at] for at in given_back] == [1, 1], "a large document is a chunk of its own"
+    assert [sum(converted[:at]) for at in given_back] == [1000, 3003]

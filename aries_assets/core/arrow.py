@@ -327,7 +327,7 @@ class BucketConverter:
         # the one that brings it to `chunk_bytes`.
         ends = np.cumsum(np.fromiter(map(len, raw_documents), np.int64, len(raw_documents)))
         chunk_bytes = self.chunk_bytes or chunk_bytes_for(int(ends[-1]) if len(ends) else 0)
-        start = 0
+        start, largest = 0, 0
         while start < len(raw_documents):
             # A chunk split between the paths holds both at once: after one whose refused documents
             # weighed much, the next one is cut smaller, and so is the first (which may be one); not
@@ -338,9 +338,11 @@ class BucketConverter:
             end = min(int(np.searchsorted(ends, reached)) + 1, len(raw_documents))
             if end - start > 1 and ends[end - 1] - ends[end - 2] > size:
                 end -= 1  # a document larger than a chunk is a chunk of its own: its copies, not others'
-            elif end - start == 1 and ends[start] - (ends[start - 1] if start else 0) > size:
+            elif end - start == 1 and ends[start] - (ends[start - 1] if start else 0) > max(size, largest):
                 # and its copies, each some times its size, go where the chunks before it freed
                 # theirs: jemalloc would keep those for a second, for extents of their own sizes.
+                # (Once: a document no larger than one before it fits in what that one freed.)
+                largest = int(ends[start] - (ends[start - 1] if start else 0))
                 heap.give_back_arrow_pages()
             yield from self._convert(list(map(bytes, raw_documents[start:end])))
             start = end
