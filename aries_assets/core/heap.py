@@ -161,3 +161,18 @@ _JEMALLOC_MALLCTL = _jemalloc_mallctl()
 def give_back_arrow_pages() -> bool:
     """Hand the pages Arrow's jemalloc holds freed back to the system now; False where it cannot."""
     return _JEMALLOC_MALLCTL is not None and _JEMALLOC_MALLCTL(_PURGE_ALL, None, None, None, 0) == 0
+
+
+def arrow_freed_bytes() -> int | None:
+    """What Arrow's jemalloc holds freed (its dirty and muzzy pages, all arenas), or None."""
+    if _JEMALLOC_MALLCTL is None:
+        return None
+    epoch, value = ctypes.c_uint64(1), ctypes.c_size_t()
+    _JEMALLOC_MALLCTL(b"epoch", None, None, ctypes.byref(epoch), ctypes.sizeof(epoch))  # fresh stats
+    pages = 0
+    for name in (b"stats.arenas.4096.pdirty", b"stats.arenas.4096.pmuzzy"):
+        length = ctypes.c_size_t(ctypes.sizeof(value))
+        if _JEMALLOC_MALLCTL(name, ctypes.byref(value), ctypes.byref(length), None, 0) != 0:
+            return None
+        pages += value.value
+    return pages * _PAGE_BYTES
