@@ -487,3 +487,23 @@ def test_byte_tests_a_block_at_a_time_flag_the_rows_a_whole_test_flags(monkeypat
             ]
             assert doc_text.rows_with(data, offsets, lambda d: d < 0x20).tolist() == expected
             assert doc_text.positions_of(data, ord('"')).tolist() == np.flatnonzero(data == ord('"')).tolist()
+
+
+def test_the_walk_tells_which_documents_bson_holds_a_dollar(monkeypatch):
+    """`wrapper_rows` searches only these: a `$` in a key, a string, or any value's bytes (0x24)."""
+    monkeypatch.setattr(doc_text, "BLOCK_BYTES", 64)  # a `$` at a block's edge as well as inside
+    rng = random.Random(5)
+    documents = []
+    for i in range(400):
+        doc = {"_id": i, "n": rng.getrandbits(64) >> 1, "s": "abc" * rng.randint(0, 30)}
+        if i % 7 == 0:
+            doc["$oid"] = 1  # a key like a wrapper's
+        if i % 11 == 0:
+            doc["s"] = "cost: $" + doc["s"]
+        if i % 13 == 0:
+            doc["b"] = Binary(bytes([rng.choice([0x24, 0x41]) for _ in range(8)]))
+        documents.append(doc)
+    raws = [bson.encode(d) for d in documents]
+    rendered = doc_text.render(raws)
+    assert rendered.dollars.tolist() == [b"$" in raw for raw in raws]
+    assert 0 < sum(rendered.dollars) < len(raws)

@@ -251,7 +251,7 @@ def found_part(
     count = len(raw_documents)
     exact = np.zeros(count, bool) if rendered.exact is None else rendered.exact.copy()
     exact[rendered.unwalked] = True
-    exact |= wrapper_rows(raw_documents)
+    exact |= wrapper_rows(raw_documents, rendered.dollars)
     for whole in rendered.wholes:
         exact[whole.rows[~_takes_whole(whole, options, known_maps)]] = True
         if not _a_field(whole.path):
@@ -288,13 +288,18 @@ def found_part(
     return None
 
 
-def wrapper_rows(raw_documents: list[bytes]) -> np.ndarray:
+def wrapper_rows(raw_documents: list[bytes], dollars: np.ndarray | None = None) -> np.ndarray:
     """Which documents hold a key named like a wrapper (`_WRAPPER_KEYS`), at any depth, by their
     BSON: each `$` of the documents that hold one, and what follows it, all at once (a regular
     expression searching the bytes took six times as long). Most documents hold none: they are
-    not joined, nor is a document searched beside the others' copy."""
+    not joined, nor is a document searched beside the others' copy. `dollars`: which documents
+    hold a `$`, where the walk found them in the chunk's bytes (asking each document took 1.8 ms
+    per 8,000 events)."""
     rows = np.zeros(len(raw_documents), bool)
-    some = [i for i, raw in enumerate(raw_documents) if b"$" in raw]
+    if dollars is not None:
+        some = np.flatnonzero(dollars).tolist()
+    else:
+        some = [i for i, raw in enumerate(raw_documents) if b"$" in raw]
     if not some:
         return rows
     width = max(map(len, _WRAPPER_KEYS))

@@ -197,6 +197,9 @@ class Rendered:
     # nearly all of the chunk; `columnar` is then None. `unwalked`: the rows bsonjs rendered.
     found: list[tuple[np.ndarray, list[Found]]] | None = None
     unwalked: np.ndarray | None = None
+    # Which documents' BSON holds a `$` byte (where the walk read the chunk joined): the only ones
+    # that can hold a key named like a wrapper.
+    dollars: np.ndarray | None = None
 
 
 def canonical_json(raw_documents: list[bytes]) -> pa.StringArray:
@@ -215,6 +218,8 @@ def render(raw_documents: list[bytes], hold: bool = True) -> Rendered:
     buf = np.frombuffer(b"".join(raw_documents), np.uint8)
     starts = np.zeros(count, np.int64)
     np.cumsum(sizes[:-1], out=starts[1:])
+    dollars = np.zeros(count, bool)
+    dollars[np.searchsorted(starts, positions_of(buf, ord("$")), "right") - 1] = True
     walk = _Walk(buf, BUDGET_SHARE * BSONJS_NS_PER_BYTE * len(buf), hold, sizes)
     try:
         done = walk.run(_Group(np.arange(count), starts + 4, ["{ "], [_Frame(False, path=())]))
@@ -249,8 +254,9 @@ def render(raw_documents: list[bytes], hold: bool = True) -> Rendered:
     for rows in exact_rows:
         exact[rows] = True
     if found is not None:
-        return Rendered(docs, None, wholes, exact, found, unwalked)
-    return Rendered(docs, docs if columnar_parts is None else _in_order(columnar_parts), wholes, exact)
+        return Rendered(docs, None, wholes, exact, found, unwalked, dollars)
+    columnar = docs if columnar_parts is None else _in_order(columnar_parts)
+    return Rendered(docs, columnar, wholes, exact, dollars=dollars)
 
 
 def _in_order(parts: list[tuple[np.ndarray, pa.Array]]) -> pa.StringArray:
