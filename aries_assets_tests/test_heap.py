@@ -88,3 +88,68 @@ def test_a_document_larger_than_a_chunk_is_converted_on_pages_the_chunks_before_
     assert len(given_back) == 2, given_back
     assert [converted[at] for at in given_back] == [1, 1], "a large document is a chunk of its own"
     assert [sum(converted[:at]) for at in given_back] == [1000, 3003]
+
+
+def test_before_a_join_arrows_freed_pages_go_back_once_past_the_buckets_bytes(monkeypatch):
+    freed, given_back = [0], []
+    monkeypatch.setattr(heap, "arrow_freed_bytes", lambda: freed[0])
+    monkeypatch.setattr(heap, "give_back_arrow_pages", lambda: given_back.append(freed[0]) or True)
+    watch = heap.HeapWatch(bucket_bytes=20 * MB)
+    freed[0] = 15 * MB  # a chunk's copies, kept for the next: under the bucket's size
+    watch.before_join()
+    assert given_back == []
+    freed[0] = 25 * MB
+    watch.before_join()
+    assert given_back == [25 * MB] and watch.give_backs == 1
+    small = heap.HeapWatch(bucket_bytes=1 * MB)  # the floor, as for glibc's heap
+    freed[0] = heap.FLOOR_BYTES
+    small.before_join()
+    assert small.give_backs == 0
+    monkeypatch.setattr(heap, "arrow_freed_bytes", lambda: None)  # no jemalloc to ask
+    small.before_join()
+    assert small.give_backs == 0
+
+
+def test_a_bucket_joined_after_a_large_document_gives_its_copies_back_first(tmp_path):
+    """The last document is 6 MB and brings a new column: its chunk is a run of its own, joined to
+    the runs before it once the bucket is written, its copies freed but kept by jemalloc. In a
+    process started as a writer is (`WRITER_MEMORY_ENV`), where Parquet's buffers are jemalloc's too."""
+    import json
+    import os
+    import subprocess
+    import textwrap
+
+    import pyarrow.parquet as pq
+
+    from aries_assets.core.engine import WRITER_MEMORY_ENV
+
+    script = textwrap.dedent(
+        """
+        import json, sys
+        import bson
+        from aries_assets.core import heap, snapshot
+        from aries_assets.core import schema as s
+
+        watches = []
+        real = heap.HeapWatch.before_join
+        heap.HeapWatch.before_join = lambda self: watches.append(self) or real(self)
+        documents = [bson.encode({"_id": i, "name": f"n{i}" * 20}) for i in range(3000)]
+        documents.append(bson.encode({"_id": 3000, "blob": "x" * (6 << 20)}))
+        options = s.SchemaOptions()
+        snapshot.convert_to_parquet(sys.argv[1], documents, lambda st: s.resolve_schema(st, None, options), options)
+        print(json.dumps([[w.give_backs for w in watches], heap.arrow_freed_bytes() is not None]))
+        """
+    )
+    path = tmp_path / "b.parquet"
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(path)],
+        env={**os.environ, **WRITER_MEMORY_ENV},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    give_backs, jemalloc = json.loads(done.stdout.strip().splitlines()[-1])
+    assert give_backs == [1 if jemalloc else 0], "one join, its copies given back first"
+    table = pq.read_table(path)
+    assert table.num_rows == 3001 and table.column("blob").to_pylist()[-1] == "x" * (6 * MB)

@@ -257,8 +257,8 @@ def convert_to_parquet(
     columns those rows had no value for (null there); otherwise the bucket is
     converted again in the settled schema.
     """
-    runs = _SchemaRuns(local_path, metadata or {})
     heap = HeapWatch(sum(map(len, documents)))
+    runs = _SchemaRuns(local_path, metadata or {}, heap.before_join)
     try:
         # Chunks sized from the bucket's own bytes (`chunk_bytes_for`), so memory follows them.
         converter = BucketConverter(options, set(known_maps or ()), chunk_bytes=None)
@@ -366,9 +366,10 @@ def _leaf_columns(
 class _SchemaRuns:
     """Runs of row groups, each written in one schema, joined into one file once the schema is settled."""
 
-    def __init__(self, local_path: str, metadata: dict[str, str]) -> None:
+    def __init__(self, local_path: str, metadata: dict[str, str], before_join: Callable[[], None]) -> None:
         self.path = local_path
         self.metadata = metadata
+        self.before_join = before_join
         self.outliers: Counter = Counter()
         self.runs: list[tuple[str, s.InferredSchema, set[s.Path]]] = []  # file, schema, paths seen by its end
         self.writer: pq.ParquetWriter | None = None
@@ -406,6 +407,7 @@ class _SchemaRuns:
         long = _long(schema, stats)
         unstated = _unstated(schema, long)
         joined = f"{self.path}.joined"
+        self.before_join()
         try:
             # The rows written keep their column chunks, copied byte for byte.
             parquet_join.join(
