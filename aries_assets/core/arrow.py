@@ -336,13 +336,14 @@ class BucketConverter:
             size = SPLIT_CHUNK_BYTES if split else chunk_bytes
             reached = (ends[start - 1] if start else 0) + size
             end = min(int(np.searchsorted(ends, reached)) + 1, len(raw_documents))
+            first = int(ends[start] - (ends[start - 1] if start else 0))  # the chunk's first document
             if end - start > 1 and ends[end - 1] - ends[end - 2] > size:
                 end -= 1  # a document larger than a chunk is a chunk of its own: its copies, not others'
-            elif end - start == 1 and ends[start] - (ends[start - 1] if start else 0) > max(size, largest):
+            elif end - start == 1 and first > max(size, largest):
                 # and its copies, each some times its size, go where the chunks before it freed
                 # theirs: jemalloc would keep those for a second, for extents of their own sizes.
                 # (Once: a document no larger than one before it fits in what that one freed.)
-                largest = int(ends[start] - (ends[start - 1] if start else 0))
+                largest = first
                 heap.give_back_arrow_pages()
             yield from self._convert(list(map(bytes, raw_documents[start:end])))
             start = end

@@ -218,8 +218,9 @@ def render(raw_documents: list[bytes], hold: bool = True) -> Rendered:
     buf = np.frombuffer(b"".join(raw_documents), np.uint8)
     starts = np.zeros(count, np.int64)
     np.cumsum(sizes[:-1], out=starts[1:])
-    dollars = np.zeros(count, bool)
-    dollars[np.searchsorted(starts, positions_of(buf, ord("$")), "right") - 1] = True
+    dollars = np.zeros(count, bool) if hold else None  # (a chunk for the exact path needs none)
+    if dollars is not None:
+        dollars[np.searchsorted(starts, positions_of(buf, ord("$")), "right") - 1] = True
     walk = _Walk(buf, BUDGET_SHARE * BSONJS_NS_PER_BYTE * len(buf), hold, sizes)
     try:
         done = walk.run(_Group(np.arange(count), starts + 4, ["{ "], [_Frame(False, path=())]))
