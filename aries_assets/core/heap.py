@@ -177,12 +177,22 @@ def arrow_freed_bytes() -> int | None:
     """What Arrow's jemalloc holds freed (its dirty and muzzy pages, all arenas), or None."""
     if _JEMALLOC_MALLCTL is None:
         return None
-    epoch, value = ctypes.c_uint64(1), ctypes.c_size_t()
+    epoch = ctypes.c_uint64(1)
     _JEMALLOC_MALLCTL(b"epoch", None, None, ctypes.byref(epoch), ctypes.sizeof(epoch))  # fresh stats
-    pages = 0
-    for name in (b"stats.arenas.4096.pdirty", b"stats.arenas.4096.pmuzzy"):
-        length = ctypes.c_size_t(ctypes.sizeof(value))
-        if _JEMALLOC_MALLCTL(name, ctypes.byref(value), ctypes.byref(length), None, 0) != 0:
-            return None
-        pages += value.value
-    return pages * _PAGE_BYTES
+    # jemalloc's pages, not the system's: a wheel may be built for 64 KiB pages on a 4 KiB system.
+    counts = [
+        _jemalloc_size(name)
+        for name in (b"stats.arenas.4096.pdirty", b"stats.arenas.4096.pmuzzy", b"arenas.page")
+    ]
+    if None in counts:
+        return None
+    dirty, muzzy, page = counts
+    return (dirty + muzzy) * page
+
+
+def _jemalloc_size(name: bytes) -> int | None:
+    value = ctypes.c_size_t()
+    length = ctypes.c_size_t(ctypes.sizeof(value))
+    if _JEMALLOC_MALLCTL(name, ctypes.byref(value), ctypes.byref(length), None, 0) != 0:
+        return None
+    return value.value
